@@ -1,0 +1,62 @@
+# edgefleet: `make demo` runs the narrated staged rollout, `make test` the test suite.
+# Both create .venv with the Python given as PY (3.11 or newer) and install what they need.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test lint install clean bench bench-quick deps-system deb hil
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgefleet needs Python 3.11 or newer: run make with PY=python3.11 (or newer)")'
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m fleet.demo $(DEMO_ARGS)
+
+# Debian tools the packaging and HIL tests need: installed when missing and we are root
+# (a few `command -v` checks when all is there); otherwise those tests skip, naming the package.
+deps-system:
+	@sh packaging/deps-system.sh
+
+test: $(STAMP) deps-system
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# `make bench`: every benchmark against its baseline measured in the same run; prints a table,
+# writes bench/results.json (docs/performance.md). The agent-side figures run in a lean device
+# venv, bench/.venv-agent (`pip install '.[agent]'` only), made once. BENCH_QUICK=1 or
+# `make bench-quick`: small sizes, under two minutes.
+AGENT_VENV := bench/.venv-agent
+AGENT_STAMP := $(AGENT_VENV)/.installed-agent
+
+$(AGENT_STAMP): pyproject.toml
+	$(PY) -m venv $(AGENT_VENV)
+	$(AGENT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AGENT_VENV)/bin/python -m pip install --quiet '.[agent]'
+	@touch $(AGENT_STAMP)
+
+bench: $(STAMP) $(AGENT_STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: $(STAMP) $(AGENT_STAMP)
+	BENCH_QUICK=1 $(BIN)/python -m bench.run --quick $(BENCH_ARGS)
+
+# The agent's .deb (dist/edgefleet-agent_*.deb): its own virtualenv in /opt/edgefleet.
+deb: deps-system
+	packaging/deb/build.sh --out dist $(DEB_ARGS)
+
+# Every HIL scenario (root: network namespaces; else plain processes), reports in hil-report/.
+hil: $(STAMP) deps-system
+	$(BIN)/python -m hil run hil/scenarios/*.toml --report hil-report $(HIL_ARGS)
+
+clean:
+	rm -rf $(VENV) $(AGENT_VENV) demo-run .pytest_cache
