@@ -1,0 +1,1 @@
+"""The signed bundle: manifest, DSSE envelope, trust root, single-file archive."""

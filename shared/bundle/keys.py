@@ -1,0 +1,56 @@
+"""Ed25519 keys on disk and their key ids (SHA-256 of the raw public key)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.errors import MalformedDocumentError
+
+
+def raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    return hashlib.sha256(raw_public(key)).hexdigest()
+
+
+def public_from_hex(value: str) -> Ed25519PublicKey:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise MalformedDocumentError("public key is not hex") from None
+    if len(raw) != 32:
+        raise MalformedDocumentError(f"Ed25519 public key must be 32 bytes, got {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def generate() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def save_private(key: Ed25519PrivateKey, path: Path) -> None:
+    """Write a private key as PKCS#8 PEM, readable by the owner only."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise MalformedDocumentError(f"cannot load private key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise MalformedDocumentError(f"{path} is not an Ed25519 private key")
+    return key

@@ -1,0 +1,1 @@
+"""The MQTT topic layout and message schemas between agents and the fleet (v1)."""
