@@ -1,0 +1,1 @@
+"""The local inference API for applications on the device."""

@@ -1,0 +1,355 @@
+"""The agent's TOML config, parsed into typed dataclasses and validated.
+
+Only ``state_dir`` and ``trust_root`` are required: an offline device has no fleet.
+An unknown key or a bad value raises ConfigError naming the key and the value.
+
+    device_id = "dev-1"            # required with [fleet] or [mqtt]
+    state_dir = "/var/lib/edgefleet"
+    trust_root = "/etc/edgefleet/root.json"
+    [fleet]
+    url = "http://127.0.0.1:8080"
+    enrollment_token = "..."
+    labels = { ring = "canary", site = "lab" }
+    poll_interval_s = 300.0
+    [mqtt]
+    url = "mqtt://127.0.0.1:1883"  # default: the mqtt_url the fleet returns at enrollment
+    health_interval_s = 60.0
+    keepalive_s = 60
+    spool_max_bytes = 8388608      # on-disk store-and-forward bound; oldest health dropped first
+    [api]
+    listen = "127.0.0.1:8181"      # port 0 picks a free port; "" disables TCP
+    unix_socket = ""               # a path; "" disables
+    max_body_bytes = 67108864
+    request_timeout_s = 30.0       # a request without a result by then is answered 504
+    [runtime]
+    intra_op_threads = 1           # onnxruntime intra-op threads and LiteRT num_threads
+    max_batch_size = 8             # rows merged into one run; 1 turns dynamic batching off
+    max_queue_delay_ms = 0.0       # how long a run waits for more rows; 0: only what queued
+    workers = 0                    # runs of one model at once (and LiteRT interpreters); 0: auto
+    [update]
+    trial_seconds = 10.0
+    trial_max_error_rate = 0.5
+    trial_min_inferences = 0
+    trial_max_restarts = 0         # starts tolerated in TRIAL (power cuts) before rolling back
+    disk_margin_mb = 16.0          # free space kept beyond the missing blobs of a release
+    download_attempts = 5          # tries per blob per install pass (backoff with full jitter)
+    download_backoff_s = 1.0       # first backoff bound; doubles per attempt
+    download_backoff_max_s = 30.0
+    download_stall_window_s = 30.0 # no byte, or under download_min_rate_bps, over this window
+    download_min_rate_bps = 1024.0 # bytes per second
+    retry_failed_s = 30.0          # pause before retrying a download/disk_full failure; doubles
+    retry_failed_max_s = 1800.0
+    download_parallel = 4          # chunk requests in flight per file (1 to 16)
+    download_rate_limit_bps = 0.0  # bytes per second over all downloads; 0: no limit
+    metered = false                # true: downloads start only inside `window`
+    window = ""                    # "HH:MM-HH:MM" local time, e.g. "02:00-05:00"; needs metered
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.errors import ConfigError
+from agent.update.window import UpdateWindow
+from shared.telemetry.topics import DEVICE_ID_RE
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
+CONFIG_ENV = "EDGEFLEET_AGENT_CONFIG"
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    url: str
+    enrollment_token: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    # The retained MQTT desired notice wakes the agent at once; the HTTP poll (the truth)
+    # is the fallback for lost notices, so it can be slow: it dominated an idle agent's
+    # bytes on the wire at 30 s (bench/b_wire.py).
+    poll_interval_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str | None = None
+    health_interval_s: float = 60.0
+    keepalive_s: int = 60
+    spool_max_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = "127.0.0.1:8181"
+    unix_socket: str = ""
+    max_body_bytes: int = 64 * 1024 * 1024
+    request_timeout_s: float = 30.0
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    intra_op_threads: int = 1
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 0.0
+    workers: int = 0  # 0: auto, see resolved_workers
+
+    @property
+    def resolved_workers(self) -> int:
+        """``workers``, or with 0 the cores over the threads per run, between 1 and 4."""
+        if self.workers:
+            return self.workers
+        return max(1, min(4, (os.cpu_count() or 1) // self.intra_op_threads))
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    trial_seconds: float = 10.0
+    trial_max_error_rate: float = 0.5
+    trial_min_inferences: int = 0
+    trial_max_restarts: int = 0
+    disk_margin_mb: float = 16.0
+    download_attempts: int = 5
+    download_backoff_s: float = 1.0
+    download_backoff_max_s: float = 30.0
+    download_stall_window_s: float = 30.0
+    download_min_rate_bps: float = 1024.0
+    retry_failed_s: float = 30.0
+    retry_failed_max_s: float = 1800.0
+    download_parallel: int = 4
+    download_rate_limit_bps: float = 0.0
+    metered: bool = False
+    window: str = ""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    trust_root: Path
+    device_id: str | None = None
+    fleet: FleetConfig | None = None
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    # Whether an [mqtt] table was given: with no fleet, it is what turns telemetry on.
+    mqtt_enabled: bool = False
+
+
+class _Table:
+    """Typed access to one TOML table that remembers which keys were read."""
+
+    def __init__(self, data: dict[str, Any], prefix: str) -> None:
+        self.data = data
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def get(
+        self, key: str, kind: type | tuple[type, ...], default: Any = None, *, required: bool = False
+    ) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if required:
+                raise ConfigError(f"{self._key(key)} is required")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML booleans are not numbers; ints are accepted where floats are expected.
+        ok = not isinstance(value, bool) and isinstance(value, kinds)
+        if not ok and bool in kinds and isinstance(value, bool):
+            ok = True
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self._key(key)} = {value!r} must be a {names}")
+        return float(value) if float in kinds and isinstance(value, int) else value
+
+    def positive(self, key: str, kind: type, default: float, *, allow_zero: bool = False) -> Any:
+        value = self.get(key, (kind, int) if kind is float else kind, default)
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{self._key(key)} = {value!r} must be {bound}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"unknown key {self._key(unknown[0])} = {self.data[unknown[0]]!r} "
+                f"(known keys: {', '.join(sorted(self.used))})"
+            )
+
+
+def _check_http_url(key: str, value: str, schemes: tuple[str, ...]) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(f"{key} = {value!r} must be a URL {schemes[0]}://host[:port]")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError(f"{key} = {value!r} has a bad port") from None
+    return value.rstrip("/")
+
+
+def _check_listen(value: str) -> str:
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"api.listen = {value!r} must be HOST:PORT (port 0 picks a free one)")
+    return value
+
+
+def _sub(root: _Table, name: str) -> _Table | None:
+    data = root.get(name, dict)
+    return None if data is None else _Table(data, f"{name}.")
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> AgentConfig:
+    """Validate a parsed TOML document. Relative paths are taken from ``base_dir``."""
+    root = _Table(data, "")
+    base = base_dir or Path.cwd()
+
+    def path(key: str) -> Path:
+        value = root.get(key, str, required=True)
+        if not value:
+            raise ConfigError(f"{key} = {value!r} must be a path")
+        return (base / value) if not os.path.isabs(value) else Path(value)
+
+    state_dir = path("state_dir")
+    trust_root = path("trust_root")
+    device_id = root.get("device_id", str)
+    if device_id is not None and not DEVICE_ID_RE.match(device_id):
+        raise ConfigError(f"device_id = {device_id!r} must match {DEVICE_ID_RE.pattern}")
+
+    fleet = None
+    if (t := _sub(root, "fleet")) is not None:
+        labels = t.get("labels", dict, {})
+        for k, v in labels.items():
+            if not isinstance(v, str):
+                raise ConfigError(f"fleet.labels.{k} = {v!r} must be a string")
+        fleet = FleetConfig(
+            url=_check_http_url("fleet.url", t.get("url", str, required=True), ("http", "https")),
+            enrollment_token=t.get("enrollment_token", str, ""),
+            labels=dict(labels),
+            poll_interval_s=t.positive("poll_interval_s", float, 300.0),
+        )
+        t.finish()
+
+    mqtt = MqttConfig()
+    mqtt_enabled = False
+    if (t := _sub(root, "mqtt")) is not None:
+        mqtt_enabled = True
+        url = t.get("url", str)
+        mqtt = MqttConfig(
+            url=None if not url else _check_http_url("mqtt.url", url, ("mqtt",)),
+            health_interval_s=t.positive("health_interval_s", float, 60.0),
+            keepalive_s=t.positive("keepalive_s", int, 60),
+            spool_max_bytes=t.positive("spool_max_bytes", int, 8 * 1024 * 1024),
+        )
+        if mqtt.spool_max_bytes < 65536:
+            raise ConfigError(f"mqtt.spool_max_bytes = {mqtt.spool_max_bytes!r} must be at least 65536")
+        t.finish()
+
+    api = ApiConfig()
+    if (t := _sub(root, "api")) is not None:
+        api = ApiConfig(
+            listen=_check_listen(t.get("listen", str, api.listen)),
+            unix_socket=t.get("unix_socket", str, ""),
+            max_body_bytes=t.positive("max_body_bytes", int, api.max_body_bytes),
+            request_timeout_s=t.positive("request_timeout_s", float, api.request_timeout_s),
+        )
+        t.finish()
+
+    runtime = RuntimeConfig()
+    if (t := _sub(root, "runtime")) is not None:
+        runtime = RuntimeConfig(
+            intra_op_threads=t.positive("intra_op_threads", int, 1),
+            max_batch_size=t.positive("max_batch_size", int, runtime.max_batch_size),
+            max_queue_delay_ms=t.positive("max_queue_delay_ms", float, 0.0, allow_zero=True),
+            workers=t.positive("workers", int, 0, allow_zero=True),
+        )
+        t.finish()
+
+    update = UpdateConfig()
+    if (t := _sub(root, "update")) is not None:
+        update = UpdateConfig(
+            trial_seconds=t.positive("trial_seconds", float, 10.0, allow_zero=True),
+            trial_max_error_rate=t.positive("trial_max_error_rate", float, 0.5, allow_zero=True),
+            trial_min_inferences=t.positive("trial_min_inferences", int, 0, allow_zero=True),
+            trial_max_restarts=t.positive("trial_max_restarts", int, 0, allow_zero=True),
+            disk_margin_mb=t.positive("disk_margin_mb", float, 16.0, allow_zero=True),
+            download_attempts=t.positive("download_attempts", int, 5),
+            download_backoff_s=t.positive("download_backoff_s", float, 1.0, allow_zero=True),
+            download_backoff_max_s=t.positive("download_backoff_max_s", float, 30.0, allow_zero=True),
+            download_stall_window_s=t.positive("download_stall_window_s", float, 30.0),
+            download_min_rate_bps=t.positive("download_min_rate_bps", float, 1024.0, allow_zero=True),
+            retry_failed_s=t.positive("retry_failed_s", float, 30.0, allow_zero=True),
+            retry_failed_max_s=t.positive("retry_failed_max_s", float, 1800.0, allow_zero=True),
+            download_parallel=t.positive("download_parallel", int, 4),
+            download_rate_limit_bps=t.positive("download_rate_limit_bps", float, 0.0, allow_zero=True),
+            metered=t.get("metered", bool, False),
+            window=t.get("window", str, ""),
+        )
+        if update.download_parallel > 16:
+            raise ConfigError(f"update.download_parallel = {update.download_parallel!r} must be 1 to 16")
+        if update.window:
+            try:
+                UpdateWindow.parse(update.window)
+            except ValueError as exc:
+                raise ConfigError(f"update.window = {exc}") from None
+        if update.metered and not update.window:
+            raise ConfigError('update.metered = true needs update.window, e.g. window = "02:00-05:00"')
+        if update.window and not update.metered:
+            raise ConfigError(
+                f"update.window = {update.window!r} applies to metered links only; set metered = true"
+            )
+        if update.trial_max_error_rate > 1:
+            raise ConfigError(
+                f"update.trial_max_error_rate = {update.trial_max_error_rate!r} must be in [0, 1]"
+            )
+        t.finish()
+    root.finish()
+
+    if (fleet is not None or (mqtt_enabled and mqtt.url)) and device_id is None:
+        raise ConfigError("device_id is required when [fleet] or [mqtt] is given")
+    if mqtt_enabled and not mqtt.url and fleet is None:
+        raise ConfigError("mqtt.url is required when there is no [fleet] to provide it")
+    return AgentConfig(
+        state_dir=state_dir,
+        trust_root=trust_root,
+        device_id=device_id,
+        fleet=fleet,
+        mqtt=mqtt,
+        api=api,
+        runtime=runtime,
+        update=update,
+        mqtt_enabled=mqtt_enabled,
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    return parse_config(data, base_dir=Path(path).resolve().parent)
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)

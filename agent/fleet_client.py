@@ -1,0 +1,170 @@
+"""The device side of the fleet HTTP API: enrollment, credential, desired state.
+
+The credential lives in ``state_dir/device.json`` (mode 0600) and is reused across
+restarts; a 401 from the fleet triggers one re-enrollment with the enrollment token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin
+
+import httpx
+import msgspec
+
+from agent.errors import AuthError, DownloadError, StateError
+from agent.update.lifecycle import Target
+from shared import strictjson
+from shared.bundle.keyring import atomic_write
+from shared.bundle.manifest import NAME_RE, SHA256_RE
+from shared.errors import MalformedDocumentError
+from shared.telemetry.topics import check_device_id
+
+log = logging.getLogger(__name__)
+
+DEVICE_FILE = "device.json"
+MAX_DESIRED_BYTES = 1 << 20
+
+
+class DesiredEntry(msgspec.Struct):
+    name: str
+    release: int
+    digest: str
+    bundle_id: int | str
+    envelope_url: str
+    blob_url: str
+
+
+class DesiredState(msgspec.Struct):
+    device_id: str
+    generation: int
+    models: list[DesiredEntry]
+    server_time: str | float | None = None
+
+
+class EnrollResponse(msgspec.Struct):
+    device_id: str
+    credential: str
+    mqtt_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Credential:
+    device_id: str
+    credential: str
+    mqtt_url: str | None
+    fleet_url: str
+
+
+class FleetClient:
+    def __init__(self, *, url: str, device_id: str, enrollment_token: str, labels: dict[str, str],
+                 state_dir: Path, client: httpx.Client) -> None:
+        self.url = url.rstrip("/")
+        self.device_id = check_device_id(device_id)
+        self.enrollment_token = enrollment_token
+        self.labels = labels
+        self.path = Path(state_dir) / DEVICE_FILE
+        self.http = client
+        self._lock = threading.Lock()
+        self._cred: Credential | None = None
+
+    # -- credential -------------------------------------------------------------------
+
+    def _load(self) -> Credential | None:
+        if not self.path.exists():
+            return None
+        try:
+            cred = msgspec.json.decode(self.path.read_bytes(), type=Credential)
+        except (OSError, msgspec.DecodeError) as exc:
+            raise StateError(f"{self.path} is unreadable ({exc}); remove it to enroll again") from None
+        if cred.device_id != self.device_id or cred.fleet_url != self.url:
+            log.warning("%s belongs to %s at %s; enrolling again", self.path, cred.device_id, cred.fleet_url)
+            return None
+        return cred
+
+    def credential(self) -> Credential:
+        with self._lock:
+            if self._cred is None:
+                self._cred = self._load()
+            if self._cred is None:
+                self._cred = self._enroll()
+            return self._cred
+
+    def enroll(self) -> Credential:
+        with self._lock:
+            self._cred = self._enroll()
+            return self._cred
+
+    def _enroll(self) -> Credential:
+        if not self.enrollment_token:
+            raise AuthError("the device has no credential and fleet.enrollment_token is empty")
+        url = f"{self.url}/api/v1/devices/enroll"
+        body = {"device_id": self.device_id, "token": self.enrollment_token, "labels": self.labels}
+        try:
+            r = self.http.post(url, json=body)
+        except httpx.HTTPError as exc:
+            raise DownloadError(f"enrollment at {url} failed: {exc}") from None
+        if r.status_code in (401, 403):
+            raise AuthError(f"the fleet refused enrollment (HTTP {r.status_code}): {r.text[:300]}")
+        if r.status_code not in (200, 201):
+            raise DownloadError(f"enrollment answered HTTP {r.status_code}: {r.text[:300]}")
+        resp = strictjson.decode(r.content, EnrollResponse, what="enrollment response")
+        if resp.device_id != self.device_id:
+            raise MalformedDocumentError(f"enrollment answered for device {resp.device_id!r}")
+        cred = Credential(self.device_id, resp.credential, resp.mqtt_url, self.url)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, msgspec.json.encode(cred), mode=0o600)
+        os.chmod(self.path, 0o600)
+        log.info("enrolled as %s at %s", self.device_id, self.url)
+        return cred
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.credential().credential}"}
+
+    # -- desired state ----------------------------------------------------------------
+
+    def desired(self) -> DesiredState:
+        """GET the desired state (the truth); re-enroll once on 401."""
+        url = f"{self.url}/api/v1/devices/{self.device_id}/desired"
+        for attempt in (1, 2):
+            try:
+                r = self.http.get(url, headers=self.auth_headers())
+            except httpx.HTTPError as exc:
+                raise DownloadError(f"GET {url} failed: {exc}") from None
+            if r.status_code == 401 and attempt == 1:
+                log.warning("fleet refused the credential; enrolling again")
+                self.enroll()
+                continue
+            if r.status_code != 200:
+                raise DownloadError(f"GET {url} answered HTTP {r.status_code}: {r.text[:300]}")
+            return self.parse_desired(r.content)
+        raise AuthError("the fleet refused the credential right after enrollment")
+
+    def parse_desired(self, body: bytes) -> DesiredState:
+        state = strictjson.decode(body, DesiredState, max_bytes=MAX_DESIRED_BYTES, what="desired state")
+        if state.device_id != self.device_id:
+            raise MalformedDocumentError(f"desired state is for device {state.device_id!r}")
+        names = set()
+        for e in state.models:
+            if not NAME_RE.match(e.name) or not SHA256_RE.match(e.digest) or e.release < 1:
+                raise MalformedDocumentError(f"desired entry {e.name!r} r{e.release} is malformed")
+            if "{sha256}" not in e.blob_url:
+                raise MalformedDocumentError(f"desired entry {e.name!r}: blob_url lacks {{sha256}}")
+            if e.name in names:
+                raise MalformedDocumentError(f"desired state names {e.name!r} twice")
+            names.add(e.name)
+        return state
+
+    def target(self, entry: DesiredEntry) -> Target:
+        """The installer's target for an entry, with URLs made absolute against the fleet URL."""
+        base = self.url + "/"
+        return Target(
+            release=entry.release,
+            digest=entry.digest,
+            envelope_url=urljoin(base, entry.envelope_url),
+            blob_url=urljoin(base, entry.blob_url),
+        )

@@ -1,0 +1,1 @@
+"""Inference backends and the model host that hot-swaps releases."""

@@ -1,0 +1,300 @@
+"""Per-model request scheduling with dynamic batching.
+
+Every request of an active model goes through that model's scheduler:
+
+- a request is queued; up to ``workers`` threads (started on demand, gone after an idle
+  spell) take requests from the queue and run them on the model's session;
+- when the model is batchable, a worker merges the request it takes with compatible
+  requests behind it (same input names, trailing shapes and dtypes) up to
+  ``max_batch_size`` rows, waiting up to ``max_queue_delay_s`` after the first one
+  arrived for more; with the default delay of 0 it only merges what queued up while
+  the workers were busy, so an idle device adds no latency;
+- the merged run is split back by rows; if it fails, every request in it is run on
+  its own, so only a request that fails alone gets an error (and is counted);
+- a model is batchable when the first axis of every input and output is dynamic in
+  the manifest and a probe at swap time shows rows do not affect each other (two rows
+  run together equal the rows run apart) and outputs keep the row count;
+- a request still queued when its caller's timeout passes is dropped unrun; a run in
+  progress cannot be interrupted (the runtimes cannot), its result is discarded.
+
+A scheduler belongs to one LoadedModel: after a hot swap the old scheduler finishes
+what it holds on the old session and its workers exit; new requests use the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from agent.errors import InferenceError
+from agent.runtime.base import Session, concrete_shape
+from shared.bundle.manifest import Manifest
+
+if TYPE_CHECKING:
+    from agent.runtime.host import LoadedModel
+
+log = logging.getLogger(__name__)
+
+IDLE_EXIT_S = 30.0
+
+
+class RequestTimeout(Exception):
+    """No result within the caller's timeout (the request was dropped or is still running)."""
+
+    def __init__(self, message: str, *, started: bool) -> None:
+        super().__init__(message)
+        self.started = started
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 8
+    max_queue_delay_s: float = 0.0
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.workers < 1 or self.max_queue_delay_s < 0:
+            raise ValueError(f"bad batch policy {self}")
+
+
+def batch_axis_reason(manifest: Manifest) -> str | None:
+    """Why the manifest's signature rules batching out, or None when the first axes are dynamic."""
+    for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+        for spec in specs:
+            if not spec.shape:
+                return f"{kind} {spec.name!r} is a scalar"
+            if isinstance(spec.shape[0], int):
+                return f"{kind} {spec.name!r} has a fixed first axis {spec.shape[0]}"
+    return None
+
+
+def _probe_rows(manifest: Manifest) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    a, b = {}, {}
+    for spec in manifest.inputs:
+        shape = concrete_shape(spec)
+        a[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        fill = 0.5 if np.dtype(spec.dtype).kind == "f" else 1
+        b[spec.name] = np.full(shape, fill, dtype=spec.dtype)
+    return a, b
+
+
+def probe_batching(session: Session, manifest: Manifest) -> str | None:
+    """Run two rows apart and together; return why they may not be merged, or None."""
+    a, b = _probe_rows(manifest)
+    try:
+        out_a, out_b = session.run(a), session.run(b)
+        merged = session.run({k: np.concatenate([a[k], b[k]]) for k in a})
+    except Exception as exc:
+        return f"the probe run failed: {exc}"
+    for name, got in merged.items():
+        if got.ndim == 0 or got.shape[0] != 2:
+            return f"output {name!r} has shape {list(got.shape)} for 2 rows"
+        for i, single in enumerate((out_a[name], out_b[name])):
+            if single.shape[1:] != got.shape[1:] or not np.allclose(
+                got[i : i + 1], single, rtol=1e-3, atol=1e-5, equal_nan=True
+            ):
+                return f"output {name!r} of a row changes when rows run together"
+    return None
+
+
+class _Request:
+    __slots__ = ("done", "enqueued", "error", "feeds", "key", "outputs", "rows", "state")
+
+    def __init__(self, feeds: dict[str, np.ndarray], key: tuple[object, ...] | None, rows: int) -> None:
+        self.feeds = feeds
+        self.key = key
+        self.rows = rows
+        self.enqueued = time.perf_counter()
+        self.done = threading.Event()
+        self.state = "queued"  # queued -> running -> done, or queued -> cancelled
+        self.outputs: dict[str, np.ndarray] | None = None
+        self.error: Exception | None = None
+
+
+class ModelScheduler:
+    def __init__(self, model: LoadedModel, policy: BatchPolicy, *, probe: bool = True,
+                 idle_exit_s: float = IDLE_EXIT_S) -> None:
+        self.model = model
+        self.policy = policy
+        self.idle_exit_s = idle_exit_s
+        self.unbatched_reason: str | None = None
+        if policy.max_batch_size <= 1:
+            self.unbatched_reason = "batching is off (runtime.max_batch_size = 1)"
+        else:
+            self.unbatched_reason = batch_axis_reason(model.manifest)
+            if self.unbatched_reason is None and probe:
+                self.unbatched_reason = probe_batching(model.session, model.manifest)
+        if self.unbatched_reason and policy.max_batch_size > 1:
+            log.info("model=%s r%s runs unbatched: %s", model.name, model.release, self.unbatched_reason)
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._alive = 0
+        self._idle = 0
+        self._closed = False
+        self.batches = 0  # merged runs of more than one request (for tests and stats)
+        self.split_retries = 0  # merged runs that failed and were retried request by request
+
+    @property
+    def max_rows(self) -> int:
+        return 1 if self.unbatched_reason else self.policy.max_batch_size
+
+    # -- callers ---------------------------------------------------------------------
+
+    def _key(self, feeds: Mapping[str, np.ndarray]) -> tuple[tuple[object, ...] | None, int]:
+        rows = {arr.shape[0] if arr.ndim else -1 for arr in feeds.values()}
+        if self.unbatched_reason or len(rows) != 1:
+            return None, 0
+        n = rows.pop()
+        key = tuple((k, feeds[k].shape[1:], feeds[k].dtype.str) for k in sorted(feeds))
+        return key, n
+
+    def run(self, feeds: dict[str, np.ndarray], timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Queue ``feeds`` (already validated) and wait for the outputs.
+
+        InferenceError: the model failed on this request. RequestTimeout: no result in time.
+        """
+        key, rows = self._key(feeds)
+        req = _Request(feeds, key, rows)
+        with self._cond:
+            # A closed scheduler (its model was swapped out) still serves a caller that took
+            # the old model before the swap: nothing is dropped.
+            self._queue.append(req)
+            if len(self._queue) > self._idle and self._alive < self.policy.workers:
+                self._alive += 1
+                threading.Thread(target=self._work, name=f"infer-{self.model.name}", daemon=True).start()
+            else:
+                self._cond.notify()
+        if not req.done.wait(timeout_s):
+            with self._cond:
+                if req.state == "queued":
+                    self._queue.remove(req)
+                    req.state = "cancelled"
+            if req.state == "cancelled":
+                raise RequestTimeout(f"no worker took the request within {timeout_s:g} s", started=False)
+            if not req.done.is_set():
+                raise RequestTimeout(f"the run did not finish within {timeout_s:g} s", started=True)
+        if req.error is not None:
+            raise req.error
+        assert req.outputs is not None
+        return req.outputs
+
+    def close(self) -> None:
+        """Finish what is queued, then let the workers exit."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- workers ---------------------------------------------------------------------
+
+    def _take(self) -> list[_Request]:
+        """Pop the first request and the compatible ones behind it (lock held)."""
+        head = self._queue.popleft()
+        batch = [head]
+        if head.key is not None and self.max_rows > 1:
+            self._gather(batch)
+        for r in batch:
+            r.state = "running"
+        return batch
+
+    def _gather(self, batch: list[_Request]) -> None:
+        head = batch[0]
+        rows = sum(r.rows for r in batch)
+        for r in list(self._queue):
+            if rows >= self.max_rows:
+                break
+            if r.key == head.key and rows + r.rows <= self.max_rows:
+                self._queue.remove(r)
+                batch.append(r)
+                rows += r.rows
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    if self._closed:
+                        self._alive -= 1
+                        return
+                    self._idle += 1
+                    woke = self._cond.wait(self.idle_exit_s)
+                    self._idle -= 1
+                    if not woke and not self._queue:
+                        self._alive -= 1
+                        return
+                batch = self._take()
+                delay = self.policy.max_queue_delay_s
+                if delay > 0 and batch[0].key is not None and self.max_rows > 1:
+                    deadline = batch[0].enqueued + delay
+                    while sum(r.rows for r in batch) < self.max_rows:
+                        left = deadline - time.perf_counter()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                        before = len(batch)
+                        self._gather(batch)
+                        for r in batch[before:]:
+                            r.state = "running"
+            try:
+                self._run(batch)
+            except Exception:  # a bug here must not leave callers waiting forever
+                log.exception("model=%s scheduler failed", self.model.name)
+                for r in batch:
+                    if not r.done.is_set():
+                        r.error = InferenceError(f"{self.model.name}: internal scheduler error")
+                        r.done.set()
+
+    def _finish(self, req: _Request, outputs: dict[str, np.ndarray] | None, exc: Exception | None) -> None:
+        m = self.model
+        latency = time.perf_counter() - req.enqueued
+        if exc is not None:
+            req.error = InferenceError(f"{m.name} r{m.release} failed: {exc}")
+            m.metrics.record(latency, error=True)
+        else:
+            req.outputs = outputs
+            m.metrics.record(latency)
+        req.state = "done"
+        req.done.set()
+
+    def _run_one(self, req: _Request) -> None:
+        try:
+            outputs = self.model.session.run(req.feeds)
+        except Exception as exc:
+            self._finish(req, None, exc)
+            return
+        self._finish(req, outputs, None)
+
+    def _run(self, batch: list[_Request]) -> None:
+        if len(batch) == 1:
+            self._run_one(batch[0])
+            return
+        names = list(batch[0].feeds)
+        merged = {k: np.concatenate([r.feeds[k] for r in batch]) for k in names}
+        total = sum(r.rows for r in batch)
+        try:
+            outputs = self.model.session.run(merged)
+        except Exception as exc:
+            log.debug("model=%s merged run of %d requests failed (%s); running them one by one",
+                      self.model.name, len(batch), exc)
+            self.split_retries += 1
+            for r in batch:
+                self._run_one(r)
+            return
+        bad = [k for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != total]
+        if bad:
+            self.unbatched_reason = f"output {bad[0]!r} did not keep the row count of a merged run"
+            log.warning("model=%s r%s: %s; batching off for it", self.model.name, self.model.release,
+                        self.unbatched_reason)
+            for r in batch:
+                self._run_one(r)
+            return
+        self.batches += 1
+        start = 0
+        for r in batch:
+            self._finish(r, {k: v[start : start + r.rows] for k, v in outputs.items()}, None)
+            start += r.rows

@@ -1,0 +1,150 @@
+"""The model host: one active LoadedModel per model name, hot-swapped under a lock.
+
+Several models may be active at once, each on its own backend (onnxruntime, LiteRT).
+A request takes the reference to the active LoadedModel (and its scheduler) once and
+runs on it to the end; a swap replaces the reference, so in-flight and queued requests
+finish on the old session and new ones use the new session. Nothing is dropped.
+Requests run through the model's scheduler (agent.runtime.batching), which merges
+concurrent requests into one run when the model allows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.errors import InputError, UnknownModelError
+from agent.runtime.base import Session
+from agent.runtime.batching import BatchPolicy, ModelScheduler
+from agent.runtime.metrics import Metrics
+from shared.bundle.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    manifest: Manifest
+    release: int
+    digest: str
+    session: Session
+    metrics: Metrics = field(default_factory=Metrics)
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+def validate_inputs(manifest: Manifest, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check names, dtype, rank and fixed dimensions against the signature; raise InputError."""
+    want = {s.name for s in manifest.inputs}
+    if set(inputs) != want:
+        missing, extra = sorted(want - set(inputs)), sorted(set(inputs) - want)
+        raise InputError(
+            f"model {manifest.name} takes inputs {sorted(want)}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unexpected {extra}" if extra else "")
+        )
+    out: dict[str, np.ndarray] = {}
+    for spec in manifest.inputs:
+        arr = inputs[spec.name]
+        if not isinstance(arr, np.ndarray):
+            raise InputError(f"input {spec.name!r} is not an array")
+        if arr.dtype != np.dtype(spec.dtype):
+            raise InputError(f"input {spec.name!r} has dtype {arr.dtype}, the model takes {spec.dtype}")
+        if arr.ndim != len(spec.shape):
+            raise InputError(
+                f"input {spec.name!r} has {arr.ndim} dimension(s) {list(arr.shape)}, "
+                f"the model takes {len(spec.shape)}: {spec.shape}"
+            )
+        for axis, (got, dim) in enumerate(zip(arr.shape, spec.shape, strict=True)):
+            if isinstance(dim, int) and got != dim:
+                raise InputError(
+                    f"input {spec.name!r} axis {axis} has size {got}, the model takes {dim} "
+                    f"(shape {spec.shape})"
+                )
+        out[spec.name] = arr
+    return out
+
+
+class ModelHost:
+    def __init__(self, policy: BatchPolicy | None = None, *,
+                 on_load: Callable[[LoadedModel], None] | None = None) -> None:
+        self.policy = policy or BatchPolicy()
+        # Called with each release before it becomes active (agent.telemetry.drift attaches
+        # the baseline there); a failing hook is logged, never blocks the swap.
+        self.on_load = on_load
+        self._lock = threading.Lock()
+        self._models: dict[str, LoadedModel] = {}
+        self._schedulers: dict[str, ModelScheduler] = {}
+
+    def get(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            return self._models.get(name)
+
+    def scheduler(self, name: str) -> ModelScheduler | None:
+        with self._lock:
+            return self._schedulers.get(name)
+
+    def snapshot(self) -> dict[str, LoadedModel]:
+        with self._lock:
+            return dict(self._models)
+
+    def swap(self, loaded: LoadedModel) -> LoadedModel | None:
+        """Make ``loaded`` the active release of its model; return the one it replaced."""
+        if self.on_load is not None:
+            try:
+                self.on_load(loaded)
+            except Exception:
+                log.exception("on_load hook failed for %s r%s", loaded.name, loaded.release)
+        scheduler = ModelScheduler(loaded, self.policy)  # probes batching before the swap
+        with self._lock:
+            old = self._models.get(loaded.name)
+            old_scheduler = self._schedulers.get(loaded.name)
+            self._models[loaded.name] = loaded
+            self._schedulers[loaded.name] = scheduler
+        if old_scheduler is not None:
+            old_scheduler.close()
+        return old
+
+    def remove(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            old_scheduler = self._schedulers.pop(name, None)
+            old = self._models.pop(name, None)
+        if old_scheduler is not None:
+            old_scheduler.close()
+        return old
+
+    def close(self) -> None:
+        """Let every scheduler finish its queue and its workers exit."""
+        with self._lock:
+            schedulers = list(self._schedulers.values())
+        for scheduler in schedulers:
+            scheduler.close()
+
+    def ready(self) -> bool:
+        with self._lock:
+            return bool(self._models)
+
+    def predict(
+        self, name: str, inputs: Mapping[str, np.ndarray], *, timeout_s: float | None = None
+    ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
+        """Run the active release of ``name``.
+
+        InputError: bad request; InferenceError: runtime; RequestTimeout: no result within
+        ``timeout_s`` (None waits as long as it takes).
+        """
+        with self._lock:
+            model = self._models.get(name)
+            scheduler = self._schedulers.get(name)
+        if model is None or scheduler is None:
+            raise UnknownModelError(f"no active model named {name!r}")
+        feeds = validate_inputs(model.manifest, inputs)
+        model.metrics.observe(feeds)  # drift: a subsample of the inputs, when there is a baseline
+        return model, scheduler.run(feeds, timeout_s)

@@ -1,0 +1,1 @@
+"""MQTT telemetry: birth and last will, health, update events."""

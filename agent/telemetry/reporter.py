@@ -1,0 +1,372 @@
+"""MQTT reporter: birth and last will, periodic health, update events, desired notices.
+
+- client id = device id; the last will is a retained ``Status(online=False)`` on the
+  status topic, the birth a retained ``Status(online=True)`` sent on every connect;
+- health every ``health_interval_s`` (QoS 1), events QoS 1;
+- ``seq`` increases by one per message across kinds; blocks of numbers are reserved
+  on disk so a restart continues above every number already used (a clean stop gives the
+  unused ones back, so only a crash leaves a jump);
+- a message on the device's desired topic calls ``on_desired`` (pull now);
+- store-and-forward: every health and event message is first appended to the on-disk
+  spool (agent.telemetry.spool), in seq order; a sender thread hands the spool's records
+  to paho while connected, at most ``window`` unacknowledged at a time (paho's in-flight
+  limit is the same, so paho's own memory queue never holds more), and acknowledges each
+  record in the spool when paho reports the broker's PUBACK (``on_publish`` with its mid).
+  Unacknowledged records survive a reconnect (paho resends its window) and a restart (the
+  spool sends them again): delivery is at least once, in order; readers dedupe by ``seq``.
+  When the spool is full its oldest health goes first; drops are counted by kind in Health;
+- status (birth, will, clean offline) is state, retained and not spooled: a stale birth
+  means nothing. The will's seq, reserved at start, only appears if the will fires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import msgspec
+import paho.mqtt.client as mqtt
+import psutil
+
+from agent import __version__
+from agent.runtime.host import ModelHost
+from agent.telemetry.spool import DEFAULT_MAX_BYTES, SPOOL_DIR, Spool
+from shared.bundle.keyring import atomic_write
+from shared.errors import EdgefleetError
+from shared.telemetry import messages, topics
+
+log = logging.getLogger(__name__)
+
+SEQ_FILE = "telemetry_seq.json"
+SEQ_BLOCK = 1000
+WINDOW = 16  # spooled messages handed to paho and not yet acknowledged
+SYNC_EVERY_S = 1.0  # the sender's idle wake-up: fsync batched health, write the spool cursor
+
+
+class SeqCounter:
+    """Message sequence numbers that survive restarts without a write per message."""
+
+    def __init__(self, path: Path, block: int = SEQ_BLOCK) -> None:
+        self.path = Path(path)
+        self.block = block
+        self._lock = threading.Lock()
+        reserved = 0
+        if self.path.exists():
+            try:
+                reserved = int(msgspec.json.decode(self.path.read_bytes())["reserved"])
+            except (msgspec.DecodeError, KeyError, TypeError, ValueError, OSError) as exc:
+                # Not a security boundary: continue above the current time, still monotonic.
+                log.warning("%s unreadable (%s); continuing sequence from the clock", self.path, exc)
+                reserved = int(time.time())
+        self._next = reserved
+        self._reserved = reserved
+        self._reserve()
+
+    def _reserve(self) -> None:
+        self._reserved = self._next + self.block
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, msgspec.json.encode({"reserved": self._reserved}))
+
+    def next(self) -> int:
+        with self._lock:
+            if self._next >= self._reserved:
+                self._reserve()
+            value = self._next
+            self._next += 1
+            return value
+
+    def close(self) -> None:
+        """On a clean stop, give back the unused numbers: the next start continues without a gap."""
+        with self._lock:
+            try:
+                atomic_write(self.path, msgspec.json.encode({"reserved": self._next}))
+            except OSError as exc:
+                log.warning("cannot write %s (%s); the next start skips ahead", self.path, exc)
+                return
+            self._reserved = self._next
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise ValueError(f"MQTT URL {url!r} must be mqtt://host:port")
+    return parts.hostname, parts.port or 1883
+
+
+def _temperature() -> float | None:
+    """The hottest sensor psutil reports (°C); None where there is none (containers, macOS)."""
+    sensors = getattr(psutil, "sensors_temperatures", None)
+    if sensors is None:
+        return None
+    try:
+        readings = sensors()
+    except (OSError, RuntimeError, AttributeError):
+        return None
+    values = [float(e.current) for entries in readings.values() for e in entries
+              if e.current is not None and -40.0 < e.current < 200.0]
+    return round(max(values), 1) if values else None
+
+
+class Reporter:
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        mqtt_url: str,
+        state_dir: Path,
+        host: ModelHost,
+        states: Callable[[], dict[str, str]] = dict,
+        on_desired: Callable[[], None] | None = None,
+        health_interval_s: float = 10.0,
+        keepalive_s: int = 60,
+        username: str | None = None,
+        password: str | None = None,
+        spool_max_bytes: int = DEFAULT_MAX_BYTES,
+        window: int = WINDOW,
+    ) -> None:
+        self.device_id = topics.check_device_id(device_id)
+        self.broker = parse_mqtt_url(mqtt_url)
+        self.state_dir = Path(state_dir)
+        self.host = host
+        self.states = states
+        self.on_desired = on_desired
+        self.health_interval_s = health_interval_s
+        self.keepalive_s = keepalive_s
+        self.seq = SeqCounter(self.state_dir / SEQ_FILE)
+        self.spool = Spool(self.state_dir / SPOOL_DIR, max_bytes=spool_max_bytes)
+        self.window = window
+        self.started = time.monotonic()
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
+        self._emit_lock = threading.Lock()  # seq order == spool order
+        self._cond = threading.Condition()
+        self._acked: list[int] = []  # mids paho reported as acknowledged
+        self._kick = False
+        self._sending = False
+        self._mids: dict[int, int] = {}  # mid -> spool token (the sender thread's own)
+        self._process = psutil.Process()
+        with contextlib.suppress(psutil.Error):
+            self._process.cpu_percent(None)  # the first call only starts the measurement
+        psutil.cpu_percent(None)
+
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        # The spool is the queue: paho holds at most the window (plus a few status messages).
+        self.client.max_inflight_messages_set(window)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        will = messages.Status(v=messages.VERSION, device_id=self.device_id, online=False,
+                               ts=time.time(), agent_version=__version__, seq=self.seq.next())
+        self.will_seq = will.seq
+        self.client.will_set(self.topic("status"), messages.encode(will), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+
+    def topic(self, kind: str) -> str:
+        return topics.topic(self.device_id, kind)
+
+    # -- paho callbacks (network thread) --------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
+                    reason_code: mqtt.ReasonCode, properties: object) -> None:
+        if reason_code.is_failure:
+            log.warning("mqtt connect to %s:%s refused: %s", *self.broker, reason_code)
+            return
+        log.info("mqtt connected to %s:%s", *self.broker)
+        self._publish("status", messages.Status(
+            v=messages.VERSION, device_id=self.device_id, online=True, ts=time.time(),
+            agent_version=__version__, seq=self.seq.next()), retain=True)
+        client.subscribe(self.topic("desired"), qos=1)
+        self.connected.set()
+        self._wake()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
+                       reason_code: mqtt.ReasonCode, properties: object) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("mqtt disconnected (%s); reconnecting", reason_code)
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
+                    reason_code: mqtt.ReasonCode, properties: object) -> None:
+        # Called under paho's message lock: only note the mid; the sender does the rest.
+        with self._cond:
+            self._acked.append(mid)
+            self._cond.notify()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic != self.topic("desired"):
+            return
+        try:
+            notice = messages.decode("desired", msg.payload)
+        except EdgefleetError as exc:
+            log.warning("ignoring bad desired notice: %s", exc)
+            return
+        log.info("desired-state notice (generation %s)", getattr(notice, "generation", "?"))
+        if self.on_desired is not None:
+            self.on_desired()
+
+    # -- publishing -------------------------------------------------------------------
+
+    def _publish(self, kind: str, message: messages.Message, *, retain: bool = False) -> None:
+        """Status only: straight to paho (retained state, not spooled)."""
+        self.client.publish(self.topic(kind), messages.encode(message), qos=1, retain=retain)
+
+    def _spool(self, kind: str, build: Callable[[int], messages.Message]) -> messages.Message:
+        """Number, encode and store one message; the sender takes it from there."""
+        with self._emit_lock:
+            message = build(self.seq.next())
+            self.spool.append(kind, messages.encode(message))
+        self._wake()
+        return message
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._kick = True
+            self._cond.notify()
+
+    def event(self, model: str, kind: str, release: int, from_release: int | None,
+              reason: str | None = None, message: str = "") -> None:
+        self._spool("event", lambda seq: messages.Event(
+            v=messages.VERSION, device_id=self.device_id, seq=seq, ts=time.time(),
+            model=model, kind=kind, release=release, from_release=from_release, reason=reason,
+            message=message[:2000]))
+
+    def health(self, *, reset_window: bool = True, seq: int | None = None) -> messages.Health:
+        states = self.states()
+        models = []
+        for name, loaded in sorted(self.host.snapshot().items()):
+            snap = loaded.metrics.snapshot(reset_window=reset_window)
+            models.append(messages.ModelHealth(
+                name=name, release=loaded.release, version=loaded.manifest.version,
+                state=states.get(name, "idle"), inferences=snap.inferences, errors=snap.errors,
+                total_inferences=snap.total_inferences, total_errors=snap.total_errors,
+                latency_p50_ms=snap.latency_p50_ms, latency_p95_ms=snap.latency_p95_ms,
+                drift=snap.drift, drift_inputs=snap.drift_inputs))
+        try:
+            disk_free = psutil.disk_usage(str(self.state_dir)).free / 1e6
+        except OSError:
+            disk_free = 0.0
+        try:
+            with self._process.oneshot():
+                cpu = self._process.cpu_percent(None)
+                rss = self._process.memory_info().rss / 1e6
+        except psutil.Error:
+            cpu = rss = 0.0
+        spool = self.spool.stats()
+        return messages.Health(
+            v=messages.VERSION, device_id=self.device_id, seq=self.seq.next() if seq is None else seq,
+            ts=time.time(), interval_s=self.health_interval_s, models=models,
+            cpu_percent=round(cpu, 1), mem_rss_mb=round(rss, 2),
+            mem_percent=psutil.virtual_memory().percent,
+            disk_free_mb=round(disk_free, 1), temperature_c=_temperature(),
+            uptime_s=round(time.monotonic() - self.started, 1), dropped=sum(spool.dropped.values()),
+            dropped_health=spool.dropped["health"], dropped_events=spool.dropped["event"],
+            spooled=spool.pending, device_cpu_percent=psutil.cpu_percent(None))
+
+    def publish_health(self) -> None:
+        self._spool("health", lambda seq: self.health(seq=seq))
+
+    def _health_loop(self) -> None:
+        while not self._stop.wait(self.health_interval_s):
+            try:
+                self.publish_health()
+            except Exception:
+                log.exception("health report failed")
+
+    def _send_loop(self) -> None:
+        """Spool -> paho, at most ``window`` unacknowledged; PUBACKs -> spool."""
+        last_sync = time.monotonic()
+        while True:
+            with self._cond:
+                if not (self._kick or self._acked or not self._sending):
+                    self._cond.wait(SYNC_EVERY_S)
+                acked, self._acked = self._acked, []
+                self._kick = False
+                running = self._sending
+            for mid in acked:
+                token = self._mids.pop(mid, None)
+                if token is not None:
+                    self.spool.ack(token)
+            if not running:
+                return
+            if self.connected.is_set():
+                self._hand_out()
+            if time.monotonic() - last_sync >= SYNC_EVERY_S:
+                self.spool.sync(force=False)
+                last_sync = time.monotonic()
+
+    def _hand_out(self) -> None:
+        for token, kind, payload in self.spool.take(self.window):
+            try:
+                info = self.client.publish(self.topic(kind), payload, qos=1)
+            except (ValueError, RuntimeError) as exc:
+                log.error("mqtt publish of a spooled %s message failed: %s", kind, exc)
+                self.spool.rewind(token)
+                return
+            # NO_CONN still queues a QoS 1 message in paho: it goes out on reconnect.
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                log.warning("mqtt publish refused (%s); the message stays spooled",
+                            mqtt.error_string(info.rc))
+                self.spool.rewind(token)
+                return
+            self._mids[info.mid] = token
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the spool is empty (everything acknowledged); for tests and shutdown."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.spool.stats().pending == 0:
+                return True
+            time.sleep(0.02)
+        return self.spool.stats().pending == 0
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        host, port = self.broker
+        self._sending = True
+        self._sender = threading.Thread(target=self._send_loop, name="telemetry-send", daemon=True)
+        self._sender.start()
+        self.client.connect_async(host, port, keepalive=self.keepalive_s)
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._health_loop, name="health", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Clean shutdown: a short chance to empty the spool, say offline (retained), disconnect.
+        What is still spooled is sent after the next start."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.connected.is_set():
+            self.flush(timeout / 2)  # a short chance to empty the spool before saying offline
+        with self._cond:
+            self._sending = False
+            self._cond.notify()
+        if self._sender is not None:
+            self._sender.join(timeout)
+        if self.connected.is_set():
+            info = self.client.publish(self.topic("status"), messages.encode(messages.Status(
+                v=messages.VERSION, device_id=self.device_id, online=False, ts=time.time(),
+                agent_version=__version__, seq=self.seq.next())), qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.spool.close()
+        self.seq.close()

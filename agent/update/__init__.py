@@ -1,0 +1,1 @@
+"""The update lifecycle: state machine, persisted records, blobs, downloads, installer."""

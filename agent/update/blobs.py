@@ -1,0 +1,189 @@
+"""Content-addressed blob store and verified envelopes in state_dir.
+
+    blobs/sha256/<hex>                         a file whose hash was verified before it was placed
+    staging/<hex>.part                         a partial download (kept across restarts and
+                                               resumed with HTTP Range) or extraction
+    releases/<model>/<release>-<digest12>.dsse.json   a verified manifest envelope
+
+A blob is written to staging, hash-checked while it streams, fsynced and renamed into
+place; a file under blobs/ is therefore always complete and verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from agent.errors import DiskFullError
+from shared.bundle.keyring import atomic_write
+from shared.bundle.manifest import NAME_RE, SHA256_RE, FileRef
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_full(exc: OSError, what: str) -> DiskFullError:
+    return DiskFullError(f"no space left in state_dir while writing {what}: {exc.strerror}")
+
+
+class BlobStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.blob_dir = self.state_dir / "blobs" / "sha256"
+        self.staging_dir = self.state_dir / "staging"
+        self.releases_dir = self.state_dir / "releases"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.blob_dir, self.staging_dir, self.releases_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- blobs ----------------------------------------------------------------------
+
+    def path(self, sha256: str) -> Path:
+        if not SHA256_RE.match(sha256):
+            raise ValueError(f"{sha256!r} is not a sha256 hex digest")
+        return self.blob_dir / sha256
+
+    def has(self, ref: FileRef) -> bool:
+        """A placed blob was verified on placement; its size guards against outside damage."""
+        try:
+            return self.path(ref.sha256).stat().st_size == ref.size
+        except FileNotFoundError:
+            return False
+
+    def missing(self, refs: Iterable[FileRef]) -> list[FileRef]:
+        return [ref for ref in refs if not self.has(ref)]
+
+    def staging_path(self, sha256: str) -> Path:
+        self.path(sha256)  # validates the name
+        return self.staging_dir / f"{sha256}.part"
+
+    def open_staging(self, sha256: str, size: int = 0) -> BinaryIO:
+        """A file to write a blob into; call ``commit(sha256)`` once its hash was checked."""
+        self.ensure_dirs()
+        try:
+            return open(self.staging_path(sha256), "wb")
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise disk_full(exc, f"blob {sha256[:12]}") from None
+            raise
+
+    def partial_size(self, sha256: str) -> int:
+        """Bytes of a partial download kept in staging (0 when there is none); for the sparse
+        partial of a chunked download, the bytes it occupies rather than its length."""
+        try:
+            st = self.staging_path(sha256).stat()
+        except FileNotFoundError:
+            return 0
+        return min(st.st_size, st.st_blocks * 512) if st.st_blocks else st.st_size
+
+    def resume_partial(self, sha256: str) -> tuple[int, hashlib._Hash]:
+        """Offset and SHA-256 state of a kept partial, recomputed from the bytes on disk.
+
+        Nothing about a partial is trusted but its bytes: after a power cut its tail may
+        be missing, so the hash is always taken from what the file holds now.
+        """
+        digest = hashlib.sha256()
+        try:
+            with open(self.staging_path(sha256), "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+                return fh.tell(), digest
+        except FileNotFoundError:
+            return 0, digest
+
+    def open_partial(self, sha256: str, *, append: bool) -> BinaryIO:
+        """The staging file of a download: appended to when resuming, else truncated."""
+        self.ensure_dirs()
+        try:
+            return open(self.staging_path(sha256), "ab" if append else "wb")
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise disk_full(exc, f"blob {sha256[:12]}") from None
+            raise
+
+    def free_bytes(self) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.state_dir).free
+
+    def verify_placed(self, ref: FileRef) -> bool:
+        """Re-hash a placed blob; a damaged one is removed so that it is fetched again."""
+        path = self.path(ref.sha256)
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+                size = fh.tell()
+        except FileNotFoundError:
+            return False
+        if size == ref.size and digest.hexdigest() == ref.sha256:
+            return True
+        path.unlink(missing_ok=True)
+        return False
+
+    def commit(self, sha256: str) -> None:
+        """fsync the verified staging file and rename it into place."""
+        part = self.staging_path(sha256)
+        with open(part, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(part, self.path(sha256))
+        _fsync_dir(self.blob_dir)
+
+    def discard(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            self.staging_path(sha256).unlink()
+
+    # -- envelopes --------------------------------------------------------------------
+
+    def envelope_path(self, model: str, release: int, digest: str) -> Path:
+        if not NAME_RE.match(model) or not SHA256_RE.match(digest):
+            raise ValueError(f"bad model name {model!r} or digest {digest!r}")
+        return self.releases_dir / model / f"{release}-{digest[:12]}.dsse.json"
+
+    def save_envelope(self, model: str, release: int, digest: str, envelope: bytes) -> None:
+        path = self.envelope_path(model, release, digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write(path, envelope)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise disk_full(exc, "an envelope") from None
+            raise
+
+    def load_envelope(self, model: str, release: int, digest: str) -> bytes | None:
+        try:
+            return self.envelope_path(model, release, digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # -- garbage collection -----------------------------------------------------------
+
+    def gc(self, keep_blobs: set[str], keep_envelopes: set[Path]) -> list[str]:
+        """Remove blobs and envelopes nobody references, and stale staging files."""
+        removed = []
+        if self.blob_dir.is_dir():
+            for p in self.blob_dir.iterdir():
+                if p.name not in keep_blobs:
+                    p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        if self.staging_dir.is_dir():
+            for p in self.staging_dir.iterdir():
+                if p.name.removesuffix(".part") not in keep_blobs:
+                    p.unlink(missing_ok=True)
+        if self.releases_dir.is_dir():
+            for p in self.releases_dir.glob("*/*.dsse.json"):
+                if p not in keep_envelopes:
+                    p.unlink(missing_ok=True)
+        return removed

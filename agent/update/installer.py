@@ -1,0 +1,712 @@
+"""The installer drives each model's lifecycle (agent.update.lifecycle) with real I/O.
+
+    DOWNLOADING    fetch the envelope (or read it from a bundle file), verify signatures,
+                   scope, expiry, agent version and anti-rollback BEFORE any model byte;
+                   store the envelope; check free space for the missing blobs; fetch
+                   (resuming kept partials) or extract each blob the store lacks
+    VERIFYING      re-verify the stored envelope, re-hash every blob (restart-safe; a
+                   damaged blob is removed and DOWNLOADING fetches it again)
+    STAGED         ready to test
+    SMOKE_TESTING  load in a NEW session (old one keeps serving), run the golden vectors
+    (activating)   swap in memory, write the record (TRIAL or COMMITTED, active=new,
+                   previous=old), then raise anti-rollback; a start repairs the last step
+    TRIAL          the new release serves; a restart in TRIAL counts against
+                   trial_max_restarts, past it the previous release comes back
+    COMMITTED      the trial's error rate stayed within the local bound (or a manual install)
+    ROLLED_BACK    previous release re-loaded from its verified blobs (no anti-rollback check)
+    FAILED         a refusal or failure with its reason code; the active model is untouched.
+                   Retryable reasons (download, disk_full) are retried after a pause that
+                   doubles with each consecutive failure of the same target.
+
+docs/agent-lifecycle.md holds the diagram, what each state persists and the crash matrix.
+
+Events go to ``emit(model, kind, release, from_release, reason, message)``: for
+``activated`` release is the new one and from_release the one it replaced; for
+``rolled_back`` release is the one serving again and from_release the one that failed;
+otherwise release is the target and from_release the active release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import tarfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from agent import __version__
+from agent.errors import (
+    DiskFullError,
+    DownloadError,
+    InputError,
+    LoadError,
+    SmokeTestError,
+    StateError,
+)
+from agent.runtime.base import Backend
+from agent.runtime.host import LoadedModel, ModelHost, validate_inputs
+from agent.update import lifecycle as lc
+from agent.update.blobs import BlobStore, disk_full
+from agent.update.chunked import ChunkIndex, fetch_chunked
+from agent.update.fetch import Cancelled, Fetcher, WaitingForWindow
+from agent.update.lifecycle import ModelRecord, ReleaseRef, Target, UpdateState
+from agent.update.store import StateStore
+from agent.update.testhooks import pause_point
+from shared.bundle.archive import extract_blobs, read_envelope
+from shared.bundle.envelope import Envelope
+from shared.bundle.manifest import FileRef, Manifest, parse_manifest, payload_digest
+from shared.bundle.trust import TrustRoot, VerifiedManifest, check_release_policy
+from shared.errors import EdgefleetError, HashMismatchError, MalformedDocumentError
+from shared.telemetry.messages import REASON_CODES
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, str, int, int | None, str | None, str], None]
+S = UpdateState
+# Failures worth retrying with the same digest (the bundle itself is not at fault).
+RETRYABLE = frozenset({"download", "disk_full", "superseded"})
+MAX_FAILED_DIGESTS = 32
+MIB = 1 << 20
+
+
+class BundleSource(Protocol):
+    def envelope(self) -> bytes: ...
+
+    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> None: ...
+
+
+class FleetSource:
+    """Envelope and blobs from the fleet's HTTP API."""
+
+    def __init__(self, fetcher: Fetcher, target: Target) -> None:
+        if not target.envelope_url or not target.blob_url:
+            raise ValueError("a fleet target needs envelope_url and blob_url")
+        self.fetcher = fetcher
+        self.target = target
+
+    def envelope(self) -> bytes:
+        assert self.target.envelope_url
+        return self.fetcher.fetch_envelope(self.target.envelope_url)
+
+    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> None:
+        """Each missing blob: by chunks when its entry lists them (reusing the chunks of every
+        release on the device), else whole."""
+        assert self.target.blob_url
+        index: ChunkIndex | None = None
+        stats = self.fetcher.stats
+        before = (stats.network, stats.reused, stats.resumed)
+        missing = blobs.missing(verified.manifest.files.values())
+        for ref in missing:
+            url = self.target.blob_url.replace("{sha256}", ref.sha256)
+            if ref.chunks is None:
+                self.fetcher.fetch_blob(url, ref, blobs)
+                continue
+            if index is None:
+                index = ChunkIndex.build(blobs)
+            fetch_chunked(self.fetcher, url, ref, blobs, index)
+        if missing:
+            net, reused, resumed = (a - b for a, b in zip(
+                (stats.network, stats.reused, stats.resumed), before, strict=True))
+            log.info("model=%s r%s: %d file(s), %d bytes: %d fetched, %d reused from installed "
+                     "releases, %d kept from partials", verified.manifest.name, verified.manifest.release,
+                     len(missing), sum(r.size for r in missing), net, reused, resumed)
+
+
+class FileSource:
+    """Envelope and blobs from a single-file bundle (offline install)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def envelope(self) -> bytes:
+        try:
+            return read_envelope(self.path)
+        except FileNotFoundError:
+            raise DownloadError(f"bundle file {self.path} does not exist") from None
+        except (OSError, EOFError, tarfile.TarError) as exc:
+            raise MalformedDocumentError(f"{self.path} is not a bundle file: {exc}") from None
+
+    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> None:
+        try:
+            extract_blobs(self.path, verified, blobs.open_staging, blobs.commit)
+        except (tarfile.TarError, EOFError) as exc:
+            raise MalformedDocumentError(f"{self.path} is not a valid bundle archive: {exc}") from None
+        finally:
+            for ref in verified.manifest.files.values():
+                blobs.discard(ref.sha256)
+
+
+def _reason(exc: EdgefleetError) -> str:
+    return exc.code if exc.code in REASON_CODES else "malformed"
+
+
+class Installer:
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        blobs: BlobStore,
+        host: ModelHost,
+        trust_root: TrustRoot,
+        backend: Backend,
+        trial_seconds: float = 10.0,
+        trial_max_error_rate: float = 0.5,
+        trial_min_inferences: int = 0,
+        fetcher: Fetcher | None = None,
+        emit: EventSink | None = None,
+        agent_version: str = __version__,
+        clock: Callable[[], float] = time.time,
+        trial_max_restarts: int = 0,
+        disk_margin_bytes: int = 16 * MIB,
+        retry_failed_s: float = 30.0,
+        retry_failed_max_s: float = 1800.0,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.host = host
+        self.trust = trust_root
+        self.backend = backend
+        self.trial_seconds = trial_seconds
+        self.trial_max_error_rate = trial_max_error_rate
+        self.trial_min_inferences = trial_min_inferences
+        self.fetcher = fetcher
+        self._emit = emit
+        self.agent_version = agent_version
+        self.clock = clock
+        self.trial_max_restarts = trial_max_restarts
+        self.disk_margin_bytes = disk_margin_bytes
+        self.retry_failed_s = retry_failed_s
+        self.retry_failed_max_s = retry_failed_max_s
+        self._lock = threading.RLock()
+
+    # -- events and transitions ---------------------------------------------------
+
+    def emit(
+        self, model: str, kind: str, release: int, from_release: int | None,
+        reason: str | None = None, message: str = "",
+    ) -> None:
+        log.info(
+            "model=%s event=%s release=%s from=%s reason=%s %s",
+            model, kind, release, from_release, reason, message,
+        )
+        if self._emit is not None:
+            try:
+                self._emit(model, kind, release, from_release, reason, message)
+            except Exception:
+                log.exception("event sink failed")
+
+    def _to(self, rec: ModelRecord, to: UpdateState, *, reason: str | None = None,
+            message: str = "", **changes: object) -> ModelRecord:
+        new = lc.transition(rec, to, reason=reason, message=message, now=self.clock(), **changes)
+        self.store.save(new)
+        kind = lc.EVENT_OF_STATE.get(to)
+        if kind is not None and to not in (S.TRIAL, S.ROLLED_BACK, S.COMMITTED):
+            assert new.target is not None
+            self.emit(new.name, kind, new.target.release,
+                      new.active.release if new.active else None, reason, message)
+        return new
+
+    def _fail(self, rec: ModelRecord, exc: EdgefleetError) -> ModelRecord:
+        reason = _reason(exc)
+        failed = list(rec.failed_digests)
+        if rec.target and reason not in RETRYABLE and rec.target.digest not in failed:
+            failed = [*failed, rec.target.digest][-MAX_FAILED_DIGESTS:]
+        attempts = rec.attempts + 1 if reason in RETRYABLE else 0
+        return self._to(rec, S.FAILED, reason=reason, message=str(exc), failed_digests=failed,
+                        trial_until=None, attempts=attempts)
+
+    def retry_pause(self, rec: ModelRecord) -> float:
+        """Seconds a retryable failure waits before the same target is tried again."""
+        if rec.attempts <= 0:
+            return 0.0
+        return float(min(self.retry_failed_max_s, self.retry_failed_s * 2 ** min(rec.attempts - 1, 30)))
+
+    # -- verification and loading -------------------------------------------------
+
+    def _verify(self, name: str | None, target_digest: str | None, envelope: bytes) -> VerifiedManifest:
+        vm = self.trust.verify_manifest(envelope)
+        if name is not None and vm.manifest.name != name:
+            raise MalformedDocumentError(
+                f"the envelope is for model {vm.manifest.name!r}, expected {name!r}"
+            )
+        if target_digest is not None and vm.digest != target_digest:
+            raise HashMismatchError(
+                f"the envelope's digest {vm.digest[:12]}… differs from the desired {target_digest[:12]}…"
+            )
+        check_release_policy(
+            vm.manifest, vm.digest, agent_version=self.agent_version,
+            highest=self._consistent_highest(vm.manifest.name),
+        )
+        return vm
+
+    def _consistent_highest(self, name: str) -> tuple[int, str] | None:
+        """The anti-rollback floor, refusing (fail closed) when it is below what the device holds.
+
+        Activation writes the record, then raises the floor; ``recover`` closes that crash
+        window at startup, before anything is verified. A floor below the active or previous
+        release found later means the file was rolled back or damaged under a running agent.
+        """
+        highest = self.store.highest(name)
+        rec = self.store.load(name)
+        held = [r for r in (rec.active, rec.previous) if r is not None] if rec else []
+        top = max((r.release for r in held), default=None)
+        if top is not None and (highest is None or highest[0] < top):
+            raise StateError(
+                f"anti-rollback state for {name} says r{highest[0] if highest else 'none'} but this "
+                f"device holds r{top}: the state file was rolled back or damaged; refusing every "
+                "bundle for this model until an operator repairs it (restore antirollback.json)"
+            )
+        return highest
+
+    def _stored_manifest(self, name: str, ref: ReleaseRef | Target) -> Manifest:
+        """The manifest of a release verified earlier, from its stored envelope."""
+        data = self.blobs.load_envelope(name, ref.release, ref.digest)
+        if data is None:
+            raise StateError(f"{name} r{ref.release}: its envelope is missing from state_dir")
+        env = Envelope.from_json(data)
+        if payload_digest(env.payload) != ref.digest:
+            raise StateError(f"{name} r{ref.release}: the stored envelope does not match its digest")
+        return parse_manifest(env.payload)
+
+    def _load(self, manifest: Manifest, digest: str) -> LoadedModel:
+        # The backend refuses a runtime it does not run (LoadError, reason "load").
+        model_ref = manifest.files["model"]
+        if not self.blobs.has(model_ref):
+            raise LoadError(f"{manifest.name} r{manifest.release}: model blob is missing")
+        session = self.backend.load(self.blobs.path(model_ref.sha256), manifest)
+        return LoadedModel(manifest=manifest, release=manifest.release, digest=digest, session=session)
+
+    def load_release(self, name: str, ref: ReleaseRef) -> LoadedModel:
+        return self._load(self._stored_manifest(name, ref), ref.digest)
+
+    def smoke_test(self, loaded: LoadedModel) -> None:
+        """Run the golden inputs and compare with the golden outputs; raise SmokeTestError."""
+        m = loaded.manifest
+        path = self.blobs.path(m.files["golden"].sha256)
+        tol = m.golden_tolerance
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise SmokeTestError(f"{m.name} r{m.release}: golden file is not a valid npz: {exc}") from None
+        try:
+            inputs = validate_inputs(m, {s.name: arrays[f"in.{s.name}"] for s in m.inputs})
+            expected = {s.name: arrays[f"out.{s.name}"] for s in m.outputs}
+        except KeyError as exc:
+            raise SmokeTestError(f"{m.name} r{m.release}: golden file lacks {exc}") from None
+        except InputError as exc:
+            raise SmokeTestError(f"{m.name} r{m.release}: golden inputs do not fit: {exc}") from None
+        try:
+            outputs = loaded.session.run(inputs)
+        except Exception as exc:
+            raise SmokeTestError(
+                f"{m.name} r{m.release}: the model fails on its golden inputs: {exc}"
+            ) from None
+        for name, want in expected.items():
+            got = outputs.get(name)
+            if got is None or got.shape != want.shape:
+                raise SmokeTestError(
+                    f"{m.name} r{m.release}: output {name!r} has shape "
+                    f"{None if got is None else list(got.shape)}, golden {list(want.shape)}"
+                )
+            if not np.allclose(got, want, atol=tol.atol, rtol=tol.rtol):
+                diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+                raise SmokeTestError(
+                    f"{m.name} r{m.release}: output {name!r} differs from golden by up to {diff:.3g} "
+                    f"(atol {tol.atol}, rtol {tol.rtol})"
+                )
+
+    # -- the pipeline ---------------------------------------------------------------
+
+    def _drive(self, rec: ModelRecord, source: BundleSource, *, trial: bool,
+               verified: VerifiedManifest | None = None) -> ModelRecord:
+        """Run from the record's state to TRIAL/COMMITTED; on a refusal record FAILED and raise.
+
+        Each step does its work, then persists the next state: a restart re-enters the
+        persisted state and does that step again (every step is idempotent).
+        """
+        assert rec.target is not None
+        redownloads = 0
+        try:
+            while rec.state in lc.IN_PROGRESS:
+                if rec.state == S.DOWNLOADING:
+                    rec = self._download(rec, source, verified)
+                    verified = None
+                elif rec.state == S.VERIFYING:
+                    rec = self._verify_staged(rec, allow_redownload=redownloads == 0)
+                    redownloads += rec.state == S.DOWNLOADING
+                elif rec.state == S.STAGED:
+                    rec = self._to(rec, S.SMOKE_TESTING)
+                    pause_point("smoke_testing")
+                else:
+                    rec = self._smoke_and_activate(rec, trial=trial)
+            return rec
+        except Cancelled:
+            log.info("model=%s stopping in %s; the next start resumes it", rec.name, rec.state)
+            raise
+        except StateError as exc:
+            rec = self._fail(rec, MalformedDocumentError(str(exc)))
+            raise
+        except EdgefleetError as exc:
+            rec = self._fail(rec, exc)
+            raise
+        except OSError as exc:
+            err: EdgefleetError = (
+                disk_full(exc, "the bundle") if exc.errno == errno.ENOSPC
+                else DownloadError(f"I/O error while installing: {exc}")
+            )
+            rec = self._fail(rec, err)
+            raise err from None
+
+    def _download(self, rec: ModelRecord, source: BundleSource,
+                  verified: VerifiedManifest | None) -> ModelRecord:
+        """DOWNLOADING: verify the envelope before any big byte, store it, fetch the blobs."""
+        assert rec.target is not None
+        target = rec.target
+        vm = verified or self._verify(rec.name, target.digest, source.envelope())
+        self.blobs.save_envelope(rec.name, vm.manifest.release, vm.digest, vm.envelope)
+        self.emit(rec.name, "verified", target.release,
+                  rec.active.release if rec.active else None, None,
+                  f"signed by delegation {vm.delegation}")
+        self.blobs.ensure_dirs()
+        pause_point("downloading")
+        files = list(vm.manifest.files.values())
+        try:
+            self.check_space(files)
+            source.fetch_blobs(vm, self.blobs)
+        except DiskFullError:
+            for ref in files:
+                self.blobs.discard(ref.sha256)
+            raise
+        rec = self._to(rec, S.VERIFYING)
+        pause_point("verifying")
+        return rec
+
+    def check_space(self, files: list[FileRef]) -> None:
+        """Refuse (DiskFullError) unless state_dir has room for the missing blobs plus the margin."""
+        missing = self.blobs.missing(files)
+        need = sum(max(0, ref.size - self.blobs.partial_size(ref.sha256)) for ref in missing)
+        if not missing:
+            return
+        free = self.blobs.free_bytes()
+        if need + self.disk_margin_bytes > free:
+            raise DiskFullError(
+                f"state_dir {self.blobs.state_dir} has {free} bytes free; the {len(missing)} missing "
+                f"file(s) need {need} bytes plus a margin of {self.disk_margin_bytes}"
+            )
+
+    def _verify_staged(self, rec: ModelRecord, *, allow_redownload: bool) -> ModelRecord:
+        """VERIFYING: re-verify the stored envelope and re-hash every blob."""
+        assert rec.target is not None
+        target = rec.target
+        data = self.blobs.load_envelope(rec.name, target.release, target.digest)
+        vm = self._verify(rec.name, target.digest, data) if data is not None else None
+        damaged = [] if vm is None else [
+            ref for ref in vm.manifest.files.values() if not self.blobs.verify_placed(ref)
+        ]
+        if vm is None or damaged:
+            what = "its envelope is missing" if vm is None else f"{len(damaged)} file(s) missing or damaged"
+            if not allow_redownload:
+                raise DownloadError(f"{rec.name} r{target.release}: {what} right after download")
+            log.warning("model=%s r%s: %s; downloading again", rec.name, target.release, what)
+            return self._to(rec, S.DOWNLOADING, message=what)
+        rec = self._to(rec, S.STAGED)
+        pause_point("staged")
+        return rec
+
+    def _smoke_and_activate(self, rec: ModelRecord, *, trial: bool) -> ModelRecord:
+        """SMOKE_TESTING: a new session on the verified blobs, golden vectors, then activation."""
+        assert rec.target is not None
+        target = rec.target
+        manifest = self._stored_manifest(rec.name, target)
+        loaded = self._load(manifest, target.digest)
+        self.smoke_test(loaded)
+        self.emit(rec.name, "smoke_passed", target.release, rec.active.release if rec.active else None)
+        return self._activate(rec, loaded, trial=trial)
+
+    def _activate(self, rec: ModelRecord, loaded: LoadedModel, *, trial: bool) -> ModelRecord:
+        """Swap in memory, then persist: the record (active/previous), then anti-rollback.
+
+        The blobs and the envelope of ``loaded`` were fsynced in place before it was
+        smoke-tested, so the record never names a release that is not complete on disk.
+        A crash before the record leaves SMOKE_TESTING (redone on restart); a crash between
+        record and anti-rollback is repaired by ``recover``.
+        """
+        new_ref = ReleaseRef(loaded.release, loaded.digest, loaded.manifest.version)
+        previous = rec.active if rec.active and rec.active.digest != loaded.digest else rec.previous
+        old = self.host.swap(loaded)
+        pause_point("activating.swapped")
+        from_release = old.release if old else (rec.active.release if rec.active else None)
+        if trial:
+            rec = self._to(rec, S.TRIAL, active=new_ref, previous=previous, attempts=0, trial_restarts=0,
+                           trial_until=self.clock() + self.trial_seconds)
+        else:
+            rec = self._to(rec, S.COMMITTED, active=new_ref, previous=previous, attempts=0,
+                           trial_restarts=0, trial_until=None)
+        pause_point("activating.recorded")
+        # Anti-rollback moves only now that every check passed.
+        self.store.raise_highest(rec.name, loaded.release, loaded.digest)
+        self.emit(rec.name, "activated", loaded.release, from_release, None,
+                  f"version {loaded.manifest.version}")
+        if not trial:
+            self.emit(rec.name, "committed", loaded.release, from_release, None, "manual install")
+        else:
+            pause_point("trial")
+        return rec
+
+    def _rollback(self, rec: ModelRecord, reason: str, message: str) -> ModelRecord:
+        """Leave TRIAL: re-activate the previous release, or keep serving when there is none."""
+        assert rec.active is not None
+        bad = rec.active
+        failed = [*(d for d in rec.failed_digests if d != bad.digest), bad.digest][-MAX_FAILED_DIGESTS:]
+        if rec.previous is not None:
+            try:
+                loaded = self.load_release(rec.name, rec.previous)
+            except (EdgefleetError, StateError) as exc:
+                log.error("model=%s cannot reload previous r%s: %s", rec.name, rec.previous.release, exc)
+            else:
+                self.host.swap(loaded)
+                rec = self._to(rec, S.ROLLED_BACK, reason=reason, message=message,
+                               active=rec.previous, previous=None, trial_until=None,
+                               failed_digests=failed)
+                assert rec.active is not None
+                self.emit(rec.name, "rolled_back", rec.active.release, bad.release, reason, message)
+                return rec
+        if self.host.get(rec.name) is None:
+            self.host.swap(self.load_release(rec.name, bad))
+        message += "; no previous release to roll back to, still serving it"
+        rec = self._to(rec, S.FAILED, reason=reason, message=message, trial_until=None,
+                       failed_digests=failed)
+        return rec
+
+    # -- public operations ----------------------------------------------------------
+
+    def records(self) -> dict[str, ModelRecord]:
+        return self.store.load_all()
+
+    def recover(self) -> list[str]:
+        """Load each model's active release after a start; return models with an update to resume."""
+        pending = []
+        with self._lock:
+            for name, rec in self.store.load_all().items():
+                if rec.active is not None:
+                    # Activation writes the record, then anti-rollback: finish the second write.
+                    self.store.raise_highest(name, rec.active.release, rec.active.digest)
+                try:
+                    if rec.state == S.TRIAL and rec.active is not None and self._resume_trial(rec):
+                        continue
+                except (EdgefleetError, StateError) as exc:
+                    log.error("model=%s recovery from trial failed: %s", name, exc)
+                    rec = self.store.load(name) or rec
+                self._load_active(rec)
+                if rec.state in lc.IN_PROGRESS:
+                    pending.append(name)
+        return pending
+
+    def _resume_trial(self, rec: ModelRecord) -> bool:
+        """A start that finds a trial: go on with it (up to trial_max_restarts), else roll back.
+
+        The restart is counted and persisted BEFORE the new release is loaded again, so a
+        release that crashes the process while loading or serving cannot loop forever.
+        """
+        assert rec.active is not None
+        if rec.trial_restarts >= self.trial_max_restarts:
+            self._rollback(rec, "runtime_crash",
+                           f"the agent stopped while r{rec.active.release} was on trial "
+                           f"({rec.trial_restarts + 1} time(s), trial_max_restarts "
+                           f"{self.trial_max_restarts})")
+            return True
+        rec = dataclasses.replace(
+            rec, trial_restarts=rec.trial_restarts + 1, trial_until=self.clock() + self.trial_seconds,
+            message=f"trial restarted after the agent stopped ({rec.trial_restarts + 1} of "
+                    f"{self.trial_max_restarts})", updated=self.clock(),
+        )
+        self.store.save(rec)
+        try:
+            self.host.swap(self.load_release(rec.name, rec.active))
+        except (EdgefleetError, StateError) as exc:
+            self._rollback(rec, "load", f"r{rec.active.release} cannot be loaded again: {exc}")
+            return True
+        log.warning("model=%s r%s: %s", rec.name, rec.active.release, rec.message)
+        return True
+
+    def _load_active(self, rec: ModelRecord) -> None:
+        """Never serve none: load active, else previous."""
+        for ref in (rec.active, rec.previous):
+            if ref is None:
+                continue
+            try:
+                self.host.swap(self.load_release(rec.name, ref))
+            except (EdgefleetError, StateError) as exc:
+                log.error("model=%s cannot load r%s: %s", rec.name, ref.release, exc)
+                continue
+            if ref is rec.previous:
+                log.warning("model=%s serving previous r%s: the active one failed to load",
+                            rec.name, ref.release)
+                self.store.save(dataclasses.replace(
+                    rec, active=ref, previous=None,
+                    message=f"active r{rec.active.release if rec.active else '?'} failed to load",
+                ))
+            return
+        if rec.active is not None:
+            log.error("model=%s: no release of it can be loaded", rec.name)
+
+    def resume(self, name: str) -> ModelRecord | None:
+        """Continue an update a restart interrupted (steps are idempotent)."""
+        with self._lock:
+            rec = self.store.load(name)
+            if rec is None or rec.state not in lc.IN_PROGRESS or rec.target is None:
+                return rec
+            try:
+                if rec.target.bundle_path:
+                    return self._drive(rec, FileSource(Path(rec.target.bundle_path)), trial=False)
+                if self.fetcher is None:
+                    raise DownloadError("no fleet connection to resume the download")
+                if (waiting := self._waiting(rec, rec.target)) is not None:
+                    return waiting
+                return self._drive(rec, FleetSource(self.fetcher, rec.target), trial=True)
+            except WaitingForWindow:
+                return self._waiting(self.store.load(name) or rec, rec.target) or rec
+            except Cancelled:
+                return self.store.load(name)
+            except EdgefleetError as exc:
+                log.warning("model=%s resume failed: %s: %s", name, _reason(exc), exc)
+                return self.store.load(name)
+
+    def install_file(self, path: Path, *, trial: bool = False) -> ModelRecord:
+        """Install a single-file bundle; raise the refusal (EdgefleetError with its code)."""
+        source = FileSource(path)
+        with self._lock:
+            vm = self.trust.verify_manifest(source.envelope())
+            name = vm.manifest.name
+            rec = self.store.load(name) or ModelRecord(name=name)
+            target = Target(vm.manifest.release, vm.digest, bundle_path=str(Path(path).resolve()))
+            if rec.state in (S.TRIAL, *lc.IN_PROGRESS) and rec.target and rec.target.digest != vm.digest:
+                self._supersede(rec)
+            rec = self._to(rec, S.DOWNLOADING, target=target)
+            try:
+                vm = self._verify(name, vm.digest, vm.envelope)
+            except EdgefleetError as exc:
+                self._fail(rec, exc)
+                raise
+            rec = self._drive(rec, source, trial=trial, verified=vm)
+            self.gc()
+            return rec
+
+    def _waiting(self, rec: ModelRecord, target: Target) -> ModelRecord | None:
+        """On a metered link outside its window: note why in the record's message (shown by
+        ``edgefleet-agent status``) without changing its state, and return it; else None.
+
+        The record keeps its state (a download cut by the window's end stays DOWNLOADING with
+        its partial); the message is written only when it changes, not at every poll.
+        """
+        reason = self.fetcher.waiting_reason() if self.fetcher is not None else None
+        if reason is None:
+            return None
+        message = f"r{target.release} {reason}"
+        if rec.message != message:
+            log.info("model=%s: %s", rec.name, message)
+            rec = dataclasses.replace(rec, message=message)
+            self.store.save(rec)
+        return rec
+
+    def _supersede(self, rec: ModelRecord) -> None:
+        assert rec.target is not None
+        self.emit(rec.name, "failed", rec.target.release, rec.active.release if rec.active else None,
+                  "superseded", "the fleet desires another release")
+
+    def apply_target(self, name: str, target: Target) -> ModelRecord:
+        """Make ``target`` (desired by the fleet) the model's release. Failures are recorded."""
+        with self._lock:
+            rec = self.store.load(name) or ModelRecord(name=name)
+            if rec.active is not None and rec.active.digest == target.digest:
+                return rec
+            if rec.target is not None and rec.target.digest == target.digest and rec.state in lc.IN_PROGRESS:
+                return self.resume(name) or rec
+            if target.digest in rec.failed_digests:
+                log.debug("model=%s r%s failed here before; waiting for another release",
+                          name, target.release)
+                return rec
+            same = rec.target is not None and rec.target.digest == target.digest
+            if same and rec.state == S.FAILED and self.clock() < rec.updated + self.retry_pause(rec):
+                return rec
+            if self.fetcher is None:
+                raise RuntimeError("apply_target needs a fetcher")
+            if (waiting := self._waiting(rec, target)) is not None:
+                return waiting
+            if rec.state in (S.TRIAL, *lc.IN_PROGRESS) and rec.target is not None:
+                self._supersede(rec)
+            rec = self._to(rec, S.DOWNLOADING, target=target, attempts=rec.attempts if same else 0,
+                           reason="superseded" if rec.state in lc.IN_PROGRESS else None)
+            try:
+                rec = self._drive(rec, FleetSource(self.fetcher, target), trial=True)
+            except WaitingForWindow:
+                return self._waiting(self.store.load(name) or rec, target) or rec
+            except Cancelled:
+                return self.store.load(name) or rec
+            except EdgefleetError as exc:
+                log.warning("model=%s r%s refused: %s: %s", name, target.release, _reason(exc), exc)
+                return self.store.load(name) or rec
+            return rec
+
+    def check_trials(self) -> float | None:
+        """Commit or roll back trials whose time is up; return seconds to the next deadline."""
+        now = self.clock()
+        next_in: float | None = None
+        with self._lock:
+            for rec in self.store.load_all().values():
+                if rec.state != S.TRIAL or rec.active is None:
+                    continue
+                until = rec.trial_until or now
+                if until > now:
+                    next_in = until - now if next_in is None else min(next_in, until - now)
+                    continue
+                self._judge_trial(rec)
+        return next_in
+
+    def _judge_trial(self, rec: ModelRecord) -> ModelRecord:
+        assert rec.active is not None
+        loaded = self.host.get(rec.name)
+        total = errors = 0
+        if loaded is not None and loaded.digest == rec.active.digest:
+            total, errors = loaded.metrics.totals()
+        rate = errors / total if total else 0.0
+        figures = f"error rate {rate:.3f} ({errors}/{total} inferences), bound {self.trial_max_error_rate}"
+        if total >= self.trial_min_inferences and total > 0 and rate > self.trial_max_error_rate:
+            rec = self._rollback(rec, "trial_errors", figures)
+        else:
+            rec = self._to(rec, S.COMMITTED, message=figures, trial_until=None)
+            self.emit(rec.name, "committed", rec.active.release if rec.active else 0,
+                      rec.previous.release if rec.previous else None, None, figures)
+        self.gc()
+        return rec
+
+    def gc(self) -> None:
+        """Remove blobs and envelopes no record references (active, previous, target)."""
+        keep_blobs: set[str] = set()
+        keep_env: set[Path] = set()
+        try:
+            records = self.store.load_all()
+        except StateError as exc:
+            log.error("gc skipped: %s", exc)
+            return
+        for rec in records.values():
+            for ref in (rec.active, rec.previous, rec.target):
+                if ref is None:
+                    continue
+                keep_env.add(self.blobs.envelope_path(rec.name, ref.release, ref.digest))
+                try:
+                    manifest = self._stored_manifest(rec.name, ref)
+                except (StateError, EdgefleetError):
+                    continue
+                keep_blobs.update(f.sha256 for f in manifest.files.values())
+        removed = self.blobs.gc(keep_blobs, keep_env)
+        if removed:
+            log.info("gc removed %d blob(s)", len(removed))

@@ -1,0 +1,66 @@
+"""The device's trust root: the pinned root.json, walked forward through the newer roots
+this device accepted (state_dir/trust/N.root.json).
+
+Each stored link was accepted only when a threshold of the previous root's keys and of
+its own signed it and its version was exactly one more (TrustRoot.rotate). On start the
+chain is walked again from the pinned file, so a tampered or missing link fails closed
+instead of silently falling back to an older root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from agent.errors import StateError
+from shared.bundle.keyring import atomic_write
+from shared.bundle.trust import TrustRoot
+from shared.errors import EdgefleetError, MalformedDocumentError
+
+MAX_LINKS = 64
+
+
+class TrustStore:
+    def __init__(self, pinned: Path, state_dir: Path) -> None:
+        self.pinned = Path(pinned)
+        self.directory = Path(state_dir) / "trust"
+
+    def _link(self, version: int) -> Path:
+        return self.directory / f"{version}.root.json"
+
+    def load(self) -> TrustRoot:
+        root = TrustRoot.load(self.pinned.read_bytes())
+        for _ in range(MAX_LINKS):
+            nxt = self._link(root.version + 1)
+            if not nxt.exists():
+                return root
+            try:
+                root = root.rotate(nxt.read_bytes())
+            except EdgefleetError as exc:
+                raise StateError(
+                    f"stored trust root {nxt} does not follow root v{root.version}: {exc}; refusing "
+                    "to fall back to an older root (remove the bad file only if you know why it is there)"
+                ) from None
+        raise StateError(f"more than {MAX_LINKS} stored trust roots in {self.directory}")
+
+    def update(self, envelopes: Iterable[bytes]) -> tuple[TrustRoot, list[int]]:
+        """Walk forward through ``envelopes`` (any order); persist each accepted link."""
+        current = self.load()
+        candidates: dict[int, bytes] = {}
+        for data in envelopes:
+            version = TrustRoot.load(data).version  # self-consistent; chained below
+            if version > current.version:
+                candidates[version] = data
+        accepted: list[int] = []
+        while candidates:
+            data = candidates.pop(current.version + 1, None)
+            if data is None:
+                raise MalformedDocumentError(
+                    f"cannot reach trust root v{max(candidates)} from v{current.version}: "
+                    f"v{current.version + 1} is missing (give every root from v{current.version + 1} on)"
+                )
+            current = current.rotate(data)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(self._link(current.version), data)
+            accepted.append(current.version)
+        return current, accepted
