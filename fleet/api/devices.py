@@ -1,0 +1,203 @@
+"""Devices: enrollment, desired state (device side), inventory (operator side)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, get, post
+from litestar.datastructures import State
+from litestar.exceptions import NotAuthorizedException
+from litestar.params import FromPath, JSONBody
+from sqlmodel import Session, col, select
+
+from fleet.api.auth import constant_time_equal, credential_hash, device_guard, new_credential, operator_guard
+from fleet.api.context import AppContext
+from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES, ERROR_RESPONSES, TOO_MANY, UNAUTHORIZED
+from fleet.db.engine import session_scope
+from fleet.db.models import Assignment, Bundle, Device, as_utc
+from fleet.errors import NotFoundError
+from fleet.ingest import rollup
+from shared.errors import MalformedDocumentError
+from shared.telemetry.topics import check_device_id
+from shared.timeutil import format_ts
+
+MAX_LABELS = 64
+
+
+class EnrollRequest(msgspec.Struct, forbid_unknown_fields=True):
+    device_id: str
+    token: str
+    labels: dict[str, str] = {}
+
+
+class EnrollResponse(msgspec.Struct):
+    device_id: str
+    credential: str
+    mqtt_url: str
+
+
+def _base_url(request: Request[Any, Any, Any]) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _assignments_of(
+    session: Session, device_ids: list[str]
+) -> tuple[dict[str, list[Assignment]], dict[int, Bundle]]:
+    """Assignments of many devices and their bundles in two queries (no query per device)."""
+    by_device: dict[str, list[Assignment]] = {d: [] for d in device_ids}
+    if not device_ids:
+        return by_device, {}
+    rows = session.exec(select(Assignment).where(col(Assignment.device_id).in_(device_ids))).all()
+    for a in rows:
+        by_device.setdefault(a.device_id, []).append(a)
+    bundle_ids = sorted({a.bundle_id for a in rows})
+    bundles = (
+        {b.id: b for b in session.exec(select(Bundle).where(col(Bundle.id).in_(bundle_ids)))}
+        if bundle_ids
+        else {}
+    )
+    return by_device, bundles  # type: ignore[return-value]
+
+
+def device_json(
+    session: Session,
+    device: Device,
+    silence_after_s: float,
+    *,
+    preloaded: tuple[dict[str, list[Assignment]], dict[int, Bundle]] | None = None,
+) -> dict[str, Any]:
+    by_device, bundles = preloaded or _assignments_of(session, [device.id])
+    assignments = by_device.get(device.id, [])
+    last_seen = as_utc(device.last_seen)
+    silent = last_seen is None or datetime.now(UTC) - last_seen > timedelta(seconds=silence_after_s)
+    return {
+        "device_id": device.id,
+        "labels": device.labels,
+        "online": device.online and not silent,
+        "last_seen": format_ts(last_seen) if last_seen else None,
+        "enrolled_at": format_ts(as_utc(device.enrolled_at)) if device.enrolled_at else None,  # type: ignore[arg-type]
+        "agent_version": device.agent_version,
+        "generation": device.generation,
+        "models": device.models,
+        "assigned": {
+            a.model: {
+                "bundle_id": a.bundle_id,
+                "release": bundles[a.bundle_id].release if a.bundle_id in bundles else None,
+                "rollout_id": a.rollout_id,
+            }
+            for a in assignments
+        },
+        "health": device.last_health,
+    }
+
+
+def _get_device(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError(f"device {device_id!r} is not enrolled", device_id=device_id)
+    return device
+
+
+class DeviceController(Controller):
+    path = "/api/v1/devices"
+    tags = ["devices"]
+
+    @post(
+        "/enroll",
+        sync_to_thread=True,
+        status_code=201,
+        summary="Enroll a device (or rotate its credential)",
+        description="Public, with the fleet's enrollment token in the body; rate limited per client IP.",
+        security=[{}],  # public: no credential
+        responses={**UNAUTHORIZED, **TOO_MANY, **BAD_REQUEST},
+    )
+    def enroll(self, data: JSONBody[EnrollRequest], state: State) -> EnrollResponse:
+        ctx: AppContext = state.ctx
+        expected = ctx.settings.enrollment_token
+        if not expected or not constant_time_equal(data.token, expected):
+            raise NotAuthorizedException(detail="the enrollment token is not valid")
+        check_device_id(data.device_id)
+        if len(data.labels) > MAX_LABELS:
+            raise MalformedDocumentError(f"{len(data.labels)} labels, at most {MAX_LABELS}")
+        for key, value in data.labels.items():
+            if not key or len(key) > 64 or len(value) > 256:
+                raise MalformedDocumentError(
+                    f"label {key[:64]!r}: keys are 1-64 characters, values up to 256"
+                )
+        credential = new_credential()
+        with session_scope(ctx.engine) as session:
+            device = session.get(Device, data.device_id)
+            if device is None:
+                device = Device(
+                    id=data.device_id, labels=dict(data.labels), credential_hash=credential_hash(credential)
+                )
+            else:
+                device.credential_hash = credential_hash(credential)
+                if data.labels:
+                    device.labels = dict(data.labels)
+            session.add(device)
+        return EnrollResponse(device_id=data.device_id, credential=credential, mqtt_url=ctx.mqtt_url)
+
+    @get(
+        "/{device_id:str}/desired",
+        guards=[device_guard],
+        responses=DEVICE_RESPONSES,
+        sync_to_thread=True,
+        summary="The releases this device should run",
+    )
+    def desired(
+        self, device_id: FromPath[str], state: State, request: Request[Any, Any, Any]
+    ) -> dict[str, Any]:
+        ctx: AppContext = state.ctx
+        base = _base_url(request)
+        with Session(ctx.engine) as session:
+            device = _get_device(session, device_id)
+            rows = session.exec(
+                select(Assignment, Bundle)
+                .join(Bundle, col(Bundle.id) == col(Assignment.bundle_id))
+                .where(Assignment.device_id == device_id)
+                .order_by(col(Assignment.model))
+            ).all()
+            return {
+                "device_id": device.id,
+                "generation": device.generation,
+                "server_time": time.time(),
+                "models": [
+                    {
+                        "name": b.name,
+                        "release": b.release,
+                        "digest": b.digest,
+                        "bundle_id": b.id,
+                        "envelope_url": f"{base}/api/v1/bundles/{b.id}/envelope",
+                        "blob_url": f"{base}/api/v1/blobs/{{sha256}}",
+                    }
+                    for _a, b in rows
+                ],
+            }
+
+    @get("/", guards=[operator_guard], sync_to_thread=True, summary="All devices", responses=ERROR_RESPONSES)
+    def list_devices(self, state: State) -> list[dict[str, Any]]:
+        ctx: AppContext = state.ctx
+        with Session(ctx.engine) as session:
+            devices = session.exec(select(Device).order_by(col(Device.id))).all()
+            preloaded = _assignments_of(session, [d.id for d in devices])
+            return [
+                device_json(session, d, ctx.settings.silence_after_s, preloaded=preloaded) for d in devices
+            ]
+
+    @get(
+        "/{device_id:str}",
+        guards=[operator_guard],
+        sync_to_thread=True,
+        summary="One device, with its health per release (hourly rollups)",
+        responses=ERROR_RESPONSES,
+    )
+    def get_device(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
+        ctx: AppContext = state.ctx
+        with Session(ctx.engine) as session:
+            body = device_json(session, _get_device(session, device_id), ctx.settings.silence_after_s)
+            body["health_by_release"] = rollup.per_device(session, device_id)
+            return body

@@ -1,0 +1,106 @@
+"""MQTT connection helpers shared by the ingester and the controller (paho-mqtt 2.x)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+
+from shared.errors import MalformedDocumentError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MqttTarget:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_mqtt_url(url: str) -> MqttTarget:
+    """``mqtt://[user:pass@]host[:1883]`` or ``mqtts://host[:8883]``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+        raise MalformedDocumentError(f"MQTT URL {url!r} must look like mqtt://host:port")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise MalformedDocumentError(f"MQTT URL {url!r} has an invalid port") from None
+    return MqttTarget(parts.hostname, port, tls, parts.username, parts.password)
+
+
+def make_client(target: MqttTarget, prefix: str, *, mqtt5: bool = False) -> mqtt.Client:
+    """A paho client with a unique id (so several fleet processes never kick each other off)."""
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"{prefix}-{secrets.token_hex(4)}",
+        protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+    )
+    if target.username:
+        client.username_pw_set(target.username, target.password)
+    if target.tls:
+        client.tls_set()
+    client.reconnect_delay_set(min_delay=1, max_delay=10)
+    return client
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None: ...
+
+
+class MqttPublisher:
+    """A connected client that publishes; paho queues messages while disconnected."""
+
+    def __init__(self, target: MqttTarget) -> None:
+        self.target = target
+        self.client = make_client(target, "edgefleet-fleet-pub")
+        self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None
+    ) -> None:
+        if not getattr(rc, "is_failure", False):
+            self.connected.set()
+
+    def _on_disconnect(self, *args: object) -> None:
+        self.connected.clear()
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.client.connect_async(self.target.host, self.target.port, keepalive=30)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            log.warning("publisher not yet connected to %s; it keeps trying", self.target.url)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
+
+
+class RecordingPublisher:
+    """A Publisher that keeps what it was given (for tests and runs without MQTT)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, int, bool]] = []
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        self.messages.append((topic, payload, qos, retain))

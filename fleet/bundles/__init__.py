@@ -1,0 +1,1 @@
+"""Building signed bundles from models."""

@@ -1,0 +1,211 @@
+"""Build a signed single-file bundle from an ONNX model.
+
+The builder reads the model's signature with onnxruntime, makes golden vectors by
+running the model on the given (or generated) inputs, records baseline input
+statistics for drift, signs the manifest with the keyring's delegated keys, and
+writes the archive atomically. Quantization deepens this step later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleet.bundles.quantize import MODES, Sample, check_bound, compare, quantize
+from fleet.bundles.runners import open_model, tflite_quantization
+from shared.bundle.archive import write_bundle
+from shared.bundle.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_MIN_CHUNKED_FILE, choose_chunk_size, hash_chunks
+from shared.bundle.keyring import Keyring, sign_manifest
+from shared.bundle.manifest import SCHEMA, FileRef, Manifest, Quantization, TensorSpec, Tolerance
+from shared.bundle.trust import TrustRoot, VerifiedManifest
+from shared.errors import MalformedDocumentError
+from shared.timeutil import format_ts, in_days, utcnow
+
+ONNX_MEDIA_TYPE = "application/vnd.onnx"
+TFLITE_MEDIA_TYPE = "application/vnd.tflite"
+NPZ_MEDIA_TYPE = "application/x-npz"
+JSON_MEDIA_TYPE = "application/json"
+
+
+def _file_ref(path: Path, media_type: str, *, chunk_size: int | None = None,
+              chunk_min_bytes: int = DEFAULT_MIN_CHUNKED_FILE) -> FileRef:
+    """The manifest entry of a file; with ``chunk_size``, files of at least ``chunk_min_bytes``
+    also list their chunk hashes (the chunk size doubles for very large files)."""
+    size = path.stat().st_size
+    if chunk_size is not None and size >= chunk_min_bytes:
+        effective = choose_chunk_size(size, chunk_size)
+        sha, chunks = hash_chunks(path, effective)
+        return FileRef(sha256=sha, size=size, media_type=media_type, chunk_size=effective, chunks=chunks)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return FileRef(sha256=digest.hexdigest(), size=size, media_type=media_type)
+
+
+def sample_inputs(specs: list[TensorSpec], *, batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs shaped from the signature (dynamic axes -> ``batch`` for the first, 1 after)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in specs:
+        shape = [
+            dim if isinstance(dim, int) else (batch if axis == 0 else 1)
+            for axis, dim in enumerate(spec.shape)
+        ]
+        if spec.dtype.startswith("float"):
+            out[spec.name] = rng.random(shape).astype(spec.dtype)
+        elif spec.dtype == "bool":
+            out[spec.name] = rng.random(shape) > 0.5
+        else:
+            out[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+    return out
+
+
+def input_baseline(samples: list[Sample]) -> dict[str, object]:
+    """Per-input quantiles and moments: a few hundred bytes each, for drift on the device."""
+    stats: dict[str, object] = {}
+    qs = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
+    for name in samples[0]:
+        flat = np.concatenate([np.asarray(s[name], dtype=np.float64).ravel() for s in samples])
+        stats[name] = {
+            "count": int(flat.size),
+            "mean": float(flat.mean()) if flat.size else 0.0,
+            "std": float(flat.std()) if flat.size else 0.0,
+            "quantiles": dict(zip([str(q) for q in qs], np.quantile(flat, qs).tolist(), strict=True))
+            if flat.size
+            else {},
+        }
+    return {"schema": "edgefleet.baseline/v1", "inputs": stats}
+
+
+def _class_score_output(outputs: list[TensorSpec]) -> int | None:
+    """The first output whose last axis is a fixed number of classes (> 1), if any."""
+    for i, spec in enumerate(outputs):
+        if len(spec.shape) >= 2 and isinstance(spec.shape[-1], int) and spec.shape[-1] > 1:
+            return i
+    return None
+
+
+def build_bundle(
+    model_path: Path,
+    *,
+    name: str,
+    version: str,
+    release: int,
+    keyring: Keyring,
+    out: Path,
+    golden_inputs: dict[str, np.ndarray] | None = None,
+    quantization: str = "none",
+    calibration: list[Sample] | None = None,
+    validation: list[Sample] | None = None,
+    max_error: float = 0.05,
+    min_argmax_agreement: float | None = None,
+    signing_keys: list[Ed25519PrivateKey] | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    expires_days: float = 90,
+    min_agent_version: str = "0.1.0",
+    description: str = "",
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_min_bytes: int = DEFAULT_MIN_CHUNKED_FILE,
+) -> VerifiedManifest:
+    """Write a signed bundle for an ONNX or TFLite model to ``out``; return its verified manifest.
+
+    TFLite models are taken as converted: their quantization is read and recorded.
+    With ``quantization`` "dynamic" or "static" the bundled model is the int8 one, measured
+    against the float model on ``validation`` (else ``calibration``, else the golden inputs);
+    past ``max_error`` (relative L2 error) the build refuses with AccuracyBoundError.
+    ``signing_keys`` picks a delegation's keys (default: the keyring's "online" ones).
+    A model file of at least ``chunk_min_bytes`` lists the SHA-256 of its ``chunk_size`` chunks
+    so that devices fetch only the chunks they lack; ``chunk_size=None`` leaves chunks out
+    (for fleets whose agents predate chunks: they refuse a manifest that lists them).
+    """
+    if quantization not in MODES:
+        raise MalformedDocumentError(f"quantization {quantization!r} must be one of {MODES}")
+    model_path = Path(model_path)
+    float_runner = open_model(model_path)
+    inputs, outputs = float_runner.inputs, float_runner.outputs
+    if float_runner.runtime == "litert" and quantization != "none":
+        raise MalformedDocumentError(
+            "TFLite models are taken as converted; quantize them in the TFLite converter "
+            "and build with --quantize none"
+        )
+
+    def cast(sample: dict[str, np.ndarray], what: str) -> Sample:
+        missing = {s.name for s in inputs} - set(sample)
+        if missing:
+            raise MalformedDocumentError(f"{what} lack inputs {sorted(missing)}")
+        return {s.name: np.asarray(sample[s.name]).astype(s.dtype) for s in inputs}
+
+    calibration = [cast(x, "calibration samples") for x in calibration or []]
+    validation = [cast(x, "validation samples") for x in validation or []]
+    if golden_inputs is not None:
+        feeds = cast(golden_inputs, "golden inputs")
+    elif validation:
+        feeds = validation[0]
+    else:
+        feeds = sample_inputs(inputs)
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
+        tmpdir = Path(tmp)
+        quant = (
+            tflite_quantization(model_path) if float_runner.runtime == "litert" else Quantization(mode="none")
+        )
+        runner = float_runner
+        if quantization != "none":
+            int8_path = tmpdir / "model.int8.onnx"
+            quantize(model_path, int8_path, quantization, calibration)
+            agreement = compare(
+                model_path, int8_path, validation or calibration or [feeds],
+                class_scores=_class_score_output(outputs),
+            )
+            check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement)
+            figures = agreement.as_manifest()
+            figures["size_ratio"] = int8_path.stat().st_size / model_path.stat().st_size
+            quant = Quantization(mode=quantization, weight_dtype="int8", agreement=figures)
+            model_path = int8_path
+            runner = open_model(model_path)
+        try:
+            results = runner.run(feeds)
+        except Exception as exc:
+            raise MalformedDocumentError(f"the model fails on its golden inputs: {exc}") from None
+        golden_path = tmpdir / "golden.npz"
+        arrays = {f"in.{k}": v for k, v in feeds.items()}
+        arrays.update({f"out.{spec.name}": r for spec, r in zip(outputs, results, strict=True)})
+        with open(golden_path, "wb") as fh:
+            np.savez(fh, **arrays)
+        baseline_path = tmpdir / "baseline.json"
+        baseline_path.write_text(json.dumps(input_baseline(validation or [feeds]), sort_keys=True))
+
+        paths = {"model": model_path, "golden": golden_path, "baseline": baseline_path}
+        model_media = TFLITE_MEDIA_TYPE if runner.runtime == "litert" else ONNX_MEDIA_TYPE
+        media = {"model": model_media, "golden": NPZ_MEDIA_TYPE, "baseline": JSON_MEDIA_TYPE}
+        files = {
+            role: _file_ref(path, media[role], chunk_size=chunk_size if role == "model" else None,
+                            chunk_min_bytes=chunk_min_bytes)
+            for role, path in paths.items()
+        }
+        manifest = Manifest(
+            schema=SCHEMA,
+            name=name,
+            release=release,
+            version=version,
+            created=format_ts(utcnow()),
+            expires=in_days(expires_days),
+            runtime=runner.runtime,  # type: ignore[arg-type]
+            quantization=quant,
+            min_agent_version=min_agent_version,
+            inputs=inputs,
+            outputs=outputs,
+            files=files,
+            golden_tolerance=Tolerance(atol=atol, rtol=rtol),
+            description=description,
+        ).validate()
+        envelope = sign_manifest(manifest, signing_keys or keyring.signing_keys)
+        write_bundle(Path(out), envelope, {files[r].sha256: p for r, p in paths.items()})
+    return TrustRoot.load(keyring.root_path.read_bytes()).verify_manifest(envelope)

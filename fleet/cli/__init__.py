@@ -1,0 +1,1 @@
+"""The ``edgefleet`` operator command (entry point ``fleet.cli.main:main``)."""

@@ -1,0 +1,229 @@
+"""``edgefleet bundle build|inspect|verify``: bundle files on this machine, no fleet needed."""
+
+from __future__ import annotations
+
+import argparse
+import tarfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fleet.cli.output import CliError, human_size, print_json
+from shared.errors import EdgefleetError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from shared.bundle.manifest import Manifest
+    from shared.bundle.trust import TrustRoot
+
+
+class _NullSink:
+    """A writable that keeps nothing: verify streams every blob through the hash check."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def __enter__(self) -> _NullSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _existing_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{what} {p} does not exist")
+    if not p.is_file():
+        raise CliError(f"{what} {p} is not a file")
+    return p
+
+
+def _load_npz(path: str, what: str) -> dict[str, np.ndarray]:
+    import zipfile
+
+    import numpy as np
+
+    p = _existing_file(path, what)
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise CliError(f"{what} {p} is not a readable .npz of arrays: {exc}") from None
+    if not arrays:
+        raise CliError(f"{what} {p} holds no arrays; key them by input name")
+    return arrays
+
+
+def _load_trust(path: str) -> TrustRoot:
+    from shared.bundle.trust import TrustRoot
+
+    p = _existing_file(path, "trust root")
+    try:
+        return TrustRoot.load(p.read_bytes())
+    except EdgefleetError as exc:
+        raise type(exc)(f"trust root {p} is not usable ({exc.code}): {exc}") from None
+
+
+# -- build ----------------------------------------------------------------------------
+
+
+def build(args: argparse.Namespace) -> int:
+    from fleet.bundles.build import build_bundle
+    from shared.bundle.keyring import load_keyring
+
+    model = _existing_file(args.model, "model")
+    keys_dir = Path(args.keys)
+    if not keys_dir.is_dir():
+        raise CliError(
+            f"key directory {keys_dir} does not exist; create it with 'edgefleet keys init {keys_dir}'"
+        )
+    keyring = load_keyring(keys_dir)
+    if not keyring.signing_keys:
+        raise CliError(f"{keys_dir} holds no signing-N.key; bundles are signed with a delegated signing key")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CliError(f"output directory {out.parent} does not exist")
+    golden = _load_npz(args.golden, "golden inputs") if args.golden else None
+    if golden and all(k.startswith(("in.", "out.")) for k in golden):
+        # A bundle's own golden.npz ("in.<input>", "out.<output>"): reuse its inputs.
+        golden = {k[3:]: v for k, v in golden.items() if k.startswith("in.")}
+    if args.quantize == "static" and not args.calibration:
+        raise CliError("--quantize static needs --calibration FILE.npz (representative inputs)")
+    from fleet.bundles.quantize import load_samples
+    from fleet.bundles.runners import open_model
+
+    inputs = open_model(model).inputs if (args.calibration or args.validation) else []
+    calibration = load_samples(Path(args.calibration), inputs, "calibration") if args.calibration else None
+    validation = load_samples(Path(args.validation), inputs, "validation") if args.validation else None
+    signing = keyring.delegation_keys(args.delegation)
+    release = args.release if args.release is not None else int(time.time())
+    verified = build_bundle(
+        model,
+        name=args.name,
+        version=args.version,
+        release=release,
+        keyring=keyring,
+        out=out,
+        golden_inputs=golden,
+        quantization=args.quantize,
+        calibration=calibration,
+        validation=validation,
+        signing_keys=signing,
+        max_error=args.max_error,
+        atol=args.atol,
+        rtol=args.rtol,
+        expires_days=args.expires_days,
+        min_agent_version=args.min_agent_version,
+        description=args.description,
+    )
+    m = verified.manifest
+    print(f"built {out}")
+    print(f"  name     {m.name}")
+    print(f"  release  {m.release} ({m.version})")
+    print(f"  digest   {verified.digest}")
+    print(f"  size     {human_size(out.stat().st_size)} ({out.stat().st_size} bytes)")
+    if m.quantization.mode != "none":
+        print(f"  quant    {m.quantization.mode} {m.quantization.weight_dtype or ''}".rstrip())
+    print(f"  expires  {m.expires}")
+    return 0
+
+
+# -- inspect --------------------------------------------------------------------------
+
+
+def _manifest_lines(m: Manifest) -> list[str]:
+    def tensors(specs: list[Any]) -> str:
+        return ", ".join(f"{s.name} {s.dtype}[{', '.join(str(d) for d in s.shape)}]" for s in specs)
+
+    lines = [
+        f"  name          {m.name}",
+        f"  release       {m.release} ({m.version})"
+        + (f", re-issue of {m.reissue_of}" if m.reissue_of else ""),
+        f"  runtime       {m.runtime}, quantization {m.quantization.mode}",
+        f"  inputs        {tensors(m.inputs)}",
+        f"  outputs       {tensors(m.outputs)}",
+        f"  golden tol.   atol {m.golden_tolerance.atol:g}, rtol {m.golden_tolerance.rtol:g}",
+        f"  min agent     {m.min_agent_version}",
+        f"  created       {m.created}",
+        f"  expires       {m.expires}",
+    ]
+    for role, ref in sorted(m.files.items()):
+        lines.append(f"  file {role:<9}{ref.sha256}  {human_size(ref.size)}  {ref.media_type}")
+    if m.description:
+        lines.append(f"  description   {m.description}")
+    return lines
+
+
+def inspect(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from shared.bundle import envelope as dsse
+    from shared.bundle.archive import read_envelope
+    from shared.bundle.manifest import parse_manifest, payload_digest
+
+    path = _existing_file(args.file, "bundle")
+    raw = read_envelope(path)
+    env = dsse.Envelope.from_json(raw)
+    keyids = [s.keyid for s in env.signatures]
+    if args.trust:
+        trust = _load_trust(args.trust)
+        verified = trust.verify_manifest(raw)
+        manifest, digest, delegation = verified.manifest, verified.digest, verified.delegation
+    else:
+        if env.payload_type != dsse.MANIFEST_TYPE:
+            raise CliError(f"{path} carries {env.payload_type!r}, not an edgefleet manifest")
+        manifest, digest, delegation = parse_manifest(env.payload), payload_digest(env.payload), None
+    if args.json:
+        print_json({
+            "file": str(path),
+            "verified": bool(args.trust),
+            "delegation": delegation,
+            "digest": digest,
+            "payload_type": env.payload_type,
+            "signatures": keyids,
+            "manifest": msgspec.to_builtins(manifest),
+        })
+        return 0
+    print(f"{path}")
+    if args.trust:
+        print(f"  VERIFIED against {args.trust}: signed by delegation {delegation!r}, in scope, unexpired")
+    else:
+        print("  UNVERIFIED: signatures not checked; pass --trust ROOT.json to verify")
+    print(f"  digest        {digest}")
+    print(f"  signatures    {len(keyids)} by key(s) {', '.join(k[:12] + '…' for k in keyids)}")
+    for line in _manifest_lines(manifest):
+        print(line)
+    return 0
+
+
+# -- verify ---------------------------------------------------------------------------
+
+
+def verify(args: argparse.Namespace) -> int:
+    from shared.bundle.archive import BLOB_PREFIX, check_members, copy_verified, read_envelope
+
+    path = _existing_file(args.file, "bundle")
+    trust = _load_trust(args.trust)
+    try:
+        raw = read_envelope(path)
+        verified = trust.verify_manifest(raw)
+        with tarfile.open(path, "r:") as tar:
+            members = check_members(tar, verified.manifest)
+            total = 0
+            for member in members:
+                src = tar.extractfile(member)
+                if src is None:  # check_members admits regular files only
+                    raise CliError(f"member {member.name} cannot be read")
+                copy_verified(src, _NullSink(), size=member.size, sha256=member.name[len(BLOB_PREFIX):])
+                total += member.size
+    except tarfile.TarError as exc:
+        raise CliError(f"bundle {path} does not verify (malformed): the archive is damaged: {exc}") from None
+    except EdgefleetError as exc:
+        raise type(exc)(f"bundle {path} does not verify ({exc.code}): {exc}") from None
+    m = verified.manifest
+    print(f"OK {path}: {m.name} release {m.release} ({m.version}), digest {verified.digest}")
+    print(f"   signed by delegation {verified.delegation!r}; {len(members)} file(s), "
+          f"{human_size(total)} hash-checked; expires {m.expires}")
+    return 0

@@ -1,0 +1,98 @@
+"""``edgefleet serve``: settings from the environment and options, then the fleet server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from fleet.cli.output import CliError
+
+ROLE_CHOICES = ("all", "api", "ingester", "controller")
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    """The scale-out and operations options (the basic ones are in ``fleet.cli.main``)."""
+    p.add_argument("--role", default="all", metavar="ROLE[,ROLE]",
+                   help="what this process runs: all (default), or a comma list of api, ingester,\n"
+                        "controller. Separate roles need PostgreSQL and --mqtt-url; run several of\n"
+                        "each, only one controller acts at a time (the others wait to take over)")
+    p.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="log lines as text (default) or one JSON object per line (env EDGEFLEET_LOG_FORMAT)")
+    p.add_argument("--retention-days", type=float, default=None, metavar="D",
+                   help="delete raw health reports older than D days (default 30; hourly rollups stay)")
+    p.add_argument("--shared-subscription", choices=("auto", "on", "off"), default="auto",
+                   help="ingesters share the telemetry stream via MQTT 5 $share/ subscriptions\n"
+                        "(auto: on with --mqtt-url, off with the embedded broker)")
+    p.add_argument("--public-mqtt-url", metavar="URL",
+                   help="MQTT URL devices are told at enrollment (default: --mqtt-url)")
+
+
+def parse_roles(text: str) -> tuple[bool, bool, bool]:
+    """(run_api, run_ingester, run_controller) from ``all`` or a comma list."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ROLE_CHOICES]
+    if not names or unknown:
+        raise CliError(f"--role {text!r}: use all, or a comma list of api, ingester, controller")
+    if "all" in names:
+        return True, True, True
+    return "api" in names, "ingester" in names, "controller" in names
+
+
+def settings_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from fleet.settings import Settings, SettingsError
+
+    mqtt_port = args.mqtt_port
+    if mqtt_port is None and os.environ.get("EDGEFLEET_EMBEDDED_MQTT_PORT"):
+        text = os.environ["EDGEFLEET_EMBEDDED_MQTT_PORT"]
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise CliError(f"EDGEFLEET_EMBEDDED_MQTT_PORT={text!r} is not a port number")
+        mqtt_port = int(text)
+    keys_dir = Path(args.keys) if args.keys else None
+    if keys_dir is not None and not (keys_dir / "root.json").is_file():
+        raise CliError(
+            f"--keys {keys_dir} holds no root.json; create one with 'edgefleet keys init {keys_dir}'"
+        )
+    run_api, run_ingester, run_controller = parse_roles(getattr(args, "role", "all") or "all")
+    if getattr(args, "retention_days", None) is not None and not args.retention_days > 0:
+        raise CliError(f"--retention-days {args.retention_days}: must be more than 0")
+    shared = {"on": True, "off": False}.get(getattr(args, "shared_subscription", "auto"))
+    try:
+        settings = Settings.from_env(
+            host=args.host,
+            port=args.port,
+            database_url=args.database_url,
+            mqtt_url=args.mqtt_url,
+            embedded_mqtt_port=mqtt_port,
+            data_dir=Path(args.data_dir) if args.data_dir else None,
+            keys_dir=keys_dir,
+            admin_token=args.admin_token,
+            enrollment_token=args.enrollment_token,
+            run_api=run_api,
+            run_ingester=run_ingester,
+            run_controller=run_controller,
+            log_format=getattr(args, "log_format", None),
+            retention_days=getattr(args, "retention_days", None),
+            mqtt_shared_subscription=shared,
+            public_mqtt_url=getattr(args, "public_mqtt_url", None),
+        )
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+    if settings.log_format not in ("text", "json"):
+        raise CliError(f"log format {settings.log_format!r}: use text or json")
+    if not all((run_api, run_ingester, run_controller)) and settings.mqtt_url is None:
+        raise CliError(
+            f"--role {args.role}: a fleet split into roles needs an external broker; pass --mqtt-url "
+            "mqtt://broker:1883 (and a PostgreSQL --database-url for processes on several machines)"
+        )
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    try:
+        from fleet.server import serve
+    except ImportError as exc:
+        raise CliError(f"the fleet server cannot be loaded ({exc}); install 'edgefleet[fleet]'") from None
+    result = serve(settings)
+    return int(result) if isinstance(result, int) else 0

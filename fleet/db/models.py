@@ -1,0 +1,193 @@
+"""The fleet's tables. Times are timezone-aware UTC datetimes in Python; JSON columns use
+SQLAlchemy's JSON type (JSON on PostgreSQL, TEXT on SQLite)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(ts: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    if ts is None:
+        return None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+class Device(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    labels: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    credential_hash: str = Field(index=True, max_length=64)
+    enrolled_at: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+    last_seen: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    online: bool = False
+    agent_version: str = ""
+    # per model: {"release", "version", "state"} as the device last reported
+    models: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    last_health: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # bumped on every change of the device's desired state
+    generation: int = 0
+
+
+class Bundle(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("name", "release", name="uq_bundle_name_release"),)
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, max_length=64)
+    release: int
+    version: str
+    digest: str = Field(unique=True, max_length=64)
+    envelope: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created: str
+    expires: str
+    uploaded_at: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+    reissue_of: int | None = None
+    # role -> sha256, for the blob URLs
+    files: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Blob(SQLModel, table=True):
+    sha256: str = Field(primary_key=True, max_length=64)
+    size: int
+
+
+class Assignment(SQLModel, table=True):
+    device_id: str = Field(primary_key=True, foreign_key="device.id", max_length=64)
+    model: str = Field(primary_key=True, max_length=64)
+    bundle_id: int = Field(foreign_key="bundle.id")
+    rollout_id: int | None = None
+    generation: int = 0
+    updated_at: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+
+
+class Rollout(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str
+    model: str = Field(index=True, max_length=64)
+    bundle_id: int = Field(foreign_key="bundle.id")
+    spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    state: str = Field(index=True, default="created")
+    current_stage: int = 0
+    stage_started_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    started_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    reason: str | None = None
+    # the message of the latest evaluation, so the history records changes only
+    last_evaluation: str | None = None
+    created: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+    updated: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+    # the latest result of every gate of the current stage (GateResult.to_json + stage, ts)
+    gate_results: list[Any] | None = Field(default=None, sa_column=Column(JSON))
+    # how often the current stage's bake time was extended (on_inconclusive=extend)
+    extensions: int = 0
+    # approval: the stage waits since, and the stage the operator approved
+    awaiting_approval_since: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    approved_stage: int | None = None
+
+
+class RolloutDevice(SQLModel, table=True):
+    rollout_id: int = Field(primary_key=True, foreign_key="rollout.id")
+    device_id: str = Field(primary_key=True, max_length=64, index=True)
+    stage: int
+    previous_bundle_id: int | None = None
+    status: str = "pending"  # pending | assigned | rolled_back | removed
+    assigned_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    # where the device stands with the target: fleet.rollout.gates.Progress, its reason code
+    progress: str = "pending"
+    reason: str | None = None
+    detail: str = ""
+
+
+class HealthReport(SQLModel, table=True):
+    __table_args__ = (Index("ix_health_device_model_ts", "device_id", "model", "received_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64)
+    ts: float
+    received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    seq: int
+    model: str = Field(max_length=64)
+    release: int
+    inferences: int
+    errors: int
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    drift: float | None = None
+    cpu_percent: float | None = None
+    rss_mb: float | None = None
+
+
+class DeviceEvent(SQLModel, table=True):
+    __table_args__ = (Index("ix_event_device_model", "device_id", "model", "release"),)
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64)
+    ts: float
+    received_at: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+    seq: int
+    model: str = Field(max_length=64)
+    kind: str
+    release: int
+    from_release: int | None = None
+    reason: str | None = None
+    message: str = ""
+
+
+class GateEvaluation(SQLModel, table=True):
+    """One evaluation of one gate of a rollout stage: what was seen, against what bound."""
+
+    __table_args__ = (Index("ix_gate_eval_rollout_stage", "rollout_id", "stage", "gate"),)
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: int = Field(foreign_key="rollout.id")
+    stage: int
+    stage_name: str = Field(max_length=128)
+    gate: str = Field(max_length=64)
+    status: str = Field(max_length=16)  # pass | fail | wait
+    observed: float | None = None
+    threshold: float | None = None
+    sample: int = 0
+    min_sample: int = 0
+    unit: str = Field(default="devices", max_length=32)
+    verdict: str = Field(default="wait", max_length=32)  # the stage's decision at that time
+    message: str
+    figures: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    ts: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+
+
+class RolloutEvent(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: int = Field(index=True, foreign_key="rollout.id")
+    ts: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+    kind: str
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class ApiToken(SQLModel, table=True):
+    """An operator API token: only its SHA-256 is stored; the token is shown once."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)
+    token_hash: str = Field(unique=True, max_length=64)
+    # comma-separated subset of read, deploy, admin
+    scopes: str = Field(max_length=64)
+    created: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class HealthRollup(SQLModel, table=True):
+    """Health per device, model, release and hour: kept after raw HealthReport rows are trimmed."""
+
+    __table_args__ = (Index("ix_rollup_model_release", "model", "release"),)
+    device_id: str = Field(primary_key=True, max_length=64)
+    model: str = Field(primary_key=True, max_length=64)
+    release: int = Field(primary_key=True)
+    hour: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    reports: int = 0
+    inferences: int = 0
+    errors: int = 0
+    p95_ms_max: float | None = None
+    last_ts: float = 0.0

@@ -1,0 +1,329 @@
+"""MQTT telemetry into the database.
+
+The paho network thread only parses and validates (``shared.telemetry``) and puts
+valid messages on a bounded queue; a writer thread drains it in batches, one
+transaction per batch, which also adds each health window to its hourly rollup
+(``fleet.ingest.rollup``). Anything malformed, off-layout or from an unknown device is
+logged and counted in ``stats.rejected`` by reason, never raised.
+
+Several ingesters can share the stream: with ``shared_group`` they subscribe to health
+and events through an MQTT 5 shared subscription (``$share/<group>/...``), so the
+broker hands each message to one of them. Status messages (birth, last will; retained)
+are subscribed plainly by every ingester: a shared subscription does not receive
+retained messages, and a status only updates the device row, so a duplicate is harmless.
+When the broker says it has no shared subscriptions (CONNACK), all are plain.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from fleet import metrics
+from fleet.broker.client import MqttTarget, make_client
+from fleet.db.engine import session_scope
+from fleet.db.models import Device, DeviceEvent, HealthReport
+from fleet.ingest.rollup import Window, add_windows
+from shared.errors import EdgefleetError
+from shared.telemetry import messages, topics
+
+log = logging.getLogger(__name__)
+
+KINDS = ("status", "health", "event")
+# Events that say which release a device now serves (after a local rollback: the one it
+# went back to, ``release``; the release it left is ``from_release``).
+SERVING_KINDS = frozenset({"activated", "committed", "rolled_back"})
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    written: int = 0
+    batches: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def reject(self, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] += 1
+        metrics.INGEST_REJECTED.labels(reason=reason).inc()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "received": self.received,
+                "written": self.written,
+                "batches": self.batches,
+                "rejected": dict(self.rejected),
+            }
+
+
+@dataclass(frozen=True)
+class Item:
+    device_id: str
+    kind: str
+    message: messages.Message
+    received_at: datetime
+
+
+class Ingester:
+    def __init__(
+        self,
+        engine: Engine,
+        target: MqttTarget,
+        *,
+        batch_size: int = 500,
+        flush_interval_s: float = 0.2,
+        queue_size: int = 100_000,
+        shared_group: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.target = target
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.queue: queue.Queue[Item] = queue.Queue(maxsize=queue_size)
+        self.stats = IngestStats()
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._writer: threading.Thread | None = None
+        self.shared_group = shared_group
+        self.shared = False  # whether the current connection uses the shared subscription
+        self.client = make_client(target, "edgefleet-ingest", mqtt5=shared_group is not None)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # -- MQTT side ---------------------------------------------------------------
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, rc: Any, props: object = None
+    ) -> None:
+        if getattr(rc, "is_failure", False):
+            log.error("ingester: broker %s refused the connection: %s", self.target.url, rc)
+            return
+        available = getattr(props, "SharedSubscriptionAvailable", 1) if props is not None else 1
+        self.shared = self.shared_group is not None and bool(available)
+        if self.shared_group is not None and not self.shared:
+            log.warning("ingester: broker %s has no shared subscriptions; plain ones", self.target.url)
+        subs = [(self.subscription(kind), 1) for kind in KINDS]
+        client.subscribe(subs)
+        self.connected.set()
+        log.info("ingester subscribed to %s on %s", ", ".join(t for t, _ in subs), self.target.url)
+
+    def subscription(self, kind: str) -> str:
+        plain = topics.subscription(kind)
+        if self.shared and kind != "status":
+            return f"$share/{self.shared_group}/{plain}"
+        return plain
+
+    def _on_disconnect(self, *args: object) -> None:
+        self.connected.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self.stats.lock:
+            self.stats.received += 1
+        try:
+            self.handle(msg.topic, msg.payload)
+        except Exception:  # a bug here must not kill paho's network thread
+            log.exception("ingester: unexpected error on %s", msg.topic)
+            self.stats.reject("internal")
+
+    def handle(self, topic: str, payload: bytes, received_at: datetime | None = None) -> bool:
+        """Validate one message and queue it; False (counted) when it is refused."""
+        try:
+            device_id, kind = topics.parse_topic(topic)
+        except EdgefleetError as exc:
+            log.warning("ingester: refused topic: %s", exc)
+            self.stats.reject("topic")
+            return False
+        if kind not in KINDS:
+            self.stats.reject("topic")
+            return False
+        metrics.INGEST_RECEIVED.labels(kind=kind).inc()
+        try:
+            message = messages.decode(kind, payload, device_id=device_id)
+        except EdgefleetError as exc:
+            log.warning("ingester: refused %s from %s: %s", kind, device_id, exc)
+            self.stats.reject("malformed")
+            return False
+        try:
+            self.queue.put_nowait(Item(device_id, kind, message, received_at or datetime.now(UTC)))
+        except queue.Full:
+            log.error("ingester: queue full, dropping %s from %s", kind, device_id)
+            self.stats.reject("overload")
+            return False
+        return True
+
+    # -- database side -----------------------------------------------------------
+    def write_batch(self, items: list[Item]) -> int:
+        """Write a batch in one transaction; returns the number of messages written."""
+        if not items:
+            return 0
+        ids = {i.device_id for i in items}
+        written = 0
+        windows: list[Window] = []
+        with session_scope(self.engine) as session:
+            devices = {d.id: d for d in session.exec(select(Device).where(Device.id.in_(ids)))}  # type: ignore[attr-defined]
+            for item in items:
+                device = devices.get(item.device_id)
+                if device is None:
+                    log.warning("ingester: %s from unknown device %r", item.kind, item.device_id)
+                    self.stats.reject("unknown_device")
+                    continue
+                self._apply(session, device, item, windows)
+                written += 1
+            add_windows(session, windows)
+        with self.stats.lock:
+            self.stats.written += written
+            self.stats.batches += 1
+        metrics.INGEST_WRITTEN.inc(written)
+        now = time.time()
+        for item in items:
+            metrics.record_ingest_lag(now - item.message.ts)
+        return written
+
+    def _apply(self, session: Any, device: Device, item: Item, windows: list[Window]) -> None:
+        msg = item.message
+        if device.last_seen is None or _aware(device.last_seen) < item.received_at:
+            device.last_seen = item.received_at
+        if isinstance(msg, messages.Status):
+            device.online = msg.online
+            if msg.agent_version:
+                device.agent_version = msg.agent_version
+        elif isinstance(msg, messages.Health):
+            device.online = True
+            models = dict(device.models)
+            for m in msg.models:
+                models[m.name] = {"release": m.release, "version": m.version, "state": m.state}
+                session.add(
+                    HealthReport(
+                        device_id=device.id,
+                        ts=msg.ts,
+                        received_at=item.received_at,
+                        seq=msg.seq,
+                        model=m.name,
+                        release=m.release,
+                        inferences=m.inferences,
+                        errors=m.errors,
+                        p50_ms=m.latency_p50_ms,
+                        p95_ms=m.latency_p95_ms,
+                        drift=_drift(m),
+                        cpu_percent=msg.cpu_percent,
+                        rss_mb=msg.mem_rss_mb,
+                    )
+                )
+                windows.append(
+                    Window(
+                        device.id,
+                        m.name,
+                        m.release,
+                        item.received_at,
+                        msg.ts,
+                        m.inferences,
+                        m.errors,
+                        m.latency_p95_ms,
+                    )
+                )
+            device.models = models
+            device.last_health = msgspec.to_builtins(msg)
+        elif isinstance(msg, messages.Event):
+            device.online = True
+            if msg.kind in SERVING_KINDS:
+                models = dict(device.models)
+                entry = dict(models.get(msg.model, {}))
+                entry.update({"release": msg.release, "state": msg.kind})
+                models[msg.model] = entry
+                device.models = models
+            session.add(
+                DeviceEvent(
+                    device_id=device.id,
+                    ts=msg.ts,
+                    received_at=item.received_at,
+                    seq=msg.seq,
+                    model=msg.model,
+                    kind=msg.kind,
+                    release=msg.release,
+                    from_release=msg.from_release,
+                    reason=msg.reason,
+                    message=msg.message[:2000],
+                )
+            )
+        session.add(device)
+
+    def _drain(self) -> list[Item]:
+        metrics.INGEST_QUEUE.set(self.queue.qsize())
+        items: list[Item] = []
+        try:
+            items.append(self.queue.get(timeout=self.flush_interval_s))
+        except queue.Empty:
+            return items
+        while len(items) < self.batch_size:
+            try:
+                items.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _run_writer(self) -> None:
+        while not (self._stop.is_set() and self.queue.empty()):
+            items = self._drain()
+            if not items:
+                continue
+            try:
+                self.write_batch(items)
+            except Exception:
+                # Keep the messages: retry once after a pause, then count them lost.
+                log.exception("ingester: writing a batch of %d failed; retrying", len(items))
+                time.sleep(1.0)
+                try:
+                    self.write_batch(items)
+                except Exception:
+                    log.exception("ingester: batch of %d lost", len(items))
+                    for _ in items:
+                        self.stats.reject("db_error")
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the queue is empty (for tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while not self.queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # one more flush interval so the batch in hand is written
+        time.sleep(self.flush_interval_s + 0.05)
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self, *, wait: float = 0.0) -> None:
+        self._stop.clear()
+        self._writer = threading.Thread(target=self._run_writer, name="ingest-writer", daemon=True)
+        self._writer.start()
+        self.client.connect_async(self.target.host, self.target.port, keepalive=30)
+        self.client.loop_start()
+        if wait and not self.connected.wait(wait):
+            log.warning("ingester not yet connected to %s; it keeps trying", self.target.url)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join(10)
+            self._writer = None
+
+
+def _drift(m: messages.ModelHealth) -> float | None:
+    """The model's drift score when the agent sends one (optional field, newer agents)."""
+    value = getattr(m, "drift", None)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts

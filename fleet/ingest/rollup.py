@@ -1,0 +1,180 @@
+"""Hourly health rollups and the retention of raw health reports.
+
+The ingester adds every health window to its ``HealthRollup`` row (device, model,
+release, hour) in the same transaction that stores the raw ``HealthReport``; the
+retention job deletes raw reports older than ``retention_days`` (and rollups older than
+``rollup_retention_days``), so the per-device and per-release health stays answerable
+long after the raw rows are gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col
+
+from fleet.db.engine import session_scope
+from fleet.db.models import HealthReport, HealthRollup
+
+log = logging.getLogger(__name__)
+
+DELETE_CHUNK = 5000
+UPSERT_CHUNK = 500  # rows per statement (9 parameters each: within SQLite's limit)
+
+
+@dataclass(frozen=True)
+class Window:
+    device_id: str
+    model: str
+    release: int
+    received_at: datetime
+    ts: float
+    inferences: int
+    errors: int
+    p95_ms: float | None
+
+
+def hour_of(ts: datetime) -> datetime:
+    ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    return ts.replace(minute=0, second=0, microsecond=0)
+
+
+def add_windows(session: Session, windows: Iterable[Window]) -> None:
+    """Upsert the windows into their hourly rows (sorted, so concurrent writers never deadlock)."""
+    rows: dict[tuple[str, str, int, datetime], dict[str, Any]] = {}
+    for w in windows:
+        key = (w.device_id, w.model, w.release, hour_of(w.received_at))
+        row = rows.setdefault(
+            key,
+            {"device_id": key[0], "model": key[1], "release": key[2], "hour": key[3],
+             "reports": 0, "inferences": 0, "errors": 0, "p95_ms_max": None, "last_ts": 0.0},
+        )
+        row["reports"] += 1
+        row["inferences"] += max(0, w.inferences)
+        row["errors"] += max(0, w.errors)
+        if w.p95_ms is not None:
+            row["p95_ms_max"] = max(row["p95_ms_max"] or 0.0, w.p95_ms)
+        row["last_ts"] = max(row["last_ts"], w.ts)
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    table = HealthRollup.__table__  # type: ignore[attr-defined]
+    ordered = [rows[key] for key in sorted(rows)]
+    # One multi-row upsert per chunk, not one round trip per row: this was the ingester's
+    # bottleneck (bench/b_ingest.py). Keys are unique within the statement.
+    for i in range(0, len(ordered), UPSERT_CHUNK):
+        stmt = insert(table).values(ordered[i : i + UPSERT_CHUNK])
+        ex = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["device_id", "model", "release", "hour"],
+            set_={
+                "reports": table.c.reports + ex.reports,
+                "inferences": table.c.inferences + ex.inferences,
+                "errors": table.c.errors + ex.errors,
+                "p95_ms_max": func.coalesce(
+                    func.greatest(table.c.p95_ms_max, ex.p95_ms_max)
+                    if dialect == "postgresql"
+                    else func.max(table.c.p95_ms_max, ex.p95_ms_max),
+                    ex.p95_ms_max,
+                    table.c.p95_ms_max,
+                ),
+                "last_ts": func.greatest(table.c.last_ts, ex.last_ts)
+                if dialect == "postgresql"
+                else func.max(table.c.last_ts, ex.last_ts),
+            },
+        )
+        session.execute(stmt)
+
+
+def _totals(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        inferences, errors = int(r.inferences or 0), int(r.errors or 0)
+        item = {
+            "model": r.model,
+            "release": r.release,
+            "reports": int(r.reports or 0),
+            "inferences": inferences,
+            "errors": errors,
+            "error_rate": (errors / inferences) if inferences else None,
+            "p95_ms_max": r.p95_ms_max,
+            "first_hour": _iso(r.first_hour),
+            "last_hour": _iso(r.last_hour),
+        }
+        if hasattr(r, "devices"):
+            item["devices"] = int(r.devices)
+        out.append(item)
+    return out
+
+
+def _iso(ts: datetime | None) -> str | None:
+    if ts is None:
+        return None
+    return hour_of(ts).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _columns() -> list[Any]:
+    t = HealthRollup
+    return [
+        col(t.model),
+        col(t.release),
+        func.sum(t.reports).label("reports"),
+        func.sum(t.inferences).label("inferences"),
+        func.sum(t.errors).label("errors"),
+        func.max(t.p95_ms_max).label("p95_ms_max"),
+        func.min(t.hour).label("first_hour"),
+        func.max(t.hour).label("last_hour"),
+    ]
+
+
+def per_release(session: Session, model: str | None = None) -> list[dict[str, Any]]:
+    """Totals per model and release over every device that reported it."""
+    stmt = select(*_columns(), func.count(func.distinct(HealthRollup.device_id)).label("devices"))
+    if model:
+        stmt = stmt.where(HealthRollup.model == model)
+    stmt = stmt.group_by(col(HealthRollup.model), col(HealthRollup.release)).order_by(
+        col(HealthRollup.model), col(HealthRollup.release)
+    )
+    return _totals(session.execute(stmt).all())
+
+
+def per_device(session: Session, device_id: str) -> list[dict[str, Any]]:
+    """Totals per model and release of one device."""
+    stmt = (
+        select(*_columns())
+        .where(HealthRollup.device_id == device_id)
+        .group_by(col(HealthRollup.model), col(HealthRollup.release))
+        .order_by(col(HealthRollup.model), col(HealthRollup.release))
+    )
+    return _totals(session.execute(stmt).all())
+
+
+def trim(engine: Engine, retention_days: float, rollup_retention_days: float,
+         now: datetime | None = None) -> dict[str, int]:
+    """Delete raw health reports and rollups past their retention, in chunks; counts by table."""
+    now = now or datetime.now(UTC)
+    deleted = {"healthreport": 0, "healthrollup": 0}
+    cutoff = now - timedelta(days=retention_days)
+    while True:
+        with session_scope(engine) as session:
+            ids = select(HealthReport.id).where(col(HealthReport.received_at) < cutoff).limit(DELETE_CHUNK)
+            result = session.execute(delete(HealthReport).where(col(HealthReport.id).in_(ids)))
+            n = int(result.rowcount or 0)  # type: ignore[attr-defined]
+        deleted["healthreport"] += n
+        if n < DELETE_CHUNK:
+            break
+    with session_scope(engine) as session:
+        rollup_cutoff = now - timedelta(days=rollup_retention_days)
+        result = session.execute(delete(HealthRollup).where(col(HealthRollup.hour) < rollup_cutoff))
+        deleted["healthrollup"] = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    if any(deleted.values()):
+        log.info("retention: deleted %(healthreport)d health reports and %(healthrollup)d rollups", deleted)
+    return deleted

@@ -1,0 +1,419 @@
+"""The rollout engine: pure decisions over plain data. No database, no clock, no network.
+
+Rules:
+- a spec is validated once, at creation; every error names the field it is about;
+- stages are cumulative: stage k holds the devices of stages 0..k plus those that match
+  its selector and whose hash ``sha256(rollout_id:device_id)`` maps below percent/100;
+  a device belongs to the first stage it qualifies for, so assignment is deterministic
+  and does not move when other devices join or leave;
+- a device is updated once it *committed* the target release (see ``gates``);
+- a stage fails as soon as a gate fails with its minimum sample (no need to wait out
+  the bake time for bad news), even while it waits for approval; it passes when it holds
+  at least ``min_devices``, every device in it committed the target (or is counted by a
+  gate that holds: failed, rolled back, silent), its bake time is over and every gate
+  holds with its minimum sample;
+- no data is not good news: when the bake time is over and a gate still lacks its
+  sample, the stage is *inconclusive* and the spec's ``on_inconclusive`` decides: pause,
+  extend the bake time (a bounded number of times, then pause) or fail;
+- a stage with ``approval`` waits for the operator after it passed;
+  otherwise it waits and says what for.
+
+The rollout lifecycle (one place; the controller and the API use ``transition``):
+
+    created --start--> running --(last stage passes)--> succeeded
+                        |  ^
+                  pause |  | resume
+                        v  |
+                       paused
+    running/paused --(gate fails, on_gate_failure=rollback) or rollback--> rolled_back
+    running        --(gate fails, on_gate_failure=pause; inconclusive)--> paused
+    running        --approve--> running (the stage waiting for approval goes on)
+    created/running/paused --abort--> aborted
+    succeeded --rollback--> rolled_back
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+import msgspec
+
+from fleet.rollout.gates import (
+    SETTLED_BAD,
+    DeviceProgress,
+    DeviceState,
+    GateInput,
+    GateResult,
+    Gates,
+    GateStatus,
+    HealthWindow,
+    InstallEvent,
+    Progress,
+    SpecError,
+    device_progress,
+    evaluate_gates,
+    validate_gates,
+)
+from shared.errors import EdgefleetError
+
+__all__ = [
+    "DeviceProgress",
+    "DeviceState",
+    "GateResult",
+    "GateStatus",
+    "Gates",
+    "HealthWindow",
+    "InstallEvent",
+    "Progress",
+    "SpecError",
+]
+
+MAX_STAGES = 32
+
+
+class TransitionError(EdgefleetError):
+    """An operation that the rollout's current state does not allow."""
+
+    code = "rollout_state"
+
+
+STAGE_MODES = ("switch", "shadow")
+ON_INCONCLUSIVE = ("pause", "extend", "fail")
+
+
+class StageSpec(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    selector: dict[str, str] | None = None
+    percent: float | None = None
+    min_devices: int = 0
+    bake_seconds: float = 0.0
+    approval: bool = False
+    mode: str = "switch"
+    gates: Gates | None = None  # replaces the rollout's gates for this stage
+
+
+class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    bundle_id: int
+    stages: list[StageSpec]
+    selector: dict[str, str] = {}
+    gates: Gates = msgspec.field(default_factory=Gates)
+    on_gate_failure: str = "rollback"
+    silent_after_s: float = 300.0
+    on_inconclusive: str = "pause"
+    extend_seconds: float = 60.0
+    max_extensions: int = 3
+
+    def gates_of(self, stage_index: int) -> Gates:
+        return self.stages[stage_index].gates or self.gates
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_NAMED = re.compile(r"(?:unknown|missing required) field `(?P<name>[^`]+)`")
+
+
+def _field_of(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec says "Expected `int`, got `str` - at `$.stages[0].percent`": split it."""
+    m = _AT.match(str(exc))
+    assert m is not None
+    message, path = m.group("msg"), (m.group("path") or "").lstrip(".")
+    named = _NAMED.search(message)
+    if named:
+        path = f"{path}.{named.group('name')}" if path else named.group("name")
+    return path or "spec", message
+
+
+def parse_spec(data: Any) -> RolloutSpec:
+    """Validate a decoded JSON rollout spec; raise SpecError naming the field."""
+    if not isinstance(data, dict):
+        raise SpecError("spec", "a rollout spec is a JSON object")
+    try:
+        spec = msgspec.convert(data, RolloutSpec, strict=True)
+    except msgspec.ValidationError as exc:
+        name, message = _field_of(exc)
+        raise SpecError(name, message) from None
+    return validate_spec(spec)
+
+
+def validate_spec(spec: RolloutSpec) -> RolloutSpec:
+    if not spec.name.strip():
+        raise SpecError("name", "must not be empty")
+    if spec.bundle_id < 1:
+        raise SpecError("bundle_id", f"{spec.bundle_id} is not a bundle id")
+    if not spec.stages:
+        raise SpecError("stages", "at least one stage is needed")
+    if len(spec.stages) > MAX_STAGES:
+        raise SpecError("stages", f"{len(spec.stages)} stages, at most {MAX_STAGES}")
+    seen: set[str] = set()
+    for i, stage in enumerate(spec.stages):
+        where = f"stages[{i}]"
+        if not stage.name.strip():
+            raise SpecError(f"{where}.name", "must not be empty")
+        if stage.name in seen:
+            raise SpecError(f"{where}.name", f"stage name {stage.name!r} is used twice")
+        seen.add(stage.name)
+        if stage.percent is not None and not 0 < stage.percent <= 100:
+            raise SpecError(f"{where}.percent", f"{stage.percent} must be in (0, 100]")
+        if stage.bake_seconds < 0:
+            raise SpecError(f"{where}.bake_seconds", f"{stage.bake_seconds} must be >= 0")
+        if stage.min_devices < 0:
+            raise SpecError(f"{where}.min_devices", f"{stage.min_devices} must be >= 0")
+        if stage.mode not in STAGE_MODES:
+            raise SpecError(f"{where}.mode", f"{stage.mode!r} must be 'switch' or 'shadow'")
+        if stage.mode == "shadow":
+            raise SpecError(
+                f"{where}.mode",
+                "'shadow' (evaluate the new release beside the serving one) is not supported yet; "
+                "use 'switch'",
+            )
+        if stage.gates is not None:
+            validate_gates(stage.gates, f"{where}.gates")
+    validate_gates(spec.gates, "gates")
+    if spec.on_gate_failure not in ("rollback", "pause"):
+        raise SpecError("on_gate_failure", f"{spec.on_gate_failure!r} must be 'rollback' or 'pause'")
+    if spec.on_inconclusive not in ON_INCONCLUSIVE:
+        raise SpecError("on_inconclusive", f"{spec.on_inconclusive!r} must be 'pause', 'extend' or 'fail'")
+    if spec.silent_after_s <= 0:
+        raise SpecError("silent_after_s", f"{spec.silent_after_s} must be > 0")
+    if spec.extend_seconds <= 0:
+        raise SpecError("extend_seconds", f"{spec.extend_seconds} must be > 0")
+    if spec.max_extensions < 0:
+        raise SpecError("max_extensions", f"{spec.max_extensions} must be >= 0")
+    return spec
+
+
+def spec_to_json(spec: RolloutSpec) -> dict[str, Any]:
+    return msgspec.to_builtins(spec)  # type: ignore[no-any-return]
+
+
+# -- lifecycle -----------------------------------------------------------------------
+
+
+class RolloutState(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+
+ACTIVE_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED})
+
+Operation = Literal["start", "pause", "resume", "abort", "rollback", "succeed", "gate_pause", "approve"]
+
+TRANSITIONS: dict[tuple[RolloutState, str], RolloutState] = {
+    (RolloutState.CREATED, "start"): RolloutState.RUNNING,
+    (RolloutState.RUNNING, "pause"): RolloutState.PAUSED,
+    (RolloutState.RUNNING, "gate_pause"): RolloutState.PAUSED,
+    (RolloutState.RUNNING, "approve"): RolloutState.RUNNING,
+    (RolloutState.PAUSED, "resume"): RolloutState.RUNNING,
+    (RolloutState.RUNNING, "succeed"): RolloutState.SUCCEEDED,
+    (RolloutState.RUNNING, "rollback"): RolloutState.ROLLED_BACK,
+    (RolloutState.PAUSED, "rollback"): RolloutState.ROLLED_BACK,
+    (RolloutState.SUCCEEDED, "rollback"): RolloutState.ROLLED_BACK,
+    (RolloutState.CREATED, "abort"): RolloutState.ABORTED,
+    (RolloutState.RUNNING, "abort"): RolloutState.ABORTED,
+    (RolloutState.PAUSED, "abort"): RolloutState.ABORTED,
+}
+
+
+def transition(state: str, op: str) -> RolloutState:
+    """The state after ``op``; TransitionError when ``state`` does not allow it."""
+    try:
+        return TRANSITIONS[(RolloutState(state), op)]
+    except (KeyError, ValueError):
+        allowed = sorted({s.value for (s, o) in TRANSITIONS if o == op})
+        raise TransitionError(
+            f"cannot {op} a rollout that is {state}; {op} applies to: {', '.join(allowed)}",
+            state=state,
+        ) from None
+
+
+# -- stage assignment --------------------------------------------------------------
+
+
+def device_hash(rollout_id: int, device_id: str) -> float:
+    """Map (rollout, device) to [0, 1), uniformly and deterministically."""
+    digest = hashlib.sha256(f"{rollout_id}:{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def matches(selector: Mapping[str, str] | None, labels: Mapping[str, Any]) -> bool:
+    return not selector or all(labels.get(k) == v for k, v in selector.items())
+
+
+def assign_stages(
+    rollout_id: int, spec: RolloutSpec, devices: Iterable[tuple[str, Mapping[str, Any]]]
+) -> dict[str, int]:
+    """device_id -> index of the first stage that holds it; devices of no stage are left out."""
+    out: dict[str, int] = {}
+    for device_id, labels in devices:
+        if not matches(spec.selector, labels):
+            continue
+        h = device_hash(rollout_id, device_id)
+        for index, stage in enumerate(spec.stages):
+            percent = 100.0 if stage.percent is None else stage.percent
+            if matches(stage.selector, labels) and h < percent / 100.0:
+                out[device_id] = index
+                break
+    return out
+
+
+# -- stage decisions ---------------------------------------------------------------
+
+
+class Verdict(StrEnum):
+    WAIT = "wait"  # not decided yet; the message says what for
+    ADVANCE = "advance"  # the stage passed: go to the next one
+    COMPLETE = "complete"  # the last stage passed
+    FAIL = "fail"  # a gate failed (or the stage was inconclusive with on_inconclusive=fail)
+    AWAIT_APPROVAL = "await_approval"  # passed; the operator has to approve
+    EXTEND = "extend"  # inconclusive: extend the bake time once more
+    INCONCLUSIVE = "inconclusive"  # inconclusive: pause
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    message: str
+    gate: str | None = None
+    gates: tuple[GateResult, ...] = ()
+    figures: dict[str, Any] = field(default_factory=dict)
+    devices: tuple[DeviceProgress, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict.value,
+            "message": self.message,
+            "gate": self.gate,
+            "figures": self.figures,
+            "gates": [g.to_json() for g in self.gates],
+        }
+
+
+def _count_by(progress: Iterable[DeviceProgress]) -> str:
+    counts: dict[str, int] = {}
+    for p in progress:
+        key = p.progress.value + (f" ({p.reason})" if p.reason and p.progress is not Progress.SILENT else "")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+def evaluate_stage(
+    spec: RolloutSpec,
+    stage_index: int,
+    target_release: int,
+    devices: Sequence[DeviceState],
+    health: Sequence[HealthWindow],
+    events: Sequence[InstallEvent],
+    *,
+    now: float,
+    stage_started_at: float,
+    baseline: Sequence[HealthWindow] = (),
+    extensions: int = 0,
+    approved: bool = False,
+) -> Decision:
+    """Decide what the rollout does next at ``stage_index``.
+
+    ``devices`` are the rollout's devices (any stage; those past the current one are
+    ignored); ``health`` the target-release windows reported since the stage started;
+    ``baseline`` previous-release windows from before each device was told to update;
+    ``events`` the update events of the rollout's devices since it started, in the order
+    received; ``extensions`` how often the stage's bake time was extended already;
+    ``approved`` whether the operator approved the stage. Times are UNIX seconds.
+    """
+    stage = spec.stages[stage_index]
+    label = f"stage {stage.name}"
+    gates = spec.gates_of(stage_index)
+    members = [d for d in devices if d.stage <= stage_index]
+    by_device: dict[str, list[InstallEvent]] = {}
+    for e in events:
+        by_device.setdefault(e.device_id, []).append(e)
+    progress = {
+        d.device_id: device_progress(
+            d, target_release, by_device.get(d.device_id, ()), now=now, silent_after_s=spec.silent_after_s
+        )
+        for d in members
+    }
+    inp = GateInput(gates, target_release, members, progress, health, baseline, events)
+    results = evaluate_gates(inp)
+    snapshot = tuple(progress.values())
+
+    def decide(verdict: Verdict, message: str, *, gate: str | None = None, figures: Any = None) -> Decision:
+        return Decision(
+            verdict,
+            f"{label}: {message}",
+            gate=gate,
+            gates=results,
+            figures=figures if figures is not None else base,
+            devices=snapshot,
+        )
+
+    for r in results:
+        if r.status is GateStatus.FAIL:
+            return decide(Verdict.FAIL, r.message, gate=r.gate, figures=r.figures)
+
+    committed = [p for p in snapshot if p.progress is Progress.COMMITTED]
+    # A device that failed, rolled back or went silent no longer holds the stage up when a
+    # gate that counts it is on (and held, or we would have failed above).
+    excused_kinds = {
+        Progress.FAILED: gates.max_install_failures is not None,
+        Progress.ROLLED_BACK: gates.max_local_rollbacks is not None,
+        Progress.SILENT: gates.max_silent_devices is not None,
+    }
+    excused = [p for p in snapshot if p.progress in SETTLED_BAD and excused_kinds[p.progress]]
+    bake = stage.bake_seconds + extensions * spec.extend_seconds
+    baked = max(0.0, now - stage_started_at)
+    base = {
+        "devices": len(members),
+        "committed": len(committed),
+        "on_target": len(committed),
+        "excused": len(excused),
+        "bake_elapsed_s": round(baked, 1),
+        "bake_seconds": bake,
+        "extensions": extensions,
+        "min_devices": stage.min_devices,
+    }
+
+    if len(members) < stage.min_devices:
+        return decide(Verdict.WAIT, f"{len(members)} of at least {stage.min_devices} devices")
+    if len(committed) + len(excused) < len(members):
+        others = [p for p in snapshot if p.progress is not Progress.COMMITTED]
+        return decide(
+            Verdict.WAIT,
+            f"{len(committed)} of {len(members)} devices report r{target_release} committed "
+            f"({_count_by(others)})",
+        )
+    if baked < bake:
+        extended = f" (extended {extensions}x by {spec.extend_seconds:g} s)" if extensions else ""
+        return decide(Verdict.WAIT, f"bake {baked:.0f} s of {bake:g} s{extended}")
+    short = [r for r in results if r.status is GateStatus.WAIT]
+    if short:
+        why = "inconclusive: " + "; ".join(r.short_of_sample for r in short)
+        figures = {**base, "short": [r.to_json() for r in short]}
+        if spec.on_inconclusive == "fail":
+            return decide(Verdict.FAIL, f"{why} after {baked:.0f} s", gate=short[0].gate, figures=figures)
+        if spec.on_inconclusive == "extend" and extensions < spec.max_extensions:
+            return decide(
+                Verdict.EXTEND,
+                f"{why}; bake time extended by {spec.extend_seconds:g} s "
+                f"({extensions + 1} of {spec.max_extensions})",
+                figures=figures,
+            )
+        if spec.on_inconclusive == "extend":
+            why += f" after {spec.max_extensions} extensions"
+        return decide(Verdict.INCONCLUSIVE, why, gate=short[0].gate, figures=figures)
+    passed = "; ".join(r.message for r in results) or "no gates"
+    if excused:
+        passed += f"; not updated: {_count_by(excused)}"
+    if stage.approval and not approved:
+        return decide(Verdict.AWAIT_APPROVAL, f"passed ({passed}); waiting for approval")
+    if stage_index == len(spec.stages) - 1:
+        return decide(Verdict.COMPLETE, f"passed ({passed}); rollout complete")
+    return decide(Verdict.ADVANCE, f"passed ({passed})")

@@ -1,0 +1,560 @@
+"""Health gates and device progress: pure functions over plain data (no database, no clock).
+
+Rules:
+- a device counts as updated only once it *committed* the target release (health state
+  ``committed`` on that release, or a ``committed`` event); ``activated`` means on trial;
+- a device that rolled back locally (event ``rolled_back`` whose ``from_release`` is the
+  target) is ``rolled_back`` with the device's reason code at once; a ``failed`` event for
+  the target is ``failed`` with its code (``superseded`` is the fleet's own doing: ignored);
+- a device not heard from for ``silent_after_s`` (counted from when it was told to update,
+  or its last report if later) is ``silent``, whatever it reported before;
+- every gate returns PASS, FAIL or WAIT (not enough sample). Bad news needs its minimum
+  sample too for rates and ratios; counts (failures, rollbacks, silent devices) fail as
+  soon as they exceed their bound;
+- each result carries what explains it: observed value, threshold, sample and minimum.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+from shared.errors import EdgefleetError
+
+
+class SpecError(EdgefleetError):
+    """A rollout spec that cannot be run; ``field`` names the offending field."""
+
+    code = "rollout_spec"
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}", field=field_name)
+        self.field = field_name
+
+
+class Gates(msgspec.Struct, forbid_unknown_fields=True):
+    """Gate thresholds (None: the gate is off) and the minimum sample they need."""
+
+    max_error_rate: float | None = None
+    max_latency_ratio: float | None = None
+    max_drift: float | None = None
+    max_install_failures: int | None = None
+    max_local_rollbacks: int | None = 0
+    max_silent_devices: int | None = 0
+    max_offline_fraction: float | None = None
+    min_inferences: int = 0
+    min_devices: int = 1
+
+
+def validate_gates(g: Gates, where: str) -> Gates:
+    def bad(name: str, message: str) -> SpecError:
+        return SpecError(f"{where}.{name}", message)
+
+    for name in ("max_error_rate", "max_offline_fraction"):
+        value = getattr(g, name)
+        if value is not None and not 0 <= value <= 1:
+            raise bad(name, f"{value} must be in [0, 1]")
+    if g.max_latency_ratio is not None and g.max_latency_ratio <= 0:
+        raise bad("max_latency_ratio", f"{g.max_latency_ratio} must be > 0 (e.g. 1.5)")
+    if g.max_drift is not None and g.max_drift < 0:
+        raise bad("max_drift", f"{g.max_drift} must be >= 0")
+    for name in ("max_install_failures", "max_local_rollbacks", "max_silent_devices", "min_inferences"):
+        value = getattr(g, name)
+        if value is not None and value < 0:
+            raise bad(name, f"{value} must be >= 0")
+    if g.min_devices < 1:
+        raise bad("min_devices", f"{g.min_devices} must be >= 1")
+    return g
+
+
+# -- inputs ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """A device of the rollout as the fleet last heard from it (times: UNIX seconds)."""
+
+    device_id: str
+    stage: int
+    release: int | None = None
+    state: str | None = None
+    online: bool | None = None
+    last_seen: float | None = None
+    assigned_at: float | None = None
+
+
+@dataclass(frozen=True)
+class HealthWindow:
+    """One health report's window for the rollout's model."""
+
+    device_id: str
+    release: int
+    inferences: int
+    errors: int
+    p95_ms: float | None = None
+    drift: float | None = None
+
+
+@dataclass(frozen=True)
+class InstallEvent:
+    """An update event of a device, in the order received."""
+
+    device_id: str
+    release: int
+    kind: str
+    reason: str | None = None
+    from_release: int | None = None
+
+
+# -- device progress -------------------------------------------------------------------
+
+
+class Progress(StrEnum):
+    PENDING = "pending"  # its stage is not reached yet
+    ASSIGNED = "assigned"  # told to update, nothing heard about the target yet
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    SMOKE_TESTING = "smoke_testing"
+    TRIAL = "trial"
+    COMMITTED = "committed"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    SILENT = "silent"
+
+
+SETTLED_BAD = frozenset({Progress.FAILED, Progress.ROLLED_BACK, Progress.SILENT})
+_EVENT_PROGRESS = {
+    "download_started": Progress.DOWNLOADING,
+    "verified": Progress.VERIFYING,
+    "staged": Progress.STAGED,
+    "smoke_passed": Progress.SMOKE_TESTING,
+    "activated": Progress.TRIAL,
+    "committed": Progress.COMMITTED,
+    "failed": Progress.FAILED,
+}
+_IN_PROGRESS_STATES = {p.value: p for p in (Progress.DOWNLOADING, Progress.VERIFYING, Progress.STAGED)}
+_IN_PROGRESS_STATES["smoke_testing"] = Progress.SMOKE_TESTING
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    device_id: str
+    stage: int
+    progress: Progress
+    reason: str | None = None
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "stage": self.stage,
+            "progress": self.progress.value,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+
+def is_local_rollback(e: InstallEvent, target: int) -> bool:
+    """The agent reports a rollback with ``release`` = what it serves again and
+    ``from_release`` = the release it left."""
+    if e.kind != "rolled_back":
+        return False
+    return e.from_release == target if e.from_release is not None else e.release == target
+
+
+def is_install_failure(e: InstallEvent, target: int) -> bool:
+    return e.kind == "failed" and e.release == target and e.reason != "superseded"
+
+
+def device_progress(
+    device: DeviceState,
+    target: int,
+    events: Sequence[InstallEvent],
+    *,
+    now: float,
+    silent_after_s: float,
+) -> DeviceProgress:
+    """Where one assigned device stands with the target release; ``events`` are its own."""
+    progress, reason, detail = Progress.ASSIGNED, None, ""
+    for e in events:
+        if is_local_rollback(e, target):
+            progress, reason = Progress.ROLLED_BACK, e.reason
+            detail = f"rolled back to r{e.release}" + (f" ({e.reason})" if e.reason else "")
+        elif e.release == target and e.kind in _EVENT_PROGRESS and e.reason != "superseded":
+            progress = _EVENT_PROGRESS[e.kind]
+            reason = e.reason if progress is Progress.FAILED else None
+            detail = f"failed ({e.reason})" if progress is Progress.FAILED else ""
+    if device.release == target and device.state == "committed" and progress is not Progress.ROLLED_BACK:
+        progress, reason, detail = Progress.COMMITTED, None, ""
+    elif device.release == target and device.state == "trial" and progress is Progress.ASSIGNED:
+        progress = Progress.TRIAL
+    elif progress is Progress.ASSIGNED and device.state in _IN_PROGRESS_STATES:
+        progress = _IN_PROGRESS_STATES[device.state]
+    contacts = [t for t in (device.last_seen, device.assigned_at) if t is not None]
+    if contacts and now - max(contacts) > silent_after_s:
+        quiet = now - max(contacts)
+        heard = (
+            "never heard from since assigned"
+            if device.last_seen is None
+            or (device.assigned_at is not None and device.last_seen < device.assigned_at)
+            else f"last heard {quiet:.0f} s ago"
+        )
+        detail = f"{heard}, deadline {silent_after_s:g} s (was {progress.value})"
+        progress, reason = Progress.SILENT, "silent"
+    return DeviceProgress(device.device_id, device.stage, progress, reason, detail)
+
+
+# -- gates -----------------------------------------------------------------------------
+
+
+class GateStatus(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    WAIT = "wait"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    status: GateStatus
+    message: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    observed: float | None = None
+    threshold: float | None = None
+    sample: int = 0
+    min_sample: int = 0
+    unit: str = "devices"
+
+    @property
+    def short_of_sample(self) -> str:
+        """'gate G has N of M <unit>' for an inconclusive result."""
+        return f"gate {self.gate} has {self.sample} of {self.min_sample} {self.unit}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gate": self.gate,
+            "status": self.status.value,
+            "observed": self.observed,
+            "threshold": self.threshold,
+            "sample": self.sample,
+            "min_sample": self.min_sample,
+            "unit": self.unit,
+            "message": self.message,
+            "figures": self.figures,
+        }
+
+
+@dataclass(frozen=True)
+class GateInput:
+    """Everything the gates of one stage look at."""
+
+    gates: Gates
+    target: int
+    members: Sequence[DeviceState]
+    progress: Mapping[str, DeviceProgress]
+    health: Sequence[HealthWindow]  # target release, since the stage started
+    baseline: Sequence[HealthWindow]  # previous releases, before each device was told to update
+    events: Sequence[InstallEvent]  # since the rollout started
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _short_of(sample: int, need: int, unit: str) -> str:
+    return f"needs {need} {unit}, has {sample}"
+
+
+def _windows(inp: GateInput) -> list[HealthWindow]:
+    ids = {d.device_id for d in inp.members}
+    return [h for h in inp.health if h.device_id in ids and h.release == inp.target]
+
+
+def error_rate_gate(inp: GateInput) -> GateResult | None:
+    g = inp.gates
+    if g.max_error_rate is None:
+        return None
+    windows = _windows(inp)
+    inferences = sum(h.inferences for h in windows)
+    errors = sum(h.errors for h in windows)
+    reporting = len({h.device_id for h in windows if h.inferences})
+    rate = errors / inferences if inferences else 0.0
+    figures = {
+        "error_rate": round(rate, 6),
+        "errors": errors,
+        "inferences": inferences,
+        "devices": reporting,
+        "max_error_rate": g.max_error_rate,
+        "min_inferences": g.min_inferences,
+        "min_devices": g.min_devices,
+    }
+    need = max(g.min_inferences, 1)
+    common = {"observed": round(rate, 6), "threshold": g.max_error_rate, "figures": figures}
+    if inferences < need:
+        return GateResult(
+            "max_error_rate",
+            GateStatus.WAIT,
+            f"error_rate {_short_of(inferences, need, 'inferences')}",
+            sample=inferences,
+            min_sample=need,
+            unit="inferences",
+            **common,
+        )
+    if reporting < g.min_devices:
+        return GateResult(
+            "max_error_rate",
+            GateStatus.WAIT,
+            f"error_rate {_short_of(reporting, g.min_devices, 'devices')}",
+            sample=reporting,
+            min_sample=g.min_devices,
+            **common,
+        )
+    over = f"over {_plural(inferences, 'inference')} on {_plural(reporting, 'device')}"
+    status, op = (GateStatus.FAIL, ">") if rate > g.max_error_rate else (GateStatus.PASS, "<=")
+    return GateResult(
+        "max_error_rate",
+        status,
+        f"error_rate {rate:.2f} {op} {g.max_error_rate} {over}",
+        sample=inferences,
+        min_sample=need,
+        unit="inferences",
+        **common,
+    )
+
+
+def latency_gate(inp: GateInput) -> GateResult | None:
+    """p95 on the target vs p95 on the previous release, device by device (median ratio)."""
+    g = inp.gates
+    if g.max_latency_ratio is None:
+        return None
+    new: dict[str, list[float]] = {}
+    inferences: dict[str, int] = {}
+    for h in _windows(inp):
+        if h.p95_ms is not None and h.inferences:
+            new.setdefault(h.device_id, []).append(h.p95_ms)
+            inferences[h.device_id] = inferences.get(h.device_id, 0) + h.inferences
+    old: dict[str, list[float]] = {}
+    for h in inp.baseline:
+        if h.p95_ms is not None and h.p95_ms > 0 and h.inferences and h.release != inp.target:
+            old.setdefault(h.device_id, []).append(h.p95_ms)
+    per_device = {d: (statistics.median(new[d]), statistics.median(old[d])) for d in sorted(new) if d in old}
+    ratios = {d: round(n / o, 3) for d, (n, o) in per_device.items()}
+    sampled = sum(inferences[d] for d in per_device)
+    ratio = statistics.median(ratios.values()) if ratios else 0.0
+    p95_new = statistics.median(n for n, _ in per_device.values()) if per_device else None
+    p95_old = statistics.median(o for _, o in per_device.values()) if per_device else None
+    figures = {
+        "latency_ratio": round(ratio, 3),
+        "p95_ms": p95_new,
+        "previous_p95_ms": p95_old,
+        "devices": len(per_device),
+        "per_device": ratios,
+        "without_baseline": sorted(set(new) - set(old)),
+        "inferences": sampled,
+        "max_latency_ratio": g.max_latency_ratio,
+    }
+    need = max(g.min_inferences, 1)
+    common = {"observed": round(ratio, 3), "threshold": g.max_latency_ratio, "figures": figures}
+    if len(per_device) < g.min_devices:
+        return GateResult(
+            "max_latency_ratio",
+            GateStatus.WAIT,
+            f"latency_ratio {_short_of(len(per_device), g.min_devices, 'devices')} with p95 on both releases",
+            sample=len(per_device),
+            min_sample=g.min_devices,
+            **common,
+        )
+    if sampled < need:
+        return GateResult(
+            "max_latency_ratio",
+            GateStatus.WAIT,
+            f"latency_ratio {_short_of(sampled, need, 'inferences')}",
+            sample=sampled,
+            min_sample=need,
+            unit="inferences",
+            **common,
+        )
+    status, op = (GateStatus.FAIL, ">") if ratio > g.max_latency_ratio else (GateStatus.PASS, "<=")
+    return GateResult(
+        "max_latency_ratio",
+        status,
+        f"latency p95 ratio {ratio:.2f} {op} {g.max_latency_ratio} (p95 {p95_new:.1f} ms vs "
+        f"{p95_old:.1f} ms on the previous release, median of {_plural(len(per_device), 'device')})",
+        sample=len(per_device),
+        min_sample=g.min_devices,
+        **common,
+    )
+
+
+def drift_gate(inp: GateInput) -> GateResult | None:
+    g = inp.gates
+    if g.max_drift is None:
+        return None
+    windows = [h for h in _windows(inp) if h.drift is not None]
+    devices = len({h.device_id for h in windows})
+    drift = sum(h.drift for h in windows if h.drift is not None) / len(windows) if windows else 0.0
+    figures = {
+        "drift": round(drift, 4),
+        "windows": len(windows),
+        "devices": devices,
+        "max_drift": g.max_drift,
+    }
+    common = {"observed": round(drift, 4), "threshold": g.max_drift, "figures": figures}
+    if devices < g.min_devices:
+        return GateResult(
+            "max_drift",
+            GateStatus.WAIT,
+            f"drift {_short_of(devices, g.min_devices, 'devices')} reporting drift",
+            sample=devices,
+            min_sample=g.min_devices,
+            **common,
+        )
+    status, op = (GateStatus.FAIL, ">") if drift > g.max_drift else (GateStatus.PASS, "<=")
+    return GateResult(
+        "max_drift",
+        status,
+        f"drift {drift:.2f} {op} {g.max_drift} over {_plural(len(windows), 'window')} "
+        f"on {_plural(devices, 'device')}",
+        sample=devices,
+        min_sample=g.min_devices,
+        **common,
+    )
+
+
+def _count_gate(
+    inp: GateInput, gate: str, bound: int | None, what: str, offenders: Mapping[str, str | None]
+) -> GateResult | None:
+    """A count of devices that must stay <= bound; fails at once, passes with min_devices."""
+    if bound is None:
+        return None
+    count = len(offenders)
+    members = len(inp.members)
+    listed = ", ".join(f"{d} {r}" if r else d for d, r in sorted(offenders.items())[:5])
+    listed += "…" if count > 5 else ""
+    figures = {
+        what: count,
+        gate: bound,
+        "devices": dict(sorted(offenders.items())),
+        "reasons": sorted({r for r in offenders.values() if r}),
+        "members": members,
+    }
+    common = {
+        "observed": float(count),
+        "threshold": float(bound),
+        "figures": figures,
+        "sample": members,
+        "min_sample": inp.gates.min_devices,
+    }
+    if count > bound:
+        return GateResult(gate, GateStatus.FAIL, f"{what} {count} > {bound}: {listed}", **common)
+    if members < inp.gates.min_devices:
+        return GateResult(
+            gate, GateStatus.WAIT, f"{what} {_short_of(members, inp.gates.min_devices, 'devices')}", **common
+        )
+    return GateResult(gate, GateStatus.PASS, f"{what} {count} <= {bound}", **common)
+
+
+def install_failures_gate(inp: GateInput) -> GateResult | None:
+    ids = {d.device_id for d in inp.members}
+    bad: dict[str, str | None] = {}
+    for e in inp.events:
+        if e.device_id in ids and is_install_failure(e, inp.target):
+            bad[e.device_id] = e.reason
+    result = _count_gate(inp, "max_install_failures", inp.gates.max_install_failures, "install_failures", bad)
+    if result is not None and result.status is GateStatus.FAIL:
+        # keep the established wording: "install_failures 1 > 0 on 1 device (hash)"
+        reasons = result.figures["reasons"]
+        why = f" ({', '.join(reasons)})" if reasons else ""
+        message = (
+            f"install_failures {len(bad)} > {inp.gates.max_install_failures} on "
+            f"{_plural(len(bad), 'device')}{why}"
+        )
+        return replace(result, message=message)
+    return result
+
+
+def local_rollbacks_gate(inp: GateInput) -> GateResult | None:
+    ids = {d.device_id for d in inp.members}
+    back: dict[str, str | None] = {}
+    for e in inp.events:
+        if e.device_id in ids and is_local_rollback(e, inp.target):
+            back[e.device_id] = e.reason
+    return _count_gate(inp, "max_local_rollbacks", inp.gates.max_local_rollbacks, "local_rollbacks", back)
+
+
+def silent_gate(inp: GateInput) -> GateResult | None:
+    silent = {d: p.reason for d, p in inp.progress.items() if p.progress is Progress.SILENT}
+    return _count_gate(inp, "max_silent_devices", inp.gates.max_silent_devices, "silent_devices", silent)
+
+
+def offline_gate(inp: GateInput) -> GateResult | None:
+    """Devices that said they went offline (last will) or went silent, as a fraction."""
+    g = inp.gates
+    if g.max_offline_fraction is None:
+        return None
+    offline = sorted(
+        d.device_id
+        for d in inp.members
+        if (d.online is False and d.last_seen is not None)
+        or inp.progress.get(d.device_id, DeviceProgress("", 0, Progress.ASSIGNED)).progress is Progress.SILENT
+    )
+    members = len(inp.members)
+    fraction = len(offline) / members if members else 0.0
+    figures = {
+        "offline_fraction": round(fraction, 4),
+        "offline": offline,
+        "members": members,
+        "max_offline_fraction": g.max_offline_fraction,
+    }
+    common = {
+        "observed": round(fraction, 4),
+        "threshold": g.max_offline_fraction,
+        "figures": figures,
+        "sample": members,
+        "min_sample": g.min_devices,
+    }
+    if members < g.min_devices:
+        return GateResult(
+            "max_offline_fraction",
+            GateStatus.WAIT,
+            f"offline_fraction {_short_of(members, g.min_devices, 'devices')}",
+            **common,
+        )
+    listed = ", ".join(offline[:5]) + ("…" if len(offline) > 5 else "")
+    if fraction > g.max_offline_fraction:
+        return GateResult(
+            "max_offline_fraction",
+            GateStatus.FAIL,
+            f"offline_fraction {fraction:.2f} > {g.max_offline_fraction}: "
+            f"{len(offline)} of {_plural(members, 'device')} offline or silent ({listed})",
+            **common,
+        )
+    return GateResult(
+        "max_offline_fraction",
+        GateStatus.PASS,
+        f"offline_fraction {fraction:.2f} <= {g.max_offline_fraction} "
+        f"({len(offline)} of {_plural(members, 'device')})",
+        **common,
+    )
+
+
+GATES = (
+    error_rate_gate,
+    latency_gate,
+    drift_gate,
+    local_rollbacks_gate,
+    install_failures_gate,
+    silent_gate,
+    offline_gate,
+)
+
+
+def evaluate_gates(inp: GateInput) -> tuple[GateResult, ...]:
+    """Every enabled gate, in a fixed order (the first failing one names the failure)."""
+    return tuple(r for r in (gate(inp) for gate in GATES) if r is not None)

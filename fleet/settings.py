@@ -1,0 +1,155 @@
+"""Fleet settings. Defaults are the embedded ones: SQLite in the data dir, an in-process
+MQTT broker, keys generated on first start. Production passes a PostgreSQL URL and an
+external broker URL."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = ("api", "ingester", "controller")
+
+# Further settings read from EDGEFLEET_<NAME> (upper case), with their type.
+ENV_FIELDS: dict[str, type] = {
+    "retention_days": float,
+    "rollup_retention_days": float,
+    "retention_interval_s": float,
+    "enroll_rate_per_s": float,
+    "enroll_burst": int,
+    "public_rate_per_s": float,
+    "public_burst": int,
+    "device_rate_per_s": float,
+    "device_burst": int,
+    "trust_forwarded_for": bool,
+    "mqtt_shared_subscription": bool,
+    "mqtt_share_group": str,
+    "log_format": str,
+    "controller_interval_s": float,
+}
+
+
+class SettingsError(ValueError):
+    """An environment variable or option that cannot be used; the message names it."""
+
+
+def _parse_env(key: str, text: str, kind: type) -> object:
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{key}={text!r}: use true or false")
+    if kind is str:
+        return text
+    try:
+        value = kind(text)
+    except ValueError:
+        raise SettingsError(f"{key}={text!r} is not a {kind.__name__}") from None
+    if value < 0:  # type: ignore[operator]
+        raise SettingsError(f"{key}={text!r} must not be negative")
+    return value
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("./fleet-data")
+    # None: sqlite:///<data_dir>/fleet.db
+    database_url: str | None = None
+    # None: start the embedded broker (amqtt) on embedded_mqtt_port and use it.
+    mqtt_url: str | None = None
+    embedded_mqtt_host: str = "127.0.0.1"
+    embedded_mqtt_port: int = 1883
+    # URL devices are told to use for MQTT (defaults to mqtt_url or the embedded one).
+    public_mqtt_url: str | None = None
+    # Signing keys directory (root.json + signing-*.key). The fleet verifies uploads
+    # against root.json and signs re-issued releases for fleet-ordered rollbacks.
+    keys_dir: Path | None = None
+    # Operator token with every scope; None: generated and written to data_dir/admin.token.
+    admin_token: str | None = None
+    # Devices present this once-per-fleet token to enroll; None: generated, data_dir/enroll.token.
+    enrollment_token: str | None = None
+    controller_interval_s: float = 1.0
+    # A device with no message for this long counts as silent.
+    silence_after_s: float = 90.0
+    # Roles this process runs (``edgefleet serve --role``). Several processes of each role may
+    # share one PostgreSQL database and one external broker; only one controller acts at a time.
+    run_api: bool = True
+    run_ingester: bool = True
+    run_controller: bool = True
+    max_bundle_bytes: int = 4 * (1 << 30)
+    # Upgrade the database schema to the newest migration on start (Alembic).
+    db_auto_upgrade: bool = True
+    # Ingesters share the health/event stream through an MQTT 5 shared subscription
+    # ($share/<group>/...). None: on with an external broker (mqtt_url), off with the
+    # embedded one (amqtt has no shared subscriptions).
+    mqtt_shared_subscription: bool | None = None
+    mqtt_share_group: str = "edgefleet-ingest"
+    # Raw HealthReport rows older than this are deleted (hourly rollups are kept longer).
+    retention_days: float = 30.0
+    rollup_retention_days: float = 400.0
+    retention_interval_s: float = 3600.0
+    # Token buckets (requests per second, burst); a rate of 0 turns the limit off.
+    # enroll: per client IP on POST /devices/enroll; public: per client IP on /healthz,
+    # /metrics, /schema; device: per device credential on the device endpoints.
+    enroll_rate_per_s: float = 1.0
+    enroll_burst: int = 30
+    public_rate_per_s: float = 20.0
+    public_burst: int = 100
+    device_rate_per_s: float = 10.0
+    device_burst: int = 200
+    # Trust X-Forwarded-For for the client IP (only behind a reverse proxy you run).
+    trust_forwarded_for: bool = False
+    # "text" or "json" (one JSON object per line).
+    log_format: str = "text"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        flags = (self.run_api, self.run_ingester, self.run_controller)
+        return tuple(role for role, on in zip(ROLES, flags, strict=True) if on)
+
+    def shared_subscription(self) -> bool:
+        if self.mqtt_shared_subscription is not None:
+            return self.mqtt_shared_subscription
+        return self.mqtt_url is not None
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'fleet.db'}"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Environment (EDGEFLEET_*) first, explicit arguments win."""
+        env = os.environ
+        s = cls()
+        if "EDGEFLEET_DATABASE_URL" in env:
+            s.database_url = env["EDGEFLEET_DATABASE_URL"]
+        if "EDGEFLEET_MQTT_URL" in env:
+            s.mqtt_url = env["EDGEFLEET_MQTT_URL"]
+        if "EDGEFLEET_DATA_DIR" in env:
+            s.data_dir = Path(env["EDGEFLEET_DATA_DIR"])
+        if "EDGEFLEET_EMBEDDED_MQTT_PORT" in env:
+            s.embedded_mqtt_port = int(env["EDGEFLEET_EMBEDDED_MQTT_PORT"])
+        if "EDGEFLEET_ADMIN_TOKEN" in env:
+            s.admin_token = env["EDGEFLEET_ADMIN_TOKEN"]
+        if "EDGEFLEET_ENROLLMENT_TOKEN" in env:
+            s.enrollment_token = env["EDGEFLEET_ENROLLMENT_TOKEN"]
+        if "EDGEFLEET_KEYS_DIR" in env:
+            s.keys_dir = Path(env["EDGEFLEET_KEYS_DIR"])
+        if env.get("EDGEFLEET_EMBEDDED_MQTT_PORT", "").isdigit():
+            s.embedded_mqtt_port = int(env["EDGEFLEET_EMBEDDED_MQTT_PORT"])
+        if "EDGEFLEET_PUBLIC_MQTT_URL" in env:
+            s.public_mqtt_url = env["EDGEFLEET_PUBLIC_MQTT_URL"]
+        for name, kind in ENV_FIELDS.items():
+            key = "EDGEFLEET_" + name.upper()
+            if key in env:
+                setattr(s, name, _parse_env(key, env[key], kind))
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(s, key, value)
+        return s
