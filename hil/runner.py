@@ -1,0 +1,399 @@
+"""Runs one scenario: the real fleet (fleet.demo's DemoFleet), a real Mosquitto, one real
+agent process per emulated device (in its own network namespace when allowed), a first
+rollout of r1 to every device, then the scenario's staged rollout with its faults.
+Returns the report (hil.report) with a verdict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fleet.bundles.build import build_bundle
+from fleet.demo.models import golden_inputs, write_classifier
+from fleet.demo.processes import ManagedProcess, free_port, python_module, wait_until
+from fleet.demo.scenario import MODEL, TERMINAL, DemoConfig, DemoFleet, gates
+from hil.lab import GATEWAY, Capabilities, LabError, MosquittoBroker, NetLab, TmpfsDisk, probe
+from hil.scenario import UNDO, Fault, Scenario, ScenarioError, resolve_devices
+from shared.bundle.keyring import load_keyring
+
+STATE_ORDER = ["idle", "downloading", "verifying", "staged", "smoke_testing", "trial", "committed"]
+
+
+@dataclass
+class DeviceRun:
+    id: str
+    home: Path
+    api_url: str
+    proc: ManagedProcess
+    addr: str = "127.0.0.1"
+    disk: TmpfsDisk | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    last_state: tuple[str, int | None] | None = None
+    seen_states: set[str] = field(default_factory=set)
+
+    def read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.home / "state" / "models" / f"{MODEL}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+
+class HilFleet(DemoFleet):
+    """DemoFleet listening where namespaced devices reach it (the bridge), not only loopback."""
+
+    def __init__(self, cfg: DemoConfig, host: str):
+        super().__init__(cfg)
+        self.host = host
+
+    def start_fleet(self) -> None:
+        argv = python_module(
+            "fleet.cli.main", "serve", "--host", self.host, "--port", str(self.fleet_port),
+            "--data-dir", str(self.work / "fleet"), "--keys", str(self.work / "keys"),
+            "--admin-token", self.admin_token, "--enrollment-token", self.enroll_token,
+            "--mqtt-url", str(self.cfg.mqtt_url),
+        )
+        self.fleet = ManagedProcess("fleet", argv, self.work / "logs" / "fleet.log").start()
+        try:
+            wait_until(lambda: self.http.get("/healthz").status_code == 200, timeout=60, what="the fleet")
+        except TimeoutError:
+            raise RuntimeError(f"the fleet did not start; its log ends:\n{self.fleet.tail()}") from None
+
+
+class HilRun:
+    def __init__(self, scenario: Scenario, report_dir: Path, *, mode: str = "auto",
+                 narrate: Callable[[str], None] = print, caps: Capabilities | None = None):
+        self.sc = scenario
+        self.report_dir = Path(report_dir).resolve()
+        self.work = self.report_dir / "run"
+        self.narrate = narrate
+        self.caps = caps or probe()
+        if mode == "netns" and not self.caps.netns:
+            raise ScenarioError(f"--mode netns: {self.caps.reasons.get('netns')}")
+        self.mode = "netns" if mode in ("auto", "netns") and self.caps.netns else "process"
+        netns_reason = self.caps.reasons.get("netns", "no network namespaces")
+        self.why_process = "" if self.mode == "netns" else (
+            "--mode process" if mode == "process" else netns_reason)
+        self.t0 = time.monotonic()
+        self.rollout_t0: float | None = None
+        self.rollout_end: float | None = None
+        self.devices: dict[str, DeviceRun] = {}
+        self.faults_log: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, Any]] = []
+        self.net: NetLab | None = None
+        self.broker: MosquittoBroker | None = None
+        self.fleet: HilFleet | None = None
+        self.pending: list[tuple[Fault, str]] = []  # (fault, device or "") not applied yet
+        self.undo: list[tuple[float, str, str, Fault]] = []  # (due, action, device, fault)
+
+    def say(self, text: str) -> None:
+        self.narrate(f"[{time.monotonic() - self.t0:6.1f}s] {text}")
+
+    # -- setup ------------------------------------------------------------------------
+    def _build_new_release(self, keys_dir: Path) -> Path:
+        """r3, healthy (the faulty r2 comes from DemoFleet.build_bundles)."""
+        model = self.work / "model-r3.onnx"
+        write_classifier(model, faulty=False, seed=3)
+        out = self.work / f"{MODEL}-r3.bundle"
+        build_bundle(model, name=MODEL, version="1.2.0", release=3, keyring=load_keyring(keys_dir), out=out,
+                     golden_inputs=golden_inputs())
+        return out
+
+    def _start_devices(self, fleet: HilFleet) -> None:
+        assert self.broker is not None
+        ids = self.sc.device_ids()
+        disk_devices = {d for f in self.sc.faults if f.action == "disk_full"
+                        for d in resolve_devices(f.devices, ids, self.sc.canary)}
+        for index, device in enumerate(ids, start=1):
+            home = self.work / "devices" / device
+            (home / "state").mkdir(parents=True, exist_ok=True)
+            disk = None
+            size = self.sc.disk_mb or (16 if device in disk_devices else 0)
+            if size:
+                if self.caps.tmpfs:
+                    disk = TmpfsDisk(home / "state", size)
+                else:
+                    self.skipped.append({"what": f"tmpfs state_dir for {device}",
+                                         "why": self.caps.reasons.get("tmpfs", "")})
+            addr = "127.0.0.1"
+            if self.net is not None:
+                addr = self.net.add_device(device, index)
+            fleet_host = GATEWAY if self.net is not None else "127.0.0.1"
+            api_port = free_port()
+            labels = {"site": "lab", "ring": "canary" if device in self.sc.canary else "main"}
+            labels_toml = ", ".join(f'{k} = "{v}"' for k, v in labels.items())
+            (home / "agent.toml").write_text(
+                f'device_id = "{device}"\n'
+                f'state_dir = "{home / "state"}"\n'
+                f'trust_root = "{self.work / "keys" / "root.json"}"\n'
+                f"[fleet]\n"
+                f'url = "http://{fleet_host}:{fleet.fleet_port}"\n'
+                f'enrollment_token = "{fleet.enroll_token}"\n'
+                f"labels = {{ {labels_toml} }}\n"
+                f"poll_interval_s = 2.0\n"
+                f"[mqtt]\n"
+                f'url = "mqtt://{fleet_host}:{self.broker.port}"\n'
+                f"health_interval_s = 1.0\n"
+                f"[api]\n"
+                f'listen = "{addr}:{api_port}"\n'
+                f"[update]\n"
+                f"trial_seconds = 2.0\n"
+                f"trial_max_restarts = 2\n"
+                f"download_backoff_max_s = 2.0\n"
+                f"download_stall_window_s = 5.0\n"
+                f"retry_failed_s = 2.0\n"
+                f"retry_failed_max_s = 4.0\n"
+                f"disk_margin_mb = 2.0\n"
+            )
+            argv = python_module("agent", "--config", str(home / "agent.toml"), "run")
+            if self.net is not None:
+                argv = self.net.wrap(device, argv)
+            proc = ManagedProcess(device, argv, self.work / "logs" / f"{device}.log").start()
+            self.devices[device] = DeviceRun(device, home, f"http://{addr}:{api_port}", proc, addr, disk)
+        for device, dev in self.devices.items():
+            try:
+                wait_until(lambda d=device: fleet.http.get(f"/api/v1/devices/{d}").status_code == 200,
+                           timeout=60, what=f"{device} to enroll")
+            except TimeoutError:
+                raise RuntimeError(f"{device} did not enroll; its log ends:\n{dev.proc.tail()}") from None
+            fleet.agent_api[device] = dev.api_url
+        self.say(f"{len(self.devices)} agents enrolled ({self.mode} mode)")
+
+    # -- faults -----------------------------------------------------------------------
+    def _apply(self, action: str, device: str, fault: Fault, note: str = "") -> None:
+        now = time.monotonic()
+        entry: dict[str, Any] = {"t": round(now - self.t0, 2), "action": action, "device": device or None}
+        if note:
+            entry["trigger"] = note
+        try:
+            entry["result"] = self._do(action, device, fault)
+        except LabError as exc:
+            entry["skipped"] = str(exc)
+            self.skipped.append({"what": f"{action} {device}".strip(), "why": str(exc)})
+        self.faults_log.append(entry)
+        if device:
+            self.devices[device].events.append(entry)
+        trigger = f" ({note})" if note else ""
+        self.say(f"fault {action} {device}{trigger}: {entry.get('result') or 'skipped: ' + entry['skipped']}")
+        if fault.duration_s is not None and action in UNDO and "skipped" not in entry:
+            self.undo.append((now + fault.duration_s, UNDO[action], device, fault))
+
+    def _do(self, action: str, device: str, fault: Fault) -> str:
+        dev = self.devices.get(device)
+        if action in ("broker_stop", "broker_start"):
+            assert self.broker is not None
+            return self.broker.stop() if action == "broker_stop" else self.broker.start()
+        assert dev is not None
+        if action == "power_cut":
+            dev.proc.kill()
+            return "SIGKILL (power cut)"
+        if action == "power_on":
+            if dev.proc.alive():
+                return "already running"
+            dev.proc.start()
+            return "agent started again (power on)"
+        if action == "disk_full":
+            if dev.disk is None:
+                raise LabError(f"no tmpfs state_dir: {self.caps.reasons.get('tmpfs', 'not mounted')}")
+            return dev.disk.fill()
+        if self.net is None:
+            raise LabError(f"{action} needs a network namespace per device ({self.why_process})")
+        if action in ("link_down", "offline"):
+            return self.net.link(device, up=False)
+        if action in ("link_up", "online"):
+            return self.net.link(device, up=True)
+        if action == "loss":
+            return self.net.loss(device, float(fault.value or 0))
+        if action in ("loss_clear", "delay_clear"):
+            return self.net.loss_clear(device)
+        if action == "delay":
+            return self.net.delay(device, float(fault.value or 0))
+        raise LabError(f"unknown action {action}")
+
+    def _tick_faults(self) -> None:
+        now = time.monotonic()
+        for item in list(self.pending):
+            fault, device = item
+            base = self.rollout_end if fault.after_rollout else self.rollout_t0
+            if base is None:
+                continue
+            fire = False
+            note = ""
+            if fault.when_state is not None:
+                dev = self.devices[device]
+                target = STATE_ORDER.index(fault.when_state)
+                current = dev.last_state[0] if dev.last_state else ""
+                if current == fault.when_state:
+                    fire, note = True, f"in state {current}"
+                elif current in STATE_ORDER[target + 1:-1]:
+                    # the state went by between two polls: cut in the next one, and say so
+                    fire, note = True, f"{fault.when_state} not caught; cut in state {current}"
+            elif fault.at_s is not None and now - base >= fault.at_s:
+                fire = True
+            if fire:
+                self.pending.remove(item)
+                self._apply(fault.action, device, fault, note)
+        for item in sorted(self.undo):
+            if item[0] <= now:
+                self.undo.remove(item)
+                self._apply(item[1], item[2], item[3])
+
+    def _poll_devices(self) -> None:
+        for dev in self.devices.values():
+            st = dev.read_state()
+            if st is None:
+                continue
+            cur = (st.get("state", "?"), (st.get("active") or {}).get("release"))
+            if cur != dev.last_state:
+                dev.last_state = cur
+                dev.seen_states.add(cur[0])
+                ev = {"t": round(time.monotonic() - self.t0, 2), "state": cur[0], "active_release": cur[1]}
+                if st.get("reason"):
+                    ev["reason"] = st["reason"]
+                dev.events.append(ev)
+
+    # -- run --------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from hil.report import build_report
+
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        result: dict[str, Any] = {}
+        error = None
+        try:
+            self.broker = MosquittoBroker(self.work, bind="0.0.0.0" if self.mode == "netns" else "127.0.0.1")
+            self.broker.start()
+            cfg = DemoConfig(workdir=self.work, agents=self.sc.devices,
+                             mqtt_url=f"mqtt://127.0.0.1:{self.broker.port}", health_interval_s=1.0,
+                             narrate=lambda line: None)
+            fleet = self.fleet = HilFleet(cfg, "0.0.0.0" if self.mode == "netns" else "127.0.0.1")
+            bundles = fleet.build_bundles()
+            new_bundle = bundles["1.1.0"] if self.sc.release == "faulty" else self._build_new_release(
+                self.work / "keys")
+            if self.mode == "netns":
+                self.net = NetLab(self.caps, (fleet.fleet_port, self.broker.port))
+                self.net.setup_bridge()
+            fleet.start_fleet()
+            self.say(f"fleet at {fleet.fleet_url}, Mosquitto on {self.broker.port}")
+            self._start_devices(fleet)
+            v1 = fleet.upload(bundles["1.0.0"])
+            v_new = fleet.upload(new_bundle)
+            fleet.start_traffic()
+            first = fleet.rollout({
+                "name": "r1 everywhere", "bundle_id": v1["id"], "selector": {"site": "lab"},
+                "stages": [{"name": "all", "percent": 100, "bake_seconds": 0}],
+                "gates": gates(5), "on_gate_failure": "rollback",
+            }, timeout=90)
+            if first["state"] != "succeeded":
+                raise RuntimeError(f"the first rollout (r1) did not succeed: {first.get('reason')}")
+            self.say("r1 serves on every device; the scenario's rollout starts")
+            ids = self.sc.device_ids()
+            for fault in self.sc.faults:
+                targets = [""] if fault.action.startswith("broker") else resolve_devices(
+                    fault.devices, ids, self.sc.canary)
+                self.pending += [(fault, d) for d in targets]
+            spec = {"name": self.sc.name, "bundle_id": v_new["id"], "selector": {"site": "lab"},
+                    "stages": self.sc.rollout["stages"],
+                    "gates": {**gates(30), **self.sc.rollout["gates"]},
+                    "on_gate_failure": self.sc.rollout["on_gate_failure"]}
+            created = fleet.check(fleet.http.post("/api/v1/rollouts", json=spec))
+            rid = created["id"]
+            self._poll_devices()
+            fleet.check(fleet.http.post(f"/api/v1/rollouts/{rid}/start"))
+            self.rollout_t0 = time.monotonic()
+            deadline = self.rollout_t0 + self.sc.timeout_s
+            status = created
+            last_poll = 0.0
+            while time.monotonic() < deadline:
+                self._poll_devices()
+                self._tick_faults()
+                if time.monotonic() - last_poll > 0.5:
+                    last_poll = time.monotonic()
+                    try:
+                        status = fleet.check(fleet.http.get(f"/api/v1/rollouts/{rid}"))
+                    except (httpx.HTTPError, RuntimeError) as exc:
+                        self.say(f"rollout status not available: {exc}")
+                    if status["state"] in TERMINAL and self.rollout_end is None:
+                        self.rollout_end = time.monotonic()
+                        self.say(f"rollout {rid} ended: {status['state']} {status.get('reason') or ''}")
+                if self.rollout_end is not None and not self.pending and not self.undo:
+                    break
+                time.sleep(0.1)
+            if self.rollout_end is None:
+                self.say(f"rollout {rid} still {status['state']} after {self.sc.timeout_s:.0f}s")
+            # Undo what is still in effect, bring every device back, then let them converge.
+            for _, action, device, fault in sorted(self.undo):
+                self._apply(action, device, fault)
+            self.undo.clear()
+            for fault, device in self.pending:
+                self.skipped.append({"what": f"{fault.action} {device}".strip(),
+                                     "why": "its trigger never came before the end"})
+            self.pending.clear()
+            for dev in self.devices.values():
+                if not dev.proc.alive():
+                    self._apply("power_on", dev.id, Fault("power_on"))
+            result = {"rollout": fleet.check(fleet.http.get(f"/api/v1/rollouts/{rid}")),
+                      "first_rollout_id": first["id"], "bundles": {"r1": v1, "new": v_new}}
+            result["converged"] = self._settle(fleet, timeout=30)
+            result["rollout"] = fleet.check(fleet.http.get(f"/api/v1/rollouts/{rid}"))
+            listed = fleet.check(fleet.http.get("/api/v1/devices"))
+            result["fleet_devices"] = {d["device_id"]: d for d in listed}
+            result["fleet_bundles"] = fleet.check(fleet.http.get("/api/v1/bundles"))
+            result["traffic"] = {d: {"ok": g.stats.ok, "errors": g.stats.errors, "releases": g.stats.releases}
+                                 for d, g in fleet.traffic.items()}
+            result["agents"] = {d: self._agent_view(dev) for d, dev in self.devices.items()}
+        except (RuntimeError, TimeoutError, LabError, ScenarioError, httpx.HTTPError) as exc:
+            error = str(exc)
+            self.say(f"error: {error}")
+        finally:
+            self._teardown()
+        return build_report(self, result, error)
+
+    def _agent_view(self, dev: DeviceRun) -> dict[str, Any]:
+        view: dict[str, Any] = {"state_file": dev.read_state()}
+        try:
+            models = httpx.get(f"{dev.api_url}/v1/models", timeout=5).json()
+            entries = models.get("models", models) if isinstance(models, dict) else models
+            view["api_release"] = next((int(m["release"]) for m in entries if m["name"] == MODEL), None)
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            view["api_error"] = str(exc)
+        return view
+
+    def _settle(self, fleet: HilFleet, timeout: float) -> bool:
+        """Wait until each agent's active release is what the fleet assigns it and reports."""
+        def agreed() -> bool:
+            devices = {d["device_id"]: d for d in fleet.check(fleet.http.get("/api/v1/devices"))}
+            for device, dev in self.devices.items():
+                st = dev.read_state() or {}
+                active = (st.get("active") or {}).get("release")
+                assigned = (devices[device].get("assigned") or {}).get(MODEL, {}).get("release")
+                if active is None or active != assigned or st.get("state") not in ("committed", "idle",
+                                                                                    "rolled_back", "failed"):
+                    return False
+            return True
+        try:
+            wait_until(agreed, timeout=timeout, interval=0.5, what="devices to converge")
+            time.sleep(2.5)  # one more health report each, so the fleet's view is fresh
+            return True
+        except (TimeoutError, RuntimeError):
+            return False
+
+    def _teardown(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
+        for dev in self.devices.values():
+            dev.proc.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        for dev in self.devices.values():
+            if dev.disk is not None:
+                dev.disk.close()
+        if self.net is not None:
+            self.net.close()
