@@ -1,0 +1,140 @@
+"""Telemetry ingestion: health messages/s stored by ONE fleet ingester vs a bare paho subscriber.
+
+Same private Mosquitto, same publisher process (paho, QoS 1, full speed, N health messages
+for D devices that exist in the database). Ours: ``fleet.ingest.ingester.Ingester`` (as
+``fleet.app`` builds it: engine, MqttTarget, defaults) until N HealthReport rows are in
+PostgreSQL. Baseline: a bare paho client subscribed to ``edgefleet/v1/devices/+/health``
+(QoS 1) until it got N messages. Rate = N / (last stored or received - first published).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.common import QUICK, emit, health_payload, insert_devices, mosquitto, pg_schema, postgres_url, row
+
+N = 4000 if QUICK else 20000
+DEVICES = 200
+
+
+def publish(url: str, n: int, devices: int) -> None:
+    """Publisher process: n health messages round-robin over devices, QoS 1, then exit."""
+    import paho.mqtt.client as mqtt
+
+    from fleet.broker.client import parse_mqtt_url
+    from shared.telemetry import topics
+
+    target = parse_mqtt_url(url)
+    ids = [f"dev-{i % devices:05d}" for i in range(n)]
+    payloads = [(topics.topic(d, "health"), health_payload(d, i + 1)) for i, d in enumerate(ids)]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{time.time_ns()}")
+    client.connect(target.host, target.port)
+    client.loop_start()
+    print(f"START {time.time()}", flush=True)
+    info = None
+    for topic, payload in payloads:
+        info = client.publish(topic, payload, qos=1)
+    assert info is not None
+    info.wait_for_publish(120)
+    print(f"DONE {time.time()}", flush=True)
+    client.disconnect()
+    client.loop_stop()
+
+
+def run_publisher(url: str) -> subprocess.Popen[str]:
+    code = f"from bench.b_ingest import publish; publish({url!r}, {N}, {DEVICES})"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def publisher_start(proc: subprocess.Popen[str]) -> float:
+    out, _ = proc.communicate(timeout=300)
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("START")))
+
+
+def bare(url: str) -> float:
+    import paho.mqtt.client as mqtt
+
+    from fleet.broker.client import parse_mqtt_url
+    from shared.telemetry import topics
+
+    target = parse_mqtt_url(url)
+    got, done, ready = [0], threading.Event(), threading.Event()
+    end = [0.0]
+
+    def on_message(c: object, u: object, msg: object) -> None:
+        got[0] += 1
+        if got[0] == N:
+            end[0] = time.time()
+            done.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-bare-{time.time_ns()}")
+    client.on_connect = lambda c, *a: (c.subscribe(topics.subscription("health"), qos=1), ready.set())
+    client.on_message = on_message
+    client.connect(target.host, target.port)
+    client.loop_start()
+    ready.wait(10)
+    time.sleep(0.3)
+    pub = run_publisher(url)
+    if not done.wait(300):
+        raise RuntimeError(f"bare subscriber got {got[0]} of {N}")
+    start = publisher_start(pub)
+    client.disconnect()
+    client.loop_stop()
+    return N / (end[0] - start)
+
+
+def ours(url: str, db: str) -> tuple[float, dict[str, object]]:
+    import psycopg
+
+    from fleet.broker.client import parse_mqtt_url
+    from fleet.db.engine import make_engine
+    from fleet.ingest.ingester import Ingester
+
+    engine = make_engine(db)
+    ingester = Ingester(engine, parse_mqtt_url(url))
+    ingester.start(wait=10)
+    time.sleep(0.3)
+    plain = db
+    with psycopg.connect(plain, autocommit=True) as conn:
+        before = conn.execute("SELECT count(*) FROM healthreport").fetchone()[0]  # type: ignore[index]
+        pub = run_publisher(url)
+        deadline = time.monotonic() + 600
+        while True:
+            count = conn.execute("SELECT count(*) FROM healthreport").fetchone()[0] - before  # type: ignore[index]
+            if count >= N:
+                end = time.time()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ingester stored {count} of {N}: {ingester.stats.snapshot()}")
+            time.sleep(0.02)
+    start = publisher_start(pub)
+    stats = ingester.stats.snapshot()
+    ingester.stop()
+    engine.dispose()
+    return N / (end - start), stats
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp, mosquitto(Path(tmp)) as url, \
+            pg_schema(postgres_url()) as db:
+        insert_devices(db, [f"dev-{i:05d}" for i in range(DEVICES)])
+        bare_rates, our_rates, stats = [], [], {}
+        for _ in range(1 if QUICK else 2):  # alternate, so noise hits both
+            bare_rates.append(bare(url))
+            rate, stats = ours(url, db)
+            our_rates.append(rate)
+        b, o = max(bare_rates), max(our_rates)
+        print(f"bare {bare_rates} ours {our_rates} stats {stats}", file=sys.stderr)
+        emit([row(f"telemetry ingestion, 1 ingester, {N} health msgs (msgs/s)", o, b, "msgs/s", ">= 0.5x",
+                  note=f"bare paho subscriber {b:.0f} msgs/s; ingester {o:.0f} msgs/s stored in PostgreSQL "
+                       f"(batches {stats.get('batches')}, rejected {stats.get('rejected')}); best of "
+                       f"{len(our_rates)}")])
+
+
+if __name__ == "__main__":
+    main()
