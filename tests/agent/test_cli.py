@@ -1,0 +1,105 @@
+"""edgefleet-agent install / predict / status, offline, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.cli import main
+from agent.update.store import StateStore
+from shared.bundle.keyring import Keyring
+
+from .conftest import Bundles
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, keyring: Keyring) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(f'state_dir = "state"\ntrust_root = "{keyring.root_path}"\n')
+    return path
+
+
+def test_install_status_predict(cfg: Path, bundles: Bundles, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(cfg), "install", str(bundles.build(1))]) == 0
+    assert "installed clf release 1 (version 1.1)" in capsys.readouterr().out
+    assert main(["--config", str(cfg), "status"]) == 0
+    assert "clf: state committed, active r1 (1.1), previous none" in capsys.readouterr().out
+    x = np.random.default_rng(0).random((3, 4), dtype=np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    assert main(["-c", str(cfg), "predict", "clf", "-i", str(tmp_path / "in.npz"),
+                 "-o", str(tmp_path / "out.npz")]) == 0
+    with np.load(tmp_path / "out.npz") as out:
+        assert out["probs"].shape == (3, 3)
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["models"][0]["state"] == "committed" and doc["models"][0]["active"]["release"] == 1
+
+
+def test_refusal_is_one_line_with_reason(cfg: Path, bundles: Bundles,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(cfg), "install", str(bundles.build(3, seed=2))]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "install", str(bundles.build(2, seed=1))]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("edgefleet-agent: error: refused (rollback):") and err.count("\n") == 1
+    assert main(["--config", str(cfg), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "state failed, active r3" in out and "reason rollback" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["install", "/nonexistent.bundle"], "does not exist"),
+        (["predict", "clf", "-i", "x.npz", "-o", "y.npz"], "no active release of 'clf'"),
+    ],
+)
+def test_expected_errors(
+    cfg: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config", str(cfg), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("edgefleet-agent: error: ") and message in err and "Traceback" not in err
+
+
+def test_bad_config_and_not_a_bundle(tmp_path: Path, cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('state_dir = "s"\ntrust_root = "r"\nfoo = 1\n')
+    assert main(["--config", str(bad), "status"]) == 1
+    assert "unknown key foo = 1" in capsys.readouterr().err
+    junk = tmp_path / "junk.bundle"
+    junk.write_bytes(b"\0" * 2048)
+    assert main(["--config", str(cfg), "install", str(junk)]) == 3
+    assert "refused (unsafe_archive): bundle must start" in capsys.readouterr().err
+
+
+def test_install_while_agent_runs_is_refused(cfg: Path, bundles: Bundles, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    store = StateStore(tmp_path / "state")
+    store.acquire()
+    try:
+        assert main(["--config", str(cfg), "install", str(bundles.build(1))]) == 1
+        assert "another edgefleet-agent process" in capsys.readouterr().err
+    finally:
+        store.release()
+
+
+def test_module_help_and_lean_imports() -> None:
+    out = subprocess.run([sys.executable, "-m", "agent", "--help"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    for cmd in ("run", "install", "predict", "status"):
+        assert cmd in out
+    code = ("import sys, agent.main, agent.cli; "
+            "bad = [m for m in ('onnx', 'litestar', 'sqlmodel', 'pydantic', 'onnxruntime', 'fleet') "
+            "if m in sys.modules]; print(bad)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"

@@ -1,0 +1,135 @@
+"""The HIL harness: scenario and inventory parsing, SSH command building, and one scenario
+run for real (network namespaces when root may create them, else plain processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hil.lab import probe
+from hil.runner import HilRun
+from hil.scenario import ScenarioError, load_scenario, parse_scenario, resolve_devices
+from hil.ssh import InventoryDevice, SshCommands, parse_inventory
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "hil" / "scenarios"
+
+
+def test_every_bundled_scenario_parses() -> None:
+    names = {p.stem for p in SCENARIOS.glob("*.toml")}
+    assert {"bad-canary-under-loss", "power-cuts", "broker-outage", "full-disk", "late-device"} <= names
+    for path in SCENARIOS.glob("*.toml"):
+        sc = load_scenario(path)
+        assert sc.faults and sc.expect.rollout, path
+        for fault in sc.faults:
+            if not fault.action.startswith("broker"):
+                assert resolve_devices(fault.devices, sc.device_ids(), sc.canary)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"devices": 0}, "between 1 and 64"),
+    ({"release": "shiny"}, "healthy or faulty"),
+    ({"faults": [{"action": "meteor"}]}, "action = 'meteor'"),
+    ({"faults": [{"action": "loss", "devices": "most"}]}, "devices = 'most'"),
+    ({"faults": [{"action": "power_cut", "when_state": "dancing"}]}, "when_state = 'dancing'"),
+    ({"faults": [{"action": "loss", "percent": 3}]}, "percent is not a fault key"),
+    ({"expect": {"serving": "maybe"}}, "expect.serving"),
+    ({"colour": "red"}, "unknown key 'colour'"),
+])
+def test_bad_scenarios_are_refused_with_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ScenarioError, match=message.replace("(", r"\(").replace("'", "'")):
+        parse_scenario(data)
+
+
+def test_half_and_named_devices() -> None:
+    ids = ["dev-01", "dev-02", "dev-03", "dev-04"]
+    assert resolve_devices("half", ids, ()) == ["dev-01", "dev-02"]
+    assert resolve_devices("last", ids, ()) == ["dev-04"]
+    assert resolve_devices("canary", ids, ("dev-02",)) == ["dev-02"]
+    with pytest.raises(ScenarioError, match="unknown devices"):
+        resolve_devices(("dev-09",), ids, ())
+
+
+def test_inventory_parsing_merges_defaults_and_refuses_mistakes() -> None:
+    devices = parse_inventory({
+        "defaults": {"user": "pi", "identity": "~/.ssh/hil", "interface": "wlan0"},
+        "devices": [{"id": "cam-01", "host": "10.0.4.21", "labels": {"ring": "canary"}},
+                    {"id": "cam-02", "host": "cam-02.lab", "user": "admin", "port": 2222}],
+    })
+    assert devices[0] == InventoryDevice(id="cam-01", host="10.0.4.21", user="pi", identity="~/.ssh/hil",
+                                         interface="wlan0", labels={"ring": "canary"})
+    assert (devices[1].user, devices[1].port) == ("admin", 2222)
+    one = [{"id": "a", "host": "h"}]
+    cases = [
+        ({"devices": []}, "no \\[\\[devices\\]\\]"),
+        ({"devices": [{"id": "a"}]}, "host is required"),
+        ({"devices": [{"id": "a", "host": "h", "port": 0}]}, "is not a port"),
+        ({"devices": [*one, {"id": "a", "host": "g"}]}, "appears twice"),
+        ({"devices": [{"id": "a", "host": "h", "pasword": "x"}]}, "pasword is not a known key"),
+        ({"defaults": {"hostt": "x"}, "devices": one}, "defaults.hostt"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ScenarioError, match=message):
+            parse_inventory(bad)
+
+
+def test_ssh_commands() -> None:
+    dev = InventoryDevice(id="cam-01", host="10.0.4.21", user="pi", port=2222, identity="/k/id",
+                          interface="eth0", state_dir="/var/lib/edgefleet")
+    c = SshCommands(dev)
+    prefix = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-p", "2222", "-i", "/k/id",
+              "pi@10.0.4.21", "--"]
+    assert c.start_agent() == [*prefix, "sudo -n systemctl start edgefleet-agent.service"]
+    assert c.stop_agent() == [*prefix, "sudo -n systemctl stop edgefleet-agent.service"]
+    assert c.power_cut() == [*prefix, "sudo -n systemctl kill --signal=SIGKILL edgefleet-agent.service"]
+    assert c.status() == [*prefix, "sudo -n /opt/edgefleet/bin/edgefleet-agent --config "
+                                   "/etc/edgefleet/agent.toml status --json"]
+    assert c.loss(20) == [*prefix, "sudo -n tc qdisc replace dev eth0 root netem loss 20%"]
+    assert c.delay(150.5) == [*prefix, "sudo -n tc qdisc replace dev eth0 root netem delay 150.5ms"]
+    assert c.clear_impairments()[-1] == "sudo -n tc qdisc del dev eth0 root || true"
+    assert c.link_down_for(5)[-1].startswith("sudo -n sh -c 'ip link set eth0 down; sleep 5;")
+    assert "fallocate" in c.fill_disk()[-1] and "/var/lib/edgefleet/hil-filler" in c.fill_disk()[-1]
+    assert c.free_disk()[-1] == "sudo -n rm -f /var/lib/edgefleet/hil-filler"
+    # a relay hook replaces the systemctl power cut
+    relay = SshCommands(InventoryDevice(id="x", host="h", power_cut_command="relay-ctl off 3",
+                                        power_on_command="relay-ctl on 3"))
+    assert relay.power_cut() == ["relay-ctl", "off", "3"] and relay.power_on() == ["relay-ctl", "on", "3"]
+    # hostile values are quoted, never interpreted by the remote shell
+    odd = SshCommands(InventoryDevice(id="x", host="h", interface="eth0; reboot"))
+    assert odd.loss(1)[-1] == "sudo -n tc qdisc replace dev 'eth0; reboot' root netem loss 1%"
+
+
+def test_cli_refuses_a_bad_scenario(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('devices = "many"\n')
+    r = subprocess.run([sys.executable, "-m", "hil", "run", str(bad), "--report", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=SCENARIOS.parents[1])
+    assert r.returncode == 2 and "devices = 'many' has the wrong type" in r.stderr
+
+
+@pytest.mark.e2e
+def test_bad_canary_under_loss_for_real(tmp_path: Path) -> None:
+    if shutil.which("mosquitto") is None and not os.access("/usr/sbin/mosquitto", os.X_OK):
+        pytest.skip("mosquitto is not installed: apt-get install mosquitto (Debian package 'mosquitto')")
+    caps = probe()
+    if caps.netns and not (caps.netem or caps.nft):
+        pytest.skip("packet loss needs tc netem or nftables: apt-get install nftables (Debian package "
+                    f"'nftables'); make deps-system installs it ({caps.reasons.get('nft')})")
+    lines: list[str] = []
+    report = HilRun(load_scenario(SCENARIOS / "bad-canary-under-loss.toml"), tmp_path / "report",
+                    narrate=lines.append, caps=caps).run()
+    log = "\n".join(lines)
+    assert report["verdict"] == "pass", json.dumps(report["checks"], indent=1) + "\n" + log
+    assert report["rollout"]["state"] == "rolled_back"
+    assert all(d["views_match"] for d in report["devices"].values())
+    assert (tmp_path / "report" / "report.md").read_text().startswith("# HIL: bad canary")
+    if caps.netns:
+        assert report["mode"] == "netns" and report["skipped"] == [], report["skipped"]
+        assert all("dev-0" in (f["device"] or "") and "result" in f for f in report["faults"])
+    else:
+        assert report["mode"] == "process" and report["skipped"]  # loss needs namespaces: said so
