@@ -23,7 +23,7 @@ from fleet.api.health import HealthController, OpsController
 from fleet.api.limits import RateLimitMiddleware
 from fleet.api.rollouts import RolloutsController
 from fleet.api.tokens import TokenController
-from fleet.broker.client import MqttPublisher, parse_mqtt_url
+from fleet.broker.client import MqttPublisher, parse_mqtt_url, target_from_settings
 from fleet.broker.embedded import EmbeddedBroker
 from fleet.dashboard import DASHBOARD_HANDLERS
 from fleet.db.engine import make_engine
@@ -54,7 +54,8 @@ def create_app(settings: Settings) -> Litestar:
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url(), create=settings.db_auto_upgrade)
     own_url = broker_url(settings)
-    target = parse_mqtt_url(own_url)
+    # The broker login and CA file are for an external broker; the embedded one has neither.
+    target = target_from_settings(settings, own_url) if settings.mqtt_url else parse_mqtt_url(own_url)
     # The controller publishes desired-state notices; so does an API process of a split
     # fleet (operator actions such as start assign devices there).
     wants_publisher = settings.run_controller or (settings.run_api and settings.mqtt_url is not None)

@@ -26,7 +26,12 @@ ENV_FIELDS: dict[str, type] = {
     "mqtt_share_group": str,
     "log_format": str,
     "controller_interval_s": float,
+    "mqtt_username": str,
+    "mqtt_password": str,
+    "mqtt_reload_command": str,
 }
+# Path settings read from EDGEFLEET_<NAME>.
+ENV_PATHS = ("mqtt_ca_file", "mqtt_password_file")
 
 
 class SettingsError(ValueError):
@@ -65,6 +70,17 @@ class Settings:
     embedded_mqtt_port: int = 1883
     # URL devices are told to use for MQTT (defaults to mqtt_url or the embedded one).
     public_mqtt_url: str | None = None
+    # The fleet's own broker login and TLS trust (mqtts:// URLs); user info in mqtt_url
+    # works too, these win. None CA file: the system CAs.
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_ca_file: Path | None = None
+    # Mosquitto password file the API keeps per-device broker passwords in (user = device
+    # id; set at enrollment, rotated by re-enrollment). None: the fleet hands out none.
+    mqtt_password_file: Path | None = None
+    # Run after each change of mqtt_password_file so the broker re-reads it, e.g.
+    # "systemctl reload mosquitto" or "kill -HUP <pid>" (split like a shell, run without one).
+    mqtt_reload_command: str | None = None
     # Signing keys directory (root.json + signing-*.key). The fleet verifies uploads
     # against root.json and signs re-issued releases for fleet-ordered rollbacks.
     keys_dir: Path | None = None
@@ -145,6 +161,9 @@ class Settings:
             s.embedded_mqtt_port = int(env["EDGEFLEET_EMBEDDED_MQTT_PORT"])
         if "EDGEFLEET_PUBLIC_MQTT_URL" in env:
             s.public_mqtt_url = env["EDGEFLEET_PUBLIC_MQTT_URL"]
+        for name in ENV_PATHS:
+            if env.get("EDGEFLEET_" + name.upper()):
+                setattr(s, name, Path(env["EDGEFLEET_" + name.upper()]))
         for name, kind in ENV_FIELDS.items():
             key = "EDGEFLEET_" + name.upper()
             if key in env:

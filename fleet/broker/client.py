@@ -1,17 +1,28 @@
-"""MQTT connection helpers shared by the ingester and the controller (paho-mqtt 2.x)."""
+"""MQTT connection helpers shared by the ingester and the controller (paho-mqtt 2.x).
+
+``mqtts://`` verifies the broker's certificate chain and host name against ``ca_file``
+(the system CAs without one); there is no switch to skip either.
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
+import ssl
+import sys
 import threading
-from dataclasses import dataclass
-from typing import Protocol
-from urllib.parse import urlsplit
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 
 from shared.errors import MalformedDocumentError
+
+if TYPE_CHECKING:
+    from fleet.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +34,7 @@ class MqttTarget:
     tls: bool = False
     username: str | None = None
     password: str | None = None
+    ca_file: Path | None = None
 
     @property
     def url(self) -> str:
@@ -39,7 +51,24 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         port = parts.port or (8883 if tls else 1883)
     except ValueError:
         raise MalformedDocumentError(f"MQTT URL {url!r} has an invalid port") from None
-    return MqttTarget(parts.hostname, port, tls, parts.username, parts.password)
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return MqttTarget(parts.hostname, port, tls, user, password)
+
+
+def target_from_settings(settings: Settings, url: str) -> MqttTarget:
+    """``url`` with the fleet's broker login and CA file from the settings (they win over
+    user info in the URL)."""
+    target = parse_mqtt_url(url)
+    if settings.mqtt_username:
+        target = replace(target, username=settings.mqtt_username, password=settings.mqtt_password)
+    if settings.mqtt_ca_file is not None:
+        if not target.tls:
+            raise MalformedDocumentError(
+                f"mqtt_ca_file {settings.mqtt_ca_file} is set but the MQTT URL {target.url} is not mqtts://"
+            )
+        target = replace(target, ca_file=Path(settings.mqtt_ca_file))
+    return target
 
 
 def make_client(target: MqttTarget, prefix: str, *, mqtt5: bool = False) -> mqtt.Client:
@@ -52,9 +81,31 @@ def make_client(target: MqttTarget, prefix: str, *, mqtt5: bool = False) -> mqtt
     if target.username:
         client.username_pw_set(target.username, target.password)
     if target.tls:
-        client.tls_set()
+        ctx = ssl.create_default_context(cafile=str(target.ca_file) if target.ca_file else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        client.tls_set_context(ctx)
     client.reconnect_delay_set(min_delay=1, max_delay=10)
+    client.on_connect_fail = _connect_fail_logger(target, prefix)
     return client
+
+
+def _connect_fail_logger(target: MqttTarget, prefix: str) -> Callable[[mqtt.Client, object], None]:
+    """Log why a connection failed (TLS refusal, broker down) once per distinct reason."""
+    last: list[str] = [""]
+
+    def on_connect_fail(client: mqtt.Client, userdata: object) -> None:
+        # paho calls this inside its ``except OSError`` around the connect: the error is live.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            ca = target.ca_file or "the system CA store"
+            reason = f"TLS: {target.url} certificate refused ({exc.verify_message}; CA: {ca})"
+        else:
+            reason = f"cannot connect to {target.url}: {exc}"
+        if reason != last[0]:
+            log.error("%s: %s", prefix, reason)
+            last[0] = reason
+
+    return on_connect_fail
 
 
 class Publisher(Protocol):

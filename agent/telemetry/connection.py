@@ -1,0 +1,98 @@
+"""How the agent reaches its broker: URL, MQTT protocol version, TLS, and readable failures.
+
+- ``mqtt://host[:1883]`` is plain TCP, ``mqtts://host[:8883]`` TLS; user info in the URL
+  (``mqtt://user:pass@host``) is a fallback for devices without a fleet credential;
+- protocol ``auto`` tries MQTT 5 and falls back to 3.1.1 when the broker answers the
+  CONNECT with "unsupported protocol version" (a 3.1.1-only broker such as amqtt);
+  ``5`` and ``3.1.1`` pin the version;
+- TLS verifies the broker's chain against ``ca_file`` (the system CAs without one) and its
+  host name; ``insecure`` skips only the host name check, never the chain.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+PROTOCOLS = ("auto", "5", "3.1.1")
+# The CONNACK reason paho reports for a refused protocol version (MQTT 5 0x84; a 3.1.1
+# broker's return code 1 is mapped to the same reason code).
+UNSUPPORTED_PROTOCOL_VERSION = 0x84
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL without credentials, for logs."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False  # skip the host name check only
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: TLS 1.2 or newer, chain and (unless insecure) host name checked."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
+        if self.insecure:
+            ctx.check_hostname = False
+        return ctx
+
+
+def parse_mqtt_url(url: str) -> BrokerAddress:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"MQTT URL {url!r} must be mqtt://host[:port] or mqtts://host[:port]")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ValueError(f"MQTT URL {url!r} has a bad port") from None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return BrokerAddress(parts.hostname, port, tls, user, password)
+
+
+def describe_connect_error(exc: BaseException | None, address: BrokerAddress,
+                           tls: TlsOptions | None) -> str:
+    """One line that says what went wrong and what to check."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        ca = f"mqtt.ca_file {tls.ca_file}" if tls and tls.ca_file else "the system CA store"
+        return (f"TLS: the certificate of {address.url} was refused ({exc.verify_message}); "
+                f"it must be signed by a CA in {ca} and name host {address.host!r}")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake with {address.url} failed: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{address.url} refused the TCP connection (broker down or wrong port)"
+    if isinstance(exc, OSError):
+        return f"cannot reach {address.url}: {exc.strerror or exc}"
+    return f"cannot connect to {address.url}: {exc}"
+
+
+class _TlsSettings(Protocol):
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    tls_insecure: bool
+
+
+def mqtt_tls(config: _TlsSettings) -> TlsOptions:
+    """The TLS options of an ``[mqtt]`` config section (used only with an mqtts:// URL)."""
+    return TlsOptions(ca_file=config.ca_file, cert_file=config.cert_file,
+                      key_file=config.key_file, insecure=config.tls_insecure)
