@@ -6,7 +6,9 @@ Layout (``state_dir/telemetry_spool/``)::
     cursor.json            {"segment": 7, "offset": 1234}: where the first un-acked record starts
 
 A record is ``MAGIC(2) kind(1) length(4, LE) crc32(4, LE) payload``; the CRC covers the kind
-byte and the payload. Rules:
+byte and the payload. The payload is the message as it goes on the wire, in the encoding
+``[mqtt] encoding`` had when it was made (MessagePack or JSON): records spooled before a change
+of that setting are sent as they are, and readers tell the two apart by the first byte. Rules:
 
 - appends go to the newest segment, which rolls over at ``segment_bytes``; each record is one
   ``write``. Events are fsynced at once; health is fsynced at most every ``health_sync_s``

@@ -7,15 +7,24 @@ Health carries both the counts of its window (since the previous health message)
 totals since the agent started, so a subscriber that missed a message can still
 compute rates; ``seq`` increases by one per message a device sends, across kinds,
 so a gap shows loss.
+
+Encodings (docs/telemetry.md): ``json`` (objects with field names) or ``msgpack``
+(MessagePack, each message a positional array in the order of its struct's fields,
+nested ModelHealth too, ``v`` first; fields are only ever appended, and a reader ignores
+trailing elements it does not know and fills missing trailing ones with their defaults).
+``decode`` tells them apart by the first byte, so a reader needs no setting: a JSON
+payload starts with ``{``, a MessagePack one with an array or map type byte.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+import typing
+from typing import Any, Literal
 
 import msgspec
 
-from shared import strictjson
+from shared import strictjson, strictmsgpack
 from shared.errors import MalformedDocumentError
 
 VERSION = 1
@@ -51,6 +60,25 @@ REASON_CODES = (
 )
 
 
+class ShadowHealth(msgspec.Struct):
+    """A candidate release evaluated in shadow; figures cumulative since it was loaded."""
+
+    release: int
+    version: str = ""
+    metric: str = "argmax"  # "argmax" (class scores) or "tolerance" (the golden tolerance)
+    samples: int = 0  # sampled requests run on the candidate (errors included)
+    agreed: int = 0  # samples whose outputs agree with the serving release's
+    errors: int = 0  # samples the candidate failed on (they do not agree)
+    dropped_queue: int = 0  # samples dropped: the shadow queue was full
+    dropped_budget: int = 0  # samples dropped: the CPU budget was spent
+    agreement: float | None = None  # agreed / samples
+    max_abs_error: float | None = None  # worst float output, over all samples
+    cosine_min: float | None = None  # lowest cosine of a float output to the serving one
+    candidate_p95_ms: float | None = None  # candidate run time, latest samples
+    current_p95_ms: float | None = None  # the serving release's latency on the same requests
+    busy_fraction: float | None = None  # shadow worker busy time / wall time since loaded
+
+
 class ModelHealth(msgspec.Struct):
     name: str
     release: int
@@ -66,6 +94,14 @@ class ModelHealth(msgspec.Struct):
     # or too few values yet). drift is the highest of drift_inputs.
     drift: float | None = None
     drift_inputs: dict[str, float] | None = None
+    # Shadow evaluation (docs/telemetry.md "Shadow"): the candidate release that runs beside
+    # this one on a sample of live requests, compared with it. None: no shadow.
+    shadow: ShadowHealth | None = None
+    # Update windows and locks (docs/telemetry.md "Waiting and held releases"): what a staged
+    # release waits for before activation (None: nothing), and the releases of this model
+    # whose files the device keeps (active, previous, last committed, staged).
+    waiting: str | None = None
+    held: list[int] | None = None
 
 
 class Health(msgspec.Struct):
@@ -127,16 +163,100 @@ _BY_KIND: dict[str, type] = {
 }
 
 
-def encode(message: Message) -> bytes:
-    return msgspec.json.encode(message)
+ENCODINGS = ("json", "msgpack")
+Encoding = Literal["json", "msgpack"]
+_JSON_START = b"{ \t\r\n"
+
+
+def _positional(value: Any) -> Any:
+    """Structs as arrays in field order, recursively (the ``msgpack`` encoding's layout)."""
+    if isinstance(value, msgspec.Struct):
+        return [_positional(getattr(value, f)) for f in value.__struct_fields__]
+    if isinstance(value, list):
+        return [_positional(v) for v in value]
+    return value
+
+
+def _nested_struct(tp: Any) -> tuple[type[msgspec.Struct] | None, bool]:
+    """(the Struct type in a field's type, whether it is a list of them)."""
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:  # an optional struct (ModelHealth.shadow)
+        tp = next(a for a in args if a is not type(None))
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return tp, False
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(item, type) and issubclass(item, msgspec.Struct):
+            return item, True
+    return None, False
+
+
+@functools.cache
+def _layout(cls: type[msgspec.Struct]) -> tuple[tuple[str, type[msgspec.Struct] | None, bool], ...]:
+    """Per field: (name, nested Struct type or None, list of them); resolving the type hints is
+    slow, so once per class."""
+    return tuple((f.name, *_nested_struct(f.type)) for f in msgspec.structs.fields(cls))
+
+
+def _named(cls: type[msgspec.Struct], value: Any) -> Any:
+    """A positional array back into {field: value} (recursively); extra trailing elements
+    (fields of a newer agent) are ignored, missing trailing ones take their defaults."""
+    if not isinstance(value, list):
+        return value
+    out: dict[str, Any] = {}
+    for (name, inner, many), item in zip(_layout(cls), value, strict=False):
+        if inner is not None and many and isinstance(item, list):
+            item = [_named(inner, v) for v in item]
+        elif inner is not None:
+            item = _named(inner, item)
+        out[name] = item
+    return out
+
+
+def encode(message: Message, encoding: Encoding = "json") -> bytes:
+    """``json``: an object with field names; ``msgpack``: a positional MessagePack array."""
+    if encoding == "json":
+        return msgspec.json.encode(message)
+    if encoding == "msgpack":
+        return msgspec.msgpack.encode(_positional(message))
+    raise ValueError(f"unknown telemetry encoding {encoding!r}, expected one of {ENCODINGS}")
+
+
+def detect(payload: bytes) -> Encoding:
+    """Which encoding a payload is in, from its first byte; MalformedDocumentError if neither."""
+    if not payload:
+        raise MalformedDocumentError("empty telemetry payload")
+    first = payload[0]
+    if first in _JSON_START:
+        return "json"
+    if 0x80 <= first <= 0x9F or first in (0xDC, 0xDD, 0xDE, 0xDF):  # array or map
+        return "msgpack"
+    raise MalformedDocumentError(
+        f"telemetry payload starts with byte 0x{first:02x}: neither a JSON object nor a MessagePack "
+        "array or map"
+    )
+
+
+def _decode_msgpack(kind: str, cls: type, payload: bytes) -> Message:
+    what = f"{kind} message"
+    obj = strictmsgpack.loads(payload, max_bytes=MAX_MESSAGE_BYTES, what=what)
+    # The version first: another version's positional layout would only fail confusingly.
+    version = obj[0] if isinstance(obj, list) and obj else obj.get("v") if isinstance(obj, dict) else None
+    if version != VERSION:
+        raise MalformedDocumentError(f"{kind} message version {version!r}, this reader knows {VERSION}")
+    return strictjson.convert(_named(cls, obj), cls, what=what)  # type: ignore[no-any-return]
 
 
 def decode(kind: str, payload: bytes, *, device_id: str | None = None) -> Message:
-    """Validate a payload received on a topic of ``kind``; refuse mismatched device ids."""
+    """Validate a payload received on a topic of ``kind`` in either encoding (detected);
+    refuse mismatched device ids."""
     cls = _BY_KIND.get(kind)
     if cls is None:
         raise MalformedDocumentError(f"unknown message kind {kind!r}")
-    msg = strictjson.decode(payload, cls, max_bytes=MAX_MESSAGE_BYTES, what=f"{kind} message")
+    if detect(payload) == "msgpack":
+        msg = _decode_msgpack(kind, cls, payload)
+    else:
+        msg = strictjson.decode(payload, cls, max_bytes=MAX_MESSAGE_BYTES, what=f"{kind} message")
     if msg.v != VERSION:
         raise MalformedDocumentError(f"{kind} message version {msg.v}, this reader knows {VERSION}")
     if device_id is not None and getattr(msg, "device_id", device_id) != device_id:
