@@ -22,7 +22,9 @@ from agent.errors import InputError, UnknownModelError
 from agent.runtime.base import Session
 from agent.runtime.batching import BatchPolicy, ModelScheduler
 from agent.runtime.metrics import Metrics
+from agent.runtime.shadow import ShadowRunner
 from shared.bundle.manifest import Manifest
+from shared.telemetry.messages import ShadowHealth
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class ModelHost:
         self._lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
         self._schedulers: dict[str, ModelScheduler] = {}
+        # candidate releases evaluated in shadow beside the active one (agent.runtime.shadow)
+        self._shadows: dict[str, ShadowRunner] = {}
 
     def get(self, name: str) -> LoadedModel | None:
         with self._lock:
@@ -103,7 +107,7 @@ class ModelHost:
                 self.on_load(loaded)
             except Exception:
                 log.exception("on_load hook failed for %s r%s", loaded.name, loaded.release)
-        scheduler = ModelScheduler(loaded, self.policy)  # probes batching before the swap
+        scheduler = ModelScheduler(loaded, self.policy)  # its batching probe runs in the background
         with self._lock:
             old = self._models.get(loaded.name)
             old_scheduler = self._schedulers.get(loaded.name)
@@ -125,8 +129,38 @@ class ModelHost:
         """Let every scheduler finish its queue and its workers exit."""
         with self._lock:
             schedulers = list(self._schedulers.values())
+            shadows = list(self._shadows.values())
+            self._shadows.clear()
         for scheduler in schedulers:
             scheduler.close()
+        for runner in shadows:
+            runner.close()
+
+    # -- shadow evaluation ---------------------------------------------------------------
+
+    def set_shadow(self, name: str, runner: ShadowRunner) -> None:
+        """Run ``runner``'s candidate beside the active release of ``name`` (replacing any)."""
+        with self._lock:
+            old = self._shadows.get(name)
+            self._shadows[name] = runner
+        if old is not None and old is not runner:
+            old.close()
+
+    def clear_shadow(self, name: str) -> ShadowRunner | None:
+        with self._lock:
+            old = self._shadows.pop(name, None)
+        if old is not None:
+            old.close()
+        return old
+
+    def shadow(self, name: str) -> ShadowRunner | None:
+        with self._lock:
+            return self._shadows.get(name)
+
+    def shadow_health(self, name: str) -> ShadowHealth | None:
+        """The shadow figures of ``name`` for its health report; None without a shadow."""
+        runner = self.shadow(name)
+        return runner.health() if runner is not None else None
 
     def ready(self) -> bool:
         with self._lock:
@@ -143,8 +177,15 @@ class ModelHost:
         with self._lock:
             model = self._models.get(name)
             scheduler = self._schedulers.get(name)
+            shadow = self._shadows.get(name)
         if model is None or scheduler is None:
             raise UnknownModelError(f"no active model named {name!r}")
         feeds = validate_inputs(model.manifest, inputs)
         model.metrics.observe(feeds)  # drift: a subsample of the inputs, when there is a baseline
-        return model, scheduler.run(feeds, timeout_s)
+        if shadow is None:
+            return model, scheduler.run(feeds, timeout_s)
+        t0 = time.perf_counter()
+        outputs = scheduler.run(feeds, timeout_s)
+        # A sample of requests also goes to the candidate: a queue put, never a wait.
+        shadow.offer(feeds, outputs, time.perf_counter() - t0)
+        return model, outputs

@@ -30,6 +30,7 @@ from sqlmodel import Session, col, select
 from fleet.api.context import AppContext
 from fleet.db.models import ApiToken, Assignment, Bundle, Device
 from fleet.metrics import record_denied
+from fleet.rollout.shadow import shadow_bundles
 
 SCOPES = ("read", "deploy", "admin")
 TOKEN_PREFIX = "eft_"
@@ -200,7 +201,10 @@ def device_may_read_bundle(ctx: AppContext, device_id: str, bundle_id: int) -> b
         stmt = select(func.count()).select_from(Assignment).where(
             Assignment.device_id == device_id, Assignment.bundle_id == bundle_id
         )
-        return bool(session.exec(stmt).one())
+        if session.exec(stmt).one():
+            return True
+        # a candidate the device runs in shadow (fleet.rollout.shadow)
+        return any(b.id == bundle_id for b in shadow_bundles(session, device_id))
 
 
 def device_may_read_blob(ctx: AppContext, device_id: str, sha256: str) -> bool:
@@ -210,6 +214,7 @@ def device_may_read_blob(ctx: AppContext, device_id: str, sha256: str) -> bool:
             .join(Assignment, col(Assignment.bundle_id) == col(Bundle.id))
             .where(Assignment.device_id == device_id)
         ).all()
+        files = [*files, *(b.files for b in shadow_bundles(session, device_id))]
     return any(sha256 in (f or {}).values() for f in files)
 
 

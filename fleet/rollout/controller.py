@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,36 @@ def set_assignment(
         current.updated_at = now_utc()
         session.add(current)
     return device_id, device.generation
+
+
+def rollout_release(session: Session, rollout: Rollout) -> int | None:
+    bundle = session.get(Bundle, rollout.bundle_id)
+    return bundle.release if bundle else None
+
+
+def bump_generation(session: Session, device_id: str) -> Notice | None:
+    """A change of the device's desired state other than its assignment (a shadow candidate
+    added or removed): bump its generation so it pulls again."""
+    device = session.get(Device, device_id)
+    if device is None:
+        return None
+    device.generation += 1
+    session.add(device)
+    return device_id, device.generation
+
+
+def end_shadow(session: Session, rollout: Rollout) -> list[Notice]:
+    """Stop shadowing: the rollout's devices in shadow go back to pending (never switched)."""
+    notices: list[Notice] = []
+    for rd in session.exec(
+        select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.status == "shadow")
+    ):
+        rd.status = "pending"
+        session.add(rd)
+        notice = bump_generation(session, rd.device_id)
+        if notice:
+            notices.append(notice)
+    return notices
 
 
 def record(session: Session, rollout: Rollout, kind: str, message: str, /, **data: Any) -> None:
@@ -251,12 +281,15 @@ class RolloutController:
         self.notify(notices)
 
     def pause(self, rollout_id: int, reason: str = "paused by operator") -> None:
+        notices: list[Notice] = []
         with self._lock, session_scope(self.engine) as session:
             rollout = self._locked_rollout(session, rollout_id)
             rollout.state = eng.transition(rollout.state, "pause").value
             rollout.reason = reason
             rollout.updated = now_utc()
             record(session, rollout, "paused", reason)
+            notices += end_shadow(session, rollout)
+        self.notify(notices)
 
     def resume(self, rollout_id: int, now: datetime | None = None) -> None:
         now = now or now_utc()
@@ -308,12 +341,15 @@ class RolloutController:
         self.notify(notices)
 
     def abort(self, rollout_id: int) -> None:
+        notices: list[Notice] = []
         with self._lock, session_scope(self.engine) as session:
             rollout = self._locked_rollout(session, rollout_id)
             rollout.state = eng.transition(rollout.state, "abort").value
             rollout.reason = "aborted by operator; devices keep what they were assigned"
             rollout.updated = now_utc()
             record(session, rollout, "aborted", rollout.reason)
+            notices += end_shadow(session, rollout)
+        self.notify(notices)
 
     def rollback(self, rollout_id: int, reason: str = "rollback requested by operator") -> None:
         notices: list[Notice] = []
@@ -419,6 +455,7 @@ class RolloutController:
                     m.stage,
                     release=entry.get("release"),
                     state=entry.get("state"),
+                    waiting=entry.get("waiting"),
                     online=d.online if d else None,
                     last_seen=ts(d.last_seen) if d else None,
                     assigned_at=ts(m.assigned_at),
@@ -457,7 +494,12 @@ class RolloutController:
             ]
             if spec.gates_of(stage_index).max_latency_ratio is not None:
                 baseline = self._baseline(session, rollout, [m for m in members if m.stage <= stage_index])
-        return members, {"devices": states, "health": health, "events": events, "baseline": baseline}
+        shadow: list[eng.ShadowFigures] = []
+        if spec.stages[stage_index].mode == "shadow":
+            shadow = shadow_figures(devices.values(), rollout.model, target, stage_started.timestamp())
+        return members, {
+            "devices": states, "health": health, "events": events, "baseline": baseline, "shadow": shadow,
+        }
 
     def _baseline(
         self, session: Session, rollout: Rollout, members: Sequence[RolloutDevice]
@@ -519,6 +561,7 @@ class RolloutController:
             stage_started_at=stage_started.timestamp(),
             extensions=rollout.extensions,
             approved=rollout.approved_stage == stage_index,
+            shadow=inputs["shadow"],
         )
         self._store_progress(session, members, decision)
         self._store_gates(session, rollout, spec, decision, now)
@@ -542,6 +585,7 @@ class RolloutController:
             record(session, rollout, "extended", decision.message, **decision.to_json())
         elif verdict is eng.Verdict.INCONCLUSIVE:
             rollout.state = eng.transition(rollout.state, "gate_pause").value
+            notices += end_shadow(session, rollout)
             rollout.reason = decision.message
             rollout.last_evaluation = decision.message
             record(session, rollout, "inconclusive", decision.message, **decision.to_json())
@@ -571,6 +615,7 @@ class RolloutController:
             rollout.last_evaluation = decision.message
             if spec.on_gate_failure == "pause":
                 rollout.state = eng.transition(rollout.state, "gate_pause").value
+                notices += end_shadow(session, rollout)
                 rollout.reason = reason
                 record(session, rollout, "paused", f"paused: {reason}")
             else:
@@ -584,7 +629,7 @@ class RolloutController:
         by_id = {p.device_id: p for p in decision.devices}
         for m in members:
             p = by_id.get(m.device_id)
-            if p is None or m.status != "assigned":
+            if p is None or m.status not in ("assigned", "shadow"):
                 continue
             if (m.progress, m.reason, m.detail) != (p.progress.value, p.reason, p.detail):
                 m.progress, m.reason, m.detail = p.progress.value, p.reason, p.detail
@@ -654,21 +699,27 @@ class RolloutController:
         record_start: bool = True,
         now: datetime | None = None,
     ) -> list[Notice]:
-        """Point the pending devices of stages <= stage_index at the target bundle."""
+        """Point the pending devices of stages <= stage_index at the target bundle; in a shadow
+        stage, give it to them as a shadow candidate instead (status ``shadow``)."""
         now = now or now_utc()
+        shadowing = spec.stages[stage_index].mode == "shadow"
         pending = session.exec(
             select(RolloutDevice).where(
                 RolloutDevice.rollout_id == rollout.id,
                 RolloutDevice.stage <= stage_index,
-                RolloutDevice.status == "pending",
+                col(RolloutDevice.status).in_(["pending"] if shadowing else ["pending", "shadow"]),
             )
         ).all()
         notices: list[Notice] = []
         for rd in pending:
-            notice = set_assignment(session, rd.device_id, rollout.model, rollout.bundle_id, rollout.id)
+            if shadowing:
+                notice = bump_generation(session, rd.device_id)
+                rd.status = "shadow"
+            else:
+                notice = set_assignment(session, rd.device_id, rollout.model, rollout.bundle_id, rollout.id)
+                rd.status = "assigned"
             if notice:
                 notices.append(notice)
-            rd.status = "assigned"
             rd.assigned_at = now
             rd.progress = eng.Progress.ASSIGNED.value
             session.add(rd)
@@ -679,12 +730,18 @@ class RolloutController:
                     RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage <= stage_index
                 )
             ).all()
+            shadow_note = (
+                f"; r{rollout_release(session, rollout)} in shadow on {stage.shadow_sample_rate:g} of "
+                f"requests, CPU budget {stage.shadow_max_busy_fraction:g}"
+                if shadowing
+                else ""
+            )
             record(
                 session,
                 rollout,
                 "stage_started",
                 f"stage {stage.name} started: {len(pending)} new devices, {len(total)} in all; "
-                f"bake {stage.bake_seconds:g} s",
+                f"bake {stage.bake_seconds:g} s{shadow_note}",
                 stage=stage.name,
                 new_devices=sorted(rd.device_id for rd in pending),
             )
@@ -693,21 +750,26 @@ class RolloutController:
     def _roll_back(
         self, session: Session, rollout: Rollout, reason: str, *, stage: str | None = None
     ) -> list[Notice]:
-        """Re-issue each device's previous release as a new, higher release and point it there."""
-        try:
-            keyring = self.keyring()
-        except EdgefleetError as exc:
-            rollout.state = eng.RolloutState.PAUSED.value
-            rollout.reason = f"{reason}; cannot roll back automatically: {exc}"
-            record(session, rollout, "paused", f"paused: {rollout.reason}")
-            return []
+        """Re-issue each device's previous release as a new, higher release and point it there.
+        Devices in shadow never switched: they only stop shadowing."""
+        shadow_notices = end_shadow(session, rollout)
+        session.flush()
         members = session.exec(
             select(RolloutDevice).where(
                 RolloutDevice.rollout_id == rollout.id, RolloutDevice.status == "assigned"
             )
         ).all()
+        keyring: Keyring | None = None
+        if any(rd.previous_bundle_id is not None for rd in members):
+            try:
+                keyring = self.keyring()
+            except EdgefleetError as exc:
+                rollout.state = eng.RolloutState.PAUSED.value
+                rollout.reason = f"{reason}; cannot roll back automatically: {exc}"
+                record(session, rollout, "paused", f"paused: {rollout.reason}")
+                return shadow_notices
         reissued: dict[int, Bundle] = {}
-        notices: list[Notice] = []
+        notices: list[Notice] = list(shadow_notices)
         removed: list[str] = []
         for rd in members:
             if rd.previous_bundle_id is None:
@@ -719,6 +781,7 @@ class RolloutController:
                     previous = session.get(Bundle, rd.previous_bundle_id)
                     if previous is None:
                         continue
+                    assert keyring is not None
                     new = reissue(session, previous, keyring)
                     reissued[rd.previous_bundle_id] = new
                     record(
@@ -743,13 +806,16 @@ class RolloutController:
         rollout.reason = reason
         rollout.updated = now_utc()
         summary = ", ".join(f"r{b.release}" for b in reissued.values()) or "no re-issue needed"
+        shadowed = (
+            f"; {len(shadow_notices)} devices stopped shadowing, none switched" if shadow_notices else ""
+        )
         record(
             session,
             rollout,
             "rolled_back",
             f"rolled back: {len(members)} devices pointed back ({summary}"
             + (f"; {len(removed)} devices had no previous release and were unassigned" if removed else "")
-            + f"); reason: {reason}",
+            + f"{shadowed}); reason: {reason}",
             reissued={str(k): v.id for k, v in reissued.items()},
             removed=removed,
             stage=stage,
@@ -774,6 +840,39 @@ class RolloutController:
                 self.tick()
             except Exception:
                 log.exception("controller tick failed")
+
+
+def shadow_figures(
+    devices: Iterable[Device], model: str, release: int, since: float
+) -> list[eng.ShadowFigures]:
+    """Each device's latest shadow report of ``release`` (the ingester keeps it in
+    ``Device.models[model]["shadow"]``) received since ``since``."""
+    out = []
+    for d in devices:
+        sh = (d.models.get(model) or {}).get("shadow")
+        if not isinstance(sh, dict) or sh.get("release") != release:
+            continue
+        if float(sh.get("received_at") or 0.0) < since:
+            continue
+        try:
+            out.append(
+                eng.ShadowFigures(
+                    d.id,
+                    int(sh["release"]),
+                    samples=int(sh.get("samples") or 0),
+                    agreed=int(sh.get("agreed") or 0),
+                    errors=int(sh.get("errors") or 0),
+                    dropped=int(sh.get("dropped_queue") or 0) + int(sh.get("dropped_budget") or 0),
+                    max_abs_error=sh.get("max_abs_error"),
+                    cosine_min=sh.get("cosine_min"),
+                    candidate_p95_ms=sh.get("candidate_p95_ms"),
+                    current_p95_ms=sh.get("current_p95_ms"),
+                    metric=str(sh.get("metric") or "argmax"),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            log.warning("device %s: unreadable shadow figures %r", d.id, sh)
+    return out
 
 
 # -- read side -------------------------------------------------------------------------
@@ -893,6 +992,9 @@ def rollout_status(session: Session, rollout: Rollout, *, events: bool = True) -
                 "online": device_rows[m.device_id].online if m.device_id in device_rows else None,
                 "last_seen": _fmt(device_rows[m.device_id].last_seen) if m.device_id in device_rows else None,
                 "previous_bundle_id": m.previous_bundle_id,
+                "shadow": (device_rows[m.device_id].models.get(rollout.model) or {}).get("shadow")
+                if m.device_id in device_rows
+                else None,
             }
             for m in sorted(members, key=lambda m: (m.stage, m.device_id))
         ],

@@ -16,7 +16,13 @@ Rules:
   sample, the stage is *inconclusive* and the spec's ``on_inconclusive`` decides: pause,
   extend the bake time (a bounded number of times, then pause) or fail;
 - a stage with ``approval`` waits for the operator after it passed;
-  otherwise it waits and says what for.
+  otherwise it waits and says what for;
+- a ``shadow`` stage switches nobody: its devices run the target beside their serving
+  release on a sample of live requests; it waits until every device reports the candidate
+  in shadow, is judged by the shadow gates (agreement, max abs error, cosine, candidate
+  latency) instead of the gates on the target's own health, and when it passes the next
+  (switch) stage activates the target on its devices. Shadow stages come first and the
+  last stage switches.
 
 The rollout lifecycle (one place; the controller and the API use ``transition``):
 
@@ -54,9 +60,11 @@ from fleet.rollout.gates import (
     HealthWindow,
     InstallEvent,
     Progress,
+    ShadowFigures,
     SpecError,
     device_progress,
     evaluate_gates,
+    shadow_progress,
     validate_gates,
 )
 from shared.errors import EdgefleetError
@@ -70,10 +78,12 @@ __all__ = [
     "HealthWindow",
     "InstallEvent",
     "Progress",
+    "ShadowFigures",
     "SpecError",
 ]
 
 MAX_STAGES = 32
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)\Z")
 
 
 class TransitionError(EdgefleetError):
@@ -95,6 +105,10 @@ class StageSpec(msgspec.Struct, forbid_unknown_fields=True):
     approval: bool = False
     mode: str = "switch"
     gates: Gates | None = None  # replaces the rollout's gates for this stage
+    # mode "shadow": share of live requests also run on the candidate, and the CPU budget of
+    # the device's shadow worker (fraction of wall time)
+    shadow_sample_rate: float = 0.1
+    shadow_max_busy_fraction: float = 0.25
 
 
 class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -108,6 +122,9 @@ class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True):
     on_inconclusive: str = "pause"
     extend_seconds: float = 60.0
     max_extensions: int = 3
+    # Devices activate the release only inside this window, "HH:MM-HH:MM" in each device's
+    # local time (they download and stage it at any time); None: the device's own window.
+    activation_window: str | None = None
 
     def gates_of(self, stage_index: int) -> Gates:
         return self.stages[stage_index].gates or self.gates
@@ -166,11 +183,24 @@ def validate_spec(spec: RolloutSpec) -> RolloutSpec:
         if stage.mode not in STAGE_MODES:
             raise SpecError(f"{where}.mode", f"{stage.mode!r} must be 'switch' or 'shadow'")
         if stage.mode == "shadow":
-            raise SpecError(
-                f"{where}.mode",
-                "'shadow' (evaluate the new release beside the serving one) is not supported yet; "
-                "use 'switch'",
-            )
+            if i > 0 and spec.stages[i - 1].mode != "shadow":
+                raise SpecError(
+                    f"{where}.mode",
+                    "a shadow stage must come before every switch stage (devices that switched "
+                    "cannot shadow)",
+                )
+            if i == len(spec.stages) - 1:
+                raise SpecError(f"{where}.mode", "the last stage must be a switch stage (after the shadow)")
+            if not spec.gates_of(i).has_shadow_gate():
+                raise SpecError(
+                    f"{where}.gates" if stage.gates is not None else "gates",
+                    f"stage {stage.name!r} runs in shadow: set min_agreement, max_abs_error or "
+                    "min_cosine (a shadow stage without a shadow gate proves nothing)",
+                )
+        for name in ("shadow_sample_rate", "shadow_max_busy_fraction"):
+            value = getattr(stage, name)
+            if not 0 < value <= 1:
+                raise SpecError(f"{where}.{name}", f"{value} must be in (0, 1]")
         if stage.gates is not None:
             validate_gates(stage.gates, f"{where}.gates")
     validate_gates(spec.gates, "gates")
@@ -184,6 +214,14 @@ def validate_spec(spec: RolloutSpec) -> RolloutSpec:
         raise SpecError("extend_seconds", f"{spec.extend_seconds} must be > 0")
     if spec.max_extensions < 0:
         raise SpecError("max_extensions", f"{spec.max_extensions} must be >= 0")
+    if spec.activation_window is not None:
+        m = _WINDOW.match(spec.activation_window)
+        if m is None or m.group(1, 2) == m.group(3, 4):
+            raise SpecError(
+                "activation_window",
+                f"{spec.activation_window!r} must be a non-empty HH:MM-HH:MM window in the devices' "
+                'local time, e.g. "02:00-05:00" (it may wrap midnight: "22:00-04:00")',
+            )
     return spec
 
 
@@ -318,6 +356,7 @@ def evaluate_stage(
     baseline: Sequence[HealthWindow] = (),
     extensions: int = 0,
     approved: bool = False,
+    shadow: Sequence[ShadowFigures] = (),
 ) -> Decision:
     """Decide what the rollout does next at ``stage_index``.
 
@@ -326,7 +365,9 @@ def evaluate_stage(
     ``baseline`` previous-release windows from before each device was told to update;
     ``events`` the update events of the rollout's devices since it started, in the order
     received; ``extensions`` how often the stage's bake time was extended already;
-    ``approved`` whether the operator approved the stage. Times are UNIX seconds.
+    ``approved`` whether the operator approved the stage; ``shadow`` the latest shadow
+    report of each device with the target as candidate, since the stage started (shadow
+    stages). Times are UNIX seconds.
     """
     stage = spec.stages[stage_index]
     label = f"stage {stage.name}"
@@ -335,13 +376,25 @@ def evaluate_stage(
     by_device: dict[str, list[InstallEvent]] = {}
     for e in events:
         by_device.setdefault(e.device_id, []).append(e)
-    progress = {
-        d.device_id: device_progress(
-            d, target_release, by_device.get(d.device_id, ()), now=now, silent_after_s=spec.silent_after_s
-        )
-        for d in members
-    }
-    inp = GateInput(gates, target_release, members, progress, health, baseline, events)
+    shadowing = stage.mode == "shadow"
+    if shadowing:
+        latest = {f.device_id: f for f in shadow if f.release == target_release}
+        progress = {
+            d.device_id: shadow_progress(
+                d, target_release, by_device.get(d.device_id, ()), latest.get(d.device_id),
+                now=now, silent_after_s=spec.silent_after_s,
+            )
+            for d in members
+        }
+    else:
+        progress = {
+            d.device_id: device_progress(
+                d, target_release, by_device.get(d.device_id, ()), now=now, silent_after_s=spec.silent_after_s
+            )
+            for d in members
+        }
+    inp = GateInput(gates, target_release, members, progress, health, baseline, events,
+                    mode=stage.mode, shadow=shadow)
     results = evaluate_gates(inp)
     snapshot = tuple(progress.values())
 
@@ -359,7 +412,8 @@ def evaluate_stage(
         if r.status is GateStatus.FAIL:
             return decide(Verdict.FAIL, r.message, gate=r.gate, figures=r.figures)
 
-    committed = [p for p in snapshot if p.progress is Progress.COMMITTED]
+    done = Progress.SHADOW if shadowing else Progress.COMMITTED
+    committed = [p for p in snapshot if p.progress is done]
     # A device that failed, rolled back or went silent no longer holds the stage up when a
     # gate that counts it is on (and held, or we would have failed above).
     excused_kinds = {
@@ -384,10 +438,11 @@ def evaluate_stage(
     if len(members) < stage.min_devices:
         return decide(Verdict.WAIT, f"{len(members)} of at least {stage.min_devices} devices")
     if len(committed) + len(excused) < len(members):
-        others = [p for p in snapshot if p.progress is not Progress.COMMITTED]
+        others = [p for p in snapshot if p.progress is not done]
+        what = "in shadow" if shadowing else "committed"
         return decide(
             Verdict.WAIT,
-            f"{len(committed)} of {len(members)} devices report r{target_release} committed "
+            f"{len(committed)} of {len(members)} devices report r{target_release} {what} "
             f"({_count_by(others)})",
         )
     if baked < bake:
@@ -416,4 +471,6 @@ def evaluate_stage(
         return decide(Verdict.AWAIT_APPROVAL, f"passed ({passed}); waiting for approval")
     if stage_index == len(spec.stages) - 1:
         return decide(Verdict.COMPLETE, f"passed ({passed}); rollout complete")
+    if shadowing and spec.stages[stage_index + 1].mode != "shadow":
+        return decide(Verdict.ADVANCE, f"passed in shadow ({passed}); devices switch to r{target_release}")
     return decide(Verdict.ADVANCE, f"passed ({passed})")

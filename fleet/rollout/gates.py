@@ -49,6 +49,15 @@ class Gates(msgspec.Struct, forbid_unknown_fields=True):
     max_offline_fraction: float | None = None
     min_inferences: int = 0
     min_devices: int = 1
+    # Shadow gates: judged in shadow stages only, on the candidate's figures (ShadowFigures).
+    min_agreement: float | None = None
+    max_abs_error: float | None = None
+    min_cosine: float | None = None
+    max_candidate_p95_ratio: float | None = None
+    min_shadow_samples: int = 0
+
+    def has_shadow_gate(self) -> bool:
+        return any(v is not None for v in (self.min_agreement, self.max_abs_error, self.min_cosine))
 
 
 def validate_gates(g: Gates, where: str) -> Gates:
@@ -69,6 +78,16 @@ def validate_gates(g: Gates, where: str) -> Gates:
             raise bad(name, f"{value} must be >= 0")
     if g.min_devices < 1:
         raise bad("min_devices", f"{g.min_devices} must be >= 1")
+    if g.min_agreement is not None and not 0 <= g.min_agreement <= 1:
+        raise bad("min_agreement", f"{g.min_agreement} must be in [0, 1]")
+    if g.min_cosine is not None and not -1 <= g.min_cosine <= 1:
+        raise bad("min_cosine", f"{g.min_cosine} must be in [-1, 1]")
+    if g.max_abs_error is not None and g.max_abs_error < 0:
+        raise bad("max_abs_error", f"{g.max_abs_error} must be >= 0")
+    if g.max_candidate_p95_ratio is not None and g.max_candidate_p95_ratio <= 0:
+        raise bad("max_candidate_p95_ratio", f"{g.max_candidate_p95_ratio} must be > 0 (e.g. 1.5)")
+    if g.min_shadow_samples < 0:
+        raise bad("min_shadow_samples", f"{g.min_shadow_samples} must be >= 0")
     return g
 
 
@@ -86,6 +105,8 @@ class DeviceState:
     online: bool | None = None
     last_seen: float | None = None
     assigned_at: float | None = None
+    # what a staged release waits for on the device (activation window, update lock)
+    waiting: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,23 @@ class HealthWindow:
     errors: int
     p95_ms: float | None = None
     drift: float | None = None
+
+
+@dataclass(frozen=True)
+class ShadowFigures:
+    """A device's latest shadow report for the candidate (cumulative since it was loaded)."""
+
+    device_id: str
+    release: int
+    samples: int
+    agreed: int
+    errors: int = 0
+    dropped: int = 0
+    max_abs_error: float | None = None
+    cosine_min: float | None = None
+    candidate_p95_ms: float | None = None
+    current_p95_ms: float | None = None
+    metric: str = "argmax"
 
 
 @dataclass(frozen=True)
@@ -126,6 +164,7 @@ class Progress(StrEnum):
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
     SILENT = "silent"
+    SHADOW = "shadow"  # shadow stage: the candidate runs beside the serving release, reporting
 
 
 SETTLED_BAD = frozenset({Progress.FAILED, Progress.ROLLED_BACK, Progress.SILENT})
@@ -196,6 +235,9 @@ def device_progress(
         progress = Progress.TRIAL
     elif progress is Progress.ASSIGNED and device.state in _IN_PROGRESS_STATES:
         progress = _IN_PROGRESS_STATES[device.state]
+    if progress is Progress.STAGED and device.state == "staged" and device.waiting:
+        # Waiting for its window or a lock is neither failed nor silent (it keeps reporting).
+        detail = f"staged, {device.waiting.split('staged, ', 1)[-1]}"
     contacts = [t for t in (device.last_seen, device.assigned_at) if t is not None]
     if contacts and now - max(contacts) > silent_after_s:
         quiet = now - max(contacts)
@@ -208,6 +250,29 @@ def device_progress(
         detail = f"{heard}, deadline {silent_after_s:g} s (was {progress.value})"
         progress, reason = Progress.SILENT, "silent"
     return DeviceProgress(device.device_id, device.stage, progress, reason, detail)
+
+
+def shadow_progress(
+    device: DeviceState,
+    target: int,
+    events: Sequence[InstallEvent],
+    figures: ShadowFigures | None,
+    *,
+    now: float,
+    silent_after_s: float,
+) -> DeviceProgress:
+    """Where a device of a shadow stage stands: ``shadow`` once it reports the candidate
+    beside its serving release; ``failed`` when staging the candidate was refused."""
+    base = device_progress(device, target, events, now=now, silent_after_s=silent_after_s)
+    if base.progress in (Progress.FAILED, Progress.SILENT):
+        return base
+    if figures is not None and figures.release == target:
+        detail = f"{figures.samples} samples compared beside r{device.release}"
+        return DeviceProgress(device.device_id, device.stage, Progress.SHADOW, None, detail)
+    if device.release is None:
+        return DeviceProgress(device.device_id, device.stage, Progress.SHADOW, "no_serving_release",
+                              "serves no release of the model: nothing to compare with")
+    return base
 
 
 # -- gates -----------------------------------------------------------------------------
@@ -261,6 +326,8 @@ class GateInput:
     health: Sequence[HealthWindow]  # target release, since the stage started
     baseline: Sequence[HealthWindow]  # previous releases, before each device was told to update
     events: Sequence[InstallEvent]  # since the rollout started
+    mode: str = "switch"  # the stage's mode: "shadow" judges the shadow gates instead
+    shadow: Sequence[ShadowFigures] = ()  # target release as candidate, since the stage started
 
 
 def _plural(n: int, word: str) -> str:
@@ -544,6 +611,140 @@ def offline_gate(inp: GateInput) -> GateResult | None:
     )
 
 
+def _shadow_sample(inp: GateInput) -> tuple[list[ShadowFigures], int, int, dict[str, Any]]:
+    """The stage's shadow figures: (reports, samples, devices with samples, common figures)."""
+    ids = {d.device_id for d in inp.members}
+    reports = [f for f in inp.shadow if f.device_id in ids and f.release == inp.target]
+    samples = sum(f.samples for f in reports)
+    devices = sum(1 for f in reports if f.samples)
+    figures: dict[str, Any] = {
+        "samples": samples,
+        "agreed": sum(f.agreed for f in reports),
+        "errors": sum(f.errors for f in reports),
+        "dropped": sum(f.dropped for f in reports),
+        "devices": devices,
+        "metric": sorted({f.metric for f in reports}),
+        "min_shadow_samples": inp.gates.min_shadow_samples,
+        "min_devices": inp.gates.min_devices,
+    }
+    return reports, samples, devices, figures
+
+
+def _shadow_wait(inp: GateInput, gate: str, what: str, samples: int, devices: int,
+                 common: dict[str, Any]) -> GateResult | None:
+    """WAIT when the shadow sample is short (samples, then devices); else None."""
+    need = max(inp.gates.min_shadow_samples, 1)
+    if samples < need:
+        return GateResult(gate, GateStatus.WAIT, f"{what} {_short_of(samples, need, 'samples')}",
+                          sample=samples, min_sample=need, unit="samples", **common)
+    if devices < inp.gates.min_devices:
+        short = _short_of(devices, inp.gates.min_devices, "devices")
+        return GateResult(gate, GateStatus.WAIT, f"{what} {short} reporting shadow samples",
+                          sample=devices, min_sample=inp.gates.min_devices, **common)
+    return None
+
+
+def _over(samples: int, devices: int) -> str:
+    return f"over {_plural(samples, 'sample')} on {_plural(devices, 'device')}"
+
+
+def agreement_gate(inp: GateInput) -> GateResult | None:
+    """Share of sampled requests on which the candidate agrees with the serving release."""
+    g = inp.gates
+    if g.min_agreement is None:
+        return None
+    reports, samples, devices, figures = _shadow_sample(inp)
+    agreement = figures["agreed"] / samples if samples else 0.0
+    figures |= {"agreement": round(agreement, 6), "min_agreement": g.min_agreement,
+                "per_device": {f.device_id: round(f.agreed / f.samples, 4) for f in reports if f.samples}}
+    common = {"observed": round(agreement, 6), "threshold": g.min_agreement, "figures": figures}
+    waiting = _shadow_wait(inp, "min_agreement", "shadow agreement", samples, devices, common)
+    if waiting is not None:
+        return waiting
+    status, op = (GateStatus.FAIL, "<") if agreement < g.min_agreement else (GateStatus.PASS, ">=")
+    errors = f", {figures['errors']} candidate errors" if figures["errors"] else ""
+    return GateResult(
+        "min_agreement", status,
+        f"shadow agreement {agreement:.2f} {op} {g.min_agreement} {_over(samples, devices)} "
+        f"(r{inp.target} vs the serving release{errors})",
+        sample=samples, min_sample=max(g.min_shadow_samples, 1), unit="samples", **common,
+    )
+
+
+def abs_error_gate(inp: GateInput) -> GateResult | None:
+    g = inp.gates
+    if g.max_abs_error is None:
+        return None
+    reports, samples, devices, figures = _shadow_sample(inp)
+    worst = [(f.max_abs_error, f.device_id) for f in reports if f.max_abs_error is not None]
+    observed, where = max(worst) if worst else (0.0, None)
+    figures |= {"max_abs_error": observed, "device": where, "bound": g.max_abs_error}
+    common = {"observed": round(observed, 6), "threshold": g.max_abs_error, "figures": figures}
+    waiting = _shadow_wait(inp, "max_abs_error", "shadow max_abs_error", samples, devices, common)
+    if waiting is not None:
+        return waiting
+    status, op = (GateStatus.FAIL, ">") if observed > g.max_abs_error else (GateStatus.PASS, "<=")
+    at = f", worst on {where}" if status is GateStatus.FAIL and where else ""
+    return GateResult(
+        "max_abs_error", status,
+        f"shadow max_abs_error {observed:.3g} {op} {g.max_abs_error} {_over(samples, devices)}{at}",
+        sample=samples, min_sample=max(g.min_shadow_samples, 1), unit="samples", **common,
+    )
+
+
+def cosine_gate(inp: GateInput) -> GateResult | None:
+    g = inp.gates
+    if g.min_cosine is None:
+        return None
+    reports, samples, devices, figures = _shadow_sample(inp)
+    worst = [(f.cosine_min, f.device_id) for f in reports if f.cosine_min is not None]
+    observed, where = min(worst) if worst else (1.0, None)
+    figures |= {"cosine_min": observed, "device": where, "min_cosine": g.min_cosine}
+    common = {"observed": round(observed, 6), "threshold": g.min_cosine, "figures": figures}
+    waiting = _shadow_wait(inp, "min_cosine", "shadow cosine", samples, devices, common)
+    if waiting is not None:
+        return waiting
+    status, op = (GateStatus.FAIL, "<") if observed < g.min_cosine else (GateStatus.PASS, ">=")
+    return GateResult(
+        "min_cosine", status,
+        f"shadow cosine {observed:.4f} {op} {g.min_cosine} {_over(samples, devices)}",
+        sample=samples, min_sample=max(g.min_shadow_samples, 1), unit="samples", **common,
+    )
+
+
+def candidate_latency_gate(inp: GateInput) -> GateResult | None:
+    """Candidate p95 / serving p95 on the same sampled requests, median over devices."""
+    g = inp.gates
+    if g.max_candidate_p95_ratio is None:
+        return None
+    reports, samples, _devices, figures = _shadow_sample(inp)
+    per = {
+        f.device_id: (f.candidate_p95_ms, f.current_p95_ms)
+        for f in reports
+        if f.candidate_p95_ms is not None and f.current_p95_ms and f.samples
+    }
+    ratios = {d: round(c / s, 3) for d, (c, s) in sorted(per.items()) if c is not None and s}
+    ratio = statistics.median(ratios.values()) if ratios else 0.0
+    cand = statistics.median(c for c, _ in per.values() if c is not None) if per else None
+    cur = statistics.median(s for _, s in per.values() if s) if per else None
+    figures |= {"candidate_p95_ratio": round(ratio, 3), "candidate_p95_ms": cand, "current_p95_ms": cur,
+                "per_device": ratios, "max_candidate_p95_ratio": g.max_candidate_p95_ratio}
+    common = {"observed": round(ratio, 3), "threshold": g.max_candidate_p95_ratio, "figures": figures}
+    waiting = _shadow_wait(
+        inp, "max_candidate_p95_ratio", "candidate p95 ratio", samples, len(ratios), common
+    )
+    if waiting is not None:
+        return waiting
+    status, op = (GateStatus.FAIL, ">") if ratio > g.max_candidate_p95_ratio else (GateStatus.PASS, "<=")
+    return GateResult(
+        "max_candidate_p95_ratio", status,
+        f"candidate p95 ratio {ratio:.2f} {op} {g.max_candidate_p95_ratio} (p95 {cand:.2f} ms vs "
+        f"{cur:.2f} ms for the serving release on the same requests, median of "
+        f"{_plural(len(ratios), 'device')})",
+        sample=len(ratios), min_sample=g.min_devices, **common,
+    )
+
+
 GATES = (
     error_rate_gate,
     latency_gate,
@@ -555,6 +756,21 @@ GATES = (
 )
 
 
+# In a shadow stage no device serves the target: its health windows do not exist, so the
+# gates on them give way to the shadow gates; the device-count gates stay.
+SHADOW_GATES = (
+    agreement_gate,
+    abs_error_gate,
+    cosine_gate,
+    candidate_latency_gate,
+    install_failures_gate,
+    silent_gate,
+    offline_gate,
+)
+
+
 def evaluate_gates(inp: GateInput) -> tuple[GateResult, ...]:
-    """Every enabled gate, in a fixed order (the first failing one names the failure)."""
-    return tuple(r for r in (gate(inp) for gate in GATES) if r is not None)
+    """Every enabled gate of the stage's mode, in a fixed order (the first failing one names
+    the failure)."""
+    gates = SHADOW_GATES if inp.mode == "shadow" else GATES
+    return tuple(r for r in (gate(inp) for gate in gates) if r is not None)

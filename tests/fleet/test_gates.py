@@ -67,7 +67,7 @@ def test_new_spec_fields_have_documented_defaults() -> None:
 @pytest.mark.parametrize(
     ("change", "field", "text"),
     [
-        ({"stage": {"mode": "shadow"}}, "stages[0].mode", "not supported yet; use 'switch'"),
+        ({"stage": {"mode": "shadow"}}, "gates", "runs in shadow: set min_agreement"),
         ({"stage": {"mode": "mirror"}}, "stages[0].mode", "'switch' or 'shadow'"),
         ({"stage": {"approval": "yes"}}, "stages[0].approval", ""),
         ({"stage": {"gates": {"max_drift": -1}}}, "stages[0].gates.max_drift", ">= 0"),
