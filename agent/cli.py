@@ -244,8 +244,13 @@ def cmd_status(config: AgentConfig, as_json: bool) -> int:
         previous = f"r{rec.previous.release}" if rec.previous else "none"
         target = f"r{rec.target.release}" if rec.target else "none"
         print(f"{name}: state {rec.state}, active {active}, previous {previous}, last target {target}")
-        if rec.reason or rec.message:
-            print(f"  reason {rec.reason or '-'}: {rec.message}")
+        if rec.reason:
+            print(f"  reason {rec.reason}: {rec.message}")
+        elif rec.message:
+            # e.g. "r12 staged, waiting for the activation window 02:00-05:00 local time (device)"
+            print(f"  {rec.message}")
+        if rec.committed is not None:
+            print(f"  last committed r{rec.committed.release} (kept on disk)")
     return 0
 
 

@@ -15,7 +15,9 @@ raises AgentUnavailableError.
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -137,3 +139,42 @@ class AgentClient:
             self.models()
         dtypes = self._outputs.get(name, {})
         return {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in outputs.items()}
+
+    # -- update locks (docs/agent-api.md "Update locks") ----------------------------------
+
+    def _lock_call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = self._request(method, path, json=body) if body is not None else self._request(
+            method, path, headers={"Content-Length": "0"})
+        if response.status_code != 200:
+            self._raise(response)
+        doc: dict[str, Any] = response.json()
+        return doc
+
+    def acquire_lock(self, holder: str, lease_s: float, reason: str = "") -> dict[str, Any]:
+        """Hold off activation of updates for ``lease_s`` seconds (renew before it runs out).
+        Answers ``{"holder", "lease_s", "expires_in_s", "expires_at", "reason"}``."""
+        return self._lock_call("POST", f"/v1/locks/{quote(holder, safe='')}",
+                               {"lease_s": lease_s, "reason": reason})
+
+    def renew_lock(self, holder: str, lease_s: float | None = None) -> dict[str, Any]:
+        """A new lease for a lock still held; AgentError ``no_lock`` (404) once it lapsed."""
+        body = {} if lease_s is None else {"lease_s": lease_s}
+        return self._lock_call("POST", f"/v1/locks/{quote(holder, safe='')}/renew", body)
+
+    def release_lock(self, holder: str) -> None:
+        self._lock_call("DELETE", f"/v1/locks/{quote(holder, safe='')}")
+
+    def locks(self) -> dict[str, Any]:
+        """``{"locks": [...], "waiting": {model: what its staged release waits for}}``."""
+        return self._lock_call("GET", "/v1/locks")
+
+    @contextlib.contextmanager
+    def update_lock(self, holder: str, lease_s: float, reason: str = "") -> Iterator[dict[str, Any]]:
+        """``with agent.update_lock("camera-app", 60):`` holds the lock for the block (renew it
+        with ``renew_lock`` if the block may outlast the lease), releases it on exit."""
+        lease = self.acquire_lock(holder, lease_s, reason)
+        try:
+            yield lease
+        finally:
+            with contextlib.suppress(AgentError):
+                self.release_lock(holder)

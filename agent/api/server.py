@@ -5,6 +5,7 @@
     GET  /v1/models                 active models with release, version, signature, batching
     POST /v1/models/{name}/predict  JSON {"inputs": {...}}, application/x-npz (one array per
                                     input) or application/x-npy (one array, single-input models)
+    GET|POST|DELETE /v1/locks/...   update locks of local applications (agent.api.locks)
 
 The reply has the request's format unless ``Accept`` asks for another one (an x-npy
 reply needs a single-output model; x-npy requests of several-output models get npz).
@@ -24,6 +25,7 @@ import socket
 import socketserver
 import threading
 import zipfile
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,11 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from agent.api import locks as lock_routes
 from agent.errors import InferenceError, InputError, UnknownModelError
 from agent.runtime.batching import RequestTimeout
 from agent.runtime.host import LoadedModel, ModelHost
+from agent.update.locks import LockError, LockTable
 from shared import strictjson
 from shared.errors import MalformedDocumentError
 
@@ -253,6 +257,8 @@ class _Handler(BaseHTTPRequestHandler):
     host: ModelHost
     max_body_bytes: int
     request_timeout_s: float | None
+    locks: LockTable | None = None
+    update_waiting: Callable[[], dict[str, str]] | None = None
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -338,14 +344,41 @@ class _Handler(BaseHTTPRequestHandler):
         self._guard(self._not_allowed)
 
     def do_DELETE(self) -> None:
-        self._guard(self._not_allowed)
+        self._guard(self._delete)
+
+    def _delete(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if self._is_lock_path(path):
+            return self._lock_request("DELETE", path)
+        self._not_allowed()
+
+    # -- update locks -------------------------------------------------------------------
+
+    def _is_lock_path(self, path: str) -> bool:
+        return path == lock_routes.PREFIX or path.startswith(lock_routes.PREFIX + "/")
+
+    def _lock_request(self, method: str, path: str) -> None:
+        if self.locks is None:
+            raise ApiError(404, "not_found", "update locks are not enabled on this agent")
+        body = b""
+        if method == "POST" and ((self.headers.get("Content-Length") or "0") != "0"
+                                 or self.headers.get("Transfer-Encoding")):
+            body = self._body()
+        self._consumed = True
+        try:
+            status, doc = lock_routes.handle(self.locks, method, path, body, self.update_waiting)
+        except LockError as exc:
+            raise ApiError(exc.status, exc.code, exc.detail) from None
+        self._json(status, doc)
 
     def _not_allowed(self) -> None:
         raise ApiError(405, "method_not_allowed", f"{self.command} is not supported on {self.path}")
 
     def _get(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/healthz":
+        if self._is_lock_path(path):
+            self._lock_request("GET", path)
+        elif path == "/healthz":
             self._json(200, {"status": "ok"})
         elif path == "/readyz":
             models = self.host.snapshot()
@@ -363,6 +396,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         path = self.path.split("?", 1)[0]
+        if self._is_lock_path(path):
+            return self._lock_request("POST", path)
         parts = path.split("/")
         if not (len(parts) == 5 and path.startswith(PREDICT_PREFIX) and parts[4] == "predict" and parts[3]):
             raise ApiError(404, "not_found", f"no route {path}; POST /v1/models/<name>/predict")
@@ -438,9 +473,13 @@ class ApiServer:
     """The API on loopback TCP and/or a Unix socket; ``start`` serves in daemon threads."""
 
     def __init__(self, host: ModelHost, *, listen: tuple[str, int] | None, unix_socket: str = "",
-                 max_body_bytes: int = 64 * 1024 * 1024, request_timeout_s: float | None = 30.0) -> None:
+                 max_body_bytes: int = 64 * 1024 * 1024, request_timeout_s: float | None = 30.0,
+                 locks: LockTable | None = None,
+                 update_waiting: Callable[[], dict[str, str]] | None = None) -> None:
         handler = type("Handler", (_Handler,), {"host": host, "max_body_bytes": max_body_bytes,
-                                                "request_timeout_s": request_timeout_s})
+                                                "request_timeout_s": request_timeout_s, "locks": locks,
+                                                "update_waiting": staticmethod(update_waiting)
+                                                if update_waiting else None})
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
         self.tcp_address: tuple[str, int] | None = None

@@ -36,6 +36,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -56,6 +57,7 @@ from agent.update import lifecycle as lc
 from agent.update.blobs import BlobStore, disk_full
 from agent.update.chunked import ChunkIndex, fetch_chunked
 from agent.update.fetch import Cancelled, Fetcher, WaitingForWindow
+from agent.update.gating import ActivationGate
 from agent.update.lifecycle import ModelRecord, ReleaseRef, Target, UpdateState
 from agent.update.store import StateStore
 from agent.update.testhooks import pause_point
@@ -63,7 +65,7 @@ from shared.bundle.archive import extract_blobs, read_envelope
 from shared.bundle.envelope import Envelope
 from shared.bundle.manifest import FileRef, Manifest, parse_manifest, payload_digest
 from shared.bundle.trust import TrustRoot, VerifiedManifest, check_release_policy
-from shared.errors import EdgefleetError, HashMismatchError, MalformedDocumentError
+from shared.errors import EdgefleetError, ExpiredError, HashMismatchError, MalformedDocumentError
 from shared.telemetry.messages import REASON_CODES
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,9 @@ class Installer:
         disk_margin_bytes: int = 16 * MIB,
         retry_failed_s: float = 30.0,
         retry_failed_max_s: float = 1800.0,
+        gate: ActivationGate | None = None,
+        expiry_now: Callable[[], datetime] | None = None,
+        offline_expiry_grace_s: float = 0.0,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -184,7 +189,15 @@ class Installer:
         self.disk_margin_bytes = disk_margin_bytes
         self.retry_failed_s = retry_failed_s
         self.retry_failed_max_s = retry_failed_max_s
+        # Activation windows and update locks (agent.update.gating); None: activate at once.
+        self.gate = gate
+        # The time expiry is checked against (agent.update.clock: the best time the agent has).
+        self.expiry_now = expiry_now or (lambda: datetime.now(UTC))
+        self.offline_expiry_grace_s = offline_expiry_grace_s
         self._lock = threading.RLock()
+        # Candidates staged for shadow evaluation (agent.update.shadow_stage), by model: the
+        # garbage collection keeps their files like those of a record.
+        self.shadow_refs: dict[str, Target] = {}
 
     # -- events and transitions ---------------------------------------------------
 
@@ -204,6 +217,8 @@ class Installer:
 
     def _to(self, rec: ModelRecord, to: UpdateState, *, reason: str | None = None,
             message: str = "", **changes: object) -> ModelRecord:
+        if to == S.COMMITTED and "committed" not in changes:
+            changes["committed"] = changes.get("active", rec.active)
         new = lc.transition(rec, to, reason=reason, message=message, now=self.clock(), **changes)
         self.store.save(new)
         kind = lc.EVENT_OF_STATE.get(to)
@@ -230,8 +245,33 @@ class Installer:
 
     # -- verification and loading -------------------------------------------------
 
-    def _verify(self, name: str | None, target_digest: str | None, envelope: bytes) -> VerifiedManifest:
-        vm = self.trust.verify_manifest(envelope)
+    def verify_signed(self, envelope: bytes, *, offline: bool = False) -> VerifiedManifest:
+        """Signatures, scope and expiry against the best time the agent has.
+
+        For a bundle file (``offline``) whose only fault is an expiry within
+        ``offline_expiry_grace_s`` of that time, accept it and log that the grace was used.
+        Signatures are verified either way; anti-rollback is checked after, unchanged.
+        """
+        now = self.expiry_now()
+        try:
+            return self.trust.verify_manifest(envelope, now=now)
+        except ExpiredError as exc:
+            grace = self.offline_expiry_grace_s
+            if not offline or grace <= 0:
+                raise
+            try:
+                vm = self.trust.verify_manifest(envelope, now=now - timedelta(seconds=grace))
+            except ExpiredError as again:
+                raise ExpiredError(f"{again}; older than the offline grace of {grace:g} s "
+                                   "(update.offline_expiry_grace_s)", **again.details) from None
+            log.warning("model=%s r%s: OFFLINE EXPIRY GRACE used: %s (best time %s); accepted "
+                        "because update.offline_expiry_grace_s = %g s", vm.manifest.name,
+                        vm.manifest.release, exc, now.isoformat(timespec="seconds"), grace)
+            return vm
+
+    def _verify(self, name: str | None, target_digest: str | None, envelope: bytes, *,
+                offline: bool = False) -> VerifiedManifest:
+        vm = self.verify_signed(envelope, offline=offline)
         if name is not None and vm.manifest.name != name:
             raise MalformedDocumentError(
                 f"the envelope is for model {vm.manifest.name!r}, expected {name!r}"
@@ -343,6 +383,8 @@ class Installer:
                     rec = self._verify_staged(rec, allow_redownload=redownloads == 0)
                     redownloads += rec.state == S.DOWNLOADING
                 elif rec.state == S.STAGED:
+                    if trial and (waiting := self._activation_waiting(rec)) is not None:
+                        return waiting  # staged; activated at the first allowed moment
                     rec = self._to(rec, S.SMOKE_TESTING)
                     pause_point("smoke_testing")
                 else:
@@ -370,7 +412,8 @@ class Installer:
         """DOWNLOADING: verify the envelope before any big byte, store it, fetch the blobs."""
         assert rec.target is not None
         target = rec.target
-        vm = verified or self._verify(rec.name, target.digest, source.envelope())
+        vm = verified or self._verify(rec.name, target.digest, source.envelope(),
+                                      offline=isinstance(source, FileSource))
         self.blobs.save_envelope(rec.name, vm.manifest.release, vm.digest, vm.envelope)
         self.emit(rec.name, "verified", target.release,
                   rec.active.release if rec.active else None, None,
@@ -407,7 +450,8 @@ class Installer:
         assert rec.target is not None
         target = rec.target
         data = self.blobs.load_envelope(rec.name, target.release, target.digest)
-        vm = self._verify(rec.name, target.digest, data) if data is not None else None
+        vm = (self._verify(rec.name, target.digest, data, offline=target.bundle_path is not None)
+              if data is not None else None)
         damaged = [] if vm is None else [
             ref for ref in vm.manifest.files.values() if not self.blobs.verify_placed(ref)
         ]
@@ -584,7 +628,7 @@ class Installer:
         """Install a single-file bundle; raise the refusal (EdgefleetError with its code)."""
         source = FileSource(path)
         with self._lock:
-            vm = self.trust.verify_manifest(source.envelope())
+            vm = self.verify_signed(source.envelope(), offline=True)
             name = vm.manifest.name
             rec = self.store.load(name) or ModelRecord(name=name)
             target = Target(vm.manifest.release, vm.digest, bundle_path=str(Path(path).resolve()))
@@ -592,7 +636,7 @@ class Installer:
                 self._supersede(rec)
             rec = self._to(rec, S.DOWNLOADING, target=target)
             try:
-                vm = self._verify(name, vm.digest, vm.envelope)
+                vm = self._verify(name, vm.digest, vm.envelope, offline=True)
             except EdgefleetError as exc:
                 self._fail(rec, exc)
                 raise
@@ -629,6 +673,10 @@ class Installer:
             if rec.active is not None and rec.active.digest == target.digest:
                 return rec
             if rec.target is not None and rec.target.digest == target.digest and rec.state in lc.IN_PROGRESS:
+                if rec.target.activation_window != target.activation_window:
+                    rec = dataclasses.replace(rec, target=dataclasses.replace(
+                        rec.target, activation_window=target.activation_window))
+                    self.store.save(rec)
                 return self.resume(name) or rec
             if target.digest in rec.failed_digests:
                 log.debug("model=%s r%s failed here before; waiting for another release",
@@ -697,16 +745,86 @@ class Installer:
         except StateError as exc:
             log.error("gc skipped: %s", exc)
             return
-        for rec in records.values():
-            for ref in (rec.active, rec.previous, rec.target):
+        shadows = list(self.shadow_refs.items())
+        held = ((r.name, (r.active, r.previous, r.committed, r.target)) for r in records.values())
+        for name, refs in [*held,
+                           *((n, (t,)) for n, t in shadows)]:
+            for ref in refs:
                 if ref is None:
                     continue
-                keep_env.add(self.blobs.envelope_path(rec.name, ref.release, ref.digest))
+                keep_env.add(self.blobs.envelope_path(name, ref.release, ref.digest))
                 try:
-                    manifest = self._stored_manifest(rec.name, ref)
+                    manifest = self._stored_manifest(name, ref)
                 except (StateError, EdgefleetError):
                     continue
                 keep_blobs.update(f.sha256 for f in manifest.files.values())
         removed = self.blobs.gc(keep_blobs, keep_env)
         if removed:
             log.info("gc removed %d blob(s)", len(removed))
+
+    # -- activation windows and update locks ----------------------------------------------
+
+    def _activation_waiting(self, rec: ModelRecord) -> ModelRecord | None:
+        """A staged fleet release outside its window or under an update lock: note why in the
+        record's message (``edgefleet-agent status``, health ``waiting``) and return it."""
+        if self.gate is None or rec.target is None:
+            return None
+        reason = self.gate.waiting_for(rec.target.activation_window)
+        if reason is None:
+            return None
+        message = f"r{rec.target.release} staged, {reason}"
+        if rec.message != message:
+            log.info("model=%s: %s", rec.name, message)
+            rec = dataclasses.replace(rec, message=message)
+            self.store.save(rec)
+        return rec
+
+    def resume_staged(self) -> float | None:
+        """Activate the staged releases now allowed; return seconds to the next moment one may be."""
+        if self.gate is None:
+            return None
+        try:
+            records = self.store.load_all()
+        except StateError as exc:
+            log.error("staged releases not checked: %s", exc)
+            return None
+        next_in: float | None = None
+        for name, rec in records.items():
+            if rec.state != S.STAGED or rec.target is None or rec.target.bundle_path:
+                continue
+            if self.gate.waiting_for(rec.target.activation_window) is None:
+                self.resume(name)
+                continue
+            with self._lock:
+                current = self.store.load(name)
+                if current is not None and current.state == S.STAGED:
+                    self._activation_waiting(current)
+            wake = self.gate.wake_in(rec.target.activation_window)
+            if wake is not None:
+                next_in = wake if next_in is None else min(next_in, wake)
+        return next_in
+
+    def held_releases(self) -> dict[str, list[int]]:
+        """Per model, the releases whose envelope and files are kept on the device (active,
+        previous, last committed, and a staged target): a fleet rollback to one downloads nothing."""
+        try:
+            records = self.store.load_all()
+        except StateError:
+            return {}
+        out: dict[str, list[int]] = {}
+        for name, rec in records.items():
+            refs: list[ReleaseRef | Target | None] = [rec.active, rec.previous, rec.committed]
+            if rec.state in (S.STAGED, S.SMOKE_TESTING):
+                refs.append(rec.target)
+            out[name] = sorted({r.release for r in refs if r is not None})
+        return out
+
+    def waiting(self) -> dict[str, str]:
+        """Per model, what a pending update waits for (window, lock, metered link), if anything."""
+        try:
+            records = self.store.load_all()
+        except StateError:
+            return {}
+        return {name: rec.message for name, rec in records.items()
+                if " waiting for " in f" {rec.message}"
+                and rec.state not in (S.FAILED, S.ROLLED_BACK, S.TRIAL)}

@@ -114,6 +114,8 @@ class Target:
     envelope_url: str | None = None
     blob_url: str | None = None
     bundle_path: str | None = None
+    # The rollout's activation window ("HH:MM-HH:MM" device local time), if it set one.
+    activation_window: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ class ModelRecord:
     trial_restarts: int = 0
     # Consecutive retryable failures (download, disk_full) of this target; spaces the retries.
     attempts: int = 0
+    # The release that last reached COMMITTED (proved healthy): cleanup never removes it.
+    committed: ReleaseRef | None = None
 
 
 def can_transition(current: UpdateState, to: UpdateState) -> bool:

@@ -1,4 +1,5 @@
-"""The update window of a metered link: downloads start only inside it.
+"""Local-time windows: the download window of a metered link, and the activation window
+(maintenance window) outside which a staged release waits (agent.update.gating).
 
 ``"02:00-05:00"`` is local time, start inclusive, end exclusive; a window whose end is not
 after its start wraps midnight (``"22:00-04:00"``). Pure: the caller passes the time.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)\Z")
 
@@ -42,3 +43,13 @@ class UpdateWindow:
         if self.contains(now):
             return None
         return f"waiting for the update window {self.text} local time (metered link)"
+
+    def seconds_until_open(self, now: datetime) -> float:
+        """0 inside the window, else the seconds until it next opens (local wall time)."""
+        if self.contains(now):
+            return 0.0
+        start = now.replace(hour=self.start_min // 60, minute=self.start_min % 60, second=0,
+                            microsecond=0)
+        if start <= now:
+            start += timedelta(days=1)
+        return max(0.0, (start - now).total_seconds())
