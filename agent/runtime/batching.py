@@ -12,8 +12,11 @@ Every request of an active model goes through that model's scheduler:
 - the merged run is split back by rows; if it fails, every request in it is run on
   its own, so only a request that fails alone gets an error (and is counted);
 - a model is batchable when the first axis of every input and output is dynamic in
-  the manifest and a probe at swap time shows rows do not affect each other (two rows
-  run together equal the rows run apart) and outputs keep the row count;
+  the manifest and a probe shows rows do not affect each other (two rows run together
+  equal the rows run apart) and outputs keep the row count. The probe (three runs) starts
+  at swap time on a thread of its own, so it does not delay readiness; until it has
+  answered, requests run one by one (never merged unverified). ``max_rows`` and
+  ``unbatched_reason`` wait for its answer;
 - a request still queued when its caller's timeout passes is dropped unrun; a run in
   progress cannot be interrupted (the runtimes cannot), its result is discarded.
 
@@ -124,15 +127,18 @@ class ModelScheduler:
         self.model = model
         self.policy = policy
         self.idle_exit_s = idle_exit_s
-        self.unbatched_reason: str | None = None
+        self._reason: str | None = None
+        self._probed = threading.Event()  # set once merging is decided
         if policy.max_batch_size <= 1:
-            self.unbatched_reason = "batching is off (runtime.max_batch_size = 1)"
+            self._reason = "batching is off (runtime.max_batch_size = 1)"
         else:
-            self.unbatched_reason = batch_axis_reason(model.manifest)
-            if self.unbatched_reason is None and probe:
-                self.unbatched_reason = probe_batching(model.session, model.manifest)
-        if self.unbatched_reason and policy.max_batch_size > 1:
-            log.info("model=%s r%s runs unbatched: %s", model.name, model.release, self.unbatched_reason)
+            self._reason = batch_axis_reason(model.manifest)
+        if self._reason is None and probe:
+            # not a daemon: a runtime still running at interpreter exit aborts the process
+            threading.Thread(target=self._probe, name=f"probe-{model.name}").start()
+        else:
+            self._log_unbatched()
+            self._probed.set()
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._alive = 0
@@ -141,15 +147,45 @@ class ModelScheduler:
         self.batches = 0  # merged runs of more than one request (for tests and stats)
         self.split_retries = 0  # merged runs that failed and were retried request by request
 
+    def _probe(self) -> None:
+        try:
+            self._reason = probe_batching(self.model.session, self.model.manifest)
+        except Exception as exc:  # never leave the event unset
+            self._reason = f"the probe failed: {exc}"
+        self._log_unbatched()
+        self._probed.set()
+
+    def _log_unbatched(self) -> None:
+        if self._reason and self.policy.max_batch_size > 1:
+            log.info("model=%s r%s runs unbatched: %s", self.model.name, self.model.release, self._reason)
+
+    @property
+    def unbatched_reason(self) -> str | None:
+        """Why requests are not merged (None: they are); waits for the probe's answer."""
+        self._probed.wait()
+        return self._reason
+
+    @unbatched_reason.setter
+    def unbatched_reason(self, reason: str | None) -> None:
+        self._reason = reason
+
     @property
     def max_rows(self) -> int:
-        return 1 if self.unbatched_reason else self.policy.max_batch_size
+        """Rows a merged run may hold; waits for the probe's answer."""
+        self._probed.wait()
+        return self._rows_cap()
+
+    def _rows_cap(self) -> int:
+        """``max_rows`` as of now, without waiting: 1 while the probe has not answered."""
+        if self._reason or not self._probed.is_set():
+            return 1
+        return self.policy.max_batch_size
 
     # -- callers ---------------------------------------------------------------------
 
     def _key(self, feeds: Mapping[str, np.ndarray]) -> tuple[tuple[object, ...] | None, int]:
         rows = {arr.shape[0] if arr.ndim else -1 for arr in feeds.values()}
-        if self.unbatched_reason or len(rows) != 1:
+        if self._reason or len(rows) != 1:
             return None, 0
         n = rows.pop()
         key = tuple((k, feeds[k].shape[1:], feeds[k].dtype.str) for k in sorted(feeds))
@@ -197,7 +233,7 @@ class ModelScheduler:
         """Pop the first request and the compatible ones behind it (lock held)."""
         head = self._queue.popleft()
         batch = [head]
-        if head.key is not None and self.max_rows > 1:
+        if head.key is not None and self._rows_cap() > 1:
             self._gather(batch)
         for r in batch:
             r.state = "running"
@@ -205,11 +241,11 @@ class ModelScheduler:
 
     def _gather(self, batch: list[_Request]) -> None:
         head = batch[0]
-        rows = sum(r.rows for r in batch)
+        rows, cap = sum(r.rows for r in batch), self._rows_cap()
         for r in list(self._queue):
-            if rows >= self.max_rows:
+            if rows >= cap:
                 break
-            if r.key == head.key and rows + r.rows <= self.max_rows:
+            if r.key == head.key and rows + r.rows <= cap:
                 self._queue.remove(r)
                 batch.append(r)
                 rows += r.rows
@@ -229,9 +265,9 @@ class ModelScheduler:
                         return
                 batch = self._take()
                 delay = self.policy.max_queue_delay_s
-                if delay > 0 and batch[0].key is not None and self.max_rows > 1:
+                if delay > 0 and batch[0].key is not None and self._rows_cap() > 1:
                     deadline = batch[0].enqueued + delay
-                    while sum(r.rows for r in batch) < self.max_rows:
+                    while sum(r.rows for r in batch) < self._rows_cap():
                         left = deadline - time.perf_counter()
                         if left <= 0:
                             break

@@ -14,15 +14,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
+import queue
 import shutil
-from collections.abc import Iterable
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO
 
 from agent.errors import DiskFullError
 from shared.bundle.keyring import atomic_write
 from shared.bundle.manifest import NAME_RE, SHA256_RE, FileRef
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -35,6 +43,103 @@ def _fsync_dir(path: Path) -> None:
 
 def disk_full(exc: OSError, what: str) -> DiskFullError:
     return DiskFullError(f"no space left in state_dir while writing {what}: {exc.strerror}")
+
+
+def _writeback_starter() -> Callable[[int, int, int], object] | None:
+    """Linux ``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``: start writing a
+    range to disk without waiting (Python's os module lacks it); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)  # type: ignore[no-any-return]
+
+
+class BlobWriter:
+    """Appends a download to its staging file and hashes it, both on a worker thread.
+
+    The network thread only collects bytes into blocks; SHA-256 and ``write`` release the GIL,
+    so on a two-core device they overlap the transfer instead of following it. Every
+    ``WRITEBACK`` bytes the worker asks the kernel to start writing them out, so that the fsync
+    of ``BlobStore.commit`` (the crash-safety point, unchanged) finds little left to do. The
+    digest covers exactly the bytes written, in order; it is complete after ``close``. A block
+    is handed over at ``BLOCK`` bytes or ``HANDOFF_S`` after the previous one, so on a slow link
+    the partial on disk still follows the transfer closely. At most ``DEPTH`` blocks wait for
+    the worker (bounded memory). An error of the worker (a full disk)
+    is raised by the next ``write`` or by ``close``. ``close`` writes what was received, so a
+    cut transfer keeps its partial for the next resume.
+    """
+
+    BLOCK = 1 << 20
+    HANDOFF_S = 0.1
+    WRITEBACK = 4 << 20
+    DEPTH = 4
+
+    def __init__(self, dest: BinaryIO, digest: hashlib._Hash) -> None:
+        self.dest = dest
+        self.digest = digest
+        self.error: BaseException | None = None
+        self._buf = bytearray()
+        self._handed = time.monotonic()
+        self._queue: queue.Queue[bytearray | None] = queue.Queue(maxsize=self.DEPTH)
+        self._writeback = _writeback_starter()
+        self._worker = threading.Thread(target=self._run, name="blob-writer", daemon=True)
+        self._worker.start()
+
+    def _run(self) -> None:
+        fd, pending, failed = self.dest.fileno(), 0, False
+        while (block := self._queue.get()) is not None:
+            if failed:
+                continue  # drain, so the network thread never blocks on a dead worker
+            try:
+                self.dest.write(block)
+                self.dest.flush()
+                self.digest.update(block)
+                pending += len(block)
+                if self._writeback is not None and pending >= self.WRITEBACK:
+                    self._writeback(fd, self.dest.tell() - pending, pending)
+                    pending = 0
+            except BaseException as exc:  # handed to the network thread
+                self.error, failed = exc, True
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self._buf += data
+        if len(self._buf) >= self.BLOCK or time.monotonic() - self._handed >= self.HANDOFF_S:
+            self._queue.put(self._buf)
+            self._buf = bytearray()
+            self._handed = time.monotonic()
+
+    def close(self) -> None:
+        """Hand over the rest and wait for the worker; raise its error, if any."""
+        if self._worker.is_alive():
+            if self._buf:
+                self._queue.put(self._buf)
+                self._buf = bytearray()
+            self._queue.put(None)
+            self._worker.join()
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as err:  # the transfer's own error is the one to report
+            log.warning("blob writer: %s (while stopping after %s)", err, exc)
 
 
 class BlobStore:

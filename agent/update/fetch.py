@@ -41,20 +41,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-
-import httpx
+from typing import TYPE_CHECKING
 
 from agent.config import UpdateConfig
 from agent.errors import AuthError, DownloadError
-from agent.update.blobs import BlobStore, disk_full
+from agent.update.blobs import BlobStore, BlobWriter, disk_full
 from agent.update.window import UpdateWindow
 from shared.bundle.envelope import MAX_ENVELOPE_BYTES
 from shared.bundle.manifest import FileRef
 from shared.errors import HashMismatchError, LengthMismatchError
 
+if TYPE_CHECKING:  # httpx is imported when a download starts: an offline agent never needs it
+    import httpx
+
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=30.0, write=30.0, pool=10.0)
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -85,8 +86,17 @@ class DownloadPolicy:
         )
 
     def timeout(self) -> httpx.Timeout:
+        import httpx
+
         return httpx.Timeout(connect=self.connect_timeout_s, read=self.stall_window_s,
                              write=30.0, pool=self.connect_timeout_s)
+
+
+def default_timeout() -> httpx.Timeout:
+    """The agent's HTTP client timeouts (fleet API and downloads)."""
+    import httpx
+
+    return httpx.Timeout(connect=10.0, read=30.0, write=30.0, pool=10.0)
 
 
 def backoff_delay(attempt: int, policy: DownloadPolicy, rand: Callable[[], float] = random.random) -> float:
@@ -240,6 +250,8 @@ class Fetcher:
             )
 
     def _retrying(self, what: str, once: Callable[[], bytes | None]) -> bytes | None:
+        import httpx
+
         last: Exception | None = None
         for attempt in range(self.policy.attempts):
             if self.cancel.is_set():
@@ -326,16 +338,17 @@ class Fetcher:
                     f"the manifest's size {ref.size} leaves {remaining}"
                 )
             meter = RateMeter(self.policy, self.clock)
-            with blobs.open_partial(ref.sha256, append=offset > 0) as dest:
+            # write + hash on a worker thread (BlobWriter): they overlap the transfer
+            with blobs.open_partial(ref.sha256, append=offset > 0) as dest, BlobWriter(dest, digest) as sink:
                 for chunk in response.iter_raw():
-                    if len(chunk) > remaining:
+                    n = len(chunk)
+                    if n > remaining:
                         raise LengthMismatchError(f"blob {sha}… at {url} is longer than {ref.size} bytes")
-                    dest.write(chunk)
-                    digest.update(chunk)
-                    remaining -= len(chunk)
-                    self.stats.add(network=len(chunk))
-                    self.throttle(len(chunk), meter)
-                    meter.add(len(chunk), f"blob {sha}…")
+                    sink.write(chunk)
+                    remaining -= n
+                    self.stats.add(network=n)
+                    self.throttle(n, meter)
+                    meter.add(n, f"blob {sha}…")
                     if self.cancel.is_set():
                         raise Cancelled(f"blob {sha}…: the agent is stopping (partial kept)")
             if remaining:

@@ -26,7 +26,6 @@ from fleet.db.models import HealthReport, HealthRollup
 log = logging.getLogger(__name__)
 
 DELETE_CHUNK = 5000
-UPSERT_CHUNK = 500  # rows per statement (9 parameters each: within SQLite's limit)
 
 
 @dataclass(frozen=True)
@@ -64,34 +63,41 @@ def add_windows(session: Session, windows: Iterable[Window]) -> None:
         row["last_ts"] = max(row["last_ts"], w.ts)
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
+    session.execute(_upsert(session.get_bind().dialect.name), [rows[key] for key in sorted(rows)])
+
+
+_UPSERTS: dict[str, Any] = {}
+
+
+def _upsert(dialect: str) -> Any:
+    """The single-row upsert of a rollup row, executed as one executemany per batch.
+
+    A multi-row ``VALUES`` upsert was tried first: SQLAlchemy compiled it anew for every
+    batch (its row count varies) and psycopg re-parsed the long statement, which cost more
+    than the round trips it saved. One small statement, compiled once and pipelined by
+    psycopg (sorted keys, so concurrent writers never deadlock), is cheaper.
+    """
+    stmt = _UPSERTS.get(dialect)
+    if stmt is not None:
+        return stmt
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     table = HealthRollup.__table__  # type: ignore[attr-defined]
-    ordered = [rows[key] for key in sorted(rows)]
-    # One multi-row upsert per chunk, not one round trip per row: this was the ingester's
-    # bottleneck (bench/b_ingest.py). Keys are unique within the statement.
-    for i in range(0, len(ordered), UPSERT_CHUNK):
-        stmt = insert(table).values(ordered[i : i + UPSERT_CHUNK])
-        ex = stmt.excluded
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["device_id", "model", "release", "hour"],
-            set_={
-                "reports": table.c.reports + ex.reports,
-                "inferences": table.c.inferences + ex.inferences,
-                "errors": table.c.errors + ex.errors,
-                "p95_ms_max": func.coalesce(
-                    func.greatest(table.c.p95_ms_max, ex.p95_ms_max)
-                    if dialect == "postgresql"
-                    else func.max(table.c.p95_ms_max, ex.p95_ms_max),
-                    ex.p95_ms_max,
-                    table.c.p95_ms_max,
-                ),
-                "last_ts": func.greatest(table.c.last_ts, ex.last_ts)
-                if dialect == "postgresql"
-                else func.max(table.c.last_ts, ex.last_ts),
-            },
-        )
-        session.execute(stmt)
+    greatest = func.greatest if dialect == "postgresql" else func.max
+    base = insert(table)
+    ex = base.excluded
+    stmt = base.on_conflict_do_update(
+        index_elements=["device_id", "model", "release", "hour"],
+        set_={
+            "reports": table.c.reports + ex.reports,
+            "inferences": table.c.inferences + ex.inferences,
+            "errors": table.c.errors + ex.errors,
+            "p95_ms_max": func.coalesce(greatest(table.c.p95_ms_max, ex.p95_ms_max), ex.p95_ms_max,
+                                        table.c.p95_ms_max),
+            "last_ts": greatest(table.c.last_ts, ex.last_ts),
+        },
+    )
+    _UPSERTS[dialect] = stmt
+    return stmt
 
 
 def _totals(rows: Iterable[Any]) -> list[dict[str, Any]]:
