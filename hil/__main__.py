@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: namespaces when allowed, else plain processes (the report says so)")
     r.add_argument("--inventory", type=Path, metavar="INVENTORY.toml",
                    help="real devices for --mode ssh (see hil/ssh.py)")
+    r.add_argument("--harness-address", metavar="ADDR",
+                   help="--mode ssh: the address the devices reach this machine at (the fleet and the "
+                        "broker listen on every address); overrides [harness] address of the inventory")
     sub.add_parser("list", help="list the bundled scenarios")
     args = p.parse_args(argv)
     if args.command == "list":
@@ -33,13 +36,21 @@ def main(argv: list[str] | None = None) -> int:
             sc = load_scenario(path)
             print(f"{path.name:<32} {sc.description.splitlines()[0] if sc.description else sc.name}")
         return 0
+    inventory = None
     if args.mode == "ssh":
         if args.inventory is None:
             p.error("--mode ssh needs --inventory")
-        print("python -m hil: --mode ssh: the SSH transport (hil/ssh.py) builds and runs the device "
-              "commands, but scenario runs against real devices are not wired into the runner yet",
-              file=sys.stderr)
-        return 2
+        from hil.ssh import load_inventory
+
+        try:
+            inventory = load_inventory(args.inventory)
+        except ScenarioError as exc:
+            print(f"python -m hil: {exc}", file=sys.stderr)
+            return 2
+        if not (args.harness_address or inventory.harness_address):
+            p.error("--mode ssh needs the address the devices reach this machine at: "
+                    "--harness-address or [harness] address in the inventory")
+    from hil.remote import SshRun
     from hil.runner import HilRun
 
     failed = 0
@@ -50,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m hil: {exc}", file=sys.stderr)
             return 2
         out = args.report if len(args.scenarios) == 1 else args.report / path.stem
-        report = HilRun(scenario, out, mode=args.mode).run()
+        if inventory is not None:
+            report = SshRun(scenario, out, inventory, harness_address=args.harness_address,
+                            inventory_path=args.inventory).run()
+        else:
+            report = HilRun(scenario, out, mode=args.mode).run()
         print(f"{scenario.name}: {report['verdict'].upper()} in {report['duration_s']} s "
               f"({report['mode']} mode) — {out / 'report.md'}")
         failed += report["verdict"] != "pass"

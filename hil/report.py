@@ -57,6 +57,8 @@ def build_report(run: HilRun, result: dict[str, Any], error: str | None) -> dict
             assigned = (fleet_dev.get("assigned") or {}).get(MODEL, {}).get("release")
             views = {"agent_state_file": active, "agent_api": agent.get("api_release"),
                      "fleet_reported": reported_release, "fleet_assigned": assigned}
+            if run.mode == "ssh":  # what `edgefleet-agent status --json` says on the device
+                views["agent_status"] = agent.get("status_release")
             match = active is not None and len({v for v in views.values()}) == 1
             if sc.expect.serving == "healthy":
                 serving_ok = active in healthy
@@ -70,6 +72,9 @@ def build_report(run: HilRun, result: dict[str, Any], error: str | None) -> dict
                 "online_in_fleet": fleet_dev.get("online"), "traffic": result["traffic"].get(device),
                 "events": dev.events, "address": dev.addr,
             }
+            if run.mode == "ssh":
+                devices[device].update({k: agent.get(k) for k in ("status_state", "status_error", "log",
+                                                                   "polls", "api_error")})
             if sc.expect.views_match:
                 verdict &= match
             verdict &= serving_ok
@@ -80,6 +85,11 @@ def build_report(run: HilRun, result: dict[str, Any], error: str | None) -> dict
         checks.append({"check": f"serving {sc.expect.serving}", "ok": not bad_serving,
                        "detail": f"healthy {sorted(healthy)}, new {sorted(fresh)}"
                        + (f"; wrong: {', '.join(bad_serving)}" if bad_serving else "")})
+    unreachable: dict[str, str] = getattr(run, "unreachable", {})
+    if unreachable:
+        checks.append({"check": "devices reachable", "ok": False,
+                       "detail": "; ".join(f"{d}: {why}" for d, why in unreachable.items())})
+        verdict = False
     report = {
         "scenario": sc.name, "description": sc.description, "file": str(sc.path) if sc.path else None,
         "mode": run.mode, "verdict": "pass" if verdict else "fail", "error": error,
@@ -94,6 +104,10 @@ def build_report(run: HilRun, result: dict[str, Any], error: str | None) -> dict
                                                            "events")} if result else None,
         "logs": str(run.work / "logs"),
     }
+    if run.mode == "ssh":
+        report["inventory"] = getattr(run, "inventory_path", None)
+        report["device_map"] = getattr(run, "device_map", {})
+        report["unreachable"] = unreachable
     write_report(run.report_dir, report)
     return report
 
@@ -109,9 +123,15 @@ def markdown(r: dict[str, Any]) -> str:
     if r["description"]:
         lines += [r["description"], ""]
     mode = r["mode"]
-    lines += [f"- mode: **{mode}**" + ("" if mode == "netns" else
-                                        " (no network namespaces: link impairments were skipped; "
-                                        f"{r['why_process_mode']})"),
+    if mode == "ssh":
+        mapping = ", ".join(f"{k} = {v}" for k, v in r.get("device_map", {}).items())
+        where = f"- mode: **ssh**: real devices from `{r.get('inventory')}` ({mapping})"
+    elif mode == "netns":
+        where = "- mode: **netns**"
+    else:
+        where = (f"- mode: **{mode}** (no network namespaces: link impairments were skipped; "
+                 f"{r['why_process_mode']})")
+    lines += [where,
               f"- duration: {r['duration_s']} s (rollout {r['rollout_duration_s']} s)",
               f"- logs: `{r['logs']}`"]
     if r["error"]:
@@ -121,14 +141,20 @@ def markdown(r: dict[str, Any]) -> str:
                   + (f" — {r['rollout']['reason']}" if r["rollout"].get("reason") else "")]
     lines += ["", "## Checks", "", "| check | ok | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'yes' if c['ok'] else '**no**'} | {c['detail']} |" for c in r["checks"]]
+    ssh = mode == "ssh"
     lines += ["", "## Devices", "",
-              "| device | final release | state | agent file | agent API | fleet reported | fleet assigned "
-              "| match |", "|---|---|---|---|---|---|---|---|"]
+              "| device | final release | state | agent file | agent API | "
+              + ("agent status (ssh) | " if ssh else "") + "fleet reported | fleet assigned | match |",
+              "|---|---|---|---|---|---|---|---|" + ("---|" if ssh else "")]
     for d, v in r["devices"].items():
         w = v["views"]
         lines.append(f"| {d} | r{v['final_release']} | {v['state']} | {w['agent_state_file']} | "
-                     f"{w['agent_api']} | {w['fleet_reported']} | {w['fleet_assigned']} | "
+                     f"{w['agent_api']} | " + (f"{w.get('agent_status')} | " if ssh else "")
+                     + f"{w['fleet_reported']} | {w['fleet_assigned']} | "
                      f"{'yes' if v['views_match'] else '**no**'} |")
+    if r.get("unreachable"):
+        lines += ["", "## Unreachable devices", ""]
+        lines += [f"- {d}: {why}" for d, why in r["unreachable"].items()]
     lines += ["", "## Faults", ""]
     for f in r["faults"]:
         what = f.get("result") or f"skipped: {f.get('skipped')}"

@@ -45,6 +45,35 @@ class DeviceRun:
             return None
 
 
+def agent_toml(device: str, *, state_dir: str, trust_root: str, fleet_url: str, mqtt_url: str,
+               enroll_token: str, labels: dict[str, str], listen: str) -> str:
+    """The agent.toml of one HIL device: short intervals so that a scenario takes seconds."""
+    labels_toml = ", ".join(f"{k} = {json.dumps(v)}" for k, v in labels.items())
+    return (
+        f"device_id = {json.dumps(device)}\n"
+        f"state_dir = {json.dumps(state_dir)}\n"
+        f"trust_root = {json.dumps(trust_root)}\n"
+        f"[fleet]\n"
+        f"url = {json.dumps(fleet_url)}\n"
+        f"enrollment_token = {json.dumps(enroll_token)}\n"
+        f"labels = {{ {labels_toml} }}\n"
+        f"poll_interval_s = 2.0\n"
+        f"[mqtt]\n"
+        f"url = {json.dumps(mqtt_url)}\n"
+        f"health_interval_s = 1.0\n"
+        f"[api]\n"
+        f"listen = {json.dumps(listen)}\n"
+        f"[update]\n"
+        f"trial_seconds = 2.0\n"
+        f"trial_max_restarts = 2\n"
+        f"download_backoff_max_s = 2.0\n"
+        f"download_stall_window_s = 5.0\n"
+        f"retry_failed_s = 2.0\n"
+        f"retry_failed_max_s = 4.0\n"
+        f"disk_margin_mb = 2.0\n"
+    )
+
+
 class HilFleet(DemoFleet):
     """DemoFleet listening where namespaced devices reach it (the bridge), not only loopback."""
 
@@ -127,30 +156,11 @@ class HilRun:
             fleet_host = GATEWAY if self.net is not None else "127.0.0.1"
             api_port = free_port()
             labels = {"site": "lab", "ring": "canary" if device in self.sc.canary else "main"}
-            labels_toml = ", ".join(f'{k} = "{v}"' for k, v in labels.items())
-            (home / "agent.toml").write_text(
-                f'device_id = "{device}"\n'
-                f'state_dir = "{home / "state"}"\n'
-                f'trust_root = "{self.work / "keys" / "root.json"}"\n'
-                f"[fleet]\n"
-                f'url = "http://{fleet_host}:{fleet.fleet_port}"\n'
-                f'enrollment_token = "{fleet.enroll_token}"\n'
-                f"labels = {{ {labels_toml} }}\n"
-                f"poll_interval_s = 2.0\n"
-                f"[mqtt]\n"
-                f'url = "mqtt://{fleet_host}:{self.broker.port}"\n'
-                f"health_interval_s = 1.0\n"
-                f"[api]\n"
-                f'listen = "{addr}:{api_port}"\n'
-                f"[update]\n"
-                f"trial_seconds = 2.0\n"
-                f"trial_max_restarts = 2\n"
-                f"download_backoff_max_s = 2.0\n"
-                f"download_stall_window_s = 5.0\n"
-                f"retry_failed_s = 2.0\n"
-                f"retry_failed_max_s = 4.0\n"
-                f"disk_margin_mb = 2.0\n"
-            )
+            (home / "agent.toml").write_text(agent_toml(
+                device, state_dir=str(home / "state"), trust_root=str(self.work / "keys" / "root.json"),
+                fleet_url=f"http://{fleet_host}:{fleet.fleet_port}",
+                mqtt_url=f"mqtt://{fleet_host}:{self.broker.port}", enroll_token=fleet.enroll_token,
+                labels=labels, listen=f"{addr}:{api_port}"))
             argv = python_module("agent", "--config", str(home / "agent.toml"), "run")
             if self.net is not None:
                 argv = self.net.wrap(device, argv)
@@ -268,12 +278,13 @@ class HilRun:
         result: dict[str, Any] = {}
         error = None
         try:
-            self.broker = MosquittoBroker(self.work, bind="0.0.0.0" if self.mode == "netns" else "127.0.0.1")
+            bind = "127.0.0.1" if self.mode == "process" else "0.0.0.0"  # netns, ssh: devices reach us
+            self.broker = MosquittoBroker(self.work, bind=bind)
             self.broker.start()
             cfg = DemoConfig(workdir=self.work, agents=self.sc.devices,
                              mqtt_url=f"mqtt://127.0.0.1:{self.broker.port}", health_interval_s=1.0,
                              narrate=lambda line: None)
-            fleet = self.fleet = HilFleet(cfg, "0.0.0.0" if self.mode == "netns" else "127.0.0.1")
+            fleet = self.fleet = HilFleet(cfg, bind)
             bundles = fleet.build_bundles()
             new_bundle = bundles["1.1.0"] if self.sc.release == "faulty" else self._build_new_release(
                 self.work / "keys")
@@ -337,7 +348,7 @@ class HilRun:
                                      "why": "its trigger never came before the end"})
             self.pending.clear()
             for dev in self.devices.values():
-                if not dev.proc.alive():
+                if not self._alive(dev):
                     self._apply("power_on", dev.id, Fault("power_on"))
             result = {"rollout": fleet.check(fleet.http.get(f"/api/v1/rollouts/{rid}")),
                       "first_rollout_id": first["id"], "bundles": {"r1": v1, "new": v_new}}
@@ -355,6 +366,9 @@ class HilRun:
         finally:
             self._teardown()
         return build_report(self, result, error)
+
+    def _alive(self, dev: DeviceRun) -> bool:
+        return dev.proc.alive()
 
     def _agent_view(self, dev: DeviceRun) -> dict[str, Any]:
         view: dict[str, Any] = {"state_file": dev.read_state()}

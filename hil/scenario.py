@@ -76,8 +76,11 @@ class Scenario:
     disk_mb: int = 0  # a tmpfs of this size as each device's state_dir (0: a plain directory)
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    ids: tuple[str, ...] = ()  # real device ids (ssh mode) instead of dev-01, dev-02, ...
 
     def device_ids(self) -> list[str]:
+        if self.ids:
+            return list(self.ids)
         return [f"dev-{i:02d}" for i in range(1, self.devices + 1)]
 
 

@@ -24,6 +24,9 @@ need_tool useradd passwd               # postinst in a throwaway root
 need_tool ip iproute2                  # HIL network namespaces
 need_tool tc iproute2
 need_tool nft nftables                 # HIL packet loss where the kernel has no netem
+need_tool ssh openssh-client           # HIL --mode ssh: the harness side
+need_tool ssh-keygen openssh-client
+need_tool sshd openssh-server          # HIL --mode ssh test: a real device reached over SSH
 need_tool python3 python3
 need_py venv python3-venv
 need_py ensurepip python3-venv

@@ -84,23 +84,34 @@ def test_ssh_commands() -> None:
     c = SshCommands(dev)
     prefix = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-p", "2222", "-i", "/k/id",
               "pi@10.0.4.21", "--"]
-    assert c.start_agent() == [*prefix, "sudo -n systemctl start edgefleet-agent.service"]
+    assert c.start_agent() == [*prefix, "sudo -n systemctl restart edgefleet-agent.service"]
     assert c.stop_agent() == [*prefix, "sudo -n systemctl stop edgefleet-agent.service"]
     assert c.power_cut() == [*prefix, "sudo -n systemctl kill --signal=SIGKILL edgefleet-agent.service"]
-    assert c.status() == [*prefix, "sudo -n /opt/edgefleet/bin/edgefleet-agent --config "
-                                   "/etc/edgefleet/agent.toml status --json"]
+    assert c.status() == [*prefix, "sudo -n sh -c '/opt/edgefleet/bin/edgefleet-agent --config "
+                                   "/etc/edgefleet/agent.toml status --json'"]
     assert c.loss(20) == [*prefix, "sudo -n tc qdisc replace dev eth0 root netem loss 20%"]
+    nft = c.loss(20, (8000, 1883))[-1]  # netem, else nftables on the harness's ports
+    assert "nft -f -" in nft and "tcp dport { 8000, 1883 }" in nft
     assert c.delay(150.5) == [*prefix, "sudo -n tc qdisc replace dev eth0 root netem delay 150.5ms"]
-    assert c.clear_impairments()[-1] == "sudo -n tc qdisc del dev eth0 root || true"
-    assert c.link_down_for(5)[-1].startswith("sudo -n sh -c 'ip link set eth0 down; sleep 5;")
+    assert c.clear_impairments()[-1].startswith("sudo -n sh -c 'tc qdisc del dev eth0 root")
+    assert "ip link set eth0 down; sleep 5;" in c.link_down_for(5)[-1]
     assert "fallocate" in c.fill_disk()[-1] and "/var/lib/edgefleet/hil-filler" in c.fill_disk()[-1]
     assert c.free_disk()[-1] == "sudo -n rm -f /var/lib/edgefleet/hil-filler"
+    assert "max_fill_mb = 1024: mount a small tmpfs" in c.fill_disk()[-1]
+    # start = "command": the agent in its own process group, killed as a group; root needs no sudo
+    cmd = SshCommands(InventoryDevice(id="x", host="h", start="command", state_dir="/s",
+                                      agent_command="/a/edgefleet-agent", config="/c.toml"))
+    assert cmd.start_agent()[-1].endswith("then echo already running; else setsid sh -c 'echo $$ > /s.pid; "
+                                          "exec /a/edgefleet-agent --config /c.toml run' >> /s.log 2>&1 "
+                                          "< /dev/null & fi")
+    assert cmd.power_cut()[-1] == "[ -s /s.pid ] && kill -KILL -- -$(cat /s.pid) 2>/dev/null; true"
+    assert cmd.status()[-1] == "/a/edgefleet-agent --config /c.toml status --json"
     # a relay hook replaces the systemctl power cut
     relay = SshCommands(InventoryDevice(id="x", host="h", power_cut_command="relay-ctl off 3",
                                         power_on_command="relay-ctl on 3"))
     assert relay.power_cut() == ["relay-ctl", "off", "3"] and relay.power_on() == ["relay-ctl", "on", "3"]
     # hostile values are quoted, never interpreted by the remote shell
-    odd = SshCommands(InventoryDevice(id="x", host="h", interface="eth0; reboot"))
+    odd = SshCommands(InventoryDevice(id="x", host="h", user="pi", interface="eth0; reboot"))
     assert odd.loss(1)[-1] == "sudo -n tc qdisc replace dev 'eth0; reboot' root netem loss 1%"
 
 
