@@ -12,10 +12,17 @@ An unknown key or a bad value raises ConfigError naming the key and the value.
     labels = { ring = "canary", site = "lab" }
     poll_interval_s = 300.0
     [mqtt]
-    url = "mqtt://127.0.0.1:1883"  # default: the mqtt_url the fleet returns at enrollment
+    url = "mqtt://127.0.0.1:1883"  # default: the mqtt_url the fleet returns at enrollment;
+                                   # mqtts://host[:8883] for TLS
     health_interval_s = 60.0
-    keepalive_s = 60
+    keepalive_s = 300              # PINGREQ period; health (60 s) already keeps NAT and liveness
     spool_max_bytes = 8388608      # on-disk store-and-forward bound; oldest health dropped first
+    encoding = "msgpack"           # health and events: "msgpack" (compact) or "json" (docs/telemetry.md)
+    protocol = "auto"              # "auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"
+    ca_file = ""                   # mqtts: the CA that signed the broker; "": system CAs
+    cert_file = ""                 # mqtts: optional client certificate (PEM) ...
+    key_file = ""                  # ... and its key, when not in cert_file
+    tls_insecure = false           # true skips the broker host name check (never the chain)
     [api]
     listen = "127.0.0.1:8181"      # port 0 picks a free port; "" disables TCP
     unix_socket = ""               # a path; "" disables
@@ -55,7 +62,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from agent.telemetry.connection import PROTOCOLS as MQTT_PROTOCOLS
 from agent.update.window import UpdateWindow
+from shared.telemetry.messages import ENCODINGS
 from shared.telemetry.topics import DEVICE_ID_RE
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
@@ -77,8 +86,19 @@ class FleetConfig:
 class MqttConfig:
     url: str | None = None
     health_interval_s: float = 60.0
-    keepalive_s: int = 60
+    # paho 2.2 sends a PINGREQ every keepalive even while health flows (measured), so this is
+    # the ping period; health every 60 s already keeps NAT mappings and the fleet's liveness.
+    # It bounds the last will (1.5x) and noticing a half-open link (2x; the spool holds).
+    # docs/performance.md (wire bytes) has the figures.
+    keepalive_s: int = 300
     spool_max_bytes: int = 8 * 1024 * 1024
+    # Health and events on the wire; status stays JSON (docs/telemetry.md). Readers detect it.
+    encoding: str = "msgpack"
+    protocol: str = "auto"  # agent.telemetry.connection.PROTOCOLS
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,10 @@ class RuntimeConfig:
         return max(1, min(4, (os.cpu_count() or 1) // self.intra_op_threads))
 
 
+MAX_LOCK_LEASE_S = 86400.0
+MAX_OFFLINE_GRACE_S = 30 * 86400.0
+
+
 @dataclass(frozen=True)
 class UpdateConfig:
     trial_seconds: float = 10.0
@@ -129,6 +153,13 @@ class UpdateConfig:
     download_rate_limit_bps: float = 0.0
     metered: bool = False
     window: str = ""
+    # Maintenance window: staged releases are activated only inside it ("" = any time).
+    activation_window: str = ""
+    # Longest lease an application may take on an update lock (local API /v1/locks).
+    lock_max_lease_s: float = 3600.0
+    # Bounded grace for expired bundle files installed offline on devices without a trusted
+    # clock (0 = none); every use is logged.
+    offline_expiry_grace_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -252,12 +283,40 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
     if (t := _sub(root, "mqtt")) is not None:
         mqtt_enabled = True
         url = t.get("url", str)
+
+        def tls_file(key: str) -> Path | None:
+            value = t.get(key, str, "")
+            if not value:
+                return None
+            file = (base / value) if not os.path.isabs(value) else Path(value)
+            if not file.is_file():
+                raise ConfigError(f"mqtt.{key} = {value!r} is not a file")
+            return file
+
         mqtt = MqttConfig(
-            url=None if not url else _check_http_url("mqtt.url", url, ("mqtt",)),
+            url=None if not url else _check_http_url("mqtt.url", url, ("mqtt", "mqtts")),
             health_interval_s=t.positive("health_interval_s", float, 60.0),
-            keepalive_s=t.positive("keepalive_s", int, 60),
+            keepalive_s=t.positive("keepalive_s", int, 300),
             spool_max_bytes=t.positive("spool_max_bytes", int, 8 * 1024 * 1024),
+            encoding=t.get("encoding", str, "msgpack"),
+            protocol=t.get("protocol", str, "auto"),
+            ca_file=tls_file("ca_file"),
+            cert_file=tls_file("cert_file"),
+            key_file=tls_file("key_file"),
+            tls_insecure=t.get("tls_insecure", bool, False),
         )
+        if mqtt.protocol not in MQTT_PROTOCOLS:
+            raise ConfigError(f"mqtt.protocol = {mqtt.protocol!r} must be one of "
+                              + ", ".join(f'"{p}"' for p in MQTT_PROTOCOLS))
+        if mqtt.key_file is not None and mqtt.cert_file is None:
+            raise ConfigError(f"mqtt.key_file = {str(mqtt.key_file)!r} needs mqtt.cert_file")
+        if mqtt.url and not mqtt.url.startswith("mqtts:"):
+            for key in ("ca_file", "cert_file", "key_file", "tls_insecure"):
+                if t.data.get(key):
+                    raise ConfigError(f"mqtt.{key} = {t.data[key]!r} needs a TLS URL, but "
+                                      f"mqtt.url = {mqtt.url!r}; use mqtts://")
+        if mqtt.encoding not in ENCODINGS:
+            raise ConfigError(f"mqtt.encoding = {mqtt.encoding!r} must be one of {', '.join(ENCODINGS)}")
         if mqtt.spool_max_bytes < 65536:
             raise ConfigError(f"mqtt.spool_max_bytes = {mqtt.spool_max_bytes!r} must be at least 65536")
         t.finish()
@@ -301,7 +360,21 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
             download_rate_limit_bps=t.positive("download_rate_limit_bps", float, 0.0, allow_zero=True),
             metered=t.get("metered", bool, False),
             window=t.get("window", str, ""),
+            activation_window=t.get("activation_window", str, ""),
+            lock_max_lease_s=t.positive("lock_max_lease_s", float, 3600.0),
+            offline_expiry_grace_s=t.positive("offline_expiry_grace_s", float, 0.0, allow_zero=True),
         )
+        if update.activation_window:
+            try:
+                UpdateWindow.parse(update.activation_window)
+            except ValueError as exc:
+                raise ConfigError(f"update.activation_window = {exc}") from None
+        if not 1.0 <= update.lock_max_lease_s <= MAX_LOCK_LEASE_S:
+            raise ConfigError(f"update.lock_max_lease_s = {update.lock_max_lease_s!r} must be 1 to "
+                              f"{MAX_LOCK_LEASE_S:.0f} seconds")
+        if update.offline_expiry_grace_s > MAX_OFFLINE_GRACE_S:
+            raise ConfigError(f"update.offline_expiry_grace_s = {update.offline_expiry_grace_s!r} "
+                              f"must be at most {MAX_OFFLINE_GRACE_S:.0f} seconds (30 days)")
         if update.download_parallel > 16:
             raise ConfigError(f"update.download_parallel = {update.download_parallel!r} must be 1 to 16")
         if update.window:

@@ -2,6 +2,9 @@
 
 The credential lives in ``state_dir/device.json`` (mode 0600) and is reused across
 restarts; a 401 from the fleet triggers one re-enrollment with the enrollment token.
+With it, when the fleet manages the broker's password file, the device's broker password
+(``broker_password``; the broker user name is the device id). Files written before that
+field existed, and fleets that do not hand one out, leave it None.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -30,6 +34,19 @@ DEVICE_FILE = "device.json"
 MAX_DESIRED_BYTES = 1 << 20
 
 
+class DesiredShadow(msgspec.Struct):
+    """A candidate to evaluate beside the serving release (docs/rollouts.md "Shadow stages")."""
+
+    release: int
+    digest: str
+    envelope_url: str
+    blob_url: str
+    bundle_id: int | str | None = None
+    sample_rate: float = 0.1
+    max_busy_fraction: float = 0.25
+    rollout_id: int | None = None
+
+
 class DesiredEntry(msgspec.Struct):
     name: str
     release: int
@@ -37,6 +54,9 @@ class DesiredEntry(msgspec.Struct):
     bundle_id: int | str
     envelope_url: str
     blob_url: str
+    shadow: DesiredShadow | None = None
+    # The rollout's activation window, "HH:MM-HH:MM" device local time (agent.update.gating).
+    activation_window: str | None = None
 
 
 class DesiredState(msgspec.Struct):
@@ -50,6 +70,7 @@ class EnrollResponse(msgspec.Struct):
     device_id: str
     credential: str
     mqtt_url: str | None = None
+    broker_password: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,7 @@ class Credential:
     credential: str
     mqtt_url: str | None
     fleet_url: str
+    broker_password: str | None = None
 
 
 class FleetClient:
@@ -71,6 +93,11 @@ class FleetClient:
         self.http = client
         self._lock = threading.Lock()
         self._cred: Credential | None = None
+        # The last desired state and its ETag: a poll sends If-None-Match and a 304 (no body)
+        # means "unchanged", so an idle device's polls cost a few hundred bytes.
+        self._desired: tuple[str, DesiredState] | None = None
+        # The fleet's clock as of the last desired-state answer (HTTP Date), for expiry checks.
+        self.server_date: float | None = None
 
     # -- credential -------------------------------------------------------------------
 
@@ -115,7 +142,8 @@ class FleetClient:
         resp = strictjson.decode(r.content, EnrollResponse, what="enrollment response")
         if resp.device_id != self.device_id:
             raise MalformedDocumentError(f"enrollment answered for device {resp.device_id!r}")
-        cred = Credential(self.device_id, resp.credential, resp.mqtt_url, self.url)
+        cred = Credential(self.device_id, resp.credential, resp.mqtt_url, self.url,
+                          broker_password=resp.broker_password)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, msgspec.json.encode(cred), mode=0o600)
         os.chmod(self.path, 0o600)
@@ -128,20 +156,31 @@ class FleetClient:
     # -- desired state ----------------------------------------------------------------
 
     def desired(self) -> DesiredState:
-        """GET the desired state (the truth); re-enroll once on 401."""
+        """GET the desired state (the truth), conditional on the last ETag (304: the state
+        kept from before); re-enroll once on 401."""
         url = f"{self.url}/api/v1/devices/{self.device_id}/desired"
         for attempt in (1, 2):
+            headers = self.auth_headers()
+            cached = self._desired
+            if cached is not None:
+                headers["If-None-Match"] = cached[0]
             try:
-                r = self.http.get(url, headers=self.auth_headers())
+                r = self.http.get(url, headers=headers)
             except httpx.HTTPError as exc:
                 raise DownloadError(f"GET {url} failed: {exc}") from None
             if r.status_code == 401 and attempt == 1:
                 log.warning("fleet refused the credential; enrolling again")
                 self.enroll()
                 continue
+            self.server_date = _http_date(r.headers.get("date"))
+            if r.status_code == 304 and cached is not None:
+                return cached[1]
             if r.status_code != 200:
                 raise DownloadError(f"GET {url} answered HTTP {r.status_code}: {r.text[:300]}")
-            return self.parse_desired(r.content)
+            state = self.parse_desired(r.content)
+            etag = r.headers.get("etag")
+            self._desired = (etag, state) if etag else None
+            return state
         raise AuthError("the fleet refused the credential right after enrollment")
 
     def parse_desired(self, body: bytes) -> DesiredState:
@@ -156,8 +195,24 @@ class FleetClient:
                 raise MalformedDocumentError(f"desired entry {e.name!r}: blob_url lacks {{sha256}}")
             if e.name in names:
                 raise MalformedDocumentError(f"desired state names {e.name!r} twice")
+            sh = e.shadow
+            if sh is not None and (
+                not SHA256_RE.match(sh.digest) or sh.release < 1 or "{sha256}" not in sh.blob_url
+                or not 0 < sh.sample_rate <= 1 or not 0 < sh.max_busy_fraction <= 1
+            ):
+                raise MalformedDocumentError(f"desired entry {e.name!r}: shadow r{sh.release} is malformed")
             names.add(e.name)
         return state
+
+    def shadow_target(self, shadow: DesiredShadow) -> Target:
+        """The candidate of a shadow entry as an installer target (absolute URLs)."""
+        base = self.url + "/"
+        return Target(
+            release=shadow.release,
+            digest=shadow.digest,
+            envelope_url=urljoin(base, shadow.envelope_url),
+            blob_url=urljoin(base, shadow.blob_url),
+        )
 
     def target(self, entry: DesiredEntry) -> Target:
         """The installer's target for an entry, with URLs made absolute against the fleet URL."""
@@ -167,4 +222,15 @@ class FleetClient:
             digest=entry.digest,
             envelope_url=urljoin(base, entry.envelope_url),
             blob_url=urljoin(base, entry.blob_url),
+            activation_window=entry.activation_window or None,
         )
+
+
+def _http_date(value: str | None) -> float | None:
+    """UNIX seconds of an HTTP ``Date`` header, None when absent or unparsable."""
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None

@@ -17,27 +17,37 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-
-import httpx
+from typing import TYPE_CHECKING
 
 from agent import __version__, sdnotify
 from agent.api.server import ApiServer
 from agent.config import AgentConfig
 from agent.errors import ConfigError, StateError
-from agent.fleet_client import FleetClient
 from agent.runtime.base import Backend
 from agent.runtime.batching import BatchPolicy
 from agent.runtime.host import ModelHost
 from agent.runtime.registry import default_backends
+from agent.runtime.shadow import ShadowPolicy
+from agent.telemetry.connection import mqtt_tls
 from agent.telemetry.drift import BaselineAttacher
 from agent.telemetry.reporter import Reporter
 from agent.update.blobs import BlobStore
-from agent.update.fetch import DEFAULT_TIMEOUT, DownloadPolicy, Fetcher
+from agent.update.clock import TrustedClock
+from agent.update.fetch import DownloadPolicy, Fetcher, default_timeout
+from agent.update.gating import ActivationGate
 from agent.update.installer import Installer
+from agent.update.locks import LockTable
+from agent.update.shadow_stage import ShadowStager, ShadowTarget
 from agent.update.store import StateStore
 from agent.update.truststore import TrustStore
+from agent.update.window import UpdateWindow
 from shared.bundle.trust import TrustRoot
 from shared.errors import EdgefleetError
+
+if TYPE_CHECKING:  # imported by a fleet-connected agent only (an offline one never talks HTTP)
+    import httpx
+
+    from agent.fleet_client import FleetClient
 
 log = logging.getLogger("agent")
 
@@ -95,22 +105,41 @@ class Agent:
         self.trust_root = load_trust_root(config.trust_root, config.state_dir)
         self.backend = backend or default_backends(threads=rt.intra_op_threads,
                                                    litert_interpreters=rt.resolved_workers)
-        self.http = http or httpx.Client(timeout=DEFAULT_TIMEOUT, follow_redirects=False)
+        # Only a fleet-connected agent talks HTTP: an offline one skips the client and its TLS
+        # context (~90 ms of a cold start: the CA bundle is parsed).
+        self.http: httpx.Client | None = http
         self.fleet: FleetClient | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # wakes the update worker
+        self._sync = threading.Event()  # asks it for a desired-state pull
         fetcher = None
         if config.fleet is not None:
             assert config.device_id is not None
+            import httpx
+
+            from agent.fleet_client import FleetClient
+
+            client = self.http = http or httpx.Client(timeout=default_timeout(), follow_redirects=False)
             self.fleet = FleetClient(
                 url=config.fleet.url, device_id=config.device_id,
                 enrollment_token=config.fleet.enrollment_token, labels=config.fleet.labels,
-                state_dir=config.state_dir, client=self.http,
+                state_dir=config.state_dir, client=client,
             )
-            fetcher = Fetcher(self.http, self.fleet.auth_headers, cancel=self._stop,
+            fetcher = Fetcher(client, self.fleet.auth_headers, cancel=self._stop,
                               policy=DownloadPolicy.from_config(config.update))
+        # Expiry checks use the best time the agent has; activation waits for the maintenance
+        # window and for the update locks of local applications (docs/agent-lifecycle.md).
+        self.clock = TrustedClock(config.state_dir)
+        self.locks = LockTable(config.state_dir, max_lease_s=config.update.lock_max_lease_s,
+                               on_release=self._wake.set)
+        window = config.update.activation_window
+        gate = ActivationGate(window=UpdateWindow.parse(window) if window else None, locks=self.locks,
+                              local_now=self.clock.local_now, wall_now=self.clock.now_ts)
         self.installer = Installer(
             store=self.store, blobs=self.blobs, host=self.host, trust_root=self.trust_root,
             backend=self.backend, fetcher=fetcher, emit=self._emit,
+            gate=gate, expiry_now=self.clock.now,
+            offline_expiry_grace_s=config.update.offline_expiry_grace_s,
             trial_seconds=config.update.trial_seconds,
             trial_max_error_rate=config.update.trial_max_error_rate,
             trial_min_inferences=config.update.trial_min_inferences,
@@ -118,11 +147,11 @@ class Agent:
             disk_margin_bytes=int(config.update.disk_margin_mb * (1 << 20)),
             retry_failed_s=config.update.retry_failed_s, retry_failed_max_s=config.update.retry_failed_max_s,
         )
+        self.shadows = ShadowStager(self.installer)
         self.api: ApiServer | None = None
         self.reporter: Reporter | None = None
         self._events: list[tuple[str, str, int, int | None, str | None, str]] = []
         self._events_lock = threading.Lock()
-        self._wake = threading.Event()
         self._worker: threading.Thread | None = None
         self._started = False
 
@@ -160,16 +189,21 @@ class Agent:
                 log.warning("not enrolled yet (%s); telemetry starts after enrollment", exc)
                 return False
             url = url or cred.mqtt_url
-            username, password = cred.device_id, cred.credential
+            # The broker user is the device id; its password the one enrollment handed out
+            # (None from a fleet that does not manage the broker: the API credential is never
+            # sent to the broker).
+            username, password = cred.device_id, cred.broker_password
         if not url:
             log.warning("no MQTT URL in the config nor from the fleet; telemetry is off")
             return True
         reporter = Reporter(
             device_id=self.config.device_id, mqtt_url=url, state_dir=self.config.state_dir,
             host=self.host, states=self.states, on_desired=self.request_sync,
+            model_details=self.model_details,
             health_interval_s=self.config.mqtt.health_interval_s,
             keepalive_s=self.config.mqtt.keepalive_s, username=username, password=password,
-            spool_max_bytes=self.config.mqtt.spool_max_bytes,
+            protocol=self.config.mqtt.protocol, tls=mqtt_tls(self.config.mqtt),
+            spool_max_bytes=self.config.mqtt.spool_max_bytes, encoding=self.config.mqtt.encoding,
         )
         reporter.start()
         with self._events_lock:
@@ -183,17 +217,32 @@ class Agent:
 
     def request_sync(self) -> None:
         """Pull the desired state now (called on an MQTT notice)."""
+        self._sync.set()
         self._wake.set()
+
+    def model_details(self) -> dict[str, dict[str, object]]:
+        """Per-model health fields of the update: what it waits for, the releases held."""
+        waiting = self.installer.waiting()
+        return {name: {"held": held, "waiting": waiting.get(name)}
+                for name, held in self.installer.held_releases().items()}
 
     def sync_once(self) -> None:
         """One desired-state pull, applied model by model (the fleet's answer is the truth)."""
         if self.fleet is None:
             return
         desired = self.fleet.desired()
+        self.clock.observe(self.fleet.server_date)
+        self.clock.observe(desired.server_time)
         for entry in desired.models:
             if self._stop.is_set():
                 return
             self.installer.apply_target(entry.name, self.fleet.target(entry))
+        if not self._stop.is_set():
+            self.shadows.sync({
+                e.name: ShadowTarget(self.fleet.shadow_target(e.shadow), ShadowPolicy(
+                    sample_rate=e.shadow.sample_rate, max_busy_fraction=e.shadow.max_busy_fraction))
+                for e in desired.models if e.shadow is not None
+            })
 
     def _work(self, pending: list[str]) -> None:
         for name in pending:
@@ -204,10 +253,11 @@ class Agent:
         while not self._stop.is_set():
             if not reporter_up:
                 reporter_up = self._start_reporter()
-            if time.monotonic() >= next_poll or self._wake.is_set():
+            self._wake.clear()
+            if time.monotonic() >= next_poll or self._sync.is_set():
                 # Offline (no fleet) this only re-arms the timer: without it the loop would
                 # spin, re-reading every record from disk (next_poll stayed 0, wait 0).
-                self._wake.clear()
+                self._sync.clear()
                 if self.fleet is not None:
                     try:
                         self.sync_once()
@@ -221,9 +271,16 @@ class Agent:
             except Exception:
                 log.exception("trial check failed")
                 trial_in = None
+            try:
+                staged_in = self.installer.resume_staged()
+            except Exception:
+                log.exception("activating staged releases failed")
+                staged_in = None
             wait = max(0.0, next_poll - time.monotonic())
             if trial_in is not None:
                 wait = min(wait, trial_in + 0.01)
+            if staged_in is not None:
+                wait = min(wait, staged_in + 0.05)
             if not reporter_up:
                 wait = min(wait, 5.0)
             self._wake.wait(wait)
@@ -239,7 +296,8 @@ class Agent:
             api = self.config.api
             self.api = ApiServer(self.host, listen=api.tcp_address, unix_socket=api.unix_socket,
                                  max_body_bytes=api.max_body_bytes,
-                                 request_timeout_s=api.request_timeout_s)
+                                 request_timeout_s=api.request_timeout_s, locks=self.locks,
+                                 update_waiting=self.installer.waiting)
             self.api.start()
         except BaseException:
             self.store.release()
@@ -268,7 +326,8 @@ class Agent:
             self._worker.join(timeout=10)
         if self.reporter is not None:
             self.reporter.stop()
-        self.http.close()
+        if self.http is not None:
+            self.http.close()
         self.store.release()
         log.info("edgefleet-agent stopped")
 

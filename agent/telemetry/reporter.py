@@ -16,25 +16,43 @@
   spool sends them again): delivery is at least once, in order; readers dedupe by ``seq``.
   When the spool is full its oldest health goes first; drops are counted by kind in Health;
 - status (birth, will, clean offline) is state, retained and not spooled: a stale birth
-  means nothing. The will's seq, reserved at start, only appears if the will fires.
+  means nothing. The will's seq, reserved at start, only appears if the will fires;
+- protocol (agent.telemetry.connection): MQTT 5 or 3.1.1, the same messages, QoS, retain
+  flags and will on both. MQTT 5 connects with clean start and a session expiry of 0,
+  which is 3.1.1's clean session: the spool, not the broker, keeps what is unsent. In
+  ``auto`` a CONNACK "unsupported protocol version" makes the sender thread (which owns
+  the in-flight records) swap in a 3.1.1 client; the version that worked is kept for
+  every reconnect. With MQTT 5 a PUBACK can refuse a message (e.g. the ACL): it is logged
+  and dropped like the 3.1.1 broker drops it silently, so one refused message cannot
+  block the spool.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
 
 import msgspec
 import paho.mqtt.client as mqtt
 import psutil
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent import __version__
 from agent.runtime.host import ModelHost
+from agent.telemetry.connection import (
+    PROTOCOLS,
+    UNSUPPORTED_PROTOCOL_VERSION,
+    TlsOptions,
+    describe_connect_error,
+    parse_mqtt_url,
+)
 from agent.telemetry.spool import DEFAULT_MAX_BYTES, SPOOL_DIR, Spool
 from shared.bundle.keyring import atomic_write
 from shared.errors import EdgefleetError
@@ -46,6 +64,9 @@ SEQ_FILE = "telemetry_seq.json"
 SEQ_BLOCK = 1000
 WINDOW = 16  # spooled messages handed to paho and not yet acknowledged
 SYNC_EVERY_S = 1.0  # the sender's idle wake-up: fsync batched health, write the spool cursor
+# auto: an MQTT 5 CONNECT not answered by then counts as refused (amqtt, given a will,
+# neither answers nor hangs up: it waits for bytes that never come).
+CONNACK_TIMEOUT_S = 10.0
 
 
 class SeqCounter:
@@ -91,13 +112,6 @@ class SeqCounter:
             self._reserved = self._next
 
 
-def parse_mqtt_url(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise ValueError(f"MQTT URL {url!r} must be mqtt://host:port")
-    return parts.hostname, parts.port or 1883
-
-
 def _temperature() -> float | None:
     """The hottest sensor psutil reports (°C); None where there is none (containers, macOS)."""
     sensors = getattr(psutil, "sensors_temperatures", None)
@@ -121,6 +135,7 @@ class Reporter:
         state_dir: Path,
         host: ModelHost,
         states: Callable[[], dict[str, str]] = dict,
+        model_details: Callable[[], dict[str, dict[str, Any]]] | None = None,
         on_desired: Callable[[], None] | None = None,
         health_interval_s: float = 10.0,
         keepalive_s: int = 60,
@@ -128,18 +143,44 @@ class Reporter:
         password: str | None = None,
         spool_max_bytes: int = DEFAULT_MAX_BYTES,
         window: int = WINDOW,
+        encoding: messages.Encoding = "msgpack",
+        protocol: str = "auto",
+        tls: TlsOptions | None = None,
+        connack_timeout_s: float = CONNACK_TIMEOUT_S,
     ) -> None:
         self.device_id = topics.check_device_id(device_id)
-        self.broker = parse_mqtt_url(mqtt_url)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"MQTT protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+        self.address = parse_mqtt_url(mqtt_url)
+        self.broker = (self.address.host, self.address.port)
+        if tls is not None and tls != TlsOptions() and not self.address.tls:
+            log.warning("mqtt TLS options are ignored: %s is not an mqtts:// URL", self.address.url)
+        self.tls = (tls or TlsOptions()) if self.address.tls else None
+        if username is None:  # a fleet-less device may carry its credential in the URL
+            username, password = self.address.username, self.address.password
+        self.username, self.password = username, password
+        self.protocol = protocol
+        # The version in use: 5 until a broker refuses it (auto), then 3.1.1 for good.
+        self.mqtt5 = protocol != "3.1.1"
+        self.negotiated: str | None = None  # "5" or "3.1.1" once a broker accepted it
+        self.last_error: str | None = None  # why the last connection attempt failed; None when up
+        self._fallback = False  # set by on_connect, done by the sender thread
+        self._connack = False  # whether this connection attempt got a CONNACK
+        self._attempt_at: float | None = None  # when this attempt's socket opened
+        self.connack_timeout_s = connack_timeout_s
+        self._refused_publish: set[int] = set()
         self.state_dir = Path(state_dir)
         self.host = host
         self.states = states
+        # Extra per-model health fields (update ``waiting``, ``held`` releases), by model name.
+        self.model_details = model_details
         self.on_desired = on_desired
         self.health_interval_s = health_interval_s
         self.keepalive_s = keepalive_s
         self.seq = SeqCounter(self.state_dir / SEQ_FILE)
         self.spool = Spool(self.state_dir / SPOOL_DIR, max_bytes=spool_max_bytes)
         self.window = window
+        self.encoding = encoding  # health and events; status stays JSON (retained, read by anyone)
         self.started = time.monotonic()
         self.connected = threading.Event()
         self._stop = threading.Event()
@@ -156,26 +197,52 @@ class Reporter:
             self._process.cpu_percent(None)  # the first call only starts the measurement
         psutil.cpu_percent(None)
 
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=self.device_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
-        )
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        # The spool is the queue: paho holds at most the window (plus a few status messages).
-        self.client.max_inflight_messages_set(window)
-        self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         will = messages.Status(v=messages.VERSION, device_id=self.device_id, online=False,
                                ts=time.time(), agent_version=__version__, seq=self.seq.next())
         self.will_seq = will.seq
-        self.client.will_set(self.topic("status"), messages.encode(will), qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
+        self._will = messages.encode(will)
+        self.client = self._new_client()
+
+    def _new_client(self) -> mqtt.Client:
+        """A paho client for the current protocol version; the same settings on both."""
+        if self.mqtt5:
+            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                 client_id=self.device_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                 client_id=self.device_id, clean_session=True, protocol=mqtt.MQTTv311)
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        if self.tls is not None:
+            client.tls_set_context(self.tls.context())
+            client.tls_insecure_set(self.tls.insecure)
+        # The spool is the queue: paho holds at most the window (plus a few status messages).
+        client.max_inflight_messages_set(self.window)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.will_set(self.topic("status"), self._will, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_socket_open = self._on_socket_open
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def _connect(self) -> None:
+        host, port = self.broker
+        if self.mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0  # the session ends with the connection: clean session
+            self.client.connect_async(host, port, keepalive=self.keepalive_s, clean_start=True,
+                                      properties=props)
+        else:
+            self.client.connect_async(host, port, keepalive=self.keepalive_s)
+        self.client.loop_start()
+
+    @property
+    def version(self) -> str:
+        return "5" if self.mqtt5 else "3.1.1"
 
     def topic(self, kind: str) -> str:
         return topics.topic(self.device_id, kind)
@@ -184,10 +251,19 @@ class Reporter:
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
                     reason_code: mqtt.ReasonCode, properties: object) -> None:
+        self._connack = True
         if reason_code.is_failure:
-            log.warning("mqtt connect to %s:%s refused: %s", *self.broker, reason_code)
+            if reason_code.value == UNSUPPORTED_PROTOCOL_VERSION and self._may_fall_back():
+                self._fall_back("refused MQTT 5")
+                return
+            self._note_error(f"{self.address.url} refused the MQTT {self.version} connection: "
+                             f"{reason_code}")
             return
-        log.info("mqtt connected to %s:%s", *self.broker)
+        if self.negotiated != self.version:
+            log.info("mqtt: %s speaks MQTT %s; used from now on", self.address.url, self.version)
+            self.negotiated = self.version
+        self.last_error = None
+        log.info("mqtt connected to %s", self.address.url)
         self._publish("status", messages.Status(
             v=messages.VERSION, device_id=self.device_id, online=True, ts=time.time(),
             agent_version=__version__, seq=self.seq.next()), retain=True)
@@ -195,15 +271,54 @@ class Reporter:
         self.connected.set()
         self._wake()
 
+    def _may_fall_back(self) -> bool:
+        return self.mqtt5 and self.protocol == "auto" and self.negotiated is None
+
+    def _fall_back(self, why: str) -> None:
+        log.info("mqtt: %s %s; falling back to 3.1.1", self.address.url, why)
+        with self._cond:
+            self._fallback = True
+            self._cond.notify()
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: object, sock: object) -> None:
+        self._connack = False
+        self._attempt_at = time.monotonic()
+
+    def _connack_overdue(self) -> bool:
+        started = self._attempt_at
+        return (started is not None and not self._connack and self._may_fall_back()
+                and time.monotonic() - started > self.connack_timeout_s)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        # paho calls this inside its ``except OSError`` around the connect: the error is live.
+        self._note_error(describe_connect_error(sys.exc_info()[1], self.address, self.tls))
+
+    def _note_error(self, message: str) -> None:
+        """Log a connection failure once, not on every retry; ``last_error`` keeps it."""
+        if message != self.last_error:
+            log.error("mqtt: %s", message)
+        self.last_error = message
+
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason_code: mqtt.ReasonCode, properties: object) -> None:
         self.connected.clear()
+        connack, self._connack = self._connack, False
+        if not connack and self._may_fall_back() and not self._stop.is_set():
+            # Some 3.1.1-only brokers (amqtt with a will) hang up on an MQTT 5 CONNECT
+            # instead of answering "unsupported protocol version".
+            self._fall_back("closed the MQTT 5 connection without a CONNACK")
+            return
         if not self._stop.is_set():
             log.warning("mqtt disconnected (%s); reconnecting", reason_code)
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
                     reason_code: mqtt.ReasonCode, properties: object) -> None:
         # Called under paho's message lock: only note the mid; the sender does the rest.
+        if reason_code.is_failure and reason_code.value not in self._refused_publish:
+            # MQTT 5 only (a 3.1.1 broker drops a refused message and acknowledges it).
+            self._refused_publish.add(reason_code.value)
+            log.warning("mqtt: %s refused a message: %s; such messages are dropped",
+                        self.address.url, reason_code)
         with self._cond:
             self._acked.append(mid)
             self._cond.notify()
@@ -230,7 +345,7 @@ class Reporter:
         """Number, encode and store one message; the sender takes it from there."""
         with self._emit_lock:
             message = build(self.seq.next())
-            self.spool.append(kind, messages.encode(message))
+            self.spool.append(kind, messages.encode(message, self.encoding))
         self._wake()
         return message
 
@@ -248,6 +363,7 @@ class Reporter:
 
     def health(self, *, reset_window: bool = True, seq: int | None = None) -> messages.Health:
         states = self.states()
+        details = self.model_details() if self.model_details is not None else {}
         models = []
         for name, loaded in sorted(self.host.snapshot().items()):
             snap = loaded.metrics.snapshot(reset_window=reset_window)
@@ -256,7 +372,8 @@ class Reporter:
                 state=states.get(name, "idle"), inferences=snap.inferences, errors=snap.errors,
                 total_inferences=snap.total_inferences, total_errors=snap.total_errors,
                 latency_p50_ms=snap.latency_p50_ms, latency_p95_ms=snap.latency_p95_ms,
-                drift=snap.drift, drift_inputs=snap.drift_inputs))
+                drift=snap.drift, drift_inputs=snap.drift_inputs,
+                shadow=self.host.shadow_health(name), **details.get(name, {})))
         try:
             disk_free = psutil.disk_usage(str(self.state_dir)).free / 1e6
         except OSError:
@@ -293,15 +410,22 @@ class Reporter:
         last_sync = time.monotonic()
         while True:
             with self._cond:
-                if not (self._kick or self._acked or not self._sending):
+                if not (self._kick or self._acked or self._fallback or not self._sending):
                     self._cond.wait(SYNC_EVERY_S)
                 acked, self._acked = self._acked, []
                 self._kick = False
                 running = self._sending
+                fallback, self._fallback = self._fallback, False
             for mid in acked:
                 token = self._mids.pop(mid, None)
                 if token is not None:
                     self.spool.ack(token)
+            if running and not fallback and self._connack_overdue():
+                log.info("mqtt: %s did not answer the MQTT 5 CONNECT in %.0f s; falling back to 3.1.1",
+                         self.address.url, self.connack_timeout_s)
+                fallback = True
+            if fallback and running:
+                self._reconnect_as_311()
             if not running:
                 return
             if self.connected.is_set():
@@ -309,6 +433,24 @@ class Reporter:
             if time.monotonic() - last_sync >= SYNC_EVERY_S:
                 self.spool.sync(force=False)
                 last_sync = time.monotonic()
+
+    def _reconnect_as_311(self) -> None:
+        """Replace the MQTT 5 client by a 3.1.1 one (sender thread: it owns ``_mids``)."""
+        old = self.client
+        for name in ("on_connect", "on_connect_fail", "on_socket_open", "on_disconnect", "on_publish",
+                     "on_message"):
+            setattr(old, name, None)
+        old.disconnect()
+        old.loop_stop()
+        if self._mids:  # handed to the old client, never acknowledged: send them again
+            self.spool.rewind(next(iter(self._mids.values())))
+            self._mids.clear()
+        with self._cond:
+            self._acked.clear()  # the old client's mids; the new one counts from 1 again
+        self.mqtt5 = False
+        self._attempt_at = None
+        self.client = self._new_client()
+        self._connect()
 
     def _hand_out(self) -> None:
         for token, kind, payload in self.spool.take(self.window):
@@ -338,12 +480,10 @@ class Reporter:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        host, port = self.broker
         self._sending = True
         self._sender = threading.Thread(target=self._send_loop, name="telemetry-send", daemon=True)
         self._sender.start()
-        self.client.connect_async(host, port, keepalive=self.keepalive_s)
-        self.client.loop_start()
+        self._connect()
         self._thread = threading.Thread(target=self._health_loop, name="health", daemon=True)
         self._thread.start()
 

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException, ServiceUnavailableException
 from litestar.params import FromPath, JSONBody
 from sqlmodel import Session, col, select
 
 from fleet.api.auth import constant_time_equal, credential_hash, device_guard, new_credential, operator_guard
 from fleet.api.context import AppContext
 from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES, ERROR_RESPONSES, TOO_MANY, UNAUTHORIZED
+from fleet.broker.passwords import BrokerPasswordFile, PasswordFileError, new_password
 from fleet.db.engine import session_scope
-from fleet.db.models import Assignment, Bundle, Device, as_utc
+from fleet.db.models import Assignment, Bundle, Device, Rollout, as_utc
 from fleet.errors import NotFoundError
 from fleet.ingest import rollup
+from fleet.rollout.shadow import shadow_entries
 from shared.errors import MalformedDocumentError
 from shared.telemetry.topics import check_device_id
 from shared.timeutil import format_ts
+
+log = logging.getLogger(__name__)
 
 MAX_LABELS = 64
 
@@ -33,14 +39,31 @@ class EnrollRequest(msgspec.Struct, forbid_unknown_fields=True):
     labels: dict[str, str] = {}
 
 
-class EnrollResponse(msgspec.Struct):
+class EnrollResponse(msgspec.Struct, omit_defaults=True):
     device_id: str
     credential: str
     mqtt_url: str
+    # The device's broker password (user name = device id), when the fleet keeps the
+    # broker's password file (settings.mqtt_password_file); absent otherwise.
+    broker_password: str | None = None
 
 
 def _base_url(request: Request[Any, Any, Any]) -> str:
     return str(request.base_url).rstrip("/")
+
+
+def desired_etag(body: dict[str, Any]) -> str:
+    """A strong ETag over what the device acts on (everything but ``server_time``)."""
+    stable = {k: v for k, v in body.items() if k != "server_time"}
+    return '"' + hashlib.sha256(msgspec.json.encode(stable)).hexdigest()[:32] + '"'
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """RFC 9110 If-None-Match: ``*`` or a list of (weak or strong) tags, compared weakly."""
+    if not header:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
 
 
 def _assignments_of(
@@ -82,6 +105,12 @@ def device_json(
         "agent_version": device.agent_version,
         "generation": device.generation,
         "models": device.models,
+        # per model, the releases whose files the device keeps (a rollback to them downloads
+        # nothing) and what a staged release waits for, as its last health report said
+        "held": {m: e.get("held") for m, e in sorted(device.models.items())
+                 if isinstance(e, dict) and e.get("held") is not None},
+        "waiting": {m: e.get("waiting") for m, e in sorted(device.models.items())
+                    if isinstance(e, dict) and e.get("waiting")},
         "assigned": {
             a.model: {
                 "bundle_id": a.bundle_id,
@@ -92,6 +121,21 @@ def device_json(
         },
         "health": device.last_health,
     }
+
+
+def _activation_windows(session: Session, rollout_ids: list[int | None]) -> dict[tuple[int, int], str]:
+    """(rollout id, its bundle id) -> the ``activation_window`` of each rollout's spec that sets
+    one (docs/rollouts.md). Keyed by the rollout's own bundle: a rollback's re-issue, assigned
+    under the same rollout, carries no window (devices take it at once)."""
+    ids = sorted({r for r in rollout_ids if r is not None})
+    if not ids:
+        return {}
+    out: dict[tuple[int, int], str] = {}
+    for rollout in session.exec(select(Rollout).where(col(Rollout.id).in_(ids))):
+        window = (rollout.spec or {}).get("activation_window")
+        if isinstance(window, str) and window and rollout.id is not None:
+            out[(rollout.id, rollout.bundle_id)] = window
+    return out
 
 
 def _get_device(session: Session, device_id: str) -> Device:
@@ -128,6 +172,19 @@ class DeviceController(Controller):
                     f"label {key[:64]!r}: keys are 1-64 characters, values up to 256"
                 )
         credential = new_credential()
+        broker_password = None
+        if ctx.settings.mqtt_password_file is not None:
+            # Before the database: if the file cannot be written the old credential stays valid.
+            broker_password = new_password()
+            passwords = BrokerPasswordFile(ctx.settings.mqtt_password_file,
+                                           ctx.settings.mqtt_reload_command)
+            try:
+                passwords.set(data.device_id, broker_password)
+            except PasswordFileError as exc:
+                log.error("enrollment of %s: %s", data.device_id, exc)
+                raise ServiceUnavailableException(
+                    detail="the broker password file cannot be updated; retry later"
+                ) from None
         with session_scope(ctx.engine) as session:
             device = session.get(Device, data.device_id)
             if device is None:
@@ -139,7 +196,8 @@ class DeviceController(Controller):
                 if data.labels:
                     device.labels = dict(data.labels)
             session.add(device)
-        return EnrollResponse(device_id=data.device_id, credential=credential, mqtt_url=ctx.mqtt_url)
+        return EnrollResponse(device_id=data.device_id, credential=credential, mqtt_url=ctx.mqtt_url,
+                              broker_password=broker_password)
 
     @get(
         "/{device_id:str}/desired",
@@ -147,10 +205,12 @@ class DeviceController(Controller):
         responses=DEVICE_RESPONSES,
         sync_to_thread=True,
         summary="The releases this device should run",
+        description="Answers with an ETag; a request whose If-None-Match holds it gets 304 Not Modified "
+        "without a body (the device keeps what it has).",
     )
     def desired(
         self, device_id: FromPath[str], state: State, request: Request[Any, Any, Any]
-    ) -> dict[str, Any]:
+    ) -> Response[Any]:
         ctx: AppContext = state.ctx
         base = _base_url(request)
         with Session(ctx.engine) as session:
@@ -161,7 +221,9 @@ class DeviceController(Controller):
                 .where(Assignment.device_id == device_id)
                 .order_by(col(Assignment.model))
             ).all()
-            return {
+            windows = _activation_windows(session, [a.rollout_id for a, _b in rows])
+            shadows = shadow_entries(session, device_id, base)  # candidates of shadow stages
+            body = {
                 "device_id": device.id,
                 "generation": device.generation,
                 "server_time": time.time(),
@@ -173,10 +235,18 @@ class DeviceController(Controller):
                         "bundle_id": b.id,
                         "envelope_url": f"{base}/api/v1/bundles/{b.id}/envelope",
                         "blob_url": f"{base}/api/v1/blobs/{{sha256}}",
+                        **({"activation_window": windows[(a.rollout_id, b.id)]}
+                           if (a.rollout_id, b.id) in windows else {}),
+                        **({"shadow": shadows[b.name]} if b.name in shadows else {}),
                     }
-                    for _a, b in rows
+                    for a, b in rows
                 ],
             }
+        etag = desired_etag(body)
+        headers = {"ETag": etag}
+        if etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(content=b"", status_code=304, headers=headers)
+        return Response(content=body, headers=headers)
 
     @get("/", guards=[operator_guard], sync_to_thread=True, summary="All devices", responses=ERROR_RESPONSES)
     def list_devices(self, state: State) -> list[dict[str, Any]]:
