@@ -65,7 +65,10 @@ class Bundles:
 
     def build(self, release: int, *, variant: str = "good", seed: int = 0,
               keyring: Keyring | None = None, **kw: Any) -> Path:
-        key = (release, variant, seed, id(keyring), tuple(sorted(kw.items())))
+        # Keyed by the keyring's directory, not id(): ids are reused once a keyring is freed,
+        # which handed a later test a bundle signed by another test's keys.
+        ring = str((keyring or self.keyring).directory)
+        key = (release, variant, seed, ring, tuple(sorted(kw.items())))
         if key not in self._cache:
             out = self.directory / f"m-r{release}-{variant}-{seed}-{len(self._cache)}.bundle"
             build_bundle(self.model(variant, seed), name=kw.pop("name", "clf"), version=f"1.{release}",
