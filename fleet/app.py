@@ -86,7 +86,9 @@ def create_app(settings: Settings) -> Litestar:
         blobs=BlobStore(data_dir),
         controller=controller,
         mqtt_url=settings.public_mqtt_url or own_url,
-        ingester=Ingester(engine, target, shared_group=shared_group) if settings.run_ingester else None,
+        ingester=Ingester(
+            engine, target, shared_group=shared_group, session_expiry_s=settings.mqtt_session_expiry_s
+        ) if settings.run_ingester else None,
         controller_loop=loop,
     )
     broker = (

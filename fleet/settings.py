@@ -24,6 +24,7 @@ ENV_FIELDS: dict[str, type] = {
     "trust_forwarded_for": bool,
     "mqtt_shared_subscription": bool,
     "mqtt_share_group": str,
+    "mqtt_session_expiry_s": int,
     "log_format": str,
     "controller_interval_s": float,
     "mqtt_username": str,
@@ -104,6 +105,10 @@ class Settings:
     # embedded one (amqtt has no shared subscriptions).
     mqtt_shared_subscription: bool | None = None
     mqtt_share_group: str = "edgefleet-ingest"
+    # With shared subscriptions (MQTT 5): how long the broker keeps an ingester's session
+    # (its subscriptions and the messages queued for it) across a disconnect or, where the
+    # broker persists sessions, a broker restart. 0: a clean session on every connect.
+    mqtt_session_expiry_s: int = 600
     # Raw HealthReport rows older than this are deleted (hourly rollups are kept longer).
     retention_days: float = 30.0
     rollup_retention_days: float = 400.0

@@ -71,11 +71,14 @@ def target_from_settings(settings: Settings, url: str) -> MqttTarget:
     return target
 
 
-def make_client(target: MqttTarget, prefix: str, *, mqtt5: bool = False) -> mqtt.Client:
-    """A paho client with a unique id (so several fleet processes never kick each other off)."""
+def make_client(
+    target: MqttTarget, prefix: str, *, mqtt5: bool = False, client_id: str | None = None
+) -> mqtt.Client:
+    """A paho client with a unique id (so several fleet processes never kick each other off);
+    ``client_id`` when the caller needs a stable one (a persistent session)."""
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
-        client_id=f"{prefix}-{secrets.token_hex(4)}",
+        client_id=client_id or f"{prefix}-{secrets.token_hex(4)}",
         protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
     )
     if target.username:

@@ -17,7 +17,9 @@ When the broker says it has no shared subscriptions (CONNACK), all are plain.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections import Counter
@@ -27,6 +29,8 @@ from typing import Any
 
 import msgspec
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -137,6 +141,7 @@ class Ingester:
         flush_interval_s: float = 0.2,
         queue_size: int = 100_000,
         shared_group: str | None = None,
+        session_expiry_s: int = 0,
     ) -> None:
         self.engine = engine
         self.target = target
@@ -151,7 +156,15 @@ class Ingester:
         self.shared_group = shared_group
         self.shared = False  # whether the current connection uses the shared subscription
         self._subscribe_mid: int | None = None
-        self.client = make_client(target, "edgefleet-ingest", mqtt5=shared_group is not None)
+        mqtt5 = shared_group is not None
+        # MQTT 5 only: a session the broker keeps across a disconnect (and a broker restart,
+        # where it persists sessions), so health that arrives before we re-subscribe waits
+        # for us instead of being dropped. One stable client id per process for that.
+        self.session_expiry_s = session_expiry_s if mqtt5 else 0
+        client_id = (
+            f"edgefleet-ingest-{socket.gethostname()}-{os.getpid()}" if self.session_expiry_s else None
+        )
+        self.client = make_client(target, "edgefleet-ingest", mqtt5=mqtt5, client_id=client_id)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -378,7 +391,14 @@ class Ingester:
         self._stop.clear()
         self._writer = threading.Thread(target=self._run_writer, name="ingest-writer", daemon=True)
         self._writer.start()
-        self.client.connect_async(self.target.host, self.target.port, keepalive=30)
+        if self.session_expiry_s:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s
+            self.client.connect_async(
+                self.target.host, self.target.port, keepalive=30, clean_start=False, properties=props
+            )
+        else:
+            self.client.connect_async(self.target.host, self.target.port, keepalive=30)
         self.client.loop_start()
         if wait and not self.connected.wait(wait):
             log.warning("ingester not yet connected to %s; it keeps trying", self.target.url)

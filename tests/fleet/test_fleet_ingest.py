@@ -249,3 +249,38 @@ def test_app_lifespan_runs_embedded_broker_ingester_and_controller(tmp_path: Pat
         assert device["health"]["cpu_percent"] == 12.0
         stats = client.get("/api/v1/stats", headers=admin()).json()
         assert stats["ingest"]["written"] >= 1
+
+
+def test_persistent_session_keeps_health_sent_while_the_ingester_was_away(
+    sqlite_engine: Any, mosquitto: Any
+) -> None:
+    """MQTT 5 session expiry: what devices send while the ingester is disconnected is queued
+    by the broker and written once it is back, not dropped for lack of a subscriber."""
+    ing = Ingester(sqlite_engine, parse_mqtt_url(mosquitto.url), shared_group="ingest",
+                   session_expiry_s=60, flush_interval_s=0.05)
+    ing.start(wait=10)
+    try:
+        assert ing.connected.is_set()
+        ing.client.disconnect()  # a normal DISCONNECT keeps the session for its expiry
+        ing.client.loop_stop()
+        wait_for(lambda: not ing.connected.is_set())
+        sender = Sender(mosquitto.url)
+        try:
+            for seq in range(1, 4):
+                sender.send(topics.topic("dev-1", "health"), health("dev-1", seq))
+        finally:
+            sender.close()
+        assert ing.stats.snapshot()["received"] == 0
+        ing.client.reconnect()
+        ing.client.loop_start()
+        wait_for(lambda: ing.stats.snapshot()["written"] >= 3, timeout=15)
+    finally:
+        ing.stop()
+    with Session(sqlite_engine) as s:
+        rows = s.exec(select(HealthReport).where(HealthReport.device_id == "dev-1")).all()
+        assert sorted(r.seq for r in rows) == [1, 2, 3]
+
+
+def test_clean_session_without_expiry(sqlite_engine: Any) -> None:
+    ing = Ingester(sqlite_engine, parse_mqtt_url("mqtt://127.0.0.1:9"), shared_group=None, session_expiry_s=60)
+    assert ing.session_expiry_s == 0  # MQTT 3.1.1 (embedded broker): no persistent session
