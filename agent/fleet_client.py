@@ -71,6 +71,7 @@ class EnrollResponse(msgspec.Struct):
     credential: str
     mqtt_url: str | None = None
     broker_password: str | None = None
+    mqtt_protocol: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Credential:
     mqtt_url: str | None
     fleet_url: str
     broker_password: str | None = None
+    # The fleet's hint for its broker ("3.1.1" for its embedded one); None: negotiate.
+    mqtt_protocol: str | None = None
 
 
 class FleetClient:
@@ -143,7 +146,8 @@ class FleetClient:
         if resp.device_id != self.device_id:
             raise MalformedDocumentError(f"enrollment answered for device {resp.device_id!r}")
         cred = Credential(self.device_id, resp.credential, resp.mqtt_url, self.url,
-                          broker_password=resp.broker_password)
+                          broker_password=resp.broker_password,
+                          mqtt_protocol=resp.mqtt_protocol if resp.mqtt_protocol in ("3.1.1", "5") else None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, msgspec.json.encode(cred), mode=0o600)
         os.chmod(self.path, 0o600)

@@ -182,6 +182,7 @@ class Agent:
             return True
         url = self.config.mqtt.url
         username = password = None
+        protocol = self.config.mqtt.protocol
         if self.fleet is not None:
             try:
                 cred = self.fleet.credential()
@@ -193,6 +194,8 @@ class Agent:
             # (None from a fleet that does not manage the broker: the API credential is never
             # sent to the broker).
             username, password = cred.device_id, cred.broker_password
+            if protocol == "auto" and url == cred.mqtt_url and cred.mqtt_protocol:
+                protocol = cred.mqtt_protocol  # the fleet's word for its own broker
         if not url:
             log.warning("no MQTT URL in the config nor from the fleet; telemetry is off")
             return True
@@ -202,7 +205,7 @@ class Agent:
             model_details=self.model_details,
             health_interval_s=self.config.mqtt.health_interval_s,
             keepalive_s=self.config.mqtt.keepalive_s, username=username, password=password,
-            protocol=self.config.mqtt.protocol, tls=mqtt_tls(self.config.mqtt),
+            protocol=protocol, tls=mqtt_tls(self.config.mqtt),
             spool_max_bytes=self.config.mqtt.spool_max_bytes, encoding=self.config.mqtt.encoding,
         )
         reporter.start()

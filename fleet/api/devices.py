@@ -46,6 +46,10 @@ class EnrollResponse(msgspec.Struct, omit_defaults=True):
     # The device's broker password (user name = device id), when the fleet keeps the
     # broker's password file (settings.mqtt_password_file); absent otherwise.
     broker_password: str | None = None
+    # "3.1.1" when the broker is the fleet's embedded one (amqtt speaks nothing newer), so an
+    # agent on protocol "auto" does not spend a connect timeout finding that out; absent when
+    # the broker is external (the agent negotiates MQTT 5 and falls back by itself).
+    mqtt_protocol: str | None = None
 
 
 def _base_url(request: Request[Any, Any, Any]) -> str:
@@ -197,7 +201,8 @@ class DeviceController(Controller):
                     device.labels = dict(data.labels)
             session.add(device)
         return EnrollResponse(device_id=data.device_id, credential=credential, mqtt_url=ctx.mqtt_url,
-                              broker_password=broker_password)
+                              broker_password=broker_password,
+                              mqtt_protocol="3.1.1" if ctx.settings.mqtt_url is None else None)
 
     @get(
         "/{device_id:str}/desired",

@@ -191,3 +191,19 @@ def test_enrollment_without_password_file_omits_the_field(tmp_path: Path, keyrin
     with TestClient(create_app(settings)) as http:
         r = http.post("/api/v1/devices/enroll", json={"device_id": "dev-1", "token": ENROLL})
         assert r.status_code == 201 and "broker_password" not in r.json()
+
+
+def test_enrollment_names_the_protocol_of_the_embedded_broker(tmp_path: Path, keyring: Keyring) -> None:
+    """amqtt speaks only 3.1.1: the fleet says so, an external broker is left to negotiation."""
+    common = dict(
+        data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+        keys_dir=keyring.directory, admin_token="admin-" + "x" * 20, enrollment_token=ENROLL,
+        run_ingester=False, run_controller=False,
+    )
+    with TestClient(create_app(Settings(**common, public_mqtt_url="mqtt://127.0.0.1:1883"))) as http:
+        r = http.post("/api/v1/devices/enroll", json={"device_id": "dev-1", "token": ENROLL})
+        assert r.status_code == 201 and r.json()["mqtt_protocol"] == "3.1.1"
+    external = Settings(**common, mqtt_url="mqtt://127.0.0.1:9", run_api=True)
+    with TestClient(create_app(external)) as http:
+        r = http.post("/api/v1/devices/enroll", json={"device_id": "dev-2", "token": ENROLL})
+        assert r.status_code == 201 and "mqtt_protocol" not in r.json()
