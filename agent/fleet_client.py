@@ -23,9 +23,9 @@ import msgspec
 from agent.errors import AuthError, DownloadError, StateError
 from agent.update.lifecycle import Target
 from shared import strictjson
-from shared.bundle.keyring import atomic_write
 from shared.bundle.manifest import NAME_RE, SHA256_RE
 from shared.errors import MalformedDocumentError
+from shared.fsutil import atomic_write
 from shared.telemetry.topics import check_device_id
 
 log = logging.getLogger(__name__)

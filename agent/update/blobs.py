@@ -27,8 +27,8 @@ from types import TracebackType
 from typing import BinaryIO
 
 from agent.errors import DiskFullError
-from shared.bundle.keyring import atomic_write
 from shared.bundle.manifest import NAME_RE, SHA256_RE, FileRef
+from shared.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

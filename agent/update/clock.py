@@ -29,7 +29,7 @@ from pathlib import Path
 import msgspec
 
 from agent.update.locks import current_boot_id
-from shared.bundle.keyring import atomic_write
+from shared.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import msgspec
 
-from shared.bundle.keyring import atomic_write
+from shared.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

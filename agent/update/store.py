@@ -22,8 +22,8 @@ import msgspec
 
 from agent.errors import StateError
 from agent.update.lifecycle import ModelRecord
-from shared.bundle.keyring import atomic_write
 from shared.bundle.manifest import NAME_RE
+from shared.fsutil import atomic_write
 
 ANTIROLLBACK_FILE = "antirollback.json"
 MAX_STATE_BYTES = 1 << 20

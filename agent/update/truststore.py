@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent.errors import StateError
-from shared.bundle.keyring import atomic_write
 from shared.bundle.trust import TrustRoot
 from shared.errors import EdgefleetError, MalformedDocumentError
+from shared.fsutil import atomic_write
 
 MAX_LINKS = 64
 

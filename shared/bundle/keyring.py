@@ -23,6 +23,7 @@ from shared.bundle.keys import generate, key_id, load_private, raw_public, save_
 from shared.bundle.manifest import Manifest, encode_manifest
 from shared.bundle.trust import ROOT_SCHEMA, TrustRoot, parse_root_payload
 from shared.errors import MalformedDocumentError
+from shared.fsutil import atomic_write  # re-exported: callers outside the agent import it here
 from shared.timeutil import in_days, parse_ts, utcnow
 
 
@@ -112,27 +113,6 @@ def build_root(
         extra_keys=signing,
     )
     return dsse.sign(dsse.ROOT_TYPE, raw, sign_with or root_keys).to_json()
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write-temp, fsync, rename, fsync dir: a reader sees the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def init_keyring(

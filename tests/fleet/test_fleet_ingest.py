@@ -282,5 +282,6 @@ def test_persistent_session_keeps_health_sent_while_the_ingester_was_away(
 
 
 def test_clean_session_without_expiry(sqlite_engine: Any) -> None:
-    ing = Ingester(sqlite_engine, parse_mqtt_url("mqtt://127.0.0.1:9"), shared_group=None, session_expiry_s=60)
+    ing = Ingester(sqlite_engine, parse_mqtt_url("mqtt://127.0.0.1:9"), shared_group=None,
+                   session_expiry_s=60)
     assert ing.session_expiry_s == 0  # MQTT 3.1.1 (embedded broker): no persistent session
