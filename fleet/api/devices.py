@@ -7,12 +7,13 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, ServiceUnavailableException
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 from sqlmodel import Session, col, select
 
 from fleet.api.auth import constant_time_equal, credential_hash, device_guard, new_credential, operator_guard
@@ -31,6 +32,7 @@ from shared.timeutil import format_ts
 log = logging.getLogger(__name__)
 
 MAX_LABELS = 64
+MAX_PAGE = 1000  # devices per page of GET /devices
 
 
 class EnrollRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -253,15 +255,34 @@ class DeviceController(Controller):
             return Response(content=b"", status_code=304, headers=headers)
         return Response(content=body, headers=headers)
 
-    @get("/", guards=[operator_guard], sync_to_thread=True, summary="All devices", responses=ERROR_RESPONSES)
-    def list_devices(self, state: State) -> list[dict[str, Any]]:
+    @get(
+        "/",
+        guards=[operator_guard],
+        sync_to_thread=True,
+        summary="Devices by id; all of them, or a page with `limit` (and `after`, the last id seen)",
+        description="With `limit`, a full page carries `Link: <...?after=LAST&limit=N>; rel=\"next\"`.",
+        responses=ERROR_RESPONSES,
+    )
+    def list_devices(
+        self, state: State, limit: FromQuery[int | None] = None, after: FromQuery[str | None] = None
+    ) -> Response[list[dict[str, Any]]]:
         ctx: AppContext = state.ctx
+        if limit is not None and not 1 <= limit <= MAX_PAGE:
+            raise MalformedDocumentError(f"limit {limit} must be between 1 and {MAX_PAGE}")
+        query = select(Device).order_by(col(Device.id))
+        if after is not None:
+            query = query.where(col(Device.id) > after)
+        if limit is not None:
+            query = query.limit(limit)
         with Session(ctx.engine) as session:
-            devices = session.exec(select(Device).order_by(col(Device.id))).all()
+            devices = session.exec(query).all()
             preloaded = _assignments_of(session, [d.id for d in devices])
-            return [
-                device_json(session, d, ctx.settings.silence_after_s, preloaded=preloaded) for d in devices
-            ]
+            silence = ctx.settings.silence_after_s
+            body = [device_json(session, d, silence, preloaded=preloaded) for d in devices]
+        headers: dict[str, str] = {}
+        if limit is not None and len(devices) == limit:
+            headers["Link"] = f'</api/v1/devices?after={quote(devices[-1].id)}&limit={limit}>; rel="next"'
+        return Response(body, headers=headers)
 
     @get(
         "/{device_id:str}",

@@ -170,8 +170,16 @@ class FleetClient:
     def get_bundle(self, bundle_id: int) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/bundles/{bundle_id}")
 
-    def list_devices(self) -> list[dict[str, Any]]:
-        return _items(self.request("GET", "/api/v1/devices"), "devices")
+    def list_devices(self, page_size: int = 500) -> list[dict[str, Any]]:
+        """Every device, a page at a time (bounded responses however large the fleet)."""
+        out: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            page = _items(self.request("GET", "/api/v1/devices", params=params), "devices")
+            out.extend(page)
+            if len(page) < page_size:
+                return out
+            params = {"limit": page_size, "after": page[-1]["device_id"]}
 
     def get_device(self, device_id: str) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/devices/{device_id}")

@@ -121,7 +121,8 @@ def stub_fleet() -> Iterator[StubFleet]:
             body = self.rfile.read(length) if length else b""
             stub.requests.append({"method": self.command, "path": self.path,
                                   "headers": dict(self.headers), "body": body})
-            answers = stub.routes.get((self.command, self.path))
+            answers = stub.routes.get((self.command, self.path)) or stub.routes.get(
+                (self.command, self.path.split("?", 1)[0]))
             if not answers:
                 status, payload = 404, {"status_code": 404, "detail": f"no route {self.path}"}
             else:
