@@ -19,6 +19,7 @@ payload starts with ``{``, a MessagePack one with an array or map type byte.
 from __future__ import annotations
 
 import functools
+import re
 import typing
 from typing import Any, Literal
 
@@ -192,10 +193,14 @@ def _nested_struct(tp: Any) -> tuple[type[msgspec.Struct] | None, bool]:
 
 
 @functools.cache
-def _layout(cls: type[msgspec.Struct]) -> tuple[tuple[str, type[msgspec.Struct] | None, bool], ...]:
-    """Per field: (name, nested Struct type or None, list of them); resolving the type hints is
-    slow, so once per class."""
-    return tuple((f.name, *_nested_struct(f.type)) for f in msgspec.structs.fields(cls))
+def _layout(
+    cls: type[msgspec.Struct],
+) -> tuple[tuple[str, ...], tuple[tuple[str, type[msgspec.Struct], bool], ...]]:
+    """(the field names in order, and per field holding Structs: (name, Struct type, list of
+    them)); resolving the type hints is slow, so once per class."""
+    fields = msgspec.structs.fields(cls)
+    nested = ((f.name, *_nested_struct(f.type)) for f in fields)
+    return tuple(f.name for f in fields), tuple(n for n in nested if n[1] is not None)  # type: ignore[misc]
 
 
 def _named(cls: type[msgspec.Struct], value: Any) -> Any:
@@ -203,13 +208,14 @@ def _named(cls: type[msgspec.Struct], value: Any) -> Any:
     (fields of a newer agent) are ignored, missing trailing ones take their defaults."""
     if not isinstance(value, list):
         return value
-    out: dict[str, Any] = {}
-    for (name, inner, many), item in zip(_layout(cls), value, strict=False):
-        if inner is not None and many and isinstance(item, list):
-            item = [_named(inner, v) for v in item]
-        elif inner is not None:
-            item = _named(inner, item)
-        out[name] = item
+    names, nested = _layout(cls)
+    out = dict(zip(names, value, strict=False))  # in C: only the nested fields take Python
+    for name, inner, many in nested:
+        item = out.get(name)
+        if many and isinstance(item, list):
+            out[name] = [_named(inner, v) for v in item]
+        elif not many and item is not None:
+            out[name] = _named(inner, item)
     return out
 
 
@@ -237,6 +243,59 @@ def detect(payload: bytes) -> Encoding:
     )
 
 
+# -- the fast path ------------------------------------------------------------------------
+# What agents send is msgspec's own encoding of these Structs. msgspec decodes it straight into
+# the Struct (for ``msgpack`` into an ``array_like`` twin of it) in C, with strict types; if
+# encoding the result gives back the very same bytes, the payload IS that encoding, so it holds
+# no key twice (a Struct or a dict cannot), no unknown field and nothing nested or sized beyond
+# the schema, and in JSON no NaN or Infinity (msgspec refuses them; a float out of range fails
+# too). MessagePack can carry NaN, so there the bytes of a non-finite float64 are looked for.
+# Anything else (a newer agent's extra fields, another encoder, a refusal) takes the strict path
+# below, which accepts what it always did and names the problem.
+_NONFINITE_F64 = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]")  # 0xcb, then exponent all ones
+
+
+@functools.cache
+def _array_type(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """``cls`` as an ``array_like`` Struct, nested Structs too (the ``msgpack`` layout: extra
+    trailing elements ignored, missing trailing ones take their defaults, as in ``_named``)."""
+    fields: list[Any] = []
+    for f in msgspec.structs.fields(cls):
+        tp, (inner, many) = f.type, _nested_struct(f.type)
+        if inner is not None:
+            twin = _array_type(inner)
+            tp = list[twin] if many else twin | None if type(None) in typing.get_args(f.type) else twin
+        if f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, tp, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, tp, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, tp))
+    return msgspec.defstruct(f"{cls.__name__}Array", fields, array_like=True)
+
+
+@functools.cache
+def _decoder(cls: type[msgspec.Struct], encoding: Encoding) -> Any:
+    if encoding == "json":
+        return msgspec.json.Decoder(cls, strict=True)
+    return msgspec.msgpack.Decoder(_array_type(cls), strict=True)
+
+
+def _decode_fast(cls: type[msgspec.Struct], payload: bytes, encoding: Encoding) -> Message | None:
+    """The message if the payload is msgspec's encoding of a valid one, else None (no verdict)."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        return None
+    try:
+        value = _decoder(cls, encoding).decode(payload)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return None
+    if encoding == "json":
+        return value if msgspec.json.encode(value) == payload else None  # type: ignore[no-any-return]
+    if msgspec.msgpack.encode(value) != payload or _NONFINITE_F64.search(payload):
+        return None
+    return msgspec.convert(value, cls, from_attributes=True)  # the twin into cls, nested too
+
+
 def _decode_msgpack(kind: str, cls: type, payload: bytes) -> Message:
     what = f"{kind} message"
     obj = strictmsgpack.loads(payload, max_bytes=MAX_MESSAGE_BYTES, what=what)
@@ -253,9 +312,11 @@ def decode(kind: str, payload: bytes, *, device_id: str | None = None) -> Messag
     cls = _BY_KIND.get(kind)
     if cls is None:
         raise MalformedDocumentError(f"unknown message kind {kind!r}")
-    if detect(payload) == "msgpack":
+    encoding = detect(payload)
+    msg = _decode_fast(cls, payload, encoding)
+    if msg is None and encoding == "msgpack":
         msg = _decode_msgpack(kind, cls, payload)
-    else:
+    elif msg is None:
         msg = strictjson.decode(payload, cls, max_bytes=MAX_MESSAGE_BYTES, what=f"{kind} message")
     if msg.v != VERSION:
         raise MalformedDocumentError(f"{kind} message version {msg.v}, this reader knows {VERSION}")
