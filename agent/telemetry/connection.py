@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:  # ssl (~4.5 MB) loads when TLS or a connection error needs it, not with the
+    import ssl  # config, which imports this module for PROTOCOLS
 
 PROTOCOLS = ("auto", "5", "3.1.1")
 # The CONNACK reason paho reports for a refused protocol version (MQTT 5 0x84; a 3.1.1
@@ -46,6 +48,8 @@ class TlsOptions:
 
     def context(self) -> ssl.SSLContext:
         """A client context: TLS 1.2 or newer, chain and (unless insecure) host name checked."""
+        import ssl
+
         ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert_file is not None:
@@ -72,6 +76,8 @@ def parse_mqtt_url(url: str) -> BrokerAddress:
 def describe_connect_error(exc: BaseException | None, address: BrokerAddress,
                            tls: TlsOptions | None) -> str:
     """One line that says what went wrong and what to check."""
+    import ssl
+
     if isinstance(exc, ssl.SSLCertVerificationError):
         ca = f"mqtt.ca_file {tls.ca_file}" if tls and tls.ca_file else "the system CA store"
         return (f"TLS: the certificate of {address.url} was refused ({exc.verify_message}); "

@@ -36,13 +36,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-import paho.mqtt.client as mqtt
-import psutil
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent import __version__
 from agent.runtime.host import ModelHost
@@ -54,9 +50,12 @@ from agent.telemetry.connection import (
     parse_mqtt_url,
 )
 from agent.telemetry.spool import DEFAULT_MAX_BYTES, SPOOL_DIR, Spool
-from shared.bundle.keyring import atomic_write
 from shared.errors import EdgefleetError
+from shared.fsutil import atomic_write
 from shared.telemetry import messages, topics
+
+if TYPE_CHECKING:  # paho and psutil load with the first Reporter (~30 ms, ~2.4 MB): an agent
+    import paho.mqtt.client as mqtt  # without telemetry never imports them
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +113,8 @@ class SeqCounter:
 
 def _temperature() -> float | None:
     """The hottest sensor psutil reports (°C); None where there is none (containers, macOS)."""
+    import psutil
+
     sensors = getattr(psutil, "sensors_temperatures", None)
     if sensors is None:
         return None
@@ -192,6 +193,8 @@ class Reporter:
         self._kick = False
         self._sending = False
         self._mids: dict[int, int] = {}  # mid -> spool token (the sender thread's own)
+        import psutil
+
         self._process = psutil.Process()
         with contextlib.suppress(psutil.Error):
             self._process.cpu_percent(None)  # the first call only starts the measurement
@@ -205,6 +208,8 @@ class Reporter:
 
     def _new_client(self) -> mqtt.Client:
         """A paho client for the current protocol version; the same settings on both."""
+        import paho.mqtt.client as mqtt
+
         if self.mqtt5:
             client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                  client_id=self.device_id, protocol=mqtt.MQTTv5)
@@ -232,6 +237,9 @@ class Reporter:
     def _connect(self) -> None:
         host, port = self.broker
         if self.mqtt5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0  # the session ends with the connection: clean session
             self.client.connect_async(host, port, keepalive=self.keepalive_s, clean_start=True,
@@ -374,6 +382,8 @@ class Reporter:
                 latency_p50_ms=snap.latency_p50_ms, latency_p95_ms=snap.latency_p95_ms,
                 drift=snap.drift, drift_inputs=snap.drift_inputs,
                 shadow=self.host.shadow_health(name), **details.get(name, {})))
+        import psutil
+
         try:
             disk_free = psutil.disk_usage(str(self.state_dir)).free / 1e6
         except OSError:
@@ -453,6 +463,8 @@ class Reporter:
         self._connect()
 
     def _hand_out(self) -> None:
+        import paho.mqtt.client as mqtt
+
         for token, kind, payload in self.spool.take(self.window):
             try:
                 info = self.client.publish(self.topic(kind), payload, qos=1)
