@@ -9,6 +9,8 @@ field existed, and fleets that do not hand one out, leave it None.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import threading
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEVICE_FILE = "device.json"
 MAX_DESIRED_BYTES = 1 << 20
+MAX_ROOTS_BYTES = 8 << 20  # a page of roots: the fleet sends at most 16 of 256 KiB, base64
 
 
 class DesiredShadow(msgspec.Struct):
@@ -64,6 +67,15 @@ class DesiredState(msgspec.Struct):
     generation: int
     models: list[DesiredEntry]
     server_time: str | float | None = None
+    # The newest trust root the fleet serves (fleets that predate it send none).
+    root_version: int | None = None
+
+
+class RootsPage(msgspec.Struct):
+    """GET /api/v1/trust/roots: base64 envelopes above ``after``, in order, and the newest."""
+
+    latest: int
+    roots: list[str]
 
 
 class EnrollResponse(msgspec.Struct):
@@ -187,10 +199,37 @@ class FleetClient:
             return state
         raise AuthError("the fleet refused the credential right after enrollment")
 
+    def trust_roots(self, after: int) -> list[bytes]:
+        """The root envelopes the fleet holds above version ``after`` (one page, in order).
+
+        Unverified: the caller hands them to TrustStore.update, which checks every link
+        against the root it holds. The body is read up to MAX_ROOTS_BYTES."""
+        url = f"{self.url}/api/v1/trust/roots"
+        try:
+            with self.http.stream("GET", url, params={"after": after}, headers=self.auth_headers()) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise DownloadError(f"GET {url}?after={after} answered HTTP {r.status_code}: "
+                                        f"{r.text[:300]}")
+                body = bytearray()
+                for chunk in r.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ROOTS_BYTES:
+                        raise DownloadError(f"GET {url}: answer over {MAX_ROOTS_BYTES} bytes")
+        except httpx.HTTPError as exc:
+            raise DownloadError(f"GET {url} failed: {exc}") from None
+        page = strictjson.decode(bytes(body), RootsPage, max_bytes=MAX_ROOTS_BYTES, what="trust roots")
+        try:
+            return [base64.b64decode(b, validate=True) for b in page.roots]
+        except binascii.Error:
+            raise MalformedDocumentError("trust roots: an entry is not base64") from None
+
     def parse_desired(self, body: bytes) -> DesiredState:
         state = strictjson.decode(body, DesiredState, max_bytes=MAX_DESIRED_BYTES, what="desired state")
         if state.device_id != self.device_id:
             raise MalformedDocumentError(f"desired state is for device {state.device_id!r}")
+        if state.root_version is not None and state.root_version < 1:
+            raise MalformedDocumentError(f"desired state names trust root v{state.root_version}")
         names = set()
         for e in state.models:
             if not NAME_RE.match(e.name) or not SHA256_RE.match(e.digest) or e.release < 1:

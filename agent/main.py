@@ -9,6 +9,7 @@ the main thread waits for SIGTERM/SIGINT and pings the systemd watchdog.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 from agent import __version__, sdnotify
 from agent.api.server import ApiServer
 from agent.config import AgentConfig
-from agent.errors import ConfigError, StateError
+from agent.errors import ConfigError, DownloadError, StateError
 from agent.runtime.base import Backend
 from agent.runtime.batching import BatchPolicy
 from agent.runtime.host import ModelHost
@@ -50,6 +51,10 @@ if TYPE_CHECKING:  # imported by a fleet-connected agent only (an offline one ne
     from agent.fleet_client import FleetClient
 
 log = logging.getLogger("agent")
+
+# After the fleet served a trust root this agent refused, ask again for the same version
+# only after this long (a download failure is retried at the next poll).
+ROOT_RETRY_S = 600.0
 
 
 class _JournalFilter(logging.Filter):
@@ -154,6 +159,7 @@ class Agent:
         self._events_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._started = False
+        self._root_refused: tuple[int, float] | None = None  # (version, retry after: monotonic)
 
     # -- events -----------------------------------------------------------------------
 
@@ -236,6 +242,9 @@ class Agent:
         desired = self.fleet.desired()
         self.clock.observe(self.fleet.server_date)
         self.clock.observe(desired.server_time)
+        # Before any model: a release signed under a root rotated just now needs that root.
+        if desired.root_version is not None and desired.root_version > self.trust_root.version:
+            self.follow_roots(desired.root_version)
         for entry in desired.models:
             if self._stop.is_set():
                 return
@@ -246,6 +255,42 @@ class Agent:
                     sample_rate=e.shadow.sample_rate, max_busy_fraction=e.shadow.max_busy_fraction))
                 for e in desired.models if e.shadow is not None
             })
+
+    def follow_roots(self, target: int) -> None:
+        """Walk the trust root forward to the fleet's ``target`` with the roots it serves.
+
+        The fleet only relays them: each link is accepted (and kept in state_dir/trust/) only
+        when a threshold of the previous root's keys and of its own signed it. A refused link
+        is logged and the agent keeps the last root it accepted; releases signed under a
+        newer one stay refused.
+        """
+        assert self.fleet is not None
+        refused = self._root_refused
+        if refused is not None and refused[0] == target and time.monotonic() < refused[1]:
+            return
+        store = TrustStore(self.config.trust_root, self.config.state_dir)
+        before = self.trust_root.version
+        try:
+            root, accepted = store.follow(self.fleet.trust_roots, target)
+        except DownloadError as exc:
+            log.warning("trust root v%d announced by the fleet, not fetched: %s", target, exc)
+            return
+        except EdgefleetError as exc:
+            with contextlib.suppress(StateError):
+                self._use_root(store.load())  # links accepted before the bad one stay
+            log.error("REFUSED trust root from the fleet (announced v%d): %s; keeping trust root v%d "
+                      "(bundles signed under a newer root are refused until a valid chain arrives)",
+                      target, exc, self.trust_root.version)
+            self._root_refused = (target, time.monotonic() + ROOT_RETRY_S)
+            return
+        self._root_refused = None
+        self._use_root(root)
+        log.info("trust root v%d -> v%d from the fleet (accepted %s)", before, root.version,
+                 ", ".join(f"v{v}" for v in accepted))
+
+    def _use_root(self, root: TrustRoot) -> None:
+        self.trust_root = root
+        self.installer.trust = root
 
     def _work(self, pending: list[str]) -> None:
         for name in pending:

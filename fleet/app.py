@@ -23,6 +23,7 @@ from fleet.api.health import HealthController, OpsController
 from fleet.api.limits import RateLimitMiddleware
 from fleet.api.rollouts import RolloutsController
 from fleet.api.tokens import TokenController
+from fleet.api.trust import TrustController
 from fleet.broker.client import MqttPublisher, parse_mqtt_url, target_from_settings
 from fleet.broker.embedded import EmbeddedBroker
 from fleet.dashboard import DASHBOARD_HANDLERS
@@ -39,7 +40,8 @@ log = logging.getLogger("fleet")
 
 MAX_JSON_BODY = 1 << 20
 
-API_CONTROLLERS = [DeviceController, BundleController, RolloutsController, TokenController, HealthController]
+API_CONTROLLERS = [DeviceController, BundleController, RolloutsController, TokenController, HealthController,
+                   TrustController]
 
 
 def broker_url(settings: Settings) -> str:

@@ -9,7 +9,7 @@ instead of silently falling back to an older root.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from agent.errors import StateError
@@ -64,3 +64,27 @@ class TrustStore:
             atomic_write(self._link(current.version), data)
             accepted.append(current.version)
         return current, accepted
+
+    def follow(self, fetch: Callable[[int], list[bytes]], target: int) -> tuple[TrustRoot, list[int]]:
+        """Walk forward to root ``target`` with envelopes from ``fetch(after)`` (the fleet's
+        roots above version ``after``, a page at a time), each link checked by update().
+
+        The source is not trusted: a link that does not follow the root held raises (the
+        links accepted before it stay), and so does a source that stops short of ``target``.
+        """
+        current = self.load()
+        accepted: list[int] = []
+        for _ in range(MAX_LINKS):
+            if current.version >= target:
+                return current, accepted
+            envelopes = fetch(current.version)
+            current, more = self.update(envelopes)
+            if not more:
+                raise MalformedDocumentError(
+                    f"trust root v{target} was announced but no root after v{current.version} "
+                    f"came with it ({len(envelopes)} envelope(s) received)"
+                )
+            accepted += more
+        if current.version >= target:
+            return current, accepted
+        raise MalformedDocumentError(f"trust root v{target} is more than {MAX_LINKS} links away")

@@ -19,6 +19,7 @@ from sqlmodel import Session, col, select
 from fleet.api.auth import constant_time_equal, credential_hash, device_guard, new_credential, operator_guard
 from fleet.api.context import AppContext
 from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES, ERROR_RESPONSES, TOO_MANY, UNAUTHORIZED
+from fleet.api.trust import newest_root_version
 from fleet.broker.passwords import BrokerPasswordFile, PasswordFileError, new_password
 from fleet.db.engine import session_scope
 from fleet.db.models import Assignment, Bundle, Device, Rollout, as_utc
@@ -249,6 +250,12 @@ class DeviceController(Controller):
                     for a, b in rows
                 ],
             }
+        # The newest trust root the fleet serves (GET /api/v1/trust/roots): a device behind it
+        # walks its root forward before installing what the new root signs. Absent without a
+        # chain; agents that predate it ignore the field.
+        root_version = newest_root_version(ctx.settings.keys_dir)
+        if root_version is not None:
+            body["root_version"] = root_version
         etag = desired_etag(body)
         headers = {"ETag": etag}
         if etag_matches(request.headers.get("if-none-match"), etag):

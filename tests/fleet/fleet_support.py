@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from litestar.testing import TestClient
 
+from fleet.app import create_app
+from fleet.settings import Settings
 from shared.bundle.archive import write_bundle
 from shared.bundle.keyring import Keyring, sign_manifest
 from shared.bundle.manifest import SCHEMA, FileRef, Manifest, Quantization, TensorSpec, Tolerance
@@ -93,3 +101,28 @@ def upload(client: TestClient[Any], path: Path) -> Any:
         content=path.read_bytes(),
         headers={**admin(), "Content-Type": "application/octet-stream"},
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve_fleet(settings: Settings) -> Iterator[str]:
+    """The fleet app under uvicorn on a loopback port (real HTTP, for clients in other threads)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)

@@ -4,48 +4,25 @@ FleetClient sends the ETag it holds and keeps its state on a 304."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fleet_support import ENROLL
+from fleet_support import ENROLL, serve_fleet
 
 from agent.fleet_client import FleetClient
 from fleet.api.devices import etag_matches
-from fleet.app import create_app
 from fleet.db.engine import make_engine, session_scope
 from fleet.db.models import Bundle
 from fleet.rollout.controller import set_assignment
 from fleet.settings import Settings
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def fleet_url(settings: Settings) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    with serve_fleet(settings) as url:
+        yield url
 
 
 def _assign(settings: Settings, device_id: str, release: int) -> None:
