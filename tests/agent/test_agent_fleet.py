@@ -21,6 +21,7 @@ from agent.main import Agent
 from agent.update.lifecycle import UpdateState
 from shared.bundle.keyring import Keyring
 
+from ..waiting import wait_for
 from .conftest import Bundles, read_bundle
 
 S = UpdateState
@@ -106,16 +107,6 @@ def fleet() -> Iterator[StubFleet]:
     yield f
     f.server.shutdown()
     f.server.server_close()
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

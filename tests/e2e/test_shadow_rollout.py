@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from fleet.rollout.controller import set_assignment
 from fleet.settings import Settings
 from shared.bundle.keyring import Keyring, init_keyring
 
+from ..waiting import wait_for
+
 ADMIN = "admin-" + "s" * 20
 ENROLL = "enroll-" + "t" * 20
 DEVICES = ("edge-01", "edge-02")
@@ -43,16 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @dataclass

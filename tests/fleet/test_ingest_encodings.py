@@ -4,7 +4,6 @@ one sending MessagePack (the default) and one JSON, through a real Mosquitto."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,7 @@ from fleet.db.models import Device, DeviceEvent, HealthReport
 from fleet.ingest.ingester import Ingester
 from shared.telemetry import messages, topics
 
-
-def wait_for(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+from ..waiting import wait_for
 
 
 def test_ingester_stores_msgpack_and_json_reporters(mosquitto: Any, tmp_path: Path) -> None:

@@ -9,8 +9,7 @@ import base64
 import logging
 import shutil
 import tarfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,8 @@ from shared.bundle.archive import ENVELOPE_NAME
 from shared.bundle.keyring import delegate, init_keyring, load_keyring, rotate_root
 from shared.bundle.trust import TrustRoot
 from shared.errors import SignatureError
+
+from ..waiting import wait_for
 
 DEVICE = "rot-1"
 
@@ -64,16 +65,6 @@ def settings(tmp_path: Path, db_url: str, keys: Path) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient[Any]]:
     with TestClient(create_app(settings)) as c:
         yield c
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def make_agent(tmp_path: Path, url: str, pinned: Path) -> Agent:
