@@ -79,45 +79,42 @@ def agreement_gate(inp: GateInput) -> GateResult | None:
     )
 
 
-def abs_error_gate(inp: GateInput) -> GateResult | None:
-    g = inp.gates
-    if g.max_abs_error is None:
+def _worst_device_gate(inp: GateInput, gate: str, label: str, field: str, bound: float | None, *,
+                       higher_is_worse: bool, digits: str) -> GateResult | None:
+    """A bound on the worst device's figure (``field`` of its shadow report)."""
+    if bound is None:
         return None
     reports, samples, devices, figures = _shadow_sample(inp)
-    worst = [(f.max_abs_error, f.device_id) for f in reports if f.max_abs_error is not None]
-    observed, where = max(worst) if worst else (0.0, None)
-    figures |= {"max_abs_error": observed, "device": where, "bound": g.max_abs_error}
-    common = {"observed": round(observed, 6), "threshold": g.max_abs_error, "figures": figures}
-    waiting = _shadow_wait(inp, "max_abs_error", "shadow max_abs_error", samples, devices, common)
+    values = [(v, f.device_id) for f in reports if (v := getattr(f, field)) is not None]
+    if values:
+        observed, where = max(values) if higher_is_worse else min(values)
+    else:
+        observed, where = (0.0 if higher_is_worse else 1.0), None
+    figures |= {field: observed, "device": where, gate: bound}
+    common = {"observed": round(observed, 6), "threshold": bound, "figures": figures}
+    waiting = _shadow_wait(inp, gate, f"shadow {label}", samples, devices, common)
     if waiting is not None:
         return waiting
-    status, op = (GateStatus.FAIL, ">") if observed > g.max_abs_error else (GateStatus.PASS, "<=")
-    at = f", worst on {where}" if status is GateStatus.FAIL and where else ""
+    failed = observed > bound if higher_is_worse else observed < bound
+    op = (">" if failed else "<=") if higher_is_worse else ("<" if failed else ">=")
+    at = f", worst on {where}" if failed and where else ""
     return GateResult(
-        "max_abs_error", status,
-        f"shadow max_abs_error {observed:.3g} {op} {g.max_abs_error} {_over(samples, devices)}{at}",
-        sample=samples, min_sample=max(g.min_shadow_samples, 1), unit="samples", **common,
+        gate, GateStatus.FAIL if failed else GateStatus.PASS,
+        f"shadow {label} {observed:{digits}} {op} {bound} {_over(samples, devices)}{at}",
+        sample=samples, min_sample=max(inp.gates.min_shadow_samples, 1), unit="samples", **common,
     )
+
+
+def abs_error_gate(inp: GateInput) -> GateResult | None:
+    """The largest absolute difference between candidate and serving outputs on any device."""
+    return _worst_device_gate(inp, "max_abs_error", "max_abs_error", "max_abs_error",
+                              inp.gates.max_abs_error, higher_is_worse=True, digits=".3g")
 
 
 def cosine_gate(inp: GateInput) -> GateResult | None:
-    g = inp.gates
-    if g.min_cosine is None:
-        return None
-    reports, samples, devices, figures = _shadow_sample(inp)
-    worst = [(f.cosine_min, f.device_id) for f in reports if f.cosine_min is not None]
-    observed, where = min(worst) if worst else (1.0, None)
-    figures |= {"cosine_min": observed, "device": where, "min_cosine": g.min_cosine}
-    common = {"observed": round(observed, 6), "threshold": g.min_cosine, "figures": figures}
-    waiting = _shadow_wait(inp, "min_cosine", "shadow cosine", samples, devices, common)
-    if waiting is not None:
-        return waiting
-    status, op = (GateStatus.FAIL, "<") if observed < g.min_cosine else (GateStatus.PASS, ">=")
-    return GateResult(
-        "min_cosine", status,
-        f"shadow cosine {observed:.4f} {op} {g.min_cosine} {_over(samples, devices)}",
-        sample=samples, min_sample=max(g.min_shadow_samples, 1), unit="samples", **common,
-    )
+    """The lowest cosine between candidate and serving outputs on any device."""
+    return _worst_device_gate(inp, "min_cosine", "cosine", "cosine_min",
+                              inp.gates.min_cosine, higher_is_worse=False, digits=".4f")
 
 
 def candidate_latency_gate(inp: GateInput) -> GateResult | None:

@@ -121,6 +121,18 @@ def test_abs_error_and_candidate_latency_gates() -> None:
     assert "candidate p95 ratio 4.00 > 2.0 (p95 4.00 ms vs 1.00 ms" in d.message
 
 
+def test_cosine_gate_names_the_worst_device() -> None:
+    gates = {"min_agreement": 0.5, "min_cosine": 0.99, "min_shadow_samples": 100, "min_devices": 2}
+    d = run(spec(gates), serving(), [fig("d0"), fig("d1", cosine_min=0.9)])
+    assert d.verdict is Verdict.FAIL and d.gate == "min_cosine"
+    assert "shadow cosine 0.9000 < 0.99 over 400 samples on 2 devices, worst on d1" in d.message
+    g = gate(d, "min_cosine")
+    assert (g.observed, g.threshold, g.figures["device"]) == (0.9, 0.99, "d1")
+    d = run(spec(gates), serving(), [fig("d0"), fig("d1")])
+    assert gate(d, "min_cosine").status is GateStatus.PASS
+    assert "shadow cosine 0.9990 >= 0.99" in gate(d, "min_cosine").message
+
+
 def test_inconclusive_when_the_bake_time_ends_without_enough_samples() -> None:
     d = run(spec(), serving(), [fig("d0", 30), fig("d1", 20)])
     assert d.verdict is Verdict.INCONCLUSIVE
