@@ -12,42 +12,23 @@ activates the release at once, commits it, and the rollout completes.
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 import pytest
-import uvicorn
 from sqlmodel import Session, col, select
 
 from agent.cli import cmd_status
-from agent.client import AgentClient
-from agent.config import parse_config
-from agent.errors import UnknownModelError
-from agent.main import Agent
-from fleet.app import create_app
-from fleet.bundles.build import build_bundle
-from fleet.db.engine import session_scope
 from fleet.db.models import DeviceEvent
-from fleet.demo.models import field_traffic, golden_inputs, write_classifier
-from fleet.rollout.controller import set_assignment
-from fleet.settings import Settings
-from shared.bundle.keyring import Keyring, init_keyring
+from fleet.demo.models import write_classifier
 from shared.timeutil import parse_ts
 
 from ..waiting import wait_for
+from .rollout_rig import DEVICES, TERMINAL, Rig, running_rig, serve_r1
 
-ADMIN = "admin-" + "s" * 20
-ENROLL = "enroll-" + "t" * 20
-LOCKED, FREE = "edge-01", "edge-02"
-DEVICES = (LOCKED, FREE)
+LOCKED, FREE = DEVICES
 HOLDER = "camera-app"
-TERMINAL = {"succeeded", "rolled_back", "aborted", "paused"}
 # Short enough to trip inside the test if a waiting device were counted as silent (or, with
 # the bake time, if the stage could pass without it), long enough for a loaded CI machine:
 # the agents report health every 0.5 s.
@@ -56,125 +37,10 @@ BAKE_S = 3.0
 LOCK_WAIT = f"waiting for the update lock held by '{HOLDER}' until "
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Rig:
-    url: str
-    http: httpx.Client
-    app: Any
-    keyring: Keyring
-    work: Path
-    agents: dict[str, Agent]
-
-    def upload(self, release: int, write: Callable[[Path], None]) -> int:
-        model = self.work / f"clf-r{release}.onnx"
-        write(model)
-        out = self.work / f"clf-r{release}.bundle"
-        build_bundle(model, name="clf", version=f"1.{release}", release=release, keyring=self.keyring,
-                     out=out, golden_inputs=golden_inputs())
-        r = self.http.post("/api/v1/bundles", content=out.read_bytes(),
-                           headers={"Content-Type": "application/octet-stream"})
-        assert r.status_code in (200, 201), r.text
-        return int(r.json()["id"])
-
-    def status(self, rid: int) -> dict[str, Any]:
-        r = self.http.get(f"/api/v1/rollouts/{rid}")
-        assert r.status_code == 200, r.text
-        doc: dict[str, Any] = r.json()
-        return doc
-
-    def device(self, device_id: str) -> dict[str, Any]:
-        r = self.http.get(f"/api/v1/devices/{device_id}")
-        assert r.status_code == 200, r.text
-        doc: dict[str, Any] = r.json()
-        return doc
-
-    def active(self, device: str) -> tuple[int | None, str]:
-        rec = self.agents[device].store.load("clf")
-        return (rec.active.release if rec and rec.active else None), str(rec.state if rec else "-")
-
-    def local_api(self, device: str) -> AgentClient:
-        api = self.agents[device].api
-        assert api is not None and api.tcp_address is not None
-        host, port = api.tcp_address
-        return AgentClient(url=f"http://{host}:{port}", timeout=30)
-
-
 @pytest.fixture
 def rig(tmp_path: Path, mosquitto: Any) -> Iterator[Rig]:
-    keyring = init_keyring(tmp_path / "keys")
-    settings = Settings(
-        data_dir=tmp_path / "fleet", database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
-        keys_dir=keyring.directory, admin_token=ADMIN, enrollment_token=ENROLL,
-        mqtt_url=mosquitto.url, controller_interval_s=0.25,
-    )
-    app = create_app(settings)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=20, what="uvicorn")
-    url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {ADMIN}"})
-    agents: dict[str, Agent] = {}
-    stop = threading.Event()
-    traffic: list[threading.Thread] = []
-    try:
-        for i, device in enumerate(DEVICES):
-            cfg = parse_config({
-                "device_id": device,
-                "state_dir": str(tmp_path / device),
-                "trust_root": str(keyring.root_path),
-                "api": {"listen": "127.0.0.1:0"},
-                "fleet": {"url": url, "enrollment_token": ENROLL, "labels": {"site": "lab"},
-                          "poll_interval_s": 0.3},
-                "mqtt": {"url": mosquitto.url, "health_interval_s": 0.5},
-                "update": {"trial_seconds": 0.5},
-            })
-            agent = Agent(cfg)
-            agent.start()
-            agents[device] = agent
-            t = threading.Thread(target=_traffic, args=(agent, stop, i), daemon=True)
-            t.start()
-            traffic.append(t)
-        r = Rig(url, http, app, keyring, tmp_path, agents)
-        wait_for(lambda: len(http.get("/api/v1/devices").json()) == len(DEVICES), timeout=30,
-                 what="the agents to enroll")
+    with running_rig(tmp_path, mosquitto, traffic_pause_s=0.01) as r:  # ~100 requests/s
         yield r
-    finally:
-        stop.set()
-        for t in traffic:
-            t.join(10)
-        for agent in agents.values():
-            agent.stop()
-        http.close()
-        server.should_exit = True
-        thread.join(15)
-
-
-def _traffic(agent: Agent, stop: threading.Event, seed: int) -> None:
-    """The devices' own applications: field traffic, about 100 requests a second."""
-    rng = np.random.default_rng(seed)
-    while not stop.is_set():
-        try:
-            agent.host.predict("clf", {"x": field_traffic(rng)})
-        except UnknownModelError:
-            stop.wait(0.05)
-        stop.wait(0.01)
-
-
-def _serve_r1(rig: Rig) -> None:
-    bundle_id = rig.upload(1, lambda p: write_classifier(p, seed=0))
-    with session_scope(rig.app.state.ctx.engine) as session:
-        for device in DEVICES:
-            set_assignment(session, device, "clf", bundle_id, None)
-    for device in DEVICES:
-        wait_for(lambda d=device: rig.active(d) == (1, "committed"), what=f"{device} to commit r1")
 
 
 def _spec(bundle_id: int) -> dict[str, Any]:
@@ -220,7 +86,7 @@ def _staged_waiting(rig: Rig) -> bool:
 def test_a_release_waits_for_an_update_lock_and_activates_when_it_is_released(
     rig: Rig, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _serve_r1(rig)
+    serve_r1(rig)
     app = rig.local_api(LOCKED)
     try:
         lease = app.acquire_lock(HOLDER, 120, reason="recording")
