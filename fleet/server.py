@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from fleet.db.engine import describe
 from fleet.logs import configure as configure_logs
 from fleet.settings import Settings
 from shared.bundle.keyring import atomic_write, init_keyring
+from shared.randomtoken import random_token
 
 log = logging.getLogger("fleet")
 
@@ -27,7 +27,7 @@ def _token(settings_value: str | None, path: Path, what: str) -> str:
         existing = path.read_text().strip()
         if existing:
             return existing
-    token = secrets.token_urlsafe(32)
+    token = random_token(32)
     atomic_write(path, (token + "\n").encode(), mode=0o600)
     os.chmod(path, 0o600)
     print(f"edgefleet: generated the {what} in {path}")

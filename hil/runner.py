@@ -85,7 +85,7 @@ class HilFleet(DemoFleet):
         argv = python_module(
             "fleet.cli.main", "serve", "--host", self.host, "--port", str(self.fleet_port),
             "--data-dir", str(self.work / "fleet"), "--keys", str(self.work / "keys"),
-            "--admin-token", self.admin_token, "--enrollment-token", self.enroll_token,
+            f"--admin-token={self.admin_token}", f"--enrollment-token={self.enroll_token}",
             "--mqtt-url", str(self.cfg.mqtt_url),
         )
         self.fleet = ManagedProcess("fleet", argv, self.work / "logs" / "fleet.log").start()

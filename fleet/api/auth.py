@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 from dataclasses import dataclass
 
 import anyio
@@ -31,17 +30,18 @@ from fleet.api.context import AppContext
 from fleet.db.models import ApiToken, Assignment, Bundle, Device
 from fleet.metrics import record_denied
 from fleet.rollout.shadow import shadow_bundles
+from shared.randomtoken import random_token
 
 SCOPES = ("read", "deploy", "admin")
 TOKEN_PREFIX = "eft_"
 
 
 def new_credential() -> str:
-    return secrets.token_urlsafe(32)
+    return random_token(32)
 
 
 def new_operator_token() -> str:
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+    return TOKEN_PREFIX + random_token(32)
 
 
 def credential_hash(credential: str) -> str:

@@ -26,6 +26,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from shared.randomtoken import random_token
+
 log = logging.getLogger(__name__)
 
 ITERATIONS = 101  # mosquitto_passwd's default
@@ -60,7 +62,7 @@ def verify_password(encoded: str, password: str) -> bool:
 
 
 def new_password() -> str:
-    return secrets.token_urlsafe(24)
+    return random_token(24)
 
 
 class BrokerPasswordFile:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from fleet.demo.models import golden_inputs, write_classifier
 from fleet.demo.processes import ManagedProcess, free_port, python_module, wait_until
 from fleet.demo.traffic import TrafficGenerator
 from shared.bundle.keyring import init_keyring
+from shared.randomtoken import random_token
 
 MODEL = "demo-classifier"
 TERMINAL = {"succeeded", "rolled_back", "aborted", "failed"}
@@ -57,8 +57,8 @@ class DemoFleet:
         self.cfg = cfg
         self.work = Path(cfg.workdir).resolve()
         self.t0 = time.monotonic()
-        self.admin_token = secrets.token_urlsafe(24)
-        self.enroll_token = secrets.token_urlsafe(24)
+        self.admin_token = random_token(24)
+        self.enroll_token = random_token(24)
         self.fleet_port = free_port()
         self.fleet_url = f"http://127.0.0.1:{self.fleet_port}"
         self.fleet: ManagedProcess | None = None
@@ -94,7 +94,7 @@ class DemoFleet:
         argv = python_module(
             "fleet.cli.main", "serve", "--host", "127.0.0.1", "--port", str(self.fleet_port),
             "--data-dir", str(self.work / "fleet"), "--keys", str(self.work / "keys"),
-            "--admin-token", self.admin_token, "--enrollment-token", self.enroll_token,
+            f"--admin-token={self.admin_token}", f"--enrollment-token={self.enroll_token}",
         )
         env = {}
         if self.cfg.mqtt_url:
