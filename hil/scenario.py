@@ -10,6 +10,7 @@
     stages = [{ name = "canary", selector = { ring = "canary" }, min_devices = 1, bake_seconds = 4 },
               { name = "all", percent = 100, bake_seconds = 2 }]
     gates = { max_error_rate = 0.05, min_inferences = 30, max_install_failures = 0 }
+    on_inconclusive = "extend"        # and extend_seconds, max_extensions, on_gate_failure
     [[faults]]                        # what happens to whom, and when
     action = "loss"                   # loss, delay, link_down, link_up, power_cut, power_on,
                                       # broker_stop, broker_start, disk_full, offline, online
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ROLLOUT_KEYS = {"stages", "gates", "on_gate_failure", "on_inconclusive", "extend_seconds", "max_extensions"}
 ACTIONS = {
     "loss", "delay", "link_down", "link_up", "power_cut", "power_on", "broker_stop", "broker_start",
     "disk_full", "offline", "online",
@@ -113,6 +115,15 @@ def parse_scenario(data: dict[str, Any], path: Path | None = None) -> Scenario:
     stages = rollout.get("stages") or [{"name": "all", "percent": 100, "bake_seconds": 2}]
     if not isinstance(stages, list) or not all(isinstance(s, dict) and "name" in s for s in stages):
         raise ScenarioError("rollout.stages must be a list of tables with a name")
+    unknown = sorted(set(rollout) - ROLLOUT_KEYS)
+    if unknown:
+        raise ScenarioError(f"rollout.{unknown[0]} is not a rollout key: use "
+                            f"{', '.join(sorted(ROLLOUT_KEYS))}")
+    # the fleet validates the values (docs/rollouts.md); a loaded harness may need "extend"
+    # so that a stage waits for its minimum sample instead of pausing inconclusive
+    spec = {"stages": stages, "gates": rollout.get("gates", {}),
+            "on_gate_failure": rollout.get("on_gate_failure", "rollback")}
+    spec.update({k: v for k, v in rollout.items() if k not in spec})
     faults = []
     for i, raw in enumerate(_get(data, "faults", list, [], "")):
         where = f"faults[{i}]."
@@ -149,8 +160,7 @@ def parse_scenario(data: dict[str, Any], path: Path | None = None) -> Scenario:
                     views_match=bool(exp.get("views_match", True)))
     return Scenario(
         name=name, description=_get(data, "description", str, "", ""), devices=devices, canary=canary,
-        release=release, rollout={"stages": stages, "gates": rollout.get("gates", {}),
-                                  "on_gate_failure": rollout.get("on_gate_failure", "rollback")},
+        release=release, rollout=spec,
         faults=tuple(faults), expect=expect, timeout_s=float(_get(data, "timeout_s", (int, float), 120, "")),
         disk_mb=_get(data, "disk_mb", int, 0, ""), path=path,
     )

@@ -26,6 +26,8 @@ def test_every_bundled_scenario_parses() -> None:
     for path in SCENARIOS.glob("*.toml"):
         sc = load_scenario(path)
         assert sc.faults and sc.expect.rollout, path
+        # a loaded machine must not turn a short sample into a pause: every scenario waits for it
+        assert sc.rollout["on_inconclusive"] == "extend" and sc.rollout["max_extensions"] >= 1, path
         for fault in sc.faults:
             if not fault.action.startswith("broker"):
                 assert resolve_devices(fault.devices, sc.device_ids(), sc.canary)
@@ -40,6 +42,7 @@ def test_every_bundled_scenario_parses() -> None:
     ({"faults": [{"action": "loss", "percent": 3}]}, "percent is not a fault key"),
     ({"expect": {"serving": "maybe"}}, "expect.serving"),
     ({"colour": "red"}, "unknown key 'colour'"),
+    ({"rollout": {"stages": [{"name": "all"}], "bake": 3}}, "rollout.bake is not a rollout key"),
 ])
 def test_bad_scenarios_are_refused_with_the_key(data: dict, message: str) -> None:
     with pytest.raises(ScenarioError, match=message.replace("(", r"\(").replace("'", "'")):
