@@ -5,10 +5,19 @@ Each stored link was accepted only when a threshold of the previous root's keys 
 its own signed it and its version was exactly one more (TrustRoot.rotate). On start the
 chain is walked again from the pinned file, so a tampered or missing link fails closed
 instead of silently falling back to an older root.
+
+Checking the chain's signatures needs cryptography (~6.5 MB of OpenSSL resident in the
+agent from then on). A chain whose exact bytes this device already checked is recorded by
+digest in state_dir/trust/verified; on a start that finds the same bytes, the roots are
+parsed and validated but their signatures are not checked again, so an idle agent never
+loads cryptography. Any changed byte (a new pinned root, an added or altered link) changes
+the digest and the whole chain is checked again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -18,6 +27,9 @@ from shared.errors import EdgefleetError, MalformedDocumentError
 from shared.fsutil import atomic_write
 
 MAX_LINKS = 64
+VERIFIED = "verified"
+
+log = logging.getLogger(__name__)
 
 
 class TrustStore:
@@ -28,7 +40,46 @@ class TrustStore:
     def _link(self, version: int) -> Path:
         return self.directory / f"{version}.root.json"
 
+    def _chain(self) -> list[bytes]:
+        """The pinned root's bytes and those of the stored links that follow it by number."""
+        pinned = self.pinned.read_bytes()
+        chain = [pinned]
+        version = TrustRoot.load_verified(pinned).version
+        for _ in range(MAX_LINKS):
+            link = self._link(version + len(chain))
+            try:
+                chain.append(link.read_bytes())
+            except FileNotFoundError:
+                return chain
+        raise StateError(f"more than {MAX_LINKS} stored trust roots in {self.directory}")
+
+    @staticmethod
+    def _digest(chain: list[bytes]) -> str:
+        h = hashlib.sha256(b"edgefleet trust chain v1\n")
+        for data in chain:
+            h.update(hashlib.sha256(data).digest())
+        return h.hexdigest()
+
+    def _verified_digest(self) -> str:
+        try:
+            return (self.directory / VERIFIED).read_text().strip()
+        except OSError:
+            return ""
+
     def load(self) -> TrustRoot:
+        chain = self._chain()
+        digest = self._digest(chain)
+        if digest == self._verified_digest():
+            return TrustRoot.load_verified(chain[-1])
+        root = self._verify()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.directory / VERIFIED, (digest + "\n").encode())
+        except OSError as exc:  # a read-only state dir costs a signature check per start, no more
+            log.warning("cannot record the verified trust chain in %s: %s", self.directory, exc)
+        return root
+
+    def _verify(self) -> TrustRoot:
         root = TrustRoot.load(self.pinned.read_bytes())
         for _ in range(MAX_LINKS):
             nxt = self._link(root.version + 1)

@@ -13,13 +13,14 @@ import base64
 import binascii
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from shared import strictjson
 from shared.bundle.keys import key_id
 from shared.errors import MalformedDocumentError, SignatureError
+
+if TYPE_CHECKING:  # cryptography loads when a signature is made or checked (shared.bundle.keys)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 MANIFEST_TYPE = "application/vnd.edgefleet.manifest.v1+json"
 ROOT_TYPE = "application/vnd.edgefleet.root.v1+json"
@@ -102,6 +103,8 @@ def sign(payload_type: str, payload: bytes, keys: Iterable[Ed25519PrivateKey]) -
 
 def valid_keyids(envelope: Envelope, trusted: Mapping[str, Ed25519PublicKey]) -> set[str]:
     """Key ids among ``trusted`` whose signature over the envelope verifies."""
+    from cryptography.exceptions import InvalidSignature
+
     message = pae(envelope.payload_type, envelope.payload)
     good: set[str] = set()
     for s in envelope.signatures:

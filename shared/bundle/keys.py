@@ -1,41 +1,71 @@
-"""Ed25519 keys on disk and their key ids (SHA-256 of the raw public key)."""
+"""Ed25519 keys on disk and their key ids (SHA-256 of the raw public key).
+
+cryptography is imported where a key object is made, not with this module: a device
+agent parses its trust root at every start but checks signatures only when it installs
+(cryptography's OpenSSL costs the resident agent ~6.5 MB; docs/performance.md).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from shared.errors import MalformedDocumentError
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 
 def raw_public(key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def key_id(key: Ed25519PublicKey) -> str:
-    return hashlib.sha256(raw_public(key)).hexdigest()
+    return key_id_of_raw(raw_public(key))
 
 
-def public_from_hex(value: str) -> Ed25519PublicKey:
+def key_id_of_raw(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def raw_from_hex(value: str) -> bytes:
+    """The 32 raw bytes of a hex Ed25519 public key, checked for form only."""
     try:
         raw = bytes.fromhex(value)
     except ValueError:
         raise MalformedDocumentError("public key is not hex") from None
     if len(raw) != 32:
         raise MalformedDocumentError(f"Ed25519 public key must be 32 bytes, got {len(raw)}")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    return raw
+
+
+def public_from_raw(raw: bytes) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise MalformedDocumentError(f"not an Ed25519 public key: {exc}") from None
+
+
+def public_from_hex(value: str) -> Ed25519PublicKey:
+    return public_from_raw(raw_from_hex(value))
 
 
 def generate() -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.generate()
 
 
 def save_private(key: Ed25519PrivateKey, path: Path) -> None:
     """Write a private key as PKCS#8 PEM, readable by the owner only."""
+    from cryptography.hazmat.primitives import serialization
+
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -47,6 +77,9 @@ def save_private(key: Ed25519PrivateKey, path: Path) -> None:
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError) as exc:

@@ -19,14 +19,13 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared import strictjson
 from shared.bundle import envelope as dsse
-from shared.bundle.keys import key_id, public_from_hex
+from shared.bundle.keys import key_id_of_raw, public_from_raw, raw_from_hex
 from shared.bundle.manifest import Manifest, parse_manifest, payload_digest
 from shared.errors import (
     AgentTooOldError,
@@ -38,6 +37,9 @@ from shared.errors import (
 )
 from shared.timeutil import parse_ts, utcnow
 from shared.versioning import parse_version
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 ROOT_SCHEMA = "edgefleet.root/v1"
 MAX_ROOT_BYTES = 256 * 1024
@@ -100,7 +102,7 @@ def parse_root_payload(payload: bytes) -> RootPayload:
         raise MalformedDocumentError("root version must be at least 1")
     parse_ts(root.expires, field="root expires")
     for kid, spec in root.keys.items():
-        if key_id(public_from_hex(spec.public)) != kid:
+        if key_id_of_raw(raw_from_hex(spec.public)) != kid:
             raise MalformedDocumentError(f"key id {kid[:12]}… does not match its public key")
     _check_role("root", root.root, root.keys)
     names = set()
@@ -121,15 +123,17 @@ class TrustRoot:
     def __init__(self, payload: RootPayload, envelope_bytes: bytes) -> None:
         self.payload = payload
         self.envelope_bytes = envelope_bytes
-        self._keys: dict[str, Ed25519PublicKey] = {
-            kid: public_from_hex(spec.public) for kid, spec in payload.keys.items()
-        }
+        # Key objects (and cryptography with them) are made on the first signature check.
+        self._keys: dict[str, Ed25519PublicKey] = {}
 
     @property
     def version(self) -> int:
         return self.payload.version
 
     def _role_keys(self, role: RoleSpec | Delegation) -> dict[str, Ed25519PublicKey]:
+        for kid in role.keyids:
+            if kid not in self._keys:
+                self._keys[kid] = public_from_raw(raw_from_hex(self.payload.keys[kid].public))
         return {kid: self._keys[kid] for kid in role.keyids}
 
     @classmethod
@@ -150,6 +154,15 @@ class TrustRoot:
             role="root",
         )
         return root
+
+    @classmethod
+    def load_verified(cls, data: bytes) -> TrustRoot:
+        """A root whose signatures this device already checked (its bytes are unchanged
+        since): parsed and validated like ``load``, its signatures not checked again."""
+        env = dsse.Envelope.from_json(data, max_bytes=MAX_ROOT_BYTES)
+        if env.payload_type != dsse.ROOT_TYPE:
+            raise SignatureError(f"root envelope carries {env.payload_type!r}")
+        return cls(parse_root_payload(env.payload), data)
 
     def rotate(self, data: bytes) -> TrustRoot:
         """Accept root version N+1 signed by a threshold of root N and of itself."""

@@ -82,3 +82,37 @@ def test_tampered_stored_link_fails_closed(setup: tuple[Path, Path, Path]) -> No
         (rogue.directory / "roots" / f"{rogue_v2.version}.root.json").read_bytes())
     with pytest.raises(StateError, match="does not follow"):
         store.load()
+
+
+def _load_in_fresh_process(pinned: Path, state: Path) -> str:
+    """The root version a new process loads, and whether that made it import cryptography."""
+    code = ("import sys; from agent.update.truststore import TrustStore; "
+            f"root = TrustStore({str(pinned)!r}, {str(state)!r}).load(); "
+            "print(root.version, 'cryptography' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_a_checked_chain_is_not_checked_again_until_a_byte_changes(setup: tuple[Path, Path, Path]) -> None:
+    keys, _config, device = setup
+    pinned, state = device / "root.json", device / "state"
+    rotate_root(keys)
+    TrustStore(pinned, state).update([(keys / "roots" / "2.root.json").read_bytes()])
+    # The first start on this chain checks its signatures (cryptography) and records it ...
+    assert _load_in_fresh_process(pinned, state) == "2 True"
+    assert (state / "trust" / "verified").is_file()
+    # ... the next starts parse the same bytes and stay without cryptography.
+    assert _load_in_fresh_process(pinned, state) == "2 False"
+    # A record that does not match (damaged, or from another chain) means a full check again.
+    (state / "trust" / "verified").write_text("0" * 64 + "\n")
+    assert _load_in_fresh_process(pinned, state) == "2 True"
+    assert _load_in_fresh_process(pinned, state) == "2 False"
+    # A link swapped after the chain was recorded is checked again and fails closed.
+    rogue = init_keyring(device / "rogue")
+    rogue_v2 = rotate_root(rogue.directory)
+    (state / "trust" / "2.root.json").write_bytes(
+        (rogue.directory / "roots" / f"{rogue_v2.version}.root.json").read_bytes())
+    with pytest.raises(StateError, match="does not follow"):
+        TrustStore(pinned, state).load()

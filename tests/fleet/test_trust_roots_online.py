@@ -194,7 +194,7 @@ def test_agent_follows_rotation_online_then_installs_bundle_of_new_key(
         finally:
             agent.stop()
     # Persisted like `trust update` does: a restart (or the CLI) walks v1 -> v3 from disk.
-    stored = sorted(p.name for p in (tmp_path / "state" / "trust").iterdir())
+    stored = sorted(p.name for p in (tmp_path / "state" / "trust").glob("*.root.json"))
     assert stored == ["2.root.json", "3.root.json"]
     link = (tmp_path / "state" / "trust" / "3.root.json").read_bytes()
     assert link == (keys / "roots" / "3.root.json").read_bytes()
@@ -245,7 +245,7 @@ def test_forged_root_served_by_the_fleet_is_refused(
             agent.stop()
             logging.getLogger("agent").removeHandler(handler)
     trust_dir = tmp_path / "state" / "trust"
-    stored = sorted(p.name for p in trust_dir.iterdir()) if trust_dir.exists() else []
+    stored = sorted(p.name for p in trust_dir.glob("*.root.json")) if trust_dir.exists() else []
     assert stored == [f"{v}.root.json" for v in range(2, keeps + 1)]
     # The next start walks the same verified chain: nothing forged was kept.
     assert load_trust_root(pinned, tmp_path / "state").version == keeps
