@@ -13,25 +13,21 @@ Requests run through the model's scheduler (dynamic batching); one without a res
 within ``request_timeout_s`` is answered 504. Errors are JSON
 ``{"error": "<code>", "detail": "<what to do>"}``. The server never dies on bad input:
 every request is answered or its connection closed. See docs/agent-api.md.
+
+HTTP/1.1 framing is agent.api.http1's (not http.server, which brings ssl and email.* into
+every agent); tests/agent/test_api_headers.py keeps them out of ``import agent.main``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.parser
-import email.utils
-import http.client
 import io
 import logging
 import os
-import re
 import socket
 import socketserver
 import threading
-import time
-import zipfile
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +35,7 @@ import msgspec
 import numpy as np
 
 from agent.api import locks as lock_routes
+from agent.api.http1 import RequestHandler
 from agent.errors import InferenceError, InputError, UnknownModelError
 from agent.runtime.batching import RequestTimeout
 from agent.runtime.host import LoadedModel, ModelHost
@@ -53,7 +50,6 @@ NPY = "application/x-npy"
 JSON = "application/json"
 FORMATS = (JSON, NPZ, NPY)
 PREDICT_PREFIX = "/v1/models/"
-SMALL_REPLY = 1 << 16  # replies up to this size go out in one write with their headers
 
 
 class ApiError(Exception):
@@ -107,6 +103,8 @@ def _json_inputs(model: LoadedModel, body: bytes, max_bytes: int) -> dict[str, n
 
 
 def _npz_inputs(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+    import zipfile  # only .npz bodies need it (~1.7 MB): not loaded with the agent
+
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
             total = sum(info.file_size for info in npz.zip.infolist())
@@ -255,56 +253,10 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-# -- the request head, parsed here when it is plain --------------------------------------------
-#
-# http.server hands the header block to email.parser (~35 us a request, the largest part of
-# the server's own time). A plain block (one "Name: value" line per field) is parsed here into
-# the same http.client.HTTPMessage; anything else (folded lines, odd names) goes to email.parser
-# as before. Limits as http.client's.
-
-MAX_HEADER_LINE = 65536
-MAX_HEADERS = 100
-_PLAIN_FIELD = re.compile(rb"[!-9;-~]+:")  # a field name (no spaces, no colon) and its colon
-
-
-def read_headers(rfile: Any) -> http.client.HTTPMessage:
-    """The header block up to its blank line; http.client.LineTooLong / HTTPException on abuse."""
-    lines: list[bytes] = []
-    while True:
-        line = rfile.readline(MAX_HEADER_LINE + 1)
-        if len(line) > MAX_HEADER_LINE:
-            raise http.client.LineTooLong("header line")
-        if line in (b"\r\n", b"\n", b""):
-            break
-        lines.append(line)
-        if len(lines) >= MAX_HEADERS:  # http.client counts the blank line too
-            raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
-    msg = http.client.HTTPMessage()
-    for line in lines:
-        if not _PLAIN_FIELD.match(line):
-            text = b"".join(lines).decode("iso-8859-1") + "\r\n"
-            return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(text)
-        name, _, value = line.decode("iso-8859-1").partition(":")
-        msg[name] = value.lstrip(" \t").rstrip("\r\n")  # as email's compat32 policy
-    return msg
-
-
-_date: tuple[int, str] = (0, "")
-
-
-def http_date() -> str:
-    """The Date header's value, formatted once a second."""
-    global _date
-    now = int(time.time())
-    if _date[0] != now:
-        _date = (now, email.utils.formatdate(now, usegmt=True))
-    return _date[1]
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(RequestHandler):
     server_version = "edgefleet-agent"
-    protocol_version = "HTTP/1.1"
-    timeout = 30  # seconds a client may stall mid-request
+    timeout = 30  # seconds a client may stall mid-request (or idle between requests)
+    logger = log
     host: ModelHost
     max_body_bytes: int
     request_timeout_s: float | None
@@ -313,64 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing -----------------------------------------------------------------
 
-    def address_string(self) -> str:
-        addr = self.client_address
-        return addr[0] if isinstance(addr, tuple) and addr else "unix"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if log.isEnabledFor(logging.DEBUG):  # called for every request: format only when shown
-            log.debug("%s %s", self.address_string(), format % args)
-
-    def parse_request(self) -> bool:
-        """http.server's parse of the request line and head, with a plain head parsed by
-        ``read_headers``. Other request lines (HTTP/0.9, 2.0, malformed) take the stdlib's path."""
-        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = requestline.split()
-        if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0") or words[1].startswith("//"):
-            return super().parse_request()
-        self.requestline = requestline
-        self.command, self.path, self.request_version = words
-        self.close_connection = self.request_version != "HTTP/1.1"
-        try:
-            self.headers = read_headers(self.rfile)
-        except http.client.LineTooLong as err:
-            self.send_error(431, "Line too long", str(err))
-            return False
-        except http.client.HTTPException as err:
-            self.send_error(431, "Too many headers", str(err))
-            return False
-        conntype = self.headers.get("Connection", "").lower()
-        if conntype == "close":
-            self.close_connection = True
-        elif conntype == "keep-alive":
-            self.close_connection = False
-        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
-
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None,
-              close: bool = False) -> None:
-        """The status line, headers and (up to SMALL_REPLY) the body in one write."""
-        self.log_request(status)
-        if self.request_version == "HTTP/0.9":  # no status line, no headers
-            self.wfile.write(body)
-            return
-        head = (f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}\r\n"
-                f"Server: {self.version_string()}\r\nDate: {http_date()}\r\n"
-                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n")
-        for k, v in (headers or {}).items():
-            head += f"{k}: {v}\r\n"
-        if close:
-            head += "Connection: close\r\n"
-            self.close_connection = True
-        data = (head + "\r\n").encode("latin-1")
-        if self.command == "HEAD":
-            self.wfile.write(data)
-        elif len(body) <= SMALL_REPLY:
-            self.wfile.write(data + body)
-        else:  # no copy of a large body: two writes
-            self.wfile.write(data)
-            self.wfile.write(body)
+    _send = RequestHandler.send_reply  # status line, headers and a small body in one write
 
     def _json(self, status: int, doc: Any, **kw: Any) -> None:
         self._send(status, msgspec.json.encode(doc), JSON, **kw)
@@ -405,6 +300,7 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(length)
         if n > self.max_body_bytes:
             raise ApiError(413, "too_large", f"the body is {n} bytes, max {self.max_body_bytes}")
+        self.send_continue()
         data = self.rfile.read(n)
         self._consumed = True
         if len(data) != n:
@@ -534,7 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
         return 1 if scheduler is None else scheduler.max_rows
 
 
-class _TCPServer(ThreadingHTTPServer):
+class _TCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
