@@ -45,9 +45,11 @@ $(AGENT_STAMP): pyproject.toml
 	@touch $(AGENT_STAMP)
 
 bench: $(STAMP) $(AGENT_STAMP)
+	@sh bench/deps-peers.sh
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-quick: $(STAMP) $(AGENT_STAMP)
+	@sh bench/deps-peers.sh
 	BENCH_QUICK=1 $(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 # `make soak`: the real agent for SOAK_MINUTES (default 10) under API load, broker restarts
