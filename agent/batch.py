@@ -13,9 +13,9 @@ import os
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from agent.errors import InferenceError, InputError, UnknownModelError
@@ -24,11 +24,10 @@ from agent.runtime.host import ModelHost
 Progress = Callable[[int, int, Path, str | None], None]
 
 
-@dataclass
-class ScoreReport:
+class ScoreReport(msgspec.Struct):
     total: int = 0
     scored: int = 0
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = msgspec.field(default_factory=list)
     seconds: float = 0.0
 
 

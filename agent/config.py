@@ -1,4 +1,4 @@
-"""The agent's TOML config, parsed into typed dataclasses and validated.
+"""The agent's TOML config, parsed into typed (frozen msgspec) structs and validated.
 
 Only ``state_dir`` and ``trust_root`` are required: an offline device has no fleet.
 An unknown key or a bad value raises ConfigError naming the key and the value.
@@ -56,10 +56,11 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import msgspec
 
 from agent.errors import ConfigError
 from agent.telemetry.connection import PROTOCOLS as MQTT_PROTOCOLS
@@ -71,19 +72,17 @@ DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
 CONFIG_ENV = "EDGEFLEET_AGENT_CONFIG"
 
 
-@dataclass(frozen=True)
-class FleetConfig:
+class FleetConfig(msgspec.Struct, frozen=True):
     url: str
     enrollment_token: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
     # The retained MQTT desired notice wakes the agent at once; the HTTP poll (the truth)
     # is the fallback for lost notices, so it can be slow: it dominated an idle agent's
     # bytes on the wire at 30 s (bench/b_wire.py).
     poll_interval_s: float = 300.0
 
 
-@dataclass(frozen=True)
-class MqttConfig:
+class MqttConfig(msgspec.Struct, frozen=True):
     url: str | None = None
     health_interval_s: float = 60.0
     # paho 2.2 sends a PINGREQ every keepalive even while health flows (measured), so this is
@@ -101,8 +100,7 @@ class MqttConfig:
     tls_insecure: bool = False
 
 
-@dataclass(frozen=True)
-class ApiConfig:
+class ApiConfig(msgspec.Struct, frozen=True):
     listen: str = "127.0.0.1:8181"
     unix_socket: str = ""
     max_body_bytes: int = 64 * 1024 * 1024
@@ -116,8 +114,7 @@ class ApiConfig:
         return host.strip("[]"), int(port)
 
 
-@dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(msgspec.Struct, frozen=True):
     intra_op_threads: int = 1
     max_batch_size: int = 8
     max_queue_delay_ms: float = 0.0
@@ -135,8 +132,7 @@ MAX_LOCK_LEASE_S = 86400.0
 MAX_OFFLINE_GRACE_S = 30 * 86400.0
 
 
-@dataclass(frozen=True)
-class UpdateConfig:
+class UpdateConfig(msgspec.Struct, frozen=True):
     trial_seconds: float = 10.0
     trial_max_error_rate: float = 0.5
     trial_min_inferences: int = 0
@@ -162,16 +158,15 @@ class UpdateConfig:
     offline_expiry_grace_s: float = 0.0
 
 
-@dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(msgspec.Struct, frozen=True):
     state_dir: Path
     trust_root: Path
     device_id: str | None = None
     fleet: FleetConfig | None = None
-    mqtt: MqttConfig = field(default_factory=MqttConfig)
-    api: ApiConfig = field(default_factory=ApiConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    update: UpdateConfig = field(default_factory=UpdateConfig)
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    update: UpdateConfig = msgspec.field(default_factory=UpdateConfig)
     # Whether an [mqtt] table was given: with no fleet, it is what turns telemetry on.
     mqtt_enabled: bool = False
 

@@ -14,7 +14,6 @@ import binascii
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urljoin
@@ -86,8 +85,7 @@ class EnrollResponse(msgspec.Struct):
     mqtt_protocol: str | None = None
 
 
-@dataclass(frozen=True)
-class Credential:
+class Credential(msgspec.Struct, frozen=True):
     device_id: str
     credential: str
     mqtt_url: str | None

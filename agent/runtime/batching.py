@@ -37,9 +37,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
 import numpy as np
 
 from agent.errors import InferenceError
@@ -62,8 +62,7 @@ class RequestTimeout(Exception):
         self.started = started
 
 
-@dataclass(frozen=True)
-class BatchPolicy:
+class BatchPolicy(msgspec.Struct, frozen=True):
     max_batch_size: int = 8
     max_queue_delay_s: float = 0.0
     workers: int = 1

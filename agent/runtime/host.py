@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 from agent.errors import InputError, UnknownModelError
@@ -29,14 +29,13 @@ from shared.telemetry.messages import ShadowHealth
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LoadedModel:
+class LoadedModel(msgspec.Struct, frozen=True):
     manifest: Manifest
     release: int
     digest: str
     session: Session
-    metrics: Metrics = field(default_factory=Metrics)
-    loaded_at: float = field(default_factory=time.time)
+    metrics: Metrics = msgspec.field(default_factory=Metrics)
+    loaded_at: float = msgspec.field(default_factory=time.time)
 
     @property
     def name(self) -> str:

@@ -11,14 +11,12 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import msgspec
 import numpy as np
 
 
-@dataclass(frozen=True)
-class MetricsSnapshot:
+class MetricsSnapshot(msgspec.Struct, frozen=True):
     inferences: int
     errors: int
     total_inferences: int

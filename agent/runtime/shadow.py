@@ -30,9 +30,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 import numpy as np
 
 from agent.runtime.base import Session
@@ -47,8 +47,7 @@ DEFAULT_SAMPLE_RATE = 0.1
 DEFAULT_MAX_BUSY_FRACTION = 0.25
 
 
-@dataclass(frozen=True)
-class ShadowPolicy:
+class ShadowPolicy(msgspec.Struct, frozen=True):
     sample_rate: float = DEFAULT_SAMPLE_RATE  # share of requests also run on the candidate
     max_busy_fraction: float = DEFAULT_MAX_BUSY_FRACTION  # of wall time, for the worker
     queue_size: int = DEFAULT_QUEUE_SIZE
@@ -127,8 +126,7 @@ def class_score_output(manifest: Manifest) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Comparison:
+class Comparison(msgspec.Struct, frozen=True):
     agrees: bool
     max_abs_error: float | None  # worst float output; None without float outputs
     cosine: float | None  # worst float output

@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
+
+import msgspec
 
 if TYPE_CHECKING:  # ssl (~4.5 MB) loads when TLS or a connection error needs it, not with the
     import ssl  # config, which imports this module for PROTOCOLS
@@ -25,8 +26,7 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 UNSUPPORTED_PROTOCOL_VERSION = 0x84
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
+class BrokerAddress(msgspec.Struct, frozen=True):
     host: str
     port: int
     tls: bool = False
@@ -39,8 +39,7 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
-class TlsOptions:
+class TlsOptions(msgspec.Struct, frozen=True):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None

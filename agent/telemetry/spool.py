@@ -40,7 +40,6 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -59,20 +58,18 @@ MAX_RECORD_BYTES = 1 << 20
 DROP_LOG_EVERY_S = 60.0
 
 
-@dataclass
-class _Segment:
+class _Segment(msgspec.Struct):
     id: int
     path: Path
     size: int = 0  # bytes of whole, valid records
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    counts: dict[str, int] = msgspec.field(default_factory=lambda: dict.fromkeys(KINDS, 0))
 
     @property
     def records(self) -> int:
         return sum(self.counts.values())
 
 
-@dataclass
-class _InFlight:
+class _InFlight(msgspec.Struct):
     token: int
     segment: int
     start: int
@@ -80,8 +77,7 @@ class _InFlight:
     acked: bool = False
 
 
-@dataclass(frozen=True)
-class SpoolStats:
+class SpoolStats(msgspec.Struct, frozen=True):
     pending: int  # records not yet acknowledged (in flight included)
     bytes: int  # on disk
     dropped: dict[str, int]  # by kind ("health", "event", "torn") since this spool was opened

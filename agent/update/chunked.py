@@ -35,7 +35,8 @@ import logging
 import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+
+import msgspec
 
 from agent.update.blobs import BlobStore, disk_full
 from agent.update.fetch import CONTENT_RANGE_RE, Cancelled, Fetcher, RateMeter, Retryable
@@ -50,8 +51,7 @@ READ_BLOCK = 1 << 20
 MAX_SPAN_CHUNKS = 32  # chunks per Range request at most
 
 
-@dataclass(frozen=True)
-class ChunkSource:
+class ChunkSource(msgspec.Struct, frozen=True):
     """Where a chunk's bytes are on the device: a placed blob and a span of it."""
 
     blob: str

@@ -39,9 +39,10 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from agent.config import UpdateConfig
 from agent.errors import AuthError, DownloadError
@@ -60,8 +61,7 @@ RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
-@dataclass(frozen=True)
-class DownloadPolicy:
+class DownloadPolicy(msgspec.Struct, frozen=True):
     """How hard a download tries; the [update] download_* keys of the agent config."""
 
     attempts: int = 5
@@ -72,7 +72,7 @@ class DownloadPolicy:
     connect_timeout_s: float = 10.0
     parallel: int = 4  # chunk requests in flight per file
     rate_limit_bps: float = 0.0  # 0: no limit
-    window: UpdateWindow | None = field(default=None, compare=False)
+    window: UpdateWindow | None = None
 
     @classmethod
     def from_config(cls, u: UpdateConfig) -> DownloadPolicy:
@@ -177,15 +177,14 @@ class RateMeter:
         self.start, self.received = now, 0
 
 
-@dataclass
-class FetchStats:
+class FetchStats(msgspec.Struct):
     """Bytes by origin, for logs, status and the tests (updated from several threads)."""
 
     network: int = 0  # body bytes received
     reused: int = 0  # chunk bytes copied from blobs of installed releases
     resumed: int = 0  # chunk bytes found verified in a kept partial
     fallbacks: int = 0  # chunked downloads that fell back to the whole file
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    lock: threading.Lock = msgspec.field(default_factory=threading.Lock)
 
     def add(self, **counts: int) -> None:
         with self.lock:

@@ -28,7 +28,6 @@ otherwise release is the target and from_release the active release.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import tarfile
@@ -39,6 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
+import msgspec
 import numpy as np
 
 from agent import __version__
@@ -568,7 +568,7 @@ class Installer:
                            f"({rec.trial_restarts + 1} time(s), trial_max_restarts "
                            f"{self.trial_max_restarts})")
             return True
-        rec = dataclasses.replace(
+        rec = msgspec.structs.replace(
             rec, trial_restarts=rec.trial_restarts + 1, trial_until=self.clock() + self.trial_seconds,
             message=f"trial restarted after the agent stopped ({rec.trial_restarts + 1} of "
                     f"{self.trial_max_restarts})", updated=self.clock(),
@@ -595,7 +595,7 @@ class Installer:
             if ref is rec.previous:
                 log.warning("model=%s serving previous r%s: the active one failed to load",
                             rec.name, ref.release)
-                self.store.save(dataclasses.replace(
+                self.store.save(msgspec.structs.replace(
                     rec, active=ref, previous=None,
                     message=f"active r{rec.active.release if rec.active else '?'} failed to load",
                 ))
@@ -658,7 +658,7 @@ class Installer:
         message = f"r{target.release} {reason}"
         if rec.message != message:
             log.info("model=%s: %s", rec.name, message)
-            rec = dataclasses.replace(rec, message=message)
+            rec = msgspec.structs.replace(rec, message=message)
             self.store.save(rec)
         return rec
 
@@ -675,7 +675,7 @@ class Installer:
                 return rec
             if rec.target is not None and rec.target.digest == target.digest and rec.state in lc.IN_PROGRESS:
                 if rec.target.activation_window != target.activation_window:
-                    rec = dataclasses.replace(rec, target=dataclasses.replace(
+                    rec = msgspec.structs.replace(rec, target=msgspec.structs.replace(
                         rec.target, activation_window=target.activation_window))
                     self.store.save(rec)
                 return self.resume(name) or rec
@@ -776,7 +776,7 @@ class Installer:
         message = f"r{rec.target.release} staged, {reason}"
         if rec.message != message:
             log.info("model=%s: %s", rec.name, message)
-            rec = dataclasses.replace(rec, message=message)
+            rec = msgspec.structs.replace(rec, message=message)
             self.store.save(rec)
         return rec
 

@@ -40,10 +40,10 @@ Rules:
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
 from enum import StrEnum
+
+import msgspec
 
 from shared.telemetry.messages import REASON_CODES
 
@@ -98,15 +98,13 @@ class IllegalTransition(Exception):
         self.to = to
 
 
-@dataclass(frozen=True)
-class ReleaseRef:
+class ReleaseRef(msgspec.Struct, frozen=True):
     release: int
     digest: str
     version: str = ""
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(msgspec.Struct, frozen=True):
     """What an update installs: a release of the fleet (URLs) or of a local bundle file."""
 
     release: int
@@ -118,8 +116,7 @@ class Target:
     activation_window: str | None = None
 
 
-@dataclass(frozen=True)
-class ModelRecord:
+class ModelRecord(msgspec.Struct, frozen=True):
     name: str
     state: UpdateState = S.IDLE
     target: Target | None = None
@@ -127,7 +124,7 @@ class ModelRecord:
     previous: ReleaseRef | None = None
     reason: str | None = None
     message: str = ""
-    failed_digests: list[str] = field(default_factory=list)
+    failed_digests: list[str] = msgspec.field(default_factory=list)
     trial_until: float | None = None
     updated: float = 0.0
     # Starts of the agent that found this record in TRIAL (a crash or power cut during the
@@ -159,7 +156,7 @@ def transition(
         raise ValueError(f"reason {reason!r} is not one of {REASON_CODES}")
     if to in NEEDS_REASON and reason is None:
         raise ValueError(f"{record.name}: entering {to} needs a reason code")
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         record,
         state=to,
         reason=reason,

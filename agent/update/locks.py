@@ -21,7 +21,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -47,8 +46,7 @@ class LockError(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class Lease:
+class Lease(msgspec.Struct, frozen=True):
     holder: str
     deadline: float  # time.monotonic() at which it runs out
     lease_s: float

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+
+import msgspec
 
 from agent.runtime.shadow import ShadowPolicy, ShadowRunner
 from agent.update import lifecycle as lc
@@ -36,8 +37,7 @@ from shared.errors import EdgefleetError, HashMismatchError
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ShadowTarget:
+class ShadowTarget(msgspec.Struct, frozen=True):
     target: Target
     policy: ShadowPolicy
 

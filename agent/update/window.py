@@ -8,14 +8,14 @@ after its start wraps midnight (``"22:00-04:00"``). Pure: the caller passes the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+import msgspec
 
 WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)\Z")
 
 
-@dataclass(frozen=True)
-class UpdateWindow:
+class UpdateWindow(msgspec.Struct, frozen=True):
     start_min: int  # minutes after local midnight
     end_min: int
     text: str

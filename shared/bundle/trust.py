@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -74,8 +73,7 @@ class RootPayload(msgspec.Struct, forbid_unknown_fields=True):
     delegations: list[Delegation]
 
 
-@dataclass(frozen=True)
-class VerifiedManifest:
+class VerifiedManifest(msgspec.Struct, frozen=True):
     manifest: Manifest
     digest: str
     envelope: bytes
