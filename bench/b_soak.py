@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import os
 import signal
@@ -80,9 +81,10 @@ class Broker:
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
         # Persistence as in packaging/mosquitto/edgefleet.conf: sessions and their queued
-        # messages survive a restart (saved on the clean stop).
+        # messages survive a restart (saved on the clean stop). Mosquitto started as root
+        # drops to its own user, which cannot write our work dir: it stays the current user.
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                             f"persistence_location {workdir}/\n")
+                             f"persistence_location {workdir}/\nuser {getpass.getuser()}\n")
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
@@ -231,10 +233,16 @@ class Soak:
                 "gates": {"max_error_rate": max_error_rate, "min_inferences": 20, "max_install_failures": 0},
                 "on_gate_failure": "rollback"}
         t0 = time.monotonic()
+        rid = int(self.demo.check(self.demo.http.post("/api/v1/rollouts", json=spec))["id"])
+        self.demo.check(self.demo.http.post(f"/api/v1/rollouts/{rid}/start"))
         try:
-            status = self.demo.rollout(spec, timeout=timeout)
+            status = self.demo.watch(rid, timeout)
         except TimeoutError as exc:
-            return {"what": what, "state": "timeout", "s": round(time.monotonic() - t0, 1), "error": str(exc)}
+            # Recorded as a failed step; aborted so that the next cycle's rollout may take the
+            # device (the fleet refuses two active rollouts on one device, 409).
+            self.demo.check(self.demo.http.post(f"/api/v1/rollouts/{rid}/abort"))
+            return {"what": what, "state": "timeout", "s": round(time.monotonic() - t0, 1), "error": str(exc),
+                    "id": rid}
         return {"what": what, "state": status["state"], "s": round(time.monotonic() - t0, 1),
                 "id": status["id"]}
 
