@@ -2,7 +2,9 @@
 
 - client id = device id; the last will is a retained ``Status(online=False)`` on the
   status topic, the birth a retained ``Status(online=True)`` sent on every connect;
-- health every ``health_interval_s`` (QoS 1), events QoS 1;
+- health every ``health_interval_s`` (QoS 1), events QoS 1; each model's health carries
+  the latest lifecycle event published for it (``last_event``, kept in memory), so the
+  fleet recovers an event that reached the broker but not the fleet;
 - ``seq`` increases by one per message across kinds; blocks of numbers are reserved
   on disk so a restart continues above every number already used (a clean stop gives the
   unused ones back, so only a crash leaves a jump);
@@ -188,6 +190,10 @@ class Reporter:
         self._thread: threading.Thread | None = None
         self._sender: threading.Thread | None = None
         self._emit_lock = threading.Lock()  # seq order == spool order
+        # Per model, the latest lifecycle event published (in memory): every health message
+        # repeats it, so the fleet recovers an event lost between the broker and itself.
+        self._last_events: dict[str, messages.LastEvent] = {}
+        self._last_events_lock = threading.Lock()
         self._cond = threading.Condition()
         self._acked: list[int] = []  # mids paho reported as acknowledged
         self._kick = False
@@ -364,12 +370,27 @@ class Reporter:
 
     def event(self, model: str, kind: str, release: int, from_release: int | None,
               reason: str | None = None, message: str = "") -> None:
-        self._spool("event", lambda seq: messages.Event(
-            v=messages.VERSION, device_id=self.device_id, seq=seq, ts=time.time(),
-            model=model, kind=kind, release=release, from_release=from_release, reason=reason,
-            message=message[:2000]))
+        def build(seq: int) -> messages.Message:
+            ev = messages.Event(
+                v=messages.VERSION, device_id=self.device_id, seq=seq, ts=time.time(),
+                model=model, kind=kind, release=release, from_release=from_release, reason=reason,
+                message=message[:2000])
+            # Under the emit lock: a health numbered after this event carries it (or a later one).
+            with self._last_events_lock:
+                self._last_events[model] = messages.LastEvent(
+                    seq=seq, ts=ev.ts, kind=kind, release=release, from_release=from_release,
+                    reason=reason)
+            return ev
+
+        self._spool("event", build)
+
+    def last_events(self) -> dict[str, messages.LastEvent]:
+        """Per model, the latest lifecycle event published since the agent started."""
+        with self._last_events_lock:
+            return dict(self._last_events)
 
     def health(self, *, reset_window: bool = True, seq: int | None = None) -> messages.Health:
+        last_events = self.last_events()  # before the states: a state is never older than its event
         states = self.states()
         details = self.model_details() if self.model_details is not None else {}
         models = []
@@ -381,7 +402,8 @@ class Reporter:
                 total_inferences=snap.total_inferences, total_errors=snap.total_errors,
                 latency_p50_ms=snap.latency_p50_ms, latency_p95_ms=snap.latency_p95_ms,
                 drift=snap.drift, drift_inputs=snap.drift_inputs,
-                shadow=self.host.shadow_health(name), **details.get(name, {})))
+                shadow=self.host.shadow_health(name), last_event=last_events.get(name),
+                **details.get(name, {})))
         import psutil
 
         try:

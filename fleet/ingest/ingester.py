@@ -12,6 +12,13 @@ broker hands each message to one of them. Status messages (birth, last will; ret
 are subscribed plainly by every ingester: a shared subscription does not receive
 retained messages, and a status only updates the device row, so a duplicate is harmless.
 When the broker says it has no shared subscriptions (CONNACK), all are plain.
+
+Events can still be lost between the broker and us: Mosquitto does not keep a shared
+subscription over its own restart, so what is published before we subscribe again goes
+nowhere. Every health message repeats each model's latest event (``last_event``); one whose
+seq is above the latest applied to that model (``Device.models[m]["event_seq"]``) is stored
+as the event would have been (``_newer_event`` says what "above" means). An event already
+applied (the same seq) is not stored twice, and an older one never moves the serving state back.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ KINDS = ("status", "health", "event")
 # Events that say which release a device now serves (after a local rollback: the one it
 # went back to, ``release``; the release it left is ``from_release``).
 SERVING_KINDS = frozenset({"activated", "committed", "rolled_back"})
+# Per model in ``Device.models``: the seq and ts of the latest event applied (an Event message or
+# a health message's ``last_event``); older or repeated events never move the serving state back.
+EVENT_MARK = ("event_seq", "event_ts")
+EVENT_TS_SLACK_S = 0.001
 
 DEVICE = Device.__table__  # type: ignore[attr-defined]
 HEALTH = HealthReport.__table__  # type: ignore[attr-defined]
@@ -294,13 +305,24 @@ class Ingester:
             device.online = True
             models = dict(device.models)
             for m in msg.models:
+                prev = models.get(m.name) or {}
+                ev = m.last_event
+                if ev is not None and _newer_event(prev, ev.seq, ev.ts):
+                    # An event that reached the broker but not us (docs/telemetry.md "Recovering
+                    # missed events"): stored as the event would have been. Its serving state is
+                    # this health's own (read by the agent after the event, so never older).
+                    rows.events.append(_event_row(
+                        device.id, item, m.name, ev, f"recovered from health seq {msg.seq}"))
+                    prev = {**prev, "event_seq": ev.seq, "event_ts": ev.ts}
                 models[m.name] = {"release": m.release, "version": m.version, "state": m.state,
                                   # update windows and locks: what it waits for, what it keeps
                                   **({"waiting": m.waiting} if m.waiting else {}),
                                   **({"held": list(m.held)} if m.held is not None else {}),
                                   # shadow evaluation: the candidate's latest (cumulative) figures,
                                   # read by the rollout's shadow gates (fleet.rollout.controller)
-                                  **_shadow(m, item.received_at)}
+                                  **_shadow(m, item.received_at),
+                                  # the latest event applied (kept across health messages)
+                                  **{k: prev[k] for k in EVENT_MARK if k in prev}}
                 rows.health.append(_health_row(device.id, item, msg, m))
                 rows.windows.append(
                     Window(
@@ -318,27 +340,17 @@ class Ingester:
             device.last_health = msg
         elif isinstance(msg, messages.Event):
             device.online = True
-            if msg.kind in SERVING_KINDS:
-                models = dict(device.models)
-                entry = dict(models.get(msg.model, {}))
-                entry.update({"release": msg.release, "state": msg.kind})
-                entry.pop("waiting", None)
-                models[msg.model] = entry
-                device.models = models
-            rows.events.append(
-                {
-                    "device_id": device.id,
-                    "ts": msg.ts,
-                    "received_at": item.received_at,
-                    "seq": msg.seq,
-                    "model": msg.model,
-                    "kind": msg.kind,
-                    "release": msg.release,
-                    "from_release": msg.from_release,
-                    "reason": msg.reason,
-                    "message": msg.message[:2000],
-                }
-            )
+            entry = dict(device.models.get(msg.model) or {})
+            if _newer_event(entry, msg.seq, msg.ts):
+                if msg.kind in SERVING_KINDS:
+                    entry.update({"release": msg.release, "state": msg.kind})
+                    entry.pop("waiting", None)
+                entry.update({"event_seq": msg.seq, "event_ts": msg.ts})
+                device.models = {**device.models, msg.model: entry}
+            elif msg.seq == entry.get("event_seq"):
+                return  # stored already: a redelivery, or recovered from a health message first
+            # else an older event arriving late: stored, but the serving state stays
+            rows.events.append(_event_row(device.id, item, msg.model, msg, msg.message[:2000]))
 
     def _drain(self) -> list[Item]:
         """The next batch: from its first message, what arrives within ``flush_interval_s``
@@ -431,6 +443,39 @@ def _insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> 
     with conn.connection.driver_connection.cursor() as cur, cur.copy(copy_sql) as copy:  # type: ignore[union-attr]
         for row in rows:
             copy.write_row([row[n] for n in names])
+
+
+def _newer_event(entry: dict[str, Any], seq: int, ts: float) -> bool:
+    """Whether an event (or a health message's ``last_event``) is newer than the latest one
+    applied to this model entry (``event_seq``, ``event_ts``). The agent keeps its seq counter
+    across restarts and takes seq and ts together, so on one install a higher seq is newer.
+    A device whose state directory was wiped counts again from 0: a seq not higher but a ts
+    later (by more than EVENT_TS_SLACK_S, float round trips through the database) is such a
+    new install's. (Cost: after the device's clock stepped back, a late older event could pass.)"""
+    last_seq, last_ts = entry.get("event_seq"), entry.get("event_ts")
+    if not isinstance(last_seq, int):
+        return True
+    if seq > last_seq:
+        return True
+    return isinstance(last_ts, int | float) and ts > last_ts + EVENT_TS_SLACK_S
+
+
+def _event_row(
+    device_id: str, item: Item, model: str, ev: messages.Event | messages.LastEvent, message: str
+) -> dict[str, Any]:
+    """The ``DeviceEvent`` columns of an event, received as such or recovered from a health message."""
+    return {
+        "device_id": device_id,
+        "ts": ev.ts,
+        "received_at": item.received_at,
+        "seq": ev.seq,
+        "model": model,
+        "kind": ev.kind,
+        "release": ev.release,
+        "from_release": ev.from_release,
+        "reason": ev.reason,
+        "message": message,
+    }
 
 
 def _health_row(device_id: str, item: Item, msg: messages.Health, m: messages.ModelHealth) -> dict[str, Any]:

@@ -80,6 +80,19 @@ class ShadowHealth(msgspec.Struct):
     busy_fraction: float | None = None  # shadow worker busy time / wall time since loaded
 
 
+class LastEvent(msgspec.Struct):
+    """The latest lifecycle event the agent published for a model, repeated in every health
+    message: an event the fleet missed (lost between broker and fleet) is recovered from the
+    next health (docs/telemetry.md "Recovering missed events"). No free-text message."""
+
+    seq: int
+    ts: float
+    kind: str
+    release: int
+    from_release: int | None = None
+    reason: str | None = None
+
+
 class ModelHealth(msgspec.Struct):
     name: str
     release: int
@@ -103,6 +116,9 @@ class ModelHealth(msgspec.Struct):
     # whose files the device keeps (active, previous, last committed, staged).
     waiting: str | None = None
     held: list[int] | None = None
+    # The latest lifecycle event published for this model (None: none since the agent started,
+    # or an older agent). Appended last: the msgpack layout is positional.
+    last_event: LastEvent | None = None
 
 
 class Health(msgspec.Struct):
@@ -325,11 +341,20 @@ def decode(kind: str, payload: bytes, *, device_id: str | None = None) -> Messag
             f"{kind} message names device {msg.device_id!r} but came on {device_id!r}'s topic"
         )
     if isinstance(msg, Event):
-        if msg.kind not in EVENT_KINDS:
-            raise MalformedDocumentError(f"event kind {msg.kind!r} is not one of {EVENT_KINDS}")
-        if msg.reason is not None and msg.reason not in REASON_CODES:
-            raise MalformedDocumentError(f"event reason {msg.reason!r} is not a known code")
+        _check_event(msg, "event")
+    elif isinstance(msg, Health):
+        for m in msg.models:
+            if m.last_event is not None:
+                _check_event(m.last_event, f"model {m.name!r} last_event")
     return msg
+
+
+def _check_event(ev: Event | LastEvent, what: str) -> None:
+    """The checks an event and a health message's ``last_event`` share: a known kind and reason."""
+    if ev.kind not in EVENT_KINDS:
+        raise MalformedDocumentError(f"{what} kind {ev.kind!r} is not one of {EVENT_KINDS}")
+    if ev.reason is not None and ev.reason not in REASON_CODES:
+        raise MalformedDocumentError(f"{what} reason {ev.reason!r} is not a known code")
 
 
 EventKind = Literal[

@@ -19,7 +19,11 @@ import pytest
 
 from agent.cli import main as cli_main
 from agent.runtime.host import ModelHost
+from agent.runtime.onnx_backend import OnnxBackend
 from agent.telemetry.reporter import Reporter, SeqCounter
+from agent.update.blobs import BlobStore
+from agent.update.installer import Installer
+from agent.update.store import StateStore
 from shared.bundle.keyring import Keyring
 from shared.telemetry import messages, topics
 
@@ -161,6 +165,46 @@ def test_events_and_desired_notice(mosquitto: Any, listener: Listener, tmp_path:
         assert pulled.wait(5)
         pub.loop_stop()
         pub.disconnect()
+    finally:
+        rep.stop()
+
+
+def test_health_carries_each_model_s_last_published_event(
+    mosquitto: Any, listener: Listener, tmp_path: Path, keyring: Keyring, bundles: Bundles
+) -> None:
+    """Events that reached the broker can still miss the fleet (shared subscriptions do not
+    survive a Mosquitto restart): every health repeats each model's latest event."""
+    host = ModelHost()
+    rep = Reporter(device_id="dev-7", mqtt_url=mosquitto.url, state_dir=tmp_path / "state", host=host,
+                   health_interval_s=3600, encoding="msgpack")
+    # The installer emits its lifecycle events into the reporter, as agent.main wires them.
+    installer = Installer(store=StateStore(tmp_path / "state"), blobs=BlobStore(tmp_path / "state"),
+                          host=host, trust_root=keyring.trust_root(), backend=OnnxBackend(), emit=rep.event)
+    rep.start()
+    try:
+        assert rep.connected.wait(10)
+        assert rep.health().models == []  # nothing loaded yet
+        installer.install_file(bundles.build(1))
+        rep.publish_health()
+        health = listener.wait(lambda k, r, m: k == "health" and m.models, what="health")
+        events = [m for k, _, m in listener.find(lambda k, r, m: k == "event")]
+        assert [e.kind for e in events][-1] == "committed"
+        last = events[-1]
+        (model,) = health.models
+        assert model.name == "clf" and model.last_event == messages.LastEvent(
+            seq=last.seq, ts=last.ts, kind="committed", release=1, from_release=last.from_release,
+            reason=None)
+        assert last.seq < health.seq
+        # A later event replaces it (per model; one for a model not loaded carries no health).
+        rep.event("clf", "rolled_back", 1, 2, "trial_errors", "error rate 0.4 in trial")
+        rep.event("other", "failed", 3, None, "hash", "file hash differs")
+        rep.publish_health()
+        health2 = listener.wait(lambda k, r, m: k == "health" and m.seq > health.seq, what="second health")
+        back = listener.wait(lambda k, r, m: k == "event" and m.kind == "rolled_back", what="rolled_back")
+        assert [m.name for m in health2.models] == ["clf"]
+        assert health2.models[0].last_event == messages.LastEvent(
+            seq=back.seq, ts=back.ts, kind="rolled_back", release=1, from_release=2, reason="trial_errors")
+        assert rep.last_events()["other"].kind == "failed"
     finally:
         rep.stop()
 
