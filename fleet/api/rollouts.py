@@ -14,7 +14,7 @@ from fleet.api.auth import operator_guard
 from fleet.api.context import AppContext
 from fleet.db.models import Rollout
 from fleet.errors import NotFoundError
-from fleet.rollout.controller import rollout_status
+from fleet.rollout.status import rollout_status
 
 
 def _status(ctx: AppContext, rollout_id: int) -> dict[str, Any]:

@@ -13,13 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import msgspec
-from sqlalchemy import or_
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -29,12 +27,9 @@ from fleet.db.models import (
     Assignment,
     Bundle,
     Device,
-    DeviceEvent,
     GateEvaluation,
-    HealthReport,
     Rollout,
     RolloutDevice,
-    RolloutEvent,
     as_utc,
     now_utc,
 )
@@ -42,101 +37,26 @@ from fleet.errors import ConflictError, NotFoundError
 from fleet.metrics import record_gate
 from fleet.registry.bundles import reissue
 from fleet.rollout import engine as eng
+from fleet.rollout.assignments import (
+    Notice,
+    bump_generation,
+    end_shadow,
+    load_spec,
+    record,
+    rollout_release,
+    set_assignment,
+)
+from fleet.rollout.inputs import gate_inputs
+from fleet.rollout.status import format_time, parse_time
 from shared.bundle.keyring import Keyring, load_keyring
 from shared.errors import EdgefleetError
 from shared.telemetry import messages, topics
-from shared.timeutil import format_ts, parse_ts
 
 log = logging.getLogger(__name__)
-
-Notice = tuple[str, int]  # (device_id, generation)
 
 # A gate's result is stored (GateEvaluation) when its status changes, when the stage
 # decides anything but "wait", and otherwise at most this often.
 GATE_RECORD_INTERVAL_S = 30.0
-# The latency gate compares with previous-release windows from this long before a device
-# was told to update.
-LATENCY_BASELINE_S = 3600.0
-GATE_HISTORY_LIMIT = 500
-
-
-def load_spec(rollout: Rollout) -> eng.RolloutSpec:
-    return msgspec.convert(rollout.spec, eng.RolloutSpec)
-
-
-def set_assignment(
-    session: Session, device_id: str, model: str, bundle_id: int | None, rollout_id: int | None
-) -> Notice | None:
-    """Point ``device_id``'s ``model`` at ``bundle_id`` (None: nothing); bump its generation
-    when that changes what the device should run."""
-    current = session.get(Assignment, (device_id, model))
-    if bundle_id is not None and current is not None and current.bundle_id == bundle_id:
-        if current.rollout_id != rollout_id:
-            current.rollout_id = rollout_id
-            session.add(current)
-        return None
-    if bundle_id is None and current is None:
-        return None
-    device = session.get(Device, device_id)
-    if device is None:
-        return None
-    device.generation += 1
-    session.add(device)
-    if bundle_id is None:
-        assert current is not None
-        session.delete(current)
-    elif current is None:
-        session.add(
-            Assignment(
-                device_id=device_id,
-                model=model,
-                bundle_id=bundle_id,
-                rollout_id=rollout_id,
-                generation=device.generation,
-            )
-        )
-    else:
-        current.bundle_id = bundle_id
-        current.rollout_id = rollout_id
-        current.generation = device.generation
-        current.updated_at = now_utc()
-        session.add(current)
-    return device_id, device.generation
-
-
-def rollout_release(session: Session, rollout: Rollout) -> int | None:
-    bundle = session.get(Bundle, rollout.bundle_id)
-    return bundle.release if bundle else None
-
-
-def bump_generation(session: Session, device_id: str) -> Notice | None:
-    """A change of the device's desired state other than its assignment (a shadow candidate
-    added or removed): bump its generation so it pulls again."""
-    device = session.get(Device, device_id)
-    if device is None:
-        return None
-    device.generation += 1
-    session.add(device)
-    return device_id, device.generation
-
-
-def end_shadow(session: Session, rollout: Rollout) -> list[Notice]:
-    """Stop shadowing: the rollout's devices in shadow go back to pending (never switched)."""
-    notices: list[Notice] = []
-    for rd in session.exec(
-        select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.status == "shadow")
-    ):
-        rd.status = "pending"
-        session.add(rd)
-        notice = bump_generation(session, rd.device_id)
-        if notice:
-            notices.append(notice)
-    return notices
-
-
-def record(session: Session, rollout: Rollout, kind: str, message: str, /, **data: Any) -> None:
-    session.add(RolloutEvent(rollout_id=rollout.id or 0, kind=kind, message=message, data=data))
-    log.info("rollout %s: %s", rollout.id, message)
 
 
 class RolloutController:
@@ -430,115 +350,6 @@ class RolloutController:
                 devices=joined,
             )
 
-    def _inputs(
-        self, session: Session, rollout: Rollout, spec: eng.RolloutSpec, bundle: Bundle, now: datetime
-    ) -> tuple[list[RolloutDevice], dict[str, Any]]:
-        """The rollout's members and what the engine needs about them, from the database."""
-        stage_index = rollout.current_stage
-        members = list(session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)))
-        ids = [m.device_id for m in members if m.stage <= stage_index]
-        devices = (
-            {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))} if ids else {}
-        )
-
-        def ts(value: datetime | None) -> float | None:
-            value = as_utc(value)
-            return value.timestamp() if value else None
-
-        states = []
-        for m in members:
-            d = devices.get(m.device_id)
-            entry = (d.models.get(rollout.model) or {}) if d else {}
-            states.append(
-                eng.DeviceState(
-                    m.device_id,
-                    m.stage,
-                    release=entry.get("release"),
-                    state=entry.get("state"),
-                    waiting=entry.get("waiting"),
-                    online=d.online if d else None,
-                    last_seen=ts(d.last_seen) if d else None,
-                    assigned_at=ts(m.assigned_at),
-                )
-            )
-        stage_started = as_utc(rollout.stage_started_at) or now
-        started = as_utc(rollout.started_at) or stage_started
-        health: list[eng.HealthWindow] = []
-        baseline: list[eng.HealthWindow] = []
-        events: list[eng.InstallEvent] = []
-        target = bundle.release
-        if ids:
-            health = [
-                eng.HealthWindow(h.device_id, h.release, h.inferences, h.errors, h.p95_ms, h.drift)
-                for h in session.exec(
-                    select(HealthReport).where(
-                        col(HealthReport.device_id).in_(ids),
-                        HealthReport.model == rollout.model,
-                        HealthReport.release == target,
-                        col(HealthReport.received_at) >= stage_started,
-                    )
-                )
-            ]
-            events = [
-                eng.InstallEvent(e.device_id, e.release, e.kind, e.reason, e.from_release)
-                for e in session.exec(
-                    select(DeviceEvent)
-                    .where(
-                        col(DeviceEvent.device_id).in_(ids),
-                        DeviceEvent.model == rollout.model,
-                        or_(DeviceEvent.release == target, DeviceEvent.from_release == target),
-                        col(DeviceEvent.received_at) >= started,
-                    )
-                    .order_by(col(DeviceEvent.received_at), col(DeviceEvent.id))
-                )
-            ]
-            if spec.gates_of(stage_index).max_latency_ratio is not None:
-                baseline = self._baseline(session, rollout, [m for m in members if m.stage <= stage_index])
-        shadow: list[eng.ShadowFigures] = []
-        if spec.stages[stage_index].mode == "shadow":
-            shadow = shadow_figures(devices.values(), rollout.model, target, stage_started.timestamp())
-        return members, {
-            "devices": states, "health": health, "events": events, "baseline": baseline, "shadow": shadow,
-        }
-
-    def _baseline(
-        self, session: Session, rollout: Rollout, members: Sequence[RolloutDevice]
-    ) -> list[eng.HealthWindow]:
-        """Windows of each device's previous release from before it was told to update."""
-        previous_ids = {m.previous_bundle_id for m in members if m.previous_bundle_id}
-        if not previous_ids:
-            return []
-        releases = {
-            b.id: b.release for b in session.exec(select(Bundle).where(col(Bundle.id).in_(previous_ids)))
-        }
-        until = {
-            m.device_id: (as_utc(m.assigned_at), releases.get(m.previous_bundle_id or 0))
-            for m in members
-            if m.assigned_at is not None and m.previous_bundle_id in releases
-        }
-        if not until:
-            return []
-        first = min(t for t, _ in until.values() if t is not None)
-        rows = session.exec(
-            select(HealthReport).where(
-                col(HealthReport.device_id).in_(list(until)),
-                HealthReport.model == rollout.model,
-                col(HealthReport.release).in_(sorted(set(releases.values()))),
-                col(HealthReport.received_at) >= first - timedelta(seconds=LATENCY_BASELINE_S),
-            )
-        )
-        out = []
-        for h in rows:
-            assigned, release = until[h.device_id]
-            received = as_utc(h.received_at)
-            if assigned is None or received is None or h.release != release:
-                continue
-            if assigned - timedelta(seconds=LATENCY_BASELINE_S) <= received < assigned:
-                out.append(
-                    eng.HealthWindow(h.device_id, h.release, h.inferences, h.errors, h.p95_ms, h.drift)
-                )
-        return out
-
     def _step(self, session: Session, rollout: Rollout, now: datetime, notices: list[Notice]) -> eng.Decision:
         spec = load_spec(rollout)
         bundle = session.get(Bundle, rollout.bundle_id)
@@ -547,7 +358,7 @@ class RolloutController:
         self._join_new_devices(session, rollout, spec)
         # Assign any member of the current stages still pending (joined late, or a crash mid-stage).
         notices += self._enter_stage(session, rollout, spec, stage_index, record_start=False, now=now)
-        members, inputs = self._inputs(session, rollout, spec, bundle, now)
+        members, inputs = gate_inputs(session, rollout, spec, bundle, now)
         stage_started = as_utc(rollout.stage_started_at) or now
         decision = eng.evaluate_stage(
             spec,
@@ -651,7 +462,7 @@ class RolloutController:
         for r in decision.gates:
             record_gate(r.gate, r.status.value)
             prev = previous.get(r.gate) or {}
-            last = _parse(prev.get("recorded_at"))
+            last = parse_time(prev.get("recorded_at"))
             due = (
                 decided
                 or prev.get("status") != r.status.value
@@ -683,8 +494,8 @@ class RolloutController:
                     **r.to_json(),
                     "stage": stage_index,
                     "stage_name": stage_name,
-                    "ts": _fmt(now),
-                    "recorded_at": _fmt(last),
+                    "ts": format_time(now),
+                    "recorded_at": format_time(last),
                 }
             )
         rollout.gate_results = out
@@ -840,188 +651,3 @@ class RolloutController:
                 self.tick()
             except Exception:
                 log.exception("controller tick failed")
-
-
-def shadow_figures(
-    devices: Iterable[Device], model: str, release: int, since: float
-) -> list[eng.ShadowFigures]:
-    """Each device's latest shadow report of ``release`` (the ingester keeps it in
-    ``Device.models[model]["shadow"]``) received since ``since``."""
-    out = []
-    for d in devices:
-        sh = (d.models.get(model) or {}).get("shadow")
-        if not isinstance(sh, dict) or sh.get("release") != release:
-            continue
-        if float(sh.get("received_at") or 0.0) < since:
-            continue
-        try:
-            out.append(
-                eng.ShadowFigures(
-                    d.id,
-                    int(sh["release"]),
-                    samples=int(sh.get("samples") or 0),
-                    agreed=int(sh.get("agreed") or 0),
-                    errors=int(sh.get("errors") or 0),
-                    dropped=int(sh.get("dropped_queue") or 0) + int(sh.get("dropped_budget") or 0),
-                    max_abs_error=sh.get("max_abs_error"),
-                    cosine_min=sh.get("cosine_min"),
-                    candidate_p95_ms=sh.get("candidate_p95_ms"),
-                    current_p95_ms=sh.get("current_p95_ms"),
-                    metric=str(sh.get("metric") or "argmax"),
-                )
-            )
-        except (KeyError, TypeError, ValueError):
-            log.warning("device %s: unreadable shadow figures %r", d.id, sh)
-    return out
-
-
-# -- read side -------------------------------------------------------------------------
-
-
-def _stage_state(rollout: Rollout, index: int) -> str:
-    current, state = rollout.current_stage, rollout.state
-    if state == eng.RolloutState.CREATED.value or index > current:
-        return "pending"
-    if index < current:
-        return "passed"
-    if state == eng.RolloutState.RUNNING.value and rollout.awaiting_approval_since is not None:
-        return "awaiting_approval"
-    return {
-        eng.RolloutState.RUNNING.value: "active",
-        eng.RolloutState.PAUSED.value: "paused",
-        eng.RolloutState.SUCCEEDED.value: "passed",
-        eng.RolloutState.ROLLED_BACK.value: "rolled_back",
-        eng.RolloutState.ABORTED.value: "aborted",
-    }.get(state, state)
-
-
-def _gate_row(g: GateEvaluation) -> dict[str, Any]:
-    return {
-        "gate": g.gate,
-        "stage": g.stage,
-        "stage_name": g.stage_name,
-        "status": g.status,
-        "observed": g.observed,
-        "threshold": g.threshold,
-        "sample": g.sample,
-        "min_sample": g.min_sample,
-        "unit": g.unit,
-        "verdict": g.verdict,
-        "message": g.message,
-        "figures": g.figures,
-        "ts": _fmt(g.ts),
-    }
-
-
-def rollout_status(session: Session, rollout: Rollout, *, events: bool = True) -> dict[str, Any]:
-    spec = load_spec(rollout)
-    bundle = session.get(Bundle, rollout.bundle_id)
-    members = session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)).all()
-    current_gates = [g for g in (rollout.gate_results or []) if isinstance(g, dict)]
-    history: list[dict[str, Any]] = []
-    if events:
-        rows = session.exec(
-            select(GateEvaluation)
-            .where(GateEvaluation.rollout_id == rollout.id)
-            .order_by(col(GateEvaluation.id).desc())
-            .limit(GATE_HISTORY_LIMIT)
-        ).all()
-        history = [_gate_row(g) for g in reversed(rows)]
-    latest_by_stage: dict[int, dict[str, dict[str, Any]]] = {}
-    for g in [*history, *current_gates]:  # later ones win
-        latest_by_stage.setdefault(int(g.get("stage", -1)), {})[str(g.get("gate"))] = g
-    stages = []
-    for i, st in enumerate(spec.stages):
-        stage_members = [m for m in members if m.stage <= i]
-        stages.append(
-            {
-                "name": st.name,
-                "index": i,
-                "state": _stage_state(rollout, i),
-                "devices": sorted(m.device_id for m in members if m.stage == i),
-                "percent": st.percent,
-                "selector": st.selector,
-                "min_devices": st.min_devices,
-                "bake_seconds": st.bake_seconds,
-                "approval": st.approval,
-                "mode": st.mode,
-                "committed": sum(1 for m in stage_members if m.progress == eng.Progress.COMMITTED.value),
-                "gate_results": list(latest_by_stage.get(i, {}).values()),
-            }
-        )
-    device_rows = (
-        {
-            d.id: d
-            for d in session.exec(select(Device).where(col(Device.id).in_([m.device_id for m in members])))
-        }
-        if members
-        else {}
-    )
-    progress_counts: dict[str, int] = {}
-    for m in members:
-        progress_counts[m.progress] = progress_counts.get(m.progress, 0) + 1
-    out: dict[str, Any] = {
-        "id": rollout.id,
-        "name": rollout.name,
-        "model": rollout.model,
-        "bundle_id": rollout.bundle_id,
-        "release": bundle.release if bundle else None,
-        "state": rollout.state,
-        "current_stage": rollout.current_stage,
-        "current_stage_name": spec.stages[rollout.current_stage].name,
-        "stage_started_at": _fmt(rollout.stage_started_at),
-        "reason": rollout.reason,
-        "last_evaluation": rollout.last_evaluation,
-        "awaiting_approval": rollout.awaiting_approval_since is not None
-        and rollout.state == eng.RolloutState.RUNNING.value,
-        "awaiting_approval_since": _fmt(rollout.awaiting_approval_since),
-        "approved_stage": rollout.approved_stage,
-        "extensions": rollout.extensions,
-        "gates": current_gates,
-        "progress": dict(sorted(progress_counts.items())),
-        "stages": stages,
-        "devices": [
-            {
-                "device_id": m.device_id,
-                "stage": m.stage,
-                "status": m.status,
-                "progress": m.progress,
-                "reason": m.reason,
-                "detail": m.detail,
-                "assigned_at": _fmt(m.assigned_at),
-                "online": device_rows[m.device_id].online if m.device_id in device_rows else None,
-                "last_seen": _fmt(device_rows[m.device_id].last_seen) if m.device_id in device_rows else None,
-                "previous_bundle_id": m.previous_bundle_id,
-                "shadow": (device_rows[m.device_id].models.get(rollout.model) or {}).get("shadow")
-                if m.device_id in device_rows
-                else None,
-            }
-            for m in sorted(members, key=lambda m: (m.stage, m.device_id))
-        ],
-        "spec": rollout.spec,
-        "created": _fmt(rollout.created),
-        "updated": _fmt(rollout.updated),
-    }
-    if events:
-        rows = session.exec(
-            select(RolloutEvent).where(RolloutEvent.rollout_id == rollout.id).order_by(col(RolloutEvent.id))
-        ).all()
-        out["events"] = [
-            {"ts": _fmt(e.ts), "kind": e.kind, "message": e.message, "data": e.data} for e in rows
-        ]
-        out["gate_history"] = history
-    return out
-
-
-def _parse(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return parse_ts(value)
-    except EdgefleetError:
-        return None
-
-
-def _fmt(ts: datetime | None) -> str | None:
-    ts = as_utc(ts)
-    return format_ts(ts.astimezone(UTC)) if ts else None

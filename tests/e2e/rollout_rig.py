@@ -23,7 +23,7 @@ from fleet.app import create_app
 from fleet.bundles.build import build_bundle
 from fleet.db.engine import session_scope
 from fleet.demo.models import field_traffic, golden_inputs, write_classifier
-from fleet.rollout.controller import set_assignment
+from fleet.rollout.assignments import set_assignment
 from fleet.settings import Settings
 from shared.bundle.keyring import Keyring, init_keyring
 

@@ -14,7 +14,7 @@ from litestar.testing import TestClient
 
 from fleet.app import create_app
 from fleet.db.engine import session_scope
-from fleet.rollout.controller import set_assignment
+from fleet.rollout.assignments import set_assignment
 from fleet.settings import Settings
 from shared.bundle.keyring import Keyring
 

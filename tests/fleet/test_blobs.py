@@ -18,7 +18,7 @@ from fleet_support import ADMIN, ENROLL, make_bundle
 
 from fleet.app import create_app
 from fleet.db.engine import session_scope
-from fleet.rollout.controller import set_assignment
+from fleet.rollout.assignments import set_assignment
 from fleet.settings import Settings
 from shared.bundle.keyring import Keyring
 

@@ -15,7 +15,7 @@ from agent.fleet_client import FleetClient
 from fleet.api.devices import etag_matches
 from fleet.db.engine import make_engine, session_scope
 from fleet.db.models import Bundle
-from fleet.rollout.controller import set_assignment
+from fleet.rollout.assignments import set_assignment
 from fleet.settings import Settings
 
 

@@ -17,7 +17,8 @@ from fleet.broker.client import parse_mqtt_url
 from fleet.db.engine import session_scope
 from fleet.db.models import Device
 from fleet.ingest.ingester import Ingester
-from fleet.rollout.controller import RolloutController, set_assignment
+from fleet.rollout.assignments import set_assignment
+from fleet.rollout.controller import RolloutController
 from shared.bundle.keyring import Keyring
 from shared.telemetry import messages, topics
 

@@ -27,7 +27,7 @@ from fleet.app import create_app
 from fleet.bundles.build import build_bundle
 from fleet.db.engine import make_engine, session_scope
 from fleet.demo.models import golden_inputs, write_classifier
-from fleet.rollout.controller import set_assignment
+from fleet.rollout.assignments import set_assignment
 from fleet.settings import Settings
 from shared.bundle.archive import ENVELOPE_NAME
 from shared.bundle.keyring import delegate, init_keyring, load_keyring, rotate_root

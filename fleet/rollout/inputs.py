@@ -1,0 +1,166 @@
+"""What the rollout engine needs to decide a step, read from the database: the members'
+states, the health windows of the new release and of the previous one (for the latency
+gate), install and rollback events, and shadow figures."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_
+from sqlmodel import Session, col, select
+
+from fleet.db.models import Bundle, Device, DeviceEvent, HealthReport, Rollout, RolloutDevice, as_utc
+from fleet.rollout import engine as eng
+
+log = logging.getLogger(__name__)
+
+# The latency gate compares with previous-release windows from this long before a device
+# was told to update.
+LATENCY_BASELINE_S = 3600.0
+
+
+def gate_inputs(
+    session: Session, rollout: Rollout, spec: eng.RolloutSpec, bundle: Bundle, now: datetime
+) -> tuple[list[RolloutDevice], dict[str, Any]]:
+    """The rollout's members and what the engine needs about them, from the database."""
+    stage_index = rollout.current_stage
+    members = list(session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)))
+    ids = [m.device_id for m in members if m.stage <= stage_index]
+    devices = (
+        {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))} if ids else {}
+    )
+
+    def ts(value: datetime | None) -> float | None:
+        value = as_utc(value)
+        return value.timestamp() if value else None
+
+    states = []
+    for m in members:
+        d = devices.get(m.device_id)
+        entry = (d.models.get(rollout.model) or {}) if d else {}
+        states.append(
+            eng.DeviceState(
+                m.device_id,
+                m.stage,
+                release=entry.get("release"),
+                state=entry.get("state"),
+                waiting=entry.get("waiting"),
+                online=d.online if d else None,
+                last_seen=ts(d.last_seen) if d else None,
+                assigned_at=ts(m.assigned_at),
+            )
+        )
+    stage_started = as_utc(rollout.stage_started_at) or now
+    started = as_utc(rollout.started_at) or stage_started
+    health: list[eng.HealthWindow] = []
+    baseline: list[eng.HealthWindow] = []
+    events: list[eng.InstallEvent] = []
+    target = bundle.release
+    if ids:
+        health = [
+            eng.HealthWindow(h.device_id, h.release, h.inferences, h.errors, h.p95_ms, h.drift)
+            for h in session.exec(
+                select(HealthReport).where(
+                    col(HealthReport.device_id).in_(ids),
+                    HealthReport.model == rollout.model,
+                    HealthReport.release == target,
+                    col(HealthReport.received_at) >= stage_started,
+                )
+            )
+        ]
+        events = [
+            eng.InstallEvent(e.device_id, e.release, e.kind, e.reason, e.from_release)
+            for e in session.exec(
+                select(DeviceEvent)
+                .where(
+                    col(DeviceEvent.device_id).in_(ids),
+                    DeviceEvent.model == rollout.model,
+                    or_(DeviceEvent.release == target, DeviceEvent.from_release == target),
+                    col(DeviceEvent.received_at) >= started,
+                )
+                .order_by(col(DeviceEvent.received_at), col(DeviceEvent.id))
+            )
+        ]
+        if spec.gates_of(stage_index).max_latency_ratio is not None:
+            in_stage = [m for m in members if m.stage <= stage_index]
+            baseline = previous_release_windows(session, rollout, in_stage)
+    shadow: list[eng.ShadowFigures] = []
+    if spec.stages[stage_index].mode == "shadow":
+        shadow = shadow_figures(devices.values(), rollout.model, target, stage_started.timestamp())
+    return members, {
+        "devices": states, "health": health, "events": events, "baseline": baseline, "shadow": shadow,
+    }
+
+def previous_release_windows(
+    session: Session, rollout: Rollout, members: Sequence[RolloutDevice]
+) -> list[eng.HealthWindow]:
+    """Windows of each device's previous release from before it was told to update."""
+    previous_ids = {m.previous_bundle_id for m in members if m.previous_bundle_id}
+    if not previous_ids:
+        return []
+    releases = {
+        b.id: b.release for b in session.exec(select(Bundle).where(col(Bundle.id).in_(previous_ids)))
+    }
+    until = {
+        m.device_id: (as_utc(m.assigned_at), releases.get(m.previous_bundle_id or 0))
+        for m in members
+        if m.assigned_at is not None and m.previous_bundle_id in releases
+    }
+    if not until:
+        return []
+    first = min(t for t, _ in until.values() if t is not None)
+    rows = session.exec(
+        select(HealthReport).where(
+            col(HealthReport.device_id).in_(list(until)),
+            HealthReport.model == rollout.model,
+            col(HealthReport.release).in_(sorted(set(releases.values()))),
+            col(HealthReport.received_at) >= first - timedelta(seconds=LATENCY_BASELINE_S),
+        )
+    )
+    out = []
+    for h in rows:
+        assigned, release = until[h.device_id]
+        received = as_utc(h.received_at)
+        if assigned is None or received is None or h.release != release:
+            continue
+        if assigned - timedelta(seconds=LATENCY_BASELINE_S) <= received < assigned:
+            out.append(
+                eng.HealthWindow(h.device_id, h.release, h.inferences, h.errors, h.p95_ms, h.drift)
+            )
+    return out
+
+
+def shadow_figures(
+    devices: Iterable[Device], model: str, release: int, since: float
+) -> list[eng.ShadowFigures]:
+    """Each device's latest shadow report of ``release`` (the ingester keeps it in
+    ``Device.models[model]["shadow"]``) received since ``since``."""
+    out = []
+    for d in devices:
+        sh = (d.models.get(model) or {}).get("shadow")
+        if not isinstance(sh, dict) or sh.get("release") != release:
+            continue
+        if float(sh.get("received_at") or 0.0) < since:
+            continue
+        try:
+            out.append(
+                eng.ShadowFigures(
+                    d.id,
+                    int(sh["release"]),
+                    samples=int(sh.get("samples") or 0),
+                    agreed=int(sh.get("agreed") or 0),
+                    errors=int(sh.get("errors") or 0),
+                    dropped=int(sh.get("dropped_queue") or 0) + int(sh.get("dropped_budget") or 0),
+                    max_abs_error=sh.get("max_abs_error"),
+                    cosine_min=sh.get("cosine_min"),
+                    candidate_p95_ms=sh.get("candidate_p95_ms"),
+                    current_p95_ms=sh.get("current_p95_ms"),
+                    metric=str(sh.get("metric") or "argmax"),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            log.warning("device %s: unreadable shadow figures %r", d.id, sh)
+    return out
