@@ -30,37 +30,32 @@ from __future__ import annotations
 
 import errno
 import logging
-import tarfile
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
 
 import msgspec
-import numpy as np
 
 from agent import __version__
 from agent.errors import (
     DiskFullError,
     DownloadError,
-    InputError,
     LoadError,
-    SmokeTestError,
     StateError,
 )
 from agent.runtime.base import Backend
-from agent.runtime.host import LoadedModel, ModelHost, validate_inputs
+from agent.runtime.host import LoadedModel, ModelHost
 from agent.update import lifecycle as lc
 from agent.update.blobs import BlobStore, disk_full
-from agent.update.chunked import ChunkIndex, fetch_chunked
 from agent.update.fetch import Cancelled, Fetcher, WaitingForWindow
 from agent.update.gating import ActivationGate
 from agent.update.lifecycle import ModelRecord, ReleaseRef, Target, UpdateState
+from agent.update.smoke import run_golden
+from agent.update.sources import BundleSource, FileSource, FleetSource
 from agent.update.store import StateStore
 from agent.update.testhooks import pause_point
-from shared.bundle.archive import extract_blobs, read_envelope
 from shared.bundle.envelope import Envelope
 from shared.bundle.manifest import FileRef, Manifest, parse_manifest, payload_digest
 from shared.bundle.trust import TrustRoot, VerifiedManifest, check_release_policy
@@ -75,73 +70,6 @@ S = UpdateState
 RETRYABLE = frozenset({"download", "disk_full", "superseded"})
 MAX_FAILED_DIGESTS = 32
 MIB = 1 << 20
-
-
-class BundleSource(Protocol):
-    def envelope(self) -> bytes: ...
-
-    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> None: ...
-
-
-class FleetSource:
-    """Envelope and blobs from the fleet's HTTP API."""
-
-    def __init__(self, fetcher: Fetcher, target: Target) -> None:
-        if not target.envelope_url or not target.blob_url:
-            raise ValueError("a fleet target needs envelope_url and blob_url")
-        self.fetcher = fetcher
-        self.target = target
-
-    def envelope(self) -> bytes:
-        assert self.target.envelope_url
-        return self.fetcher.fetch_envelope(self.target.envelope_url)
-
-    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> None:
-        """Each missing blob: by chunks when its entry lists them (reusing the chunks of every
-        release on the device), else whole."""
-        assert self.target.blob_url
-        index: ChunkIndex | None = None
-        stats = self.fetcher.stats
-        before = (stats.network, stats.reused, stats.resumed)
-        missing = blobs.missing(verified.manifest.files.values())
-        for ref in missing:
-            url = self.target.blob_url.replace("{sha256}", ref.sha256)
-            if ref.chunks is None:
-                self.fetcher.fetch_blob(url, ref, blobs)
-                continue
-            if index is None:
-                index = ChunkIndex.build(blobs)
-            fetch_chunked(self.fetcher, url, ref, blobs, index)
-        if missing:
-            net, reused, resumed = (a - b for a, b in zip(
-                (stats.network, stats.reused, stats.resumed), before, strict=True))
-            log.info("model=%s r%s: %d file(s), %d bytes: %d fetched, %d reused from installed "
-                     "releases, %d kept from partials", verified.manifest.name, verified.manifest.release,
-                     len(missing), sum(r.size for r in missing), net, reused, resumed)
-
-
-class FileSource:
-    """Envelope and blobs from a single-file bundle (offline install)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def envelope(self) -> bytes:
-        try:
-            return read_envelope(self.path)
-        except FileNotFoundError:
-            raise DownloadError(f"bundle file {self.path} does not exist") from None
-        except (OSError, EOFError, tarfile.TarError) as exc:
-            raise MalformedDocumentError(f"{self.path} is not a bundle file: {exc}") from None
-
-    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> None:
-        try:
-            extract_blobs(self.path, verified, blobs.open_staging, blobs.commit)
-        except (tarfile.TarError, EOFError) as exc:
-            raise MalformedDocumentError(f"{self.path} is not a valid bundle archive: {exc}") from None
-        finally:
-            for ref in verified.manifest.files.values():
-                blobs.discard(ref.sha256)
 
 
 def _reason(exc: EdgefleetError) -> str:
@@ -327,42 +255,7 @@ class Installer:
 
     def smoke_test(self, loaded: LoadedModel) -> None:
         """Run the golden inputs and compare with the golden outputs; raise SmokeTestError."""
-        m = loaded.manifest
-        path = self.blobs.path(m.files["golden"].sha256)
-        tol = m.golden_tolerance
-        import zipfile  # here, not with the agent: np.load needs it for the golden .npz anyway
-
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise SmokeTestError(f"{m.name} r{m.release}: golden file is not a valid npz: {exc}") from None
-        try:
-            inputs = validate_inputs(m, {s.name: arrays[f"in.{s.name}"] for s in m.inputs})
-            expected = {s.name: arrays[f"out.{s.name}"] for s in m.outputs}
-        except KeyError as exc:
-            raise SmokeTestError(f"{m.name} r{m.release}: golden file lacks {exc}") from None
-        except InputError as exc:
-            raise SmokeTestError(f"{m.name} r{m.release}: golden inputs do not fit: {exc}") from None
-        try:
-            outputs = loaded.session.run(inputs)
-        except Exception as exc:
-            raise SmokeTestError(
-                f"{m.name} r{m.release}: the model fails on its golden inputs: {exc}"
-            ) from None
-        for name, want in expected.items():
-            got = outputs.get(name)
-            if got is None or got.shape != want.shape:
-                raise SmokeTestError(
-                    f"{m.name} r{m.release}: output {name!r} has shape "
-                    f"{None if got is None else list(got.shape)}, golden {list(want.shape)}"
-                )
-            if not np.allclose(got, want, atol=tol.atol, rtol=tol.rtol):
-                diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
-                raise SmokeTestError(
-                    f"{m.name} r{m.release}: output {name!r} differs from golden by up to {diff:.3g} "
-                    f"(atol {tol.atol}, rtol {tol.rtol})"
-                )
+        run_golden(loaded, self.blobs.path(loaded.manifest.files["golden"].sha256))
 
     # -- the pipeline ---------------------------------------------------------------
 

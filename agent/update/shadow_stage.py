@@ -30,8 +30,9 @@ import msgspec
 from agent.runtime.shadow import ShadowPolicy, ShadowRunner
 from agent.update import lifecycle as lc
 from agent.update.fetch import Cancelled
-from agent.update.installer import RETRYABLE, FleetSource, Installer, _reason
+from agent.update.installer import RETRYABLE, Installer, _reason
 from agent.update.lifecycle import Target
+from agent.update.sources import FleetSource
 from shared.errors import EdgefleetError, HashMismatchError
 
 log = logging.getLogger(__name__)
