@@ -138,8 +138,12 @@ def cmd_trust(config: AgentConfig, args: argparse.Namespace) -> int:
 
 def cmd_run(config: AgentConfig, level: str) -> int:
     from agent.main import Agent, setup_logging
+    from shared.bundle import sigcheck
 
     setup_logging(level)
+    # The resident agent checks signatures in a child process, so that cryptography's
+    # OpenSSL (~7.6 MB RSS) is never loaded into it (shared/bundle/sigcheck.py).
+    sigcheck.use_child_process(True)
     return Agent(config).run()
 
 

@@ -82,6 +82,43 @@ def agent_rss(kind: str, workdir: Path) -> tuple[float, float, dict[str, np.ndar
         stop(proc)
 
 
+VERIFY = """
+import gc, sys
+from pathlib import Path
+import numpy, onnxruntime  # noqa: F401  (in the agent already)
+import agent.main  # noqa: F401  (the resident agent's modules)
+from shared.bundle import sigcheck
+from shared.bundle.archive import read_envelope
+from shared.bundle.trust import TrustRoot
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+root_bytes = Path(sys.argv[1]).read_bytes()
+envelope = read_envelope(Path(sys.argv[2]))
+TrustRoot.load_verified(root_bytes)
+gc.collect()
+before = rss()
+sigcheck.use_child_process(sys.argv[3] == "child")
+for _ in range(3):  # a root check and a manifest check per update; three updates
+    TrustRoot.load(root_bytes).verify_manifest(envelope)
+gc.collect()
+print(rss() - before, "cryptography" in sys.modules)
+"""
+
+
+def verify_rss(prep_dir: Path, kind: str, mode: str) -> tuple[float, bool]:
+    """RSS a process holding the agent's modules gains from checking a root and a bundle's
+    signatures three times, with the checks in a child (the agent's way) or in-process."""
+    out = subprocess.run([str(agent_python()), "-c", VERIFY, str(prep_dir.parent / "keys" / "root.json"),
+                          str(prep_dir / f"{kind}.bundle"), mode],
+                         capture_output=True, text=True, env=agent_env(), timeout=300, check=True)
+    growth, loaded = out.stdout.split()
+    return float(growth), loaded == "True"
+
+
 def mender_rss(workdir: Path) -> float | None:
     """Idle RSS of the real Mender client daemon (mender-client 3.x), offline server."""
     binary = shutil.which("mender")
@@ -123,6 +160,12 @@ def main() -> None:
         rows.append(row(f"agent memory vs Mender + bare ({labels[kind]})", ours, mender_mb + bare, "MB RSS",
                         "<= 1.0x",
                         note=f"bar: agent < Mender idle ({mender_mb:.1f} MB) + bare; {mender_note}"))
+    child, child_loaded = verify_rss(work / "clf", "clf", "child")
+    here, here_loaded = verify_rss(work / "clf", "clf", "inprocess")
+    rows.append(row("agent RSS growth from verifying 3 updates: checks in a child vs in-process (MB)",
+                    child, here, "MB RSS", "",
+                    note=f"cryptography loaded into the agent: child {child_loaded}, in-process "
+                    f"{here_loaded}; the resident agent checks in a child (shared/bundle/sigcheck.py)"))
     emit(rows)
 
 

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from shared import strictjson
+from shared.bundle import sigcheck
 from shared.bundle.keys import key_id
 from shared.errors import MalformedDocumentError, SignatureError
 
-if TYPE_CHECKING:  # cryptography loads when a signature is made or checked (shared.bundle.keys)
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+if TYPE_CHECKING:  # cryptography loads when a signature is made or checked (shared.bundle.sigcheck)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 MANIFEST_TYPE = "application/vnd.edgefleet.manifest.v1+json"
 ROOT_TYPE = "application/vnd.edgefleet.root.v1+json"
@@ -100,29 +101,20 @@ def sign(payload_type: str, payload: bytes, keys: Iterable[Ed25519PrivateKey]) -
     return Envelope(payload_type, payload, sigs)
 
 
-def valid_keyids(envelope: Envelope, trusted: Mapping[str, Ed25519PublicKey]) -> set[str]:
-    """Key ids among ``trusted`` whose signature over the envelope verifies."""
-    from cryptography.exceptions import InvalidSignature
-
+def valid_keyids(envelope: Envelope, trusted: Mapping[str, bytes]) -> set[str]:
+    """Key ids among ``trusted`` (key id -> raw Ed25519 public key) whose signature over the
+    envelope verifies."""
     message = pae(envelope.payload_type, envelope.payload)
-    good: set[str] = set()
-    for s in envelope.signatures:
-        key = trusted.get(s.keyid)
-        if key is None or s.keyid in good:
-            continue
-        try:
-            key.verify(s.sig, message)
-        except InvalidSignature:
-            continue
-        good.add(s.keyid)
-    return good
+    candidates = [(s.keyid, (trusted[s.keyid], s.sig)) for s in envelope.signatures if s.keyid in trusted]
+    answers = sigcheck.check(message, [item for _, item in candidates])
+    return {keyid for (keyid, _), ok in zip(candidates, answers, strict=True) if ok}
 
 
 def verify(
     envelope: Envelope,
     *,
     payload_type: str,
-    trusted: Mapping[str, Ed25519PublicKey],
+    trusted: Mapping[str, bytes],
     threshold: int,
     role: str,
 ) -> bytes:

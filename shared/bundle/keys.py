@@ -1,8 +1,8 @@
 """Ed25519 keys on disk and their key ids (SHA-256 of the raw public key).
 
-cryptography is imported where a key object is made, not with this module: a device
-agent parses its trust root at every start but checks signatures only when it installs
-(cryptography's OpenSSL costs the resident agent ~6.5 MB; docs/performance.md).
+cryptography is imported where a key object is made, not with this module: a device agent
+never makes one (it checks signatures with raw public keys, in a child process:
+shared.bundle.sigcheck).
 """
 
 from __future__ import annotations
@@ -41,19 +41,6 @@ def raw_from_hex(value: str) -> bytes:
     if len(raw) != 32:
         raise MalformedDocumentError(f"Ed25519 public key must be 32 bytes, got {len(raw)}")
     return raw
-
-
-def public_from_raw(raw: bytes) -> Ed25519PublicKey:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    try:
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
-        raise MalformedDocumentError(f"not an Ed25519 public key: {exc}") from None
-
-
-def public_from_hex(value: str) -> Ed25519PublicKey:
-    return public_from_raw(raw_from_hex(value))
 
 
 def generate() -> Ed25519PrivateKey:

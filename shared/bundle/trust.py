@@ -18,13 +18,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import msgspec
 
 from shared import strictjson
 from shared.bundle import envelope as dsse
-from shared.bundle.keys import key_id_of_raw, public_from_raw, raw_from_hex
+from shared.bundle.keys import key_id_of_raw, raw_from_hex
 from shared.bundle.manifest import Manifest, parse_manifest, payload_digest
 from shared.errors import (
     AgentTooOldError,
@@ -36,9 +36,6 @@ from shared.errors import (
 )
 from shared.timeutil import parse_ts, utcnow
 from shared.versioning import parse_version
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 ROOT_SCHEMA = "edgefleet.root/v1"
 MAX_ROOT_BYTES = 256 * 1024
@@ -121,17 +118,16 @@ class TrustRoot:
     def __init__(self, payload: RootPayload, envelope_bytes: bytes) -> None:
         self.payload = payload
         self.envelope_bytes = envelope_bytes
-        # Key objects (and cryptography with them) are made on the first signature check.
-        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._keys: dict[str, bytes] = {}  # key id -> raw public key, decoded when first needed
 
     @property
     def version(self) -> int:
         return self.payload.version
 
-    def _role_keys(self, role: RoleSpec | Delegation) -> dict[str, Ed25519PublicKey]:
+    def _role_keys(self, role: RoleSpec | Delegation) -> dict[str, bytes]:
         for kid in role.keyids:
             if kid not in self._keys:
-                self._keys[kid] = public_from_raw(raw_from_hex(self.payload.keys[kid].public))
+                self._keys[kid] = raw_from_hex(self.payload.keys[kid].public)
         return {kid: self._keys[kid] for kid in role.keyids}
 
     @classmethod

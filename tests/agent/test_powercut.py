@@ -278,6 +278,10 @@ def test_power_cut_at_every_step_serves_a_valid_model_and_converges(
     # Release 1, installed without interruption.
     run.start()
     run.wait(lambda: (r := run.record()) and r.state == "committed", "r1 committed")
+    # It checked the root's and r1's signatures in a child: cryptography never maps into it.
+    assert run.process is not None
+    assert "cryptography" not in Path(f"/proc/{run.process.pid}/maps").read_text()
+    assert "checking in this process" not in run.log.read_text()
     fleet.faults.rate_bps = RATE
     current = 1
     try:

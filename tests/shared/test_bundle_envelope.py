@@ -8,7 +8,7 @@ import json
 import pytest
 
 from shared.bundle import envelope as dsse
-from shared.bundle.keys import key_id
+from shared.bundle.keys import key_id, raw_public
 from shared.errors import MalformedDocumentError, SignatureError
 
 
@@ -103,7 +103,7 @@ def test_from_json_refuses_deep_nesting() -> None:
 
 
 def _trusted(keys_):
-    return {key_id(k.public_key()): k.public_key() for k in keys_}
+    return {key_id(k.public_key()): raw_public(k.public_key()) for k in keys_}
 
 
 def test_verify_returns_payload_at_threshold(keys) -> None:
