@@ -420,11 +420,23 @@ class Soak:
         # The fleet's side: health and events the broker had that the fleet did not store.
         # Health without a model (before the first release) makes no row: not counted.
         fleet_missing = sorted(s for s in at_broker - fleet if s >= min(health or [first]))
+        # A missed event comes back with the next health the fleet gets (its model's
+        # last_event) unless a later event replaced it there first (one model in the soak):
+        # "superseded", lost by design; any other missed event is a failed recovery.
+        events_at_broker = seen["event"] | set(events)
+        health_sorted = sorted(set(health))
+        missing_events = [s for s in fleet_missing if s in events_at_broker]
+        unrecovered = []
+        for s in missing_events:
+            next_health = next((h for h in health_sorted if h > s), None)
+            if next_health is not None and not any(s < e < next_health for e in events_at_broker):
+                unrecovered.append(s)
         return {"fleet_health": len(set(health)), "fleet_events": len(set(events)),
                 "broker_health": len(seen["health"]), "broker_events": len(seen["event"]),
                 "births": len(seen["status"]), "first": first, "last": last_seq,
                 "device_gaps": len(device_gaps), "device_gaps_sample": device_gaps[:20],
                 "fleet_missing": len(fleet_missing), "fleet_missing_sample": fleet_missing[:20],
+                "fleet_missing_events": missing_events[:20], "fleet_unrecovered_events": unrecovered[:20],
                 "device_dropped": max(self.observer.dropped, last_health.get("dropped") or 0),
                 "fleet_duplicates": len(health) - len(set(health))}
 
@@ -481,7 +493,9 @@ def report(result: dict[str, Any], summary: dict[str, Any]) -> str:
         f"it {tel['device_gaps_sample']} (the will's, one per start, is expected), device reports "
         f"{tel['device_dropped']} dropped; the fleet stored {tel['fleet_health']} health + "
         f"{tel['fleet_events']} events, {tel['fleet_missing']} the broker had are missing there "
-        f"{tel['fleet_missing_sample']}",
+        f"{tel['fleet_missing_sample']} (events among them {tel['fleet_missing_events']}, not "
+        "recovered from a later health's last_event although no later event replaced them: "
+        f"{tel['fleet_unrecovered_events']})",
     ]
     return "\n".join(lines)
 
@@ -534,7 +548,8 @@ def main() -> None:
             f"threads {summary['threads_start_end']}, state dir "
             f"{summary['state_kb']} KB; telemetry: {tel['device_gaps']} seqs never reached the broker "
             f"(1 expected: the will's), {tel['device_dropped']} reported dropped; "
-            f"{tel['fleet_missing']} the broker had are missing at the fleet (ingester reconnects)")
+            f"{tel['fleet_missing']} the broker had are missing at the fleet (ingester reconnects; events "
+            f"{tel['fleet_missing_events']}, of them not recovered: {tel['fleet_unrecovered_events']})")
     emit([row(f"soak {result['duration_s']:.0f} s: agent RSS growth after warm-up (MB)",
               summary["rss_growth_mb"], RSS_BOUND_MB, "MB", "", met=summary["rss_growth_mb"] <= RSS_BOUND_MB,
               note=note, ratio=summary["rss_growth_mb"] / RSS_BOUND_MB),
