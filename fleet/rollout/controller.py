@@ -457,7 +457,12 @@ class RolloutController:
             for g in (rollout.gate_results or [])
             if isinstance(g, dict) and g.get("stage") == stage_index
         }
-        decided = decision.verdict is not eng.Verdict.WAIT
+        # Waiting for approval repeats its verdict every tick until the operator acts: stored
+        # when the wait begins, then like a wait (on a change, or every GATE_RECORD_INTERVAL_S).
+        verdict = decision.verdict
+        decided = verdict not in (eng.Verdict.WAIT, eng.Verdict.AWAIT_APPROVAL) or (
+            verdict is eng.Verdict.AWAIT_APPROVAL and rollout.awaiting_approval_since is None
+        )
         out = []
         for r in decision.gates:
             record_gate(r.gate, r.status.value)

@@ -527,12 +527,23 @@ def _count_gate(
     return GateResult(gate, GateStatus.PASS, f"{what} {count} <= {bound}", **common)
 
 
+# Failures the agent retries by itself (after its Fetcher's own attempts) with nothing wrong
+# in the release: once the device got past them (verified the files, or further) they no
+# longer count. Any other failure counts for good.
+RETRIED_REASONS = frozenset({"download", "disk_full"})
+_PAST_DOWNLOAD = frozenset({"verified", "staged", "smoke_passed", "activated", "committed"})
+
+
 def install_failures_gate(inp: GateInput) -> GateResult | None:
     ids = {d.device_id for d in inp.members}
     bad: dict[str, str | None] = {}
-    for e in inp.events:
-        if e.device_id in ids and is_install_failure(e, inp.target):
+    for e in inp.events:  # in the order they were received
+        if e.device_id not in ids:
+            continue
+        if is_install_failure(e, inp.target):
             bad[e.device_id] = e.reason
+        elif e.release == inp.target and e.kind in _PAST_DOWNLOAD and bad.get(e.device_id) in RETRIED_REASONS:
+            del bad[e.device_id]
     result = _count_gate(inp, "max_install_failures", inp.gates.max_install_failures, "install_failures", bad)
     if result is not None and result.status is GateStatus.FAIL:
         # keep the established wording: "install_failures 1 > 0 on 1 device (hash)"

@@ -213,6 +213,26 @@ def test_install_failures_ignore_superseded() -> None:
     assert d.verdict is Verdict.FAIL and "install_failures 1 > 0 on 1 device (signature)" in d.message
 
 
+def test_retried_download_failures_stop_counting_once_the_device_got_past_them() -> None:
+    s = spec(gates={"max_install_failures": 0})
+    failed = [InstallEvent("d1", TARGET, "failed", "download")]
+    still = run(s, committed(), [], failed, elapsed=1)  # its latest word: counts
+    assert still.verdict is Verdict.FAIL and "install_failures 1 > 0 on 1 device (download)" in still.message
+    retry = [*failed, InstallEvent("d1", TARGET, "download_started", None)]  # a new attempt is no progress
+    assert run(s, committed(), [], retry, elapsed=1).verdict is Verdict.FAIL
+    got_past = [*retry, InstallEvent("d1", TARGET, "verified", None),
+                InstallEvent("d1", TARGET, "committed", None)]
+    assert run(s, committed(), [], got_past).verdict is Verdict.ADVANCE
+    disk = [InstallEvent("d1", TARGET, "failed", "disk_full"), InstallEvent("d1", TARGET, "staged", None)]
+    assert run(s, committed(), [], disk).verdict is Verdict.ADVANCE
+    # a failure that says the release is bad counts for good, whatever follows
+    bad = [InstallEvent("d1", TARGET, "failed", "hash"), InstallEvent("d1", TARGET, "committed", None)]
+    assert run(s, committed(), [], bad, elapsed=1).verdict is Verdict.FAIL
+    # another release's progress does not clear it
+    other = [*failed, InstallEvent("d1", TARGET + 1, "committed", None)]
+    assert run(s, committed(), [], other, elapsed=1).verdict is Verdict.FAIL
+
+
 def test_local_rollback_fails_at_once_by_default() -> None:
     events = [InstallEvent("d1", 11, "rolled_back", "trial_errors", from_release=TARGET)]
     devices = [*committed(3)[::2], DeviceState("d1", 0, 11, "rolled_back")]

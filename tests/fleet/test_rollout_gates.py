@@ -230,6 +230,23 @@ def test_approval_flow(fleet: Fleet) -> None:
     assert fleet.op(rid, "approve").status_code == 409  # only a running rollout
 
 
+def test_approval_wait_stores_gate_evaluations_when_it_begins_then_periodically(fleet: Fleet) -> None:
+    two_rings(fleet)
+    rid = fleet.rollout(fleet.bundle(1), [{**CANARY, "approval": True}, ALL], gates=ERRORS)
+    fleet.health("c1", 1, at=10, inferences=200, errors=1)
+    fleet.tick(61)
+    assert fleet.status(rid)["awaiting_approval"]
+    begun = len(fleet.status(rid)["gate_history"])
+    for t in range(62, 62 + 20):  # a tick a second, as the controller runs: nothing new to store
+        fleet.tick(t)
+    history = fleet.status(rid)["gate_history"]
+    assert len(history) == begun, [(g["gate"], g["verdict"], g["ts"]) for g in history]
+    gates = len(fleet.status(rid)["gates"])
+    assert gates and {g["verdict"] for g in history[-gates:]} == {"await_approval"}
+    fleet.tick(61 + 31)  # past GATE_RECORD_INTERVAL_S: each gate once more, still awaiting
+    assert len(fleet.status(rid)["gate_history"]) == begun + gates
+
+
 def test_failed_gate_during_approval_wait_rolls_back(fleet: Fleet) -> None:
     two_rings(fleet)
     old = fleet.bundle(1)
