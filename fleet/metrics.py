@@ -3,13 +3,14 @@
 Counters and histograms live in one registry per process (``REGISTRY``); what the
 database knows (devices online, rollouts by state) is read when Prometheus scrapes.
 Other parts report through the small functions here, e.g. the rollout controller calls
-``record_gate(gate, result)`` for each gate it evaluates.
+``record_gate(gate, result)`` for each gate it evaluates; the figures of the running
+rollouts' gates (observed, threshold, sample) are read from the database at scrape time.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,6 +52,27 @@ GATE_EVALUATIONS = Counter(
     "edgefleet_gate_evaluations", "Rollout health gate evaluations by gate and result",
     ["gate", "result"], registry=REGISTRY,
 )
+_GATE_LABELS = ["rollout", "stage", "gate"]
+GATE_OBSERVED = Gauge(
+    "edgefleet_rollout_gate_observed", "Latest observed figure of each gate of the running and paused "
+    "rollouts' current stage (absent while the gate has no data)", _GATE_LABELS, registry=REGISTRY,
+)
+GATE_THRESHOLD = Gauge(
+    "edgefleet_rollout_gate_threshold", "The bound the gate's observed figure is held to", _GATE_LABELS,
+    registry=REGISTRY,
+)
+GATE_SAMPLE = Gauge(
+    "edgefleet_rollout_gate_sample", "The sample the gate's latest figure is over", _GATE_LABELS,
+    registry=REGISTRY,
+)
+GATE_MIN_SAMPLE = Gauge(
+    "edgefleet_rollout_gate_min_sample", "The sample the gate needs before it may pass", _GATE_LABELS,
+    registry=REGISTRY,
+)
+GATE_FAILING = Gauge(
+    "edgefleet_rollout_gate_failing", "1 when the gate's latest result is a failure, else 0", _GATE_LABELS,
+    registry=REGISTRY,
+)
 CONTROLLER_ACTIVE = Gauge(
     "edgefleet_controller_active", "1 when this process's rollout controller holds the leader lock",
     registry=REGISTRY,
@@ -87,7 +109,7 @@ def record_ingest_lag(seconds: float) -> None:
 def refresh_from_db(engine: Any, silence_after_s: float) -> None:
     """Set the gauges that come from the database (called at scrape time)."""
     from sqlalchemy import func
-    from sqlmodel import Session, select
+    from sqlmodel import Session, col, select
 
     from fleet.db.models import Device, Rollout
 
@@ -101,6 +123,32 @@ def refresh_from_db(engine: Any, silence_after_s: float) -> None:
         counts = dict(session.exec(select(Rollout.state, func.count()).group_by(Rollout.state)).all())
     for state in {*ROLLOUT_STATES, *counts}:
         ROLLOUTS.labels(state=state).set(counts.get(state, 0))
+    with Session(engine) as session:
+        active = session.exec(
+            select(Rollout.id, Rollout.gate_results).where(col(Rollout.state).in_(("running", "paused")))
+        ).all()
+    set_gate_gauges(active)
+
+
+def set_gate_gauges(rollouts: Iterable[tuple[int | None, Any]]) -> None:
+    """The gauges of each gate of the given rollouts' current stage, from ``Rollout.gate_results``
+    (the database, so any fleet process answers the same); ended rollouts' series go away."""
+    gauges = ((GATE_OBSERVED, "observed"), (GATE_THRESHOLD, "threshold"), (GATE_SAMPLE, "sample"),
+              (GATE_MIN_SAMPLE, "min_sample"))
+    for gauge, _ in gauges:
+        gauge.clear()
+    GATE_FAILING.clear()
+    for rollout_id, results in rollouts:
+        for r in results or []:
+            if not isinstance(r, dict):
+                continue
+            labels = {"rollout": str(rollout_id), "stage": str(r.get("stage_name", r.get("stage")))[:64],
+                      "gate": str(r.get("gate"))[:64]}
+            for gauge, key in gauges:
+                figure = r.get(key)
+                if isinstance(figure, int | float) and not isinstance(figure, bool):
+                    gauge.labels(**labels).set(figure)
+            GATE_FAILING.labels(**labels).set(1.0 if r.get("status") == "fail" else 0.0)
 
 
 def exposition() -> tuple[bytes, str]:

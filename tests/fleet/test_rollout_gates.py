@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fleet_support import admin, bearer, enroll, make_bundle, upload
 from litestar.testing import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import Session, select
 
 from fleet.app import create_app
@@ -143,6 +144,21 @@ ALL = {"name": "all", "percent": 100, "bake_seconds": 0}
 ERRORS = {"max_error_rate": 0.05, "min_inferences": 100}
 
 
+def labels_key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels.items()))
+
+
+def gate_metrics(f: Fleet) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = f.client.get("/metrics")
+    assert r.status_code == 200, r.text
+    return {
+        (s.name, labels_key(s.labels)): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+        if s.name.startswith("edgefleet_rollout_gate_")
+    }
+
+
 def two_rings(f: Fleet) -> None:
     f.enroll("c1", ring="canary")
     f.enroll("m1", "m2", ring="main")
@@ -178,10 +194,18 @@ def test_gate_evaluations_are_stored_and_shown(fleet: Fleet) -> None:
     fleet.health("c1", 1, at=5, inferences=40)
     fleet.tick(6)
     fleet.tick(7)  # same status, within the record interval: not stored again
+    # Prometheus: the running rollout's gates with their figures (any fleet process, from the db)
+    labels = {"rollout": str(rid), "stage": "canary", "gate": "max_error_rate"}
+    m = gate_metrics(fleet)
+    assert (m[("edgefleet_rollout_gate_sample", labels_key(labels))],
+            m[("edgefleet_rollout_gate_min_sample", labels_key(labels))],
+            m[("edgefleet_rollout_gate_threshold", labels_key(labels))],
+            m[("edgefleet_rollout_gate_failing", labels_key(labels))]) == (40, 100, 0.05, 0)
     fleet.health("c1", 1, at=8, inferences=372, errors=128)
     fleet.tick(9)
     s = fleet.status(rid)
     assert s["state"] == "rolled_back"
+    assert not [k for k in gate_metrics(fleet) if dict(k[1]).get("rollout") == str(rid)]  # ended: gone
     assert s["reason"].startswith(
         "stage canary: error_rate 0.31 > 0.05 over 412 inferences on 1 device at "
     ) and s["reason"].endswith("UTC (gate max_error_rate)")
