@@ -572,14 +572,22 @@ def silent_gate(inp: GateInput) -> GateResult | None:
 
 
 def offline_gate(inp: GateInput) -> GateResult | None:
-    """Devices that said they went offline (last will) or went silent, as a fraction."""
+    """Devices that went offline during the update (their last will, after they were told to
+    update) or went silent past the deadline, as a fraction. A device already offline when it
+    was assigned has not gone offline during the update: it counts once it is silent."""
     g = inp.gates
     if g.max_offline_fraction is None:
         return None
+
+    def went_offline(d: DeviceState) -> bool:
+        if d.online is not False or d.last_seen is None:
+            return False
+        return d.assigned_at is None or d.last_seen >= d.assigned_at
+
     offline = sorted(
         d.device_id
         for d in inp.members
-        if (d.online is False and d.last_seen is not None)
+        if went_offline(d)
         or inp.progress.get(d.device_id, DeviceProgress("", 0, Progress.ASSIGNED)).progress is Progress.SILENT
     )
     members = len(inp.members)

@@ -280,6 +280,13 @@ def test_offline_fraction_stops_the_stage() -> None:
     assert d.verdict is Verdict.FAIL and d.gate == "max_offline_fraction"
     assert "offline_fraction 0.33 > 0.3: 1 of 3 devices offline or silent (d1)" in d.message
     assert run(spec(gates={"max_offline_fraction": 0.5}), devices, elapsed=10).verdict is Verdict.WAIT
+    # offline since before it was told to update: not "during the update" (counts once silent)
+    before = [devices[0], DeviceState("d1", 0, 11, "idle", online=False, last_seen=T0 - 60, assigned_at=T0),
+              devices[2]]
+    assert run(s, before, elapsed=10).verdict is not Verdict.FAIL
+    went = DeviceState("d1", 0, 11, "downloading", online=False, last_seen=T0 + 5, assigned_at=T0)
+    after = [devices[0], went, devices[2]]
+    assert run(s, after, elapsed=10).gate == "max_offline_fraction"
 
 
 def test_every_result_carries_its_figures() -> None:
