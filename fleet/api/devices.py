@@ -30,6 +30,8 @@ from shared.errors import MalformedDocumentError
 from shared.telemetry.topics import check_device_id
 from shared.timeutil import format_ts
 
+RESERVED_ID_PREFIX = "edgefleet-"  # broker service accounts; never a device
+
 log = logging.getLogger(__name__)
 
 MAX_LABELS = 64
@@ -171,6 +173,12 @@ class DeviceController(Controller):
         if not expected or not constant_time_equal(data.token, expected):
             raise NotAuthorizedException(detail="the enrollment token is not valid")
         check_device_id(data.device_id)
+        if data.device_id.lower().startswith(RESERVED_ID_PREFIX):
+            # the broker's service accounts (edgefleet-fleet, edgefleet-reader) share the
+            # password file with devices: a device must never take one of their names
+            raise MalformedDocumentError(
+                f"device id {data.device_id!r}: ids beginning with {RESERVED_ID_PREFIX!r} are reserved"
+            )
         if len(data.labels) > MAX_LABELS:
             raise MalformedDocumentError(f"{len(data.labels)} labels, at most {MAX_LABELS}")
         for key, value in data.labels.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_support import ADMIN, admin, bearer, enroll, make_bundle, upload
+from fleet_support import ENROLL as ENROLL_TOKEN
 from litestar.testing import TestClient
 
 from shared.bundle.archive import write_bundle
@@ -103,6 +104,10 @@ def test_enroll_and_device_auth(client: Client, keyring: Keyring, tmp_path: Path
     }
     r = client.post("/api/v1/devices/enroll", json={"device_id": "bad/id", "token": "x" * 3})
     assert r.status_code == 401
+    for reserved in ("edgefleet-fleet", "edgefleet-reader", "EdgeFleet-x"):  # the broker's accounts
+        body = {"device_id": reserved, "token": ENROLL_TOKEN, "labels": {}}
+        r = client.post("/api/v1/devices/enroll", json=body)
+        assert r.status_code == 400 and "reserved" in r.text, r.text
     cred = enroll(client, "d1", site="lab")
     other = enroll(client, "d2", site="lab")
     assert cred != other
