@@ -52,27 +52,17 @@ GATE_EVALUATIONS = Counter(
     "edgefleet_gate_evaluations", "Rollout health gate evaluations by gate and result",
     ["gate", "result"], registry=REGISTRY,
 )
-_GATE_LABELS = ["rollout", "stage", "gate"]
-GATE_OBSERVED = Gauge(
-    "edgefleet_rollout_gate_observed", "Latest observed figure of each gate of the running and paused "
-    "rollouts' current stage (absent while the gate has no data)", _GATE_LABELS, registry=REGISTRY,
-)
-GATE_THRESHOLD = Gauge(
-    "edgefleet_rollout_gate_threshold", "The bound the gate's observed figure is held to", _GATE_LABELS,
-    registry=REGISTRY,
-)
-GATE_SAMPLE = Gauge(
-    "edgefleet_rollout_gate_sample", "The sample the gate's latest figure is over", _GATE_LABELS,
-    registry=REGISTRY,
-)
-GATE_MIN_SAMPLE = Gauge(
-    "edgefleet_rollout_gate_min_sample", "The sample the gate needs before it may pass", _GATE_LABELS,
-    registry=REGISTRY,
-)
-GATE_FAILING = Gauge(
-    "edgefleet_rollout_gate_failing", "1 when the gate's latest result is a failure, else 0", _GATE_LABELS,
-    registry=REGISTRY,
-)
+# Each gate of the running and paused rollouts' current stage, by its key in gate_results.
+GATE_FIGURES = {
+    key: Gauge(f"edgefleet_rollout_gate_{key}", help_text, ["rollout", "stage", "gate"], registry=REGISTRY)
+    for key, help_text in (
+        ("observed", "Latest observed figure of the gate (absent while it has no data)"),
+        ("threshold", "The bound the gate's observed figure is held to"),
+        ("sample", "The sample the gate's latest figure is over"),
+        ("min_sample", "The sample the gate needs before it may pass"),
+        ("failing", "1 when the gate's latest result is a failure, else 0"),
+    )
+}
 CONTROLLER_ACTIVE = Gauge(
     "edgefleet_controller_active", "1 when this process's rollout controller holds the leader lock",
     registry=REGISTRY,
@@ -133,22 +123,19 @@ def refresh_from_db(engine: Any, silence_after_s: float) -> None:
 def set_gate_gauges(rollouts: Iterable[tuple[int | None, Any]]) -> None:
     """The gauges of each gate of the given rollouts' current stage, from ``Rollout.gate_results``
     (the database, so any fleet process answers the same); ended rollouts' series go away."""
-    gauges = ((GATE_OBSERVED, "observed"), (GATE_THRESHOLD, "threshold"), (GATE_SAMPLE, "sample"),
-              (GATE_MIN_SAMPLE, "min_sample"))
-    for gauge, _ in gauges:
+    for gauge in GATE_FIGURES.values():
         gauge.clear()
-    GATE_FAILING.clear()
     for rollout_id, results in rollouts:
         for r in results or []:
             if not isinstance(r, dict):
                 continue
             labels = {"rollout": str(rollout_id), "stage": str(r.get("stage_name", r.get("stage")))[:64],
                       "gate": str(r.get("gate"))[:64]}
-            for gauge, key in gauges:
-                figure = r.get(key)
+            figures = {**r, "failing": 1.0 if r.get("status") == "fail" else 0.0}
+            for key, gauge in GATE_FIGURES.items():
+                figure = figures.get(key)
                 if isinstance(figure, int | float) and not isinstance(figure, bool):
                     gauge.labels(**labels).set(figure)
-            GATE_FAILING.labels(**labels).set(1.0 if r.get("status") == "fail" else 0.0)
 
 
 def exposition() -> tuple[bytes, str]:
