@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -40,14 +40,14 @@ class Bundle(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("name", "release", name="uq_bundle_name_release"),)
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True, max_length=64)
-    release: int
+    release: int = Field(sa_column=Column(BigInteger, nullable=False))
     version: str
     digest: str = Field(unique=True, max_length=64)
     envelope: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created: str
     expires: str
     uploaded_at: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
-    reissue_of: int | None = None
+    reissue_of: int | None = Field(default=None, sa_column=Column(BigInteger))
     # role -> sha256, for the blob URLs
     files: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
@@ -109,11 +109,11 @@ class HealthReport(SQLModel, table=True):
     device_id: str = Field(max_length=64)
     ts: float
     received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
-    seq: int
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     model: str = Field(max_length=64)
-    release: int
-    inferences: int
-    errors: int
+    release: int = Field(sa_column=Column(BigInteger, nullable=False))
+    inferences: int = Field(sa_column=Column(BigInteger, nullable=False))
+    errors: int = Field(sa_column=Column(BigInteger, nullable=False))
     p50_ms: float | None = None
     p95_ms: float | None = None
     drift: float | None = None
@@ -127,11 +127,11 @@ class DeviceEvent(SQLModel, table=True):
     device_id: str = Field(max_length=64)
     ts: float
     received_at: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
-    seq: int
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     model: str = Field(max_length=64)
     kind: str
-    release: int
-    from_release: int | None = None
+    release: int = Field(sa_column=Column(BigInteger, nullable=False))
+    from_release: int | None = Field(default=None, sa_column=Column(BigInteger))
     reason: str | None = None
     message: str = ""
 
@@ -184,10 +184,10 @@ class HealthRollup(SQLModel, table=True):
     __table_args__ = (Index("ix_rollup_model_release", "model", "release"),)
     device_id: str = Field(primary_key=True, max_length=64)
     model: str = Field(primary_key=True, max_length=64)
-    release: int = Field(primary_key=True)
+    release: int = Field(sa_column=Column(BigInteger, primary_key=True))
     hour: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
     reports: int = 0
-    inferences: int = 0
-    errors: int = 0
+    inferences: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    errors: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     p95_ms_max: float | None = None
     last_ts: float = 0.0
