@@ -34,6 +34,19 @@ class Device(SQLModel, table=True):
     last_health: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     # bumped on every change of the device's desired state
     generation: int = 0
+    # Identity (docs/install.md "Devices: enroll, rotate, revoke"). A revoked device keeps its
+    # row (history, rollout evidence) but no credential works for it any more.
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    # After a rotation the old credential stays valid until this time (the overlap window).
+    previous_credential_hash: str | None = Field(default=None, index=True, max_length=64)
+    previous_credential_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    # The operator asked the device to rotate its credentials (it does on its next pull).
+    rotation_requested_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    # A re-enrollment without proof waits (Mender's pending auth set) until an operator
+    # approves it; the approval allows one re-enrollment with the enrollment token until then.
+    reenroll_requested_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    reenroll_approved_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    enrollment_token_id: int | None = None
 
 
 class Bundle(SQLModel, table=True):
@@ -191,3 +204,17 @@ class HealthRollup(SQLModel, table=True):
     errors: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     p95_ms_max: float | None = None
     last_ts: float = 0.0
+
+
+class EnrollmentToken(SQLModel, table=True):
+    """A token devices enroll with: it only creates new devices; only its SHA-256 is stored.
+    It may expire and be limited in uses; revoking it touches no enrolled device."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)
+    token_hash: str = Field(unique=True, max_length=64)
+    created: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
+    expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    max_uses: int | None = None
+    uses: int = 0
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
