@@ -218,3 +218,16 @@ class EnrollmentToken(SQLModel, table=True):
     max_uses: int | None = None
     uses: int = 0
     revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class DeviceCertificate(SQLModel, table=True):
+    """A client certificate the fleet's device CA issued (fleet.identity). Kept after the
+    device is deleted: its serial must stay on the CRL until the certificate expires."""
+
+    __table_args__ = (Index("ix_devicecert_device", "device_id", "not_after"),)
+    serial: str = Field(primary_key=True, max_length=40)  # hex, as OpenSSL prints it
+    device_id: str = Field(max_length=64)
+    fingerprint: str = Field(max_length=64)  # SHA-256 of the DER, hex
+    issued_at: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True), nullable=False))
+    not_after: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
