@@ -27,6 +27,7 @@ from fleet.db.models import Bundle
 from fleet.errors import NotFoundError
 from fleet.registry.blobs import SHA256_RE, RangeError, parse_range, read_range
 from fleet.registry.bundles import bundle_json, register, verify_archive
+from shared.bundle.manifest import NAME_RE
 
 
 @dataclass
@@ -120,6 +121,29 @@ class BundleController(Controller):
             if name:
                 stmt = stmt.where(Bundle.name == name)
             return [bundle_json(b) for b in session.exec(stmt)]
+
+    @get(
+        "/bundles/highest",
+        guards=[operator_guard],
+        sync_to_thread=True,
+        summary="The highest release of a model stored here (0 when none)",
+        description="The builder asks this before numbering a build (edgefleet bundle build --fleet), "
+        "so a new release is above every release the fleet holds, re-issues included.",
+        responses=ERROR_RESPONSES,
+    )
+    def highest(self, state: State, name: FromQuery[str]) -> dict[str, Any]:
+        if not NAME_RE.match(name):
+            raise ClientException(detail=f"model name {name[:80]!r} must match {NAME_RE.pattern}")
+        with Session(state.ctx.engine) as session:
+            top = session.exec(
+                select(Bundle).where(Bundle.name == name).order_by(col(Bundle.release).desc()).limit(1)
+            ).first()
+            return {
+                "name": name,
+                "release": top.release if top else 0,
+                "version": top.version if top else None,
+                "bundle_id": top.id if top else None,
+            }
 
     @get(
         "/bundles/{bundle_id:int}", guards=[operator_guard], sync_to_thread=True, summary="One bundle",

@@ -69,6 +69,47 @@ def _load_trust(path: str) -> TrustRoot:
 # -- build ----------------------------------------------------------------------------
 
 
+def _fleet_highest(args: argparse.Namespace) -> tuple[int, str]:
+    """(highest release of the model in the fleet's registry, where it comes from); (0, "")
+    without a fleet. A fleet that was asked for but cannot answer stops the build: numbering
+    without it could pick a number the fleet already holds."""
+    import os
+
+    url = None if args.offline else (args.fleet or os.environ.get("EDGEFLEET_URL"))
+    if not url:
+        return 0, ""
+    from fleet.cli.client import FleetClient, FleetError, default_token
+
+    try:
+        with FleetClient(url, args.token or default_token(), timeout=15.0) as client:
+            top = client.highest_release(args.name)
+    except FleetError as exc:
+        raise CliError(f"cannot number the build above the fleet's releases: {exc}; "
+                       "pass --offline to number from the release ledger only") from None
+    release = top.get("release")
+    if isinstance(release, bool) or not isinstance(release, int) or release < 0:
+        raise CliError(f"the fleet at {url} answered an unusable highest release {release!r}")
+    version = f" ({top['version']})" if top.get("version") else ""
+    return release, f"fleet {url}: r{release}{version}"
+
+
+def _reserve_release(args: argparse.Namespace, keys_dir: Path) -> int:
+    from fleet.bundles.ledger import LEDGER_NAME, ReleaseLedger
+    from shared.bundle.manifest import NAME_RE
+
+    if not NAME_RE.match(args.name):
+        raise CliError(f"model name {args.name!r} must match {NAME_RE.pattern}")
+    fleet_highest, fleet_source = _fleet_highest(args)
+    ledger = ReleaseLedger(Path(args.ledger) if args.ledger else keys_dir / LEDGER_NAME)
+    return ledger.reserve(
+        args.name,
+        now_ms=time.time_ns() // 1_000_000,
+        explicit=args.release,
+        fleet_highest=fleet_highest,
+        fleet_source=fleet_source,
+    )
+
+
 def build(args: argparse.Namespace) -> int:
     from fleet.bundles.build import build_bundle
     from shared.bundle.keyring import load_keyring
@@ -98,7 +139,7 @@ def build(args: argparse.Namespace) -> int:
     calibration = load_samples(Path(args.calibration), inputs, "calibration") if args.calibration else None
     validation = load_samples(Path(args.validation), inputs, "validation") if args.validation else None
     signing = keyring.delegation_keys(args.delegation)
-    release = args.release if args.release is not None else int(time.time())
+    release = _reserve_release(args, keys_dir)
     verified = build_bundle(
         model,
         name=args.name,

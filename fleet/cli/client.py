@@ -167,6 +167,9 @@ class FleetClient:
     def list_bundles(self) -> list[dict[str, Any]]:
         return _items(self.request("GET", "/api/v1/bundles"), "bundles")
 
+    def highest_release(self, name: str) -> dict[str, Any]:
+        return dict(self.request("GET", "/api/v1/bundles/highest", params={"name": name}))
+
     def get_bundle(self, bundle_id: int) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/bundles/{bundle_id}")
 

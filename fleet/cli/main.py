@@ -53,6 +53,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _release_number(text: str) -> int:
+    from shared.release import ReleaseRangeError, validate_release
+
+    try:
+        return validate_release(_positive_int(text))
+    except ReleaseRangeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -240,8 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "make golden vectors by running it, record baseline input statistics, sign\n"
                          "the manifest with the signing keys of --keys and write OUT atomically.",
              epilog="The release number must grow with every bundle of a model (devices refuse older\n"
-                    "or reused numbers). The default, the current Unix time in seconds, is monotonic\n"
-                    "as long as one signer builds and its clock does not go back.\n\n"
+                    "or reused numbers). The default is the build time in milliseconds, but at least\n"
+                    "one above the highest release known for the model: in the release ledger\n"
+                    "(--ledger, default KEYS/releases.json; locked, so parallel builds differ) and,\n"
+                    "with --fleet (or env EDGEFLEET_URL), in the fleet's registry. An explicit\n"
+                    "--release that is not above those is refused with the number to use.\n\n"
                     "examples:\n"
                     "  edgefleet bundle build model.onnx --name detector --version 1.2.0 \\\n"
                     "      --keys ./keys -o detector.bundle\n"
@@ -250,8 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="ONNX model file")
     p.add_argument("--name", required=True, help="model name: lowercase letters, digits, '.', '_', '-'")
     p.add_argument("--version", required=True, metavar="LABEL", help="human version label, e.g. 1.2.0")
-    p.add_argument("--release", type=_positive_int, metavar="N",
-                   help="release number (default: current Unix time in seconds)")
+    p.add_argument("--release", type=_release_number, metavar="N",
+                   help="release number (default: build time in ms, above every known release)")
+    p.add_argument("--ledger", metavar="FILE",
+                   help="release ledger: highest release built per model (default KEYS/releases.json)")
+    p.add_argument("--fleet", metavar="URL", default=None,
+                   help="also number above the fleet's highest release of the model\n"
+                        "(env EDGEFLEET_URL; default: the ledger only)")
+    p.add_argument("--token", metavar="T", default=None,
+                   help="operator token for --fleet (env EDGEFLEET_TOKEN; default ./fleet-data/admin.token)")
+    p.add_argument("--offline", action="store_true",
+                   help="do not ask the fleet even when EDGEFLEET_URL is set (the ledger only)")
     p.add_argument("--golden", metavar="FILE.npz",
                    help="golden inputs: arrays keyed by input name, or a bundle golden.npz with in.<name>\n"
                         "(default: generated from the model signature)")

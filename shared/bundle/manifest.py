@@ -18,6 +18,7 @@ import msgspec
 from shared import strictjson
 from shared.bundle.chunks import validate_chunks
 from shared.errors import MalformedDocumentError
+from shared.release import validate_release
 from shared.timeutil import parse_ts
 from shared.versioning import parse_version
 
@@ -93,8 +94,9 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
             raise MalformedDocumentError(
                 f"model name {self.name!r} must match {NAME_RE.pattern}"
             )
-        if not 1 <= self.release < 2**53:
-            raise MalformedDocumentError(f"release {self.release} must be a positive integer")
+        validate_release(self.release)
+        if self.reissue_of is not None:
+            validate_release(self.reissue_of, what="reissue_of")
         if not 0 < len(self.version) <= 64:
             raise MalformedDocumentError("version label must be 1 to 64 characters")
         parse_ts(self.created, field="created")

@@ -24,7 +24,7 @@ def test_help_lists_commands_with_examples(cli) -> None:
     ("argv", "words"),
     [
         (["keys", "init", "--help"], ["--root-keys", "--threshold", "examples:"]),
-        (["bundle", "build", "--help"], ["--golden", "Unix time", "monotonic", "examples:"]),
+        (["bundle", "build", "--help"], ["--golden", "milliseconds", "--ledger", "examples:"]),
         (["bundle", "verify", "--help"], ["--trust", "Exit 0"]),
         (["bundle", "inspect", "--help"], ["nothing is verified"]),
         (["rollout", "create", "--help"], ["bundle_id", "[[stages]]", "--start"]),
@@ -102,17 +102,17 @@ def test_bundle_build_prints_identity(built) -> None:
     assert "bytes" in out
 
 
-def test_bundle_build_default_release_is_unix_time(cli, built, tmp_path: Path) -> None:
+def test_bundle_build_default_release_is_unix_time_in_ms(cli, built, tmp_path: Path) -> None:
     import time
 
-    before = int(time.time())
+    before = time.time_ns() // 1_000_000
     out = tmp_path / "b.bundle"
     r = cli("bundle", "build", str(built.model), "--name", "detector", "--version", "2",
-            "--keys", str(built.keys), "-o", str(out))
+            "--keys", str(built.keys), "--ledger", str(tmp_path / "ledger.json"), "-o", str(out))
     assert r.code == 0, r.err
     root = TrustRoot.load((built.keys / "root.json").read_bytes())
     release = root.verify_manifest(read_envelope(out)).manifest.release
-    assert before <= release <= int(time.time())
+    assert before <= release <= time.time_ns() // 1_000_000
 
 
 def test_bundle_build_with_golden_npz(cli, built, tmp_path: Path) -> None:
@@ -122,7 +122,8 @@ def test_bundle_build_with_golden_npz(cli, built, tmp_path: Path) -> None:
     np.savez(golden, x=np.linspace(0, 1, 8, dtype=np.float32).reshape(2, 4))
     out = tmp_path / "g.bundle"
     r = cli("bundle", "build", str(built.model), "--name", "detector", "--version", "3", "--release", "9",
-            "--golden", str(golden), "--atol", "0.01", "--keys", str(built.keys), "-o", str(out))
+            "--golden", str(golden), "--atol", "0.01", "--keys", str(built.keys),
+            "--ledger", str(tmp_path / "ledger.json"), "-o", str(out))
     assert r.code == 0, r.err
     root = TrustRoot.load((built.keys / "root.json").read_bytes())
     manifest = root.verify_manifest(read_envelope(out)).manifest

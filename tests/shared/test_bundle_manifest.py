@@ -46,9 +46,9 @@ def _files(make_doc, **changes):
         ({"name": "detector\n"}, "model name 'detector\\n' must match"),
         ({"name": ""}, "model name '' must match"),
         ({"name": "a" * 65}, "must match"),
-        ({"release": 0}, "release 0 must be a positive integer"),
-        ({"release": -3}, "release -3 must be a positive integer"),
-        ({"release": 2**53}, f"release {2**53} must be a positive integer"),
+        ({"release": 0}, "release 0 is out of range; release numbers are 1 .. 9007199254740991"),
+        ({"release": -3}, "release -3 is out of range; release numbers are 1 .. 9007199254740991"),
+        ({"release": 2**53}, f"release {2**53} is out of range; release numbers are 1 .. {2**53 - 1}"),
         ({"release": "1"}, "Expected `int`, got `str` - at `$.release`"),
         ({"release": 1.0}, "Expected `int`, got `float` - at `$.release`"),
         ({"release": True}, "Expected `int`, got `bool` - at `$.release`"),
@@ -137,5 +137,5 @@ def test_oversize_manifest() -> None:
 
 def test_encode_validates(make_manifest) -> None:
     m = msgspec.structs.replace(make_manifest(), release=0)
-    with pytest.raises(MalformedDocumentError, match=r"release 0 must be a positive integer"):
+    with pytest.raises(MalformedDocumentError, match=r"release 0 is out of range; release numbers are 1 .. 9007199254740991"):
         encode_manifest(m)

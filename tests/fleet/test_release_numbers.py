@@ -1,0 +1,111 @@
+"""Release numbers at the fleet: uploads never reuse a number, the builder numbers above the
+fleet's registry, and the API answers out-of-range numbers with 4xx."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from fleet_support import ADMIN, admin, make_bundle, serve_fleet, upload
+from litestar.testing import TestClient
+
+from fleet.app import create_app
+from fleet.settings import Settings
+from shared.bundle.archive import read_envelope
+from shared.bundle.envelope import Envelope
+from shared.bundle.keyring import Keyring
+from shared.bundle.manifest import parse_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_upload_refuses_a_taken_release_with_another_digest(client: TestClient[Any], keyring: Keyring,
+                                                           tmp_path: Path) -> None:
+    first = make_bundle(tmp_path / "a", keyring, release=5, version="1.0.5")
+    r = upload(client, first.path)
+    assert r.status_code == 201, r.text
+    assert upload(client, first.path).status_code == 200  # the identical bundle again
+    other = make_bundle(tmp_path / "b", keyring, release=5, version="1.0.5b", model_bytes=b"other model")
+    r = upload(client, other.path)
+    assert r.status_code == 409, r.text
+    detail = r.json()["detail"]
+    assert "detector release 5 already exists as bundle" in detail and "never reused" in detail
+    # another model may use the same number
+    assert upload(client, make_bundle(tmp_path / "c", keyring, name="ocr", release=5).path).status_code == 201
+
+
+def test_highest_release_of_a_model(client: TestClient[Any], keyring: Keyring, tmp_path: Path) -> None:
+    r = client.get("/api/v1/bundles/highest", params={"name": "detector"}, headers=admin())
+    assert r.status_code == 200 and r.json() == {"name": "detector", "release": 0, "version": None,
+                                                 "bundle_id": None}
+    for release in (3, 3_000_000_000, 40):
+        assert upload(client, make_bundle(tmp_path / str(release), keyring, release=release,
+                                          version=f"v{release}").path).status_code == 201
+    body = client.get("/api/v1/bundles/highest", params={"name": "detector"}, headers=admin()).json()
+    assert (body["release"], body["version"]) == (3_000_000_000, "v3000000000")
+    r = client.get("/api/v1/bundles/highest", params={"name": "Bad Name"}, headers=admin())
+    assert r.status_code == 400 and "must match" in r.json()["detail"]
+    assert client.get("/api/v1/bundles/highest", params={"name": "detector"}).status_code == 401
+
+
+def _build(
+    keys: Path, tmp: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    from fleet.demo.models import write_classifier
+
+    model = tmp / "clf.onnx"
+    if not model.exists():
+        write_classifier(model)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    full_env["PYTHONPATH"] = str(REPO)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "fleet.cli.main", "bundle", "build", str(model), "--name", "detector",
+         "--keys", str(keys), "--ledger", str(tmp / "ledger.json"), *args],
+        env=full_env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def _release_of(path: Path) -> int:
+    return parse_manifest(Envelope.from_json(read_envelope(path)).payload).release
+
+
+def test_builder_numbers_above_the_fleet_and_refuses_a_lower_explicit_release(
+    settings: Settings, keyring: Keyring, tmp_path: Path
+) -> None:
+    with serve_fleet(settings) as url:
+        with TestClient(create_app(settings)) as c:
+            assert upload(c, make_bundle(tmp_path / "x", keyring, release=9_000_000_000_000,
+                                         version="9.0.0").path).status_code == 201
+        out = tmp_path / "next.bundle"
+        r = _build(keyring.directory, tmp_path, "--version", "9.0.1", "--fleet", url, "--token", ADMIN,
+                   "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        assert _release_of(out) == 9_000_000_000_001
+        assert "release  9000000000001 (9.0.1)" in r.stdout
+        # an explicit release at or below the fleet's highest is refused at build time
+        r = _build(keyring.directory, tmp_path, "--version", "8", "--release", "8000000000000",
+                   "--fleet", url, "--token", ADMIN, "-o", str(tmp_path / "low.bundle"))
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert "is not above release 9000000000001 already issued" in r.stderr  # the ledger knows it
+        assert "Use --release 9000000000002 or higher" in r.stderr
+        assert not (tmp_path / "low.bundle").exists()
+        # EDGEFLEET_URL also points the builder at the fleet; --offline does not ask it
+        r = _build(keyring.directory, tmp_path, "--version", "x", "-o", str(tmp_path / "y.bundle"),
+                   env={"EDGEFLEET_URL": "http://127.0.0.1:9", "EDGEFLEET_TOKEN": ADMIN})
+        assert r.returncode == 1 and "cannot number the build above the fleet's releases" in r.stderr
+        assert "--offline" in r.stderr
+        r = _build(keyring.directory, tmp_path, "--version", "x", "--offline",
+                   "-o", str(tmp_path / "y.bundle"), env={"EDGEFLEET_URL": "http://127.0.0.1:9"})
+        assert r.returncode == 0, r.stderr
+        assert _release_of(tmp_path / "y.bundle") == 9_000_000_000_002  # the ledger: above the last
+
+
+def test_release_out_of_range_refused_by_the_builder(keyring: Keyring, tmp_path: Path) -> None:
+    r = _build(keyring.directory, tmp_path, "--version", "x", "--release", str(2**53),
+               "-o", str(tmp_path / "z.bundle"))
+    assert r.returncode == 2
+    assert f"release {2**53} is out of range; release numbers are 1 .. {2**53 - 1}" in r.stderr
