@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from fleet.api.bundles import BundleController
+from fleet.api.certificates import CertificateController
 from fleet.api.context import AppContext
 from fleet.api.devices import DeviceController
 from fleet.api.errors import EXCEPTION_HANDLERS
@@ -28,6 +29,7 @@ from fleet.broker.client import MqttPublisher, parse_mqtt_url, target_from_setti
 from fleet.broker.embedded import EmbeddedBroker
 from fleet.dashboard import DASHBOARD_HANDLERS
 from fleet.db.engine import make_engine
+from fleet.identity.store import write_current_crl
 from fleet.ingest import rollup
 from fleet.ingest.ingester import Ingester
 from fleet.metrics import RETENTION_DELETED, MetricsMiddleware
@@ -40,7 +42,8 @@ log = logging.getLogger("fleet")
 
 MAX_JSON_BODY = 1 << 20
 
-API_CONTROLLERS = [DeviceController, BundleController, RolloutsController, TokenController, HealthController,
+API_CONTROLLERS = [DeviceController, CertificateController, BundleController, RolloutsController,
+                   TokenController, HealthController,
                    TrustController]
 
 
@@ -100,6 +103,8 @@ def create_app(settings: Settings) -> Litestar:
     )
 
     def startup() -> None:
+        if settings.run_api and settings.mqtt_crl_file is not None:
+            write_current_crl(settings, engine)  # the broker's crlfile exists and is fresh
         if broker is not None:
             broker.start()
         if ctx.ingester is not None:

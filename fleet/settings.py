@@ -30,9 +30,10 @@ ENV_FIELDS: dict[str, type] = {
     "mqtt_username": str,
     "mqtt_password": str,
     "mqtt_reload_command": str,
+    "device_cert_days": float,
 }
 # Path settings read from EDGEFLEET_<NAME>.
-ENV_PATHS = ("mqtt_ca_file", "mqtt_password_file")
+ENV_PATHS = ("mqtt_ca_file", "mqtt_password_file", "device_ca_dir", "mqtt_crl_file")
 
 
 class SettingsError(ValueError):
@@ -82,6 +83,14 @@ class Settings:
     # Run after each change of mqtt_password_file so the broker re-reads it, e.g.
     # "systemctl reload mosquitto" or "kill -HUP <pid>" (split like a shell, run without one).
     mqtt_reload_command: str | None = None
+    # Device certificates (mutual TLS, docs/deployment.md): the device CA's directory (ca.key,
+    # ca.crt; made on first use; None: data_dir/device-ca), the lifetime of the certificates
+    # it issues, and where the CRL is written for the broker (Mosquitto's crlfile; None:
+    # <device CA dir>/crl.pem). A revocation rewrites it, runs mqtt_reload_command and
+    # disconnects the device from the broker.
+    device_ca_dir: Path | None = None
+    device_cert_days: float = 30.0
+    mqtt_crl_file: Path | None = None
     # Signing keys directory (root.json + signing-*.key). The fleet verifies uploads
     # against root.json and signs re-issued releases for fleet-ordered rollbacks.
     keys_dir: Path | None = None

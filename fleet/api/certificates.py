@@ -1,0 +1,152 @@
+"""Device certificates (mutual TLS with the broker, docs/deployment.md).
+
+- ``POST /api/v1/devices/{id}/certificate``: the device, with its own credential, sends a
+  CSR made on the device (the key never leaves it); the fleet's device CA signs it
+  (fleet.identity.ca checks it) and answers the certificate, the CA certificate and when
+  to renew. A renewal is the same call; older certificates stay valid until they expire,
+  so a renewal never cuts a device off;
+- ``GET /api/v1/certificates/ca``: the device CA's certificate (public), for the broker's
+  ``cafile``;
+- ``GET /api/v1/devices/{id}/certificates`` (read) lists what was issued;
+- ``POST /api/v1/devices/{id}/certificates/revoke`` (admin) revokes every live
+  certificate of the device: CRL rewritten, broker reloaded, the device's session ended.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+from litestar import Controller, Response, get, post
+from litestar.datastructures import State
+from litestar.params import FromPath, JSONBody
+from sqlmodel import Session, col, select
+
+from fleet.api.auth import device_guard, operator_guard
+from fleet.api.context import AppContext
+from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES, ERROR_RESPONSES
+from fleet.db.engine import session_scope
+from fleet.db.models import Device, DeviceCertificate, as_utc
+from fleet.errors import NotFoundError
+from fleet.identity.ca import MAX_CSR_BYTES
+from fleet.identity.store import device_ca, publish_revocation, record_issued, revoke_device_certificates
+from shared.timeutil import format_ts
+
+# A device renews once this fraction of its certificate's lifetime has passed.
+RENEW_AT_FRACTION = 2 / 3
+
+
+class CertificateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    csr: str  # PEM, "-----BEGIN CERTIFICATE REQUEST-----"
+
+
+class CertificateResponse(msgspec.Struct):
+    device_id: str
+    serial: str
+    certificate: str  # PEM
+    ca_certificate: str  # PEM, the device CA (the broker's cafile for devices)
+    not_after: str
+    renew_after: str
+    not_after_ts: float
+    renew_after_ts: float
+
+
+def certificate_json(row: DeviceCertificate) -> dict[str, Any]:
+    revoked = as_utc(row.revoked_at)
+    return {
+        "serial": row.serial,
+        "fingerprint_sha256": row.fingerprint,
+        "issued_at": format_ts(as_utc(row.issued_at)),  # type: ignore[arg-type]
+        "not_after": format_ts(as_utc(row.not_after)),  # type: ignore[arg-type]
+        "revoked_at": format_ts(revoked) if revoked else None,
+    }
+
+
+class CertificateController(Controller):
+    path = "/api/v1"
+    tags = ["certificates"]
+
+    @post(
+        "/devices/{device_id:str}/certificate",
+        guards=[device_guard],
+        sync_to_thread=True,
+        status_code=201,
+        summary="Sign the device's certificate request (issue or renew its client certificate)",
+        description=f"Body: {{\"csr\": PEM}} of at most {MAX_CSR_BYTES} bytes, subject exactly "
+        "CN=<device id>, EC P-256/P-384 or RSA 2048-4096, no extensions requested. "
+        "400 names the check a request failed.",
+        responses={**DEVICE_RESPONSES, **BAD_REQUEST},
+    )
+    def sign(self, device_id: FromPath[str], data: JSONBody[CertificateRequest],
+             state: State) -> CertificateResponse:
+        ctx: AppContext = state.ctx
+        settings = ctx.settings
+        ca = device_ca(settings)
+        lifetime = dt.timedelta(days=settings.device_cert_days)
+        issued = ca.sign(data.csr.encode(), device_id, lifetime=lifetime)
+        with session_scope(ctx.engine) as session:
+            record_issued(session, issued)
+        renew = issued.not_before + (issued.not_after - issued.not_before) * RENEW_AT_FRACTION
+        return CertificateResponse(
+            device_id=device_id, serial=format(issued.serial, "x"), certificate=issued.pem.decode(),
+            ca_certificate=ca.cert_pem.decode(), not_after=format_ts(issued.not_after),
+            renew_after=format_ts(renew), not_after_ts=issued.not_after.timestamp(),
+            renew_after_ts=renew.timestamp(),
+        )
+
+    @get(
+        "/certificates/ca",
+        sync_to_thread=True,
+        summary="The device CA's certificate (PEM)",
+        description="Public: the broker's cafile for devices that log in with a certificate.",
+        security=[{}],
+        media_type="application/x-pem-file",
+    )
+    def ca_certificate(self, state: State) -> Response[bytes]:
+        ctx: AppContext = state.ctx
+        return Response(device_ca(ctx.settings).cert_pem, media_type="application/x-pem-file")
+
+    @get(
+        "/devices/{device_id:str}/certificates",
+        guards=[operator_guard],
+        sync_to_thread=True,
+        summary="The certificates issued to a device, newest first",
+        responses=ERROR_RESPONSES,
+    )
+    def list_certificates(self, device_id: FromPath[str], state: State) -> list[dict[str, Any]]:
+        ctx: AppContext = state.ctx
+        with Session(ctx.engine) as session:
+            rows = session.exec(
+                select(DeviceCertificate).where(DeviceCertificate.device_id == device_id)
+                .order_by(col(DeviceCertificate.issued_at).desc())
+            ).all()
+            if not rows and session.get(Device, device_id) is None:
+                raise NotFoundError(f"device {device_id!r} is not enrolled and holds no certificate",
+                                    device_id=device_id)
+            return [certificate_json(r) for r in rows]
+
+    @post(
+        "/devices/{device_id:str}/certificates/revoke",
+        guards=[operator_guard],
+        opt={"scope": "admin"},
+        sync_to_thread=True,
+        status_code=200,
+        summary="Revoke every live certificate of a device; the broker refuses it from now on",
+        responses=ERROR_RESPONSES,
+    )
+    def revoke(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
+        ctx: AppContext = state.ctx
+        with session_scope(ctx.engine) as session:
+            revoked = revoke_device_certificates(session, device_id)
+        if not revoked:
+            with Session(ctx.engine) as session:
+                if session.get(Device, device_id) is None and not session.exec(
+                    select(DeviceCertificate.serial).where(DeviceCertificate.device_id == device_id)
+                ).first():
+                    raise NotFoundError(f"device {device_id!r} is not enrolled and holds no certificate",
+                                        device_id=device_id)
+        path, reloaded, disconnected = publish_revocation(ctx.settings, ctx.engine, device_id)
+        return {"device_id": device_id, "revoked": revoked, "crl_file": str(path),
+                "broker_reloaded": reloaded, "disconnected": disconnected}
+

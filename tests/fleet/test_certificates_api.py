@@ -1,0 +1,98 @@
+"""The device certificate endpoints over real HTTP and a real database (SQLite and
+PostgreSQL): a device gets its CSR signed, a bad CSR is refused with the check it failed,
+no one gets a certificate for another device, operators list and revoke, the CRL follows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from fleet_support import admin, bearer, enroll
+from litestar.testing import TestClient
+
+from fleet.app import create_app
+from fleet.settings import Settings
+
+
+def make_csr(cn: str) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_device_gets_its_csr_signed(client: TestClient[Any]) -> None:
+    cred = enroll(client, "dev-1")
+    r = client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")}, headers=bearer(cred))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    cert = x509.load_pem_x509_certificate(body["certificate"].encode())
+    ca = x509.load_pem_x509_certificate(client.get("/api/v1/certificates/ca").content)
+    cert.verify_directly_issued_by(ca)
+    assert body["ca_certificate"].encode() == ca.public_bytes(serialization.Encoding.PEM)
+    assert cert.subject.rfc4514_string() == "CN=dev-1" and format(cert.serial_number, "x") == body["serial"]
+    assert body["renew_after_ts"] < body["not_after_ts"]
+    listed = client.get("/api/v1/devices/dev-1/certificates", headers=admin()).json()
+    assert [c["serial"] for c in listed] == [body["serial"]] and listed[0]["revoked_at"] is None
+
+
+def test_refusals(client: TestClient[Any]) -> None:
+    cred = enroll(client, "dev-1")
+    enroll(client, "dev-2")
+    # a CSR naming another device: 400, with the check
+    r = client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-2")}, headers=bearer(cred))
+    assert r.status_code == 400 and r.json()["code"] == "csr_refused" and "CN=dev-1" in r.json()["detail"]
+    # a path naming another device: 403
+    r = client.post("/api/v1/devices/dev-2/certificate", json={"csr": make_csr("dev-2")}, headers=bearer(cred))
+    assert r.status_code == 403
+    # no credential, an operator token: 401, 403
+    assert client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")}).status_code == 401
+    r = client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")}, headers=admin())
+    assert r.status_code == 403
+    # malformed bodies: 400, never 500
+    for body in ({"csr": "nope"}, {"csr": 5}, {"pem": make_csr("dev-1")}, {"csr": "x" * 20000}):
+        r = client.post("/api/v1/devices/dev-1/certificate", json=body, headers=bearer(cred))
+        assert r.status_code == 400, (body, r.text)
+    # a device cannot list or revoke
+    assert client.get("/api/v1/devices/dev-1/certificates", headers=bearer(cred)).status_code == 403
+    assert client.post("/api/v1/devices/dev-1/certificates/revoke", headers=bearer(cred)).status_code == 403
+    assert client.post("/api/v1/devices/nobody/certificates/revoke", headers=admin()).status_code == 404
+    assert client.get("/api/v1/devices/nobody/certificates", headers=admin()).status_code == 404
+
+
+def test_revoke_lists_the_serials_in_the_crl(client: TestClient[Any], settings: Settings) -> None:
+    cred = enroll(client, "dev-1")
+    serials = []
+    for _ in range(2):  # a renewal: both stay valid until revoked or expired
+        r = client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")},
+                        headers=bearer(cred))
+        serials.append(r.json()["serial"])
+    enroll(client, "dev-2")
+    r = client.post("/api/v1/devices/dev-1/certificates/revoke", headers=admin())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert sorted(body["revoked"]) == sorted(serials) and body["disconnected"] is False
+    crl = x509.load_pem_x509_crl(Path(body["crl_file"]).read_bytes())
+    assert all(crl.get_revoked_certificate_by_serial_number(int(s, 16)) for s in serials)
+    listed = client.get("/api/v1/devices/dev-1/certificates", headers=admin()).json()
+    assert all(c["revoked_at"] for c in listed)
+    # revoking again revokes nothing new; the device may get a new certificate (re-issue)
+    assert client.post("/api/v1/devices/dev-1/certificates/revoke", headers=admin()).json()["revoked"] == []
+    # read scope cannot revoke
+    assert client.post("/api/v1/devices/dev-1/certificates/revoke",
+                       headers=bearer("eft_nonexistent")).status_code == 401
+
+
+def test_fleet_start_writes_the_crl_file(settings: Settings, tmp_path: Path) -> None:
+    crl_file = tmp_path / "broker" / "edgefleet-devices.crl"
+    with TestClient(create_app(replace(settings, mqtt_crl_file=crl_file))) as c:
+        assert c.get("/healthz").status_code == 200
+        crl = x509.load_pem_x509_crl(crl_file.read_bytes())
+        ca = x509.load_pem_x509_certificate(c.get("/api/v1/certificates/ca").content)
+        assert crl.issuer == ca.subject and len(list(crl)) == 0
