@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from fleet.rollout.evidence import device_evidence
 from fleet.rollout.gates import (
     SETTLED_BAD,
     DeviceProgress,
@@ -393,8 +394,10 @@ def evaluate_stage(
             )
             for d in members
         }
+    evidence = device_evidence(members, health, target_release, now=now, since=stage_started_at,
+                               max_device_rate=gates.max_device_rate)
     inp = GateInput(gates, target_release, members, progress, health, baseline, events,
-                    mode=stage.mode, shadow=shadow)
+                    mode=stage.mode, shadow=shadow, evidence=evidence)
     results = evaluate_gates(inp)
     snapshot = tuple(progress.values())
 

@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,14 @@ from typing import Any
 
 import msgspec
 
+from fleet.rollout.evidence import (
+    MAX_LISTED,
+    DeviceEvidence,
+    capped_weights,
+    refused_figures,
+    trim_count,
+    trimmed_mean,
+)
 from shared.errors import EdgefleetError
 
 
@@ -49,6 +58,11 @@ class Gates(msgspec.Struct, forbid_unknown_fields=True):
     max_offline_fraction: float | None = None
     min_inferences: int = 0
     min_devices: int = 1
+    # Device claims (fleet.rollout.evidence): the most inferences per second one device could
+    # serve (more is refused as implausible), and how many devices the rate, latency and drift
+    # gates set aside at each end (highest and lowest figures) before they weigh the rest.
+    max_device_rate: float = 2000.0
+    trim_devices: int = 1
     # Shadow gates: judged in shadow stages only, on the candidate's figures (ShadowFigures).
     min_agreement: float | None = None
     max_abs_error: float | None = None
@@ -78,6 +92,10 @@ def validate_gates(g: Gates, where: str) -> Gates:
             raise bad(name, f"{value} must be >= 0")
     if g.min_devices < 1:
         raise bad("min_devices", f"{g.min_devices} must be >= 1")
+    if not (math.isfinite(g.max_device_rate) and g.max_device_rate > 0):
+        raise bad("max_device_rate", f"{g.max_device_rate} must be > 0 (inferences per second of one device)")
+    if g.trim_devices < 0:
+        raise bad("trim_devices", f"{g.trim_devices} must be >= 0")
     if g.min_agreement is not None and not 0 <= g.min_agreement <= 1:
         raise bad("min_agreement", f"{g.min_agreement} must be in [0, 1]")
     if g.min_cosine is not None and not -1 <= g.min_cosine <= 1:
@@ -111,7 +129,8 @@ class DeviceState:
 
 @dataclass(frozen=True)
 class HealthWindow:
-    """One health report's window for the rollout's model."""
+    """One health report's window for the rollout's model (``seq``, ``ts``: the device's
+    own; ``received_at``: the fleet's clock, UNIX seconds)."""
 
     device_id: str
     release: int
@@ -119,6 +138,9 @@ class HealthWindow:
     errors: int
     p95_ms: float | None = None
     drift: float | None = None
+    seq: int | None = None
+    ts: float | None = None
+    received_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -328,6 +350,8 @@ class GateInput:
     events: Sequence[InstallEvent]  # since the rollout started
     mode: str = "switch"  # the stage's mode: "shadow" judges the shadow gates instead
     shadow: Sequence[ShadowFigures] = ()  # target release as candidate, since the stage started
+    # each member's accepted health of the target (fleet.rollout.evidence.device_evidence)
+    evidence: Mapping[str, DeviceEvidence] = field(default_factory=dict)
 
 
 def _plural(n: int, word: str) -> str:
@@ -339,36 +363,57 @@ def _short_of(sample: int, need: int, unit: str) -> str:
 
 
 def _windows(inp: GateInput) -> list[HealthWindow]:
-    ids = {d.device_id for d in inp.members}
-    return [h for h in inp.health if h.device_id in ids and h.release == inp.target]
+    """The accepted windows of the target release from the stage's devices (evidence)."""
+    return [h for e in inp.evidence.values() for h in e.windows]
+
+
+def _set_aside(devices: int, trim: int) -> str:
+    k = trim_count(devices, trim)
+    return f" (set aside: {k} highest, {k} lowest)" if k else ""
 
 
 def error_rate_gate(inp: GateInput) -> GateResult | None:
+    """Per-device error rates, each device weighing its inferences capped at the largest other
+    device's, the ``trim_devices`` highest and lowest rates set aside (fleet.rollout.evidence)."""
     g = inp.gates
     if g.max_error_rate is None:
         return None
-    windows = _windows(inp)
-    inferences = sum(h.inferences for h in windows)
-    errors = sum(h.errors for h in windows)
-    reporting = len({h.device_id for h in windows if h.inferences})
-    rate = errors / inferences if inferences else 0.0
+    reporting_ev = {d: e for d, e in inp.evidence.items() if e.inferences > 0}
+    weights = capped_weights({d: e.inferences for d, e in reporting_ev.items()})
+    rates = {d: e.errors / e.inferences for d, e in reporting_ev.items()}
+    trimmed = trimmed_mean(rates, weights, g.trim_devices)
+    rate = trimmed.value
+    inferences = sum(e.inferences for e in reporting_ev.values())
+    errors = sum(e.errors for e in reporting_ev.values())
+    sample = sum(weights.values())
+    reporting = len(reporting_ev)
+    listed = sorted(reporting_ev, key=lambda d: (-rates[d], d))[:MAX_LISTED]
     figures = {
         "error_rate": round(rate, 6),
         "errors": errors,
         "inferences": inferences,
+        "weighed_inferences": sample,
         "devices": reporting,
+        "per_device": {
+            d: {"inferences": reporting_ev[d].inferences, "errors": reporting_ev[d].errors,
+                "rate": round(rates[d], 6), "weight": weights[d]}
+            for d in listed
+        },
+        **trimmed.figures(),
+        "refused": refused_figures(inp.evidence),
         "max_error_rate": g.max_error_rate,
         "min_inferences": g.min_inferences,
         "min_devices": g.min_devices,
+        "trim_devices": g.trim_devices,
     }
     need = max(g.min_inferences, 1)
     common = {"observed": round(rate, 6), "threshold": g.max_error_rate, "figures": figures}
-    if inferences < need:
+    if sample < need:
         return GateResult(
             "max_error_rate",
             GateStatus.WAIT,
-            f"error_rate {_short_of(inferences, need, 'inferences')}",
-            sample=inferences,
+            f"error_rate {_short_of(sample, need, 'inferences')}",
+            sample=sample,
             min_sample=need,
             unit="inferences",
             **common,
@@ -382,13 +427,16 @@ def error_rate_gate(inp: GateInput) -> GateResult | None:
             min_sample=g.min_devices,
             **common,
         )
-    over = f"over {_plural(inferences, 'inference')} on {_plural(reporting, 'device')}"
+    over = (
+        f"over {_plural(sample, 'inference')} on {_plural(reporting, 'device')}"
+        f"{_set_aside(reporting, g.trim_devices)}"
+    )
     status, op = (GateStatus.FAIL, ">") if rate > g.max_error_rate else (GateStatus.PASS, "<=")
     return GateResult(
         "max_error_rate",
         status,
         f"error_rate {rate:.2f} {op} {g.max_error_rate} {over}",
-        sample=inferences,
+        sample=sample,
         min_sample=need,
         unit="inferences",
         **common,
@@ -396,7 +444,8 @@ def error_rate_gate(inp: GateInput) -> GateResult | None:
 
 
 def latency_gate(inp: GateInput) -> GateResult | None:
-    """p95 on the target vs p95 on the previous release, device by device (median ratio)."""
+    """p95 on the target vs p95 on the previous release, device by device (median ratio; the
+    sample weighs each device's inferences capped at the largest other device's)."""
     g = inp.gates
     if g.max_latency_ratio is None:
         return None
@@ -408,11 +457,12 @@ def latency_gate(inp: GateInput) -> GateResult | None:
             inferences[h.device_id] = inferences.get(h.device_id, 0) + h.inferences
     old: dict[str, list[float]] = {}
     for h in inp.baseline:
-        if h.p95_ms is not None and h.p95_ms > 0 and h.inferences and h.release != inp.target:
+        if (h.p95_ms is not None and math.isfinite(h.p95_ms) and h.p95_ms > 0 and h.inferences > 0
+                and h.release != inp.target):
             old.setdefault(h.device_id, []).append(h.p95_ms)
     per_device = {d: (statistics.median(new[d]), statistics.median(old[d])) for d in sorted(new) if d in old}
     ratios = {d: round(n / o, 3) for d, (n, o) in per_device.items()}
-    sampled = sum(inferences[d] for d in per_device)
+    sampled = sum(capped_weights({d: inferences[d] for d in per_device}).values())
     ratio = statistics.median(ratios.values()) if ratios else 0.0
     p95_new = statistics.median(n for n, _ in per_device.values()) if per_device else None
     p95_old = statistics.median(o for _, o in per_device.values()) if per_device else None
@@ -460,16 +510,25 @@ def latency_gate(inp: GateInput) -> GateResult | None:
 
 
 def drift_gate(inp: GateInput) -> GateResult | None:
+    """Each device's mean drift; the stage's is their mean, devices weighing alike, after
+    setting aside the ``trim_devices`` highest and lowest."""
     g = inp.gates
     if g.max_drift is None:
         return None
-    windows = [h for h in _windows(inp) if h.drift is not None]
-    devices = len({h.device_id for h in windows})
-    drift = sum(h.drift for h in windows if h.drift is not None) / len(windows) if windows else 0.0
+    scores: dict[str, list[float]] = {}
+    for h in _windows(inp):
+        if h.drift is not None:
+            scores.setdefault(h.device_id, []).append(h.drift)
+    per_device = {d: sum(v) / len(v) for d, v in scores.items()}
+    trimmed = trimmed_mean(per_device, dict.fromkeys(per_device, 1.0), g.trim_devices)
+    drift = trimmed.value
+    windows = sum(len(v) for v in scores.values())
+    devices = len(per_device)
     figures = {
         "drift": round(drift, 4),
-        "windows": len(windows),
+        "windows": windows,
         "devices": devices,
+        **trimmed.figures(),
         "max_drift": g.max_drift,
     }
     common = {"observed": round(drift, 4), "threshold": g.max_drift, "figures": figures}
@@ -486,8 +545,8 @@ def drift_gate(inp: GateInput) -> GateResult | None:
     return GateResult(
         "max_drift",
         status,
-        f"drift {drift:.2f} {op} {g.max_drift} over {_plural(len(windows), 'window')} "
-        f"on {_plural(devices, 'device')}",
+        f"drift {drift:.2f} {op} {g.max_drift} over {_plural(windows, 'window')} "
+        f"on {_plural(devices, 'device')}{_set_aside(devices, g.trim_devices)}",
         sample=devices,
         min_sample=g.min_devices,
         **common,

@@ -60,15 +60,20 @@ def gate_inputs(
     events: list[eng.InstallEvent] = []
     target = bundle.release
     if ids:
+        # In the order received: the gates take a device's windows up to what it could have
+        # served (fleet.rollout.evidence), and refuse a (seq, ts) it already sent.
         health = [
-            eng.HealthWindow(h.device_id, h.release, h.inferences, h.errors, h.p95_ms, h.drift)
+            eng.HealthWindow(h.device_id, h.release, h.inferences, h.errors, h.p95_ms, h.drift,
+                             seq=h.seq, ts=h.ts, received_at=ts(h.received_at))
             for h in session.exec(
-                select(HealthReport).where(
+                select(HealthReport)
+                .where(
                     col(HealthReport.device_id).in_(ids),
                     HealthReport.model == rollout.model,
                     HealthReport.release == target,
                     col(HealthReport.received_at) >= stage_started,
                 )
+                .order_by(col(HealthReport.received_at), col(HealthReport.id))
             )
         ]
         events = [

@@ -201,7 +201,11 @@ def test_error_rate_gate_fails_with_figures_even_before_bake() -> None:
     d = evaluate(devs(12, 12, 11), health, elapsed=5)
     assert d.verdict is Verdict.FAIL
     assert d.gate == "max_error_rate"
-    assert d.message == "stage canary: error_rate 0.31 > 0.05 over 412 inferences on 3 devices"
+    # per-device rates 0.4, 0.2, 0.67: the highest and the lowest are set aside
+    assert d.message == (
+        "stage canary: error_rate 0.40 > 0.05 over 412 inferences on 3 devices "
+        "(set aside: 1 highest, 1 lowest)"
+    )
     assert d.figures["errors"] == 128 and d.figures["inferences"] == 412
 
 
