@@ -18,7 +18,9 @@ from litestar.openapi.spec import Components, SecurityScheme
 from fleet.api.bundles import BundleController
 from fleet.api.certificates import CertificateController
 from fleet.api.context import AppContext
+from fleet.api.device_admin import DeviceAdminController
 from fleet.api.devices import DeviceController
+from fleet.api.enrollment_tokens import EnrollmentTokenController
 from fleet.api.errors import EXCEPTION_HANDLERS
 from fleet.api.health import HealthController, OpsController
 from fleet.api.limits import RateLimitMiddleware
@@ -44,7 +46,7 @@ MAX_JSON_BODY = 1 << 20
 
 API_CONTROLLERS = [DeviceController, CertificateController, BundleController, RolloutsController,
                    TokenController, HealthController,
-                   TrustController]
+                   TrustController, DeviceAdminController, EnrollmentTokenController]
 
 
 def broker_url(settings: Settings) -> str:

@@ -27,7 +27,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from fleet.api.context import AppContext
-from fleet.db.models import ApiToken, Assignment, Bundle, Device
+from fleet.db.models import ApiToken, Assignment, Bundle, Device, now_utc
 from fleet.metrics import record_denied
 from fleet.rollout.shadow import shadow_bundles
 from shared.randomtoken import random_token
@@ -88,8 +88,17 @@ def ctx_of(connection: ASGIConnection) -> AppContext:  # type: ignore[type-arg]
 
 
 def _device_for(ctx: AppContext, token: str) -> str | None:
+    """The (not revoked) device whose current credential this is, or whose previous one
+    within the rotation overlap."""
+    from fleet.api.enrollment import credential_matches
+
+    hashed = credential_hash(token)
     with Session(ctx.engine) as session:
-        return session.exec(select(Device.id).where(Device.credential_hash == credential_hash(token))).first()
+        for column in (Device.credential_hash, Device.previous_credential_hash):
+            device = session.exec(select(Device).where(column == hashed)).first()
+            if device is not None and credential_matches(device, hashed, now_utc()):
+                return device.id
+    return None
 
 
 async def device_by_token(ctx: AppContext, token: str) -> str | None:

@@ -10,31 +10,46 @@ from typing import Any
 from urllib.parse import quote
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
-from litestar.exceptions import NotAuthorizedException, ServiceUnavailableException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.params import FromPath, FromQuery, JSONBody
 from sqlmodel import Session, col, select
+from sqlmodel import delete as sql_delete
 
-from fleet.api.auth import constant_time_equal, credential_hash, device_guard, new_credential, operator_guard
+from fleet.api.auth import bearer, credential_hash, device_guard, operator_guard
 from fleet.api.context import AppContext
-from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES, ERROR_RESPONSES, TOO_MANY, UNAUTHORIZED
+from fleet.api.device_credentials import apply_credentials, cut_off, issue_credentials
+from fleet.api.enrollment import (
+    Admission,
+    DeviceRevoked,
+    EnrollmentTokenRefused,
+    Proof,
+    ReenrollmentNeedsProof,
+    admit,
+    check_labels,
+    check_new_device_id,
+)
+from fleet.api.enrollment_tokens import accept_enrollment_token
+from fleet.api.schemas import (
+    BAD_REQUEST,
+    DEVICE_RESPONSES,
+    ERROR_RESPONSES,
+    FORBIDDEN,
+    TOO_MANY,
+    UNAUTHORIZED,
+)
 from fleet.api.trust import newest_root_version
-from fleet.broker.passwords import BrokerPasswordFile, PasswordFileError, new_password
 from fleet.db.engine import session_scope
-from fleet.db.models import Assignment, Bundle, Device, Rollout, as_utc
+from fleet.db.models import Assignment, Bundle, Device, Rollout, as_utc, now_utc
 from fleet.errors import NotFoundError
 from fleet.ingest import rollup
 from fleet.rollout.shadow import shadow_entries
 from shared.errors import MalformedDocumentError
-from shared.telemetry.topics import check_device_id
 from shared.timeutil import format_ts
-
-RESERVED_ID_PREFIX = "edgefleet-"  # broker service accounts; never a device
 
 log = logging.getLogger(__name__)
 
-MAX_LABELS = 64
 MAX_PAGE = 1000  # devices per page of GET /devices
 
 
@@ -129,6 +144,24 @@ def device_json(
             for a in assignments
         },
         "health": device.last_health,
+        **identity_json(device),
+    }
+
+
+def identity_json(device: Device) -> dict[str, Any]:
+    """Where the device's identity stands: active, revoked, or a re-enrollment pending."""
+    def ts(value: datetime | None) -> str | None:
+        value = as_utc(value)
+        return format_ts(value) if value else None
+
+    revoked = device.revoked_at is not None
+    pending = device.reenroll_requested_at is not None and not revoked
+    return {
+        "status": "revoked" if revoked else "reenrollment_pending" if pending else "active",
+        "revoked_at": ts(device.revoked_at),
+        "reenroll_requested_at": ts(device.reenroll_requested_at),
+        "reenroll_approved_until": ts(device.reenroll_approved_until),
+        "rotation_requested_at": ts(device.rotation_requested_at),
     }
 
 
@@ -162,57 +195,83 @@ class DeviceController(Controller):
         "/enroll",
         sync_to_thread=True,
         status_code=201,
-        summary="Enroll a device (or rotate its credential)",
-        description="Public, with the fleet's enrollment token in the body; rate limited per client IP.",
+        summary="Enroll a new device, or re-enroll a known one with proof",
+        description="Public, with an enrollment token in the body (rate limited per client IP). "
+        "The token only creates new devices: re-enrolling a known id needs its current credential "
+        "as `Authorization: Bearer` or an operator's approval (POST /api/v1/devices/{id}/approve); "
+        "without either the attempt is recorded as pending and refused with 403.",
         security=[{}],  # public: no credential
-        responses={**UNAUTHORIZED, **TOO_MANY, **BAD_REQUEST},
+        responses={**UNAUTHORIZED, **TOO_MANY, **BAD_REQUEST, **FORBIDDEN},
     )
-    def enroll(self, data: JSONBody[EnrollRequest], state: State) -> EnrollResponse:
+    def enroll(self, data: JSONBody[EnrollRequest], state: State,
+               request: Request[Any, Any, Any]) -> EnrollResponse:
         ctx: AppContext = state.ctx
-        expected = ctx.settings.enrollment_token
-        if not expected or not constant_time_equal(data.token, expected):
-            raise NotAuthorizedException(detail="the enrollment token is not valid")
-        check_device_id(data.device_id)
-        if data.device_id.lower().startswith(RESERVED_ID_PREFIX):
-            # the broker's service accounts (edgefleet-fleet, edgefleet-reader) share the
-            # password file with devices: a device must never take one of their names
-            raise MalformedDocumentError(
-                f"device id {data.device_id!r}: ids beginning with {RESERVED_ID_PREFIX!r} are reserved"
-            )
-        if len(data.labels) > MAX_LABELS:
-            raise MalformedDocumentError(f"{len(data.labels)} labels, at most {MAX_LABELS}")
-        for key, value in data.labels.items():
-            if not key or len(key) > 64 or len(value) > 256:
-                raise MalformedDocumentError(
-                    f"label {key[:64]!r}: keys are 1-64 characters, values up to 256"
-                )
-        credential = new_credential()
-        broker_password = None
-        if ctx.settings.mqtt_password_file is not None:
-            # Before the database: if the file cannot be written the old credential stays valid.
-            broker_password = new_password()
-            passwords = BrokerPasswordFile(ctx.settings.mqtt_password_file,
-                                           ctx.settings.mqtt_reload_command)
-            try:
-                passwords.set(data.device_id, broker_password)
-            except PasswordFileError as exc:
-                log.error("enrollment of %s: %s", data.device_id, exc)
-                raise ServiceUnavailableException(
-                    detail="the broker password file cannot be updated; retry later"
-                ) from None
+        device_id = check_new_device_id(data.device_id)
+        labels = check_labels(data.labels)
+        presented = bearer(request)
+        now = now_utc()
         with session_scope(ctx.engine) as session:
-            device = session.get(Device, data.device_id)
+            device = session.get(Device, device_id)
+            try:
+                admission, proof = admit(device, credential_hash(presented) if presented else None, now)
+            except ReenrollmentNeedsProof as exc:
+                assert device is not None
+                device.reenroll_requested_at = now  # the operator sees it pending
+                session.add(device)
+                session.commit()
+                log.warning("re-enrollment of %s refused: no proof", device_id)
+                raise PermissionDeniedException(detail=exc.message) from None
+            except DeviceRevoked as exc:
+                raise PermissionDeniedException(detail=exc.message) from None
+            token_id = None
+            if proof is not Proof.CREDENTIAL:  # a proven device needs no (possibly rotated) token
+                try:
+                    token_id = accept_enrollment_token(session, ctx, data.token, now,
+                                                       count_use=admission is Admission.NEW)
+                except EnrollmentTokenRefused as exc:
+                    raise NotAuthorizedException(detail=exc.message) from None
+        issued = issue_credentials(ctx, device_id)
+        with session_scope(ctx.engine) as session:
+            device = session.get(Device, device_id)
             if device is None:
-                device = Device(
-                    id=data.device_id, labels=dict(data.labels), credential_hash=credential_hash(credential)
-                )
-            else:
-                device.credential_hash = credential_hash(credential)
-                if data.labels:
-                    device.labels = dict(data.labels)
+                device = Device(id=device_id, labels=labels, credential_hash="",
+                                enrollment_token_id=token_id)
+            elif labels:
+                device.labels = labels
+            apply_credentials(device, issued, now=now,
+                              previous_hash=credential_hash(presented) if proof is Proof.CREDENTIAL
+                              and presented else None)
             session.add(device)
-        return EnrollResponse(device_id=data.device_id, credential=credential, mqtt_url=ctx.mqtt_url,
-                              broker_password=broker_password,
+        if admission is Admission.REENROLL:
+            log.info("device %s re-enrolled (proof: %s)", device_id, proof.value)
+        return EnrollResponse(device_id=device_id, credential=issued.credential, mqtt_url=ctx.mqtt_url,
+                              broker_password=issued.broker_password,
+                              mqtt_protocol="3.1.1" if ctx.settings.mqtt_url is None else None)
+
+    @post(
+        "/{device_id:str}/credential",
+        guards=[device_guard],
+        sync_to_thread=True,
+        status_code=201,
+        summary="The device rotates its own credentials",
+        description="With its current credential (or the previous one within the overlap). The "
+        "answer carries a new credential and broker password; the credential presented stays "
+        "valid for the overlap window. Devices call it when their desired state says "
+        "`rotate_credential` (an operator asked for it).",
+        responses=DEVICE_RESPONSES,
+    )
+    def rotate_own(self, device_id: FromPath[str], state: State,
+                   request: Request[Any, Any, Any]) -> EnrollResponse:
+        ctx: AppContext = state.ctx
+        presented = bearer(request) or ""
+        issued = issue_credentials(ctx, device_id)
+        with session_scope(ctx.engine) as session:
+            device = _get_device(session, device_id)
+            apply_credentials(device, issued, now=now_utc(), previous_hash=credential_hash(presented))
+            session.add(device)
+        log.info("device %s rotated its credentials", device_id)
+        return EnrollResponse(device_id=device_id, credential=issued.credential, mqtt_url=ctx.mqtt_url,
+                              broker_password=issued.broker_password,
                               mqtt_protocol="3.1.1" if ctx.settings.mqtt_url is None else None)
 
     @get(
@@ -261,6 +320,9 @@ class DeviceController(Controller):
         # The newest trust root the fleet serves (GET /api/v1/trust/roots): a device behind it
         # walks its root forward before installing what the new root signs. Absent without a
         # chain; agents that predate it ignore the field.
+        if device.rotation_requested_at is not None:
+            # an operator asked: the device fetches new credentials (POST .../credential)
+            body["rotate_credential"] = True
         root_version = newest_root_version(ctx.settings.keys_dir)
         if root_version is not None:
             body["root_version"] = root_version
@@ -312,3 +374,16 @@ class DeviceController(Controller):
             body = device_json(session, _get_device(session, device_id), ctx.settings.silence_after_s)
             body["health_by_release"] = rollup.per_device(session, device_id)
             return body
+
+    @delete("/{device_id:str}", guards=[operator_guard], opt={"scope": "admin"}, sync_to_thread=True,
+            status_code=200, summary="Delete a device (cut off as by a revoke); it may enroll anew",
+            responses=ERROR_RESPONSES)
+    def delete_device(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
+        ctx: AppContext = state.ctx
+        with session_scope(ctx.engine) as session:
+            device = _get_device(session, device_id)
+            cut_off(ctx, device)
+            session.exec(sql_delete(Assignment).where(col(Assignment.device_id) == device_id))  # type: ignore[call-overload]
+            session.delete(device)
+        log.warning("device %s deleted", device_id)
+        return {"device_id": device_id, "deleted": True}

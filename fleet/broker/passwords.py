@@ -1,12 +1,18 @@
-"""Per-device broker passwords in a Mosquitto password file.
+"""Per-device broker passwords in a Mosquitto password file, O(1) per change.
 
 - the format is mosquitto_passwd's (Mosquitto 2): one ``user:$7$<iterations>$<salt>$<hash>``
   line per user, PBKDF2-HMAC-SHA512 over the password with a random 12-byte salt, 101
   iterations, a 64-byte hash, salt and hash in standard base64;
-- a set replaces the user's line (or appends one) and keeps every other line as it was;
-  the file is rewritten atomically (temp file, fsync, rename) under an ``flock`` on a
-  sidecar lock file, so API processes on one host never lose each other's updates;
-- the new file keeps the old one's mode and group (the broker must still read it);
+- the file is a log: a change *appends* the user's line (O(1), whatever the fleet's size).
+  Mosquitto keeps the last line of a user (checked against Mosquitto 2.0 in
+  tests/fleet/test_broker_credentials.py), so a newer line replaces an older one;
+- revoking a user appends a line whose password is a random secret nobody keeps: the user
+  can no longer log in, and Mosquitto's reload disconnects its live session;
+- once the file has grown to twice its size after the last compaction (and at least
+  ``COMPACT_MIN_BYTES``), it is rewritten with one line per user, atomically (temp file,
+  fsync, rename), keeping its mode and group: amortised O(1) per change;
+- every change runs under an ``flock`` on a sidecar lock file, so API processes on one host
+  never lose each other's updates;
 - after a change ``reload_command`` (e.g. ``systemctl reload mosquitto``) makes the broker
   re-read the file. Its failure is logged, not raised: the password is already stored and
   the next reload picks it up.
@@ -34,6 +40,7 @@ ITERATIONS = 101  # mosquitto_passwd's default
 SALT_BYTES = 12
 HASH_BYTES = 64
 RELOAD_TIMEOUT_S = 10.0
+COMPACT_MIN_BYTES = 64 << 10  # below this a rewrite costs nothing worth saving
 
 
 class PasswordFileError(OSError):
@@ -69,9 +76,10 @@ class BrokerPasswordFile:
     def __init__(self, path: Path, reload_command: str | None = None) -> None:
         self.path = Path(path)
         self.reload_command = reload_command
+        self._mark = self.path.with_name(f".{self.path.name}.compacted")
 
     def entries(self) -> dict[str, str]:
-        """user -> encoded password, as the file holds them now."""
+        """user -> encoded password, as the broker reads the file now (the last line wins)."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -82,13 +90,21 @@ class BrokerPasswordFile:
 
     def set(self, user: str, password: str) -> None:
         """Store ``user``'s password (replacing an old one), then ask the broker to reload."""
-        if not user or ":" in user or "\n" in user:
+        self._append(user, hash_password(password))
+
+    def revoke(self, user: str) -> None:
+        """``user`` can no longer log in; the broker's reload ends its session at once."""
+        self._append(user, hash_password(secrets.token_urlsafe(32)))
+
+    def _append(self, user: str, encoded: str) -> None:
+        if not user or ":" in user or "\n" in user or "\r" in user or "\0" in user:
             raise ValueError(f"broker user name {user!r} cannot go into a password file")
-        line = f"{user}:{hash_password(password)}"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._locked():
-                self._rewrite(user, line)
+                size = self._append_line(f"{user}:{encoded}\n".encode())
+                if size >= max(COMPACT_MIN_BYTES, 2 * self._compacted_size()):
+                    self._compact()
         except OSError as exc:
             raise PasswordFileError(f"cannot update broker password file {self.path}: {exc}") from None
         self.reload()
@@ -103,35 +119,50 @@ class BrokerPasswordFile:
         finally:
             os.close(fd)  # releases the lock
 
-    def _rewrite(self, user: str, line: str) -> None:
+    def _append_line(self, line: bytes) -> int:
+        """Append one line durably; the file's size after it."""
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            old = self.path.read_text()
-            st = os.stat(self.path)
-            mode, gid = st.st_mode & 0o777, st.st_gid
-        except FileNotFoundError:
-            old, mode, gid = "", 0o640, -1
-        lines = [x for x in old.splitlines() if x.split(":", 1)[0] != user]
-        lines.append(line)
+            if os.fstat(fd).st_size and not _ends_with_newline(fd):
+                line = b"\n" + line  # a hand-edited file without a final newline
+            os.write(fd, line)
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.path.parent)
+        return size
+
+    def _compacted_size(self) -> int:
+        try:
+            return int(self._mark.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _compact(self) -> None:
+        """Rewrite the file with one line per user (the last one), atomically."""
+        entries = self.entries()
+        st = os.stat(self.path)
+        body = "".join(f"{user}:{encoded}\n" for user, encoded in entries.items()).encode()
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write("\n".join(lines) + "\n")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(body)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if gid != -1:
-                with contextlib.suppress(PermissionError):  # not a member of the file's group
-                    os.chown(tmp, -1, gid)
-            os.chmod(tmp, mode)
+            with contextlib.suppress(PermissionError):  # not a member of the file's group
+                os.chown(tmp, -1, st.st_gid)
+            os.chmod(tmp, st.st_mode & 0o777)
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync_dir(self.path.parent)
+        self._mark.write_text(f"{len(body)}\n")
+        log.info("broker password file %s compacted: %d users, %d bytes", self.path, len(entries), len(body))
 
     def reload(self) -> None:
         if not self.reload_command:
@@ -145,3 +176,15 @@ class BrokerPasswordFile:
         if done.returncode != 0:
             log.error("broker reload command %r exited %d: %s", self.reload_command, done.returncode,
                       done.stderr.decode(errors="replace").strip()[:500])
+
+
+def _ends_with_newline(fd: int) -> bool:
+    return os.pread(fd, 1, os.fstat(fd).st_size - 1) == b"\n"
+
+
+def _fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

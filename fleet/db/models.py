@@ -39,7 +39,8 @@ class Device(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     # After a rotation the old credential stays valid until this time (the overlap window).
     previous_credential_hash: str | None = Field(default=None, index=True, max_length=64)
-    previous_credential_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    previous_credential_until: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True)))
     # The operator asked the device to rotate its credentials (it does on its next pull).
     rotation_requested_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     # A re-enrollment without proof waits (Mender's pending auth set) until an operator

@@ -135,7 +135,9 @@ def limited(settings: Settings) -> Any:
 
 def test_rate_limits_answer_429_with_retry_after(limited: Client) -> None:
     body = {"device_id": "dev-r", "token": ENROLL}
-    assert [limited.post("/api/v1/devices/enroll", json=body).status_code for _ in range(2)] == [201, 201]
+    codes = [limited.post("/api/v1/devices/enroll", json={**body, "device_id": f"dev-r{i}"}).status_code
+             for i in range(2)]
+    assert codes == [201, 201]
     r = limited.post("/api/v1/devices/enroll", json=body)
     assert r.status_code == 429
     assert int(r.headers["retry-after"]) >= 1

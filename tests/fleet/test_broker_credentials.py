@@ -68,7 +68,7 @@ def test_password_file_keeps_other_users_and_mode(tmp_path: Path) -> None:
     pw.set("dev-2", "b")
     pw.set("dev-1", "c")
     entries = pw.entries()
-    assert list(entries) == [FLEET_USER, "dev-2", "dev-1"]
+    assert list(entries) == [FLEET_USER, "dev-1", "dev-2"]
     assert verify_password(entries["dev-1"], "c") and verify_password(entries[FLEET_USER], FLEET_PASSWORD)
     assert path.stat().st_mode & 0o777 == 0o640
     with pytest.raises(ValueError):
@@ -171,8 +171,10 @@ def test_enrollment_credential_end_to_end(broker: TlsBroker, tmp_path: Path, key
                 c.disconnect()
                 c.loop_stop()
             assert acks[0].is_failure and acks[0].value == 135  # Not authorized
-            # Re-enrollment rotates: the old password stops working, the new one works.
-            r3 = http.post("/api/v1/devices/enroll", json={"device_id": "dev-2", "token": ENROLL})
+            # Re-enrollment (with the device's credential as proof) rotates: the old password
+            # stops working, the new one works.
+            r3 = http.post("/api/v1/devices/enroll", json={"device_id": "dev-2", "token": ENROLL},
+                           headers={"Authorization": f"Bearer {r2.json()['credential']}"})
             pw3 = r3.json()["broker_password"]
             assert pw3 != pw2
             wait_for(lambda: _connack(broker, "dev-2", pw2).is_failure, what="the old password refused")
