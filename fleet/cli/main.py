@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "  edgefleet rollout create rollout.json\n", fleet=True)
     p.add_argument("spec", metavar="SPEC", help="rollout spec, .json or .toml")
     p.add_argument("--start", action="store_true", help="start it right away")
+    p.add_argument("--reissue", action="store_true",
+                   help="when some devices accepted a release above the bundle's, sign the same\n"
+                        "content again as a new, higher release and roll that out (else refused)")
     p.add_argument("--json", action="store_true", help="print the fleet's answer as JSON")
 
     p = _sub(rollout_cmds, "list", "fleet.cli.operator:rollout_list", "list rollouts", fleet=True,

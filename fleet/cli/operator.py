@@ -156,6 +156,8 @@ def _load_spec(path_text: str) -> dict[str, Any]:
 
 def rollout_create(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec)
+    if getattr(args, "reissue", False):
+        spec["reissue"] = True
     with _client(args) as client:
         rollout = client.create_rollout(spec)
         rid = rollout.get("id")
@@ -166,7 +168,11 @@ def rollout_create(args: argparse.Namespace) -> int:
         return 0
     started = "started" if args.start else f"created; start it with 'edgefleet rollout start {rid}'"
     print(f"rollout {rid} '{rollout.get('name', spec.get('name', ''))}' {started} "
-          f"(state {rollout.get('state', '?')})")
+          f"(state {rollout.get('state', '?')}): {rollout.get('model', '?')} r{rollout.get('release', '?')} "
+          f"({rollout.get('version', '?')})")
+    if rollout.get("reissue_of") and any(e.get("kind") == "reissued" for e in rollout.get("events") or []):
+        print(f"  re-issued r{rollout['reissue_of']} as r{rollout.get('release')}: some devices had "
+              "accepted a higher release")
     return 0
 
 

@@ -35,7 +35,7 @@ from fleet.db.models import (
 )
 from fleet.errors import ConflictError, NotFoundError
 from fleet.metrics import record_gate
-from fleet.registry.bundles import reissue
+from fleet.registry.bundles import reissue as reissue_bundle
 from fleet.rollout import engine as eng
 from fleet.rollout.assignments import (
     Notice,
@@ -47,6 +47,7 @@ from fleet.rollout.assignments import (
     set_assignment,
 )
 from fleet.rollout.inputs import gate_inputs
+from fleet.rollout.releases import accepted_releases, newer_accepted, refuse_lower_release
 from fleet.rollout.status import format_time, parse_time
 from shared.bundle.keyring import Keyring, load_keyring
 from shared.errors import EdgefleetError
@@ -139,8 +140,50 @@ class RolloutController:
                 rollouts=sorted(by_rollout),
             )
 
+    def _check_releases(
+        self, session: Session, rollout: Rollout, bundle: Bundle, device_ids: Sequence[str], *, reissue: bool
+    ) -> Bundle:
+        """The bundle to roll out: ``bundle`` when its release is above what every device
+        accepted; with ``reissue``, its content re-signed as a new, higher release; else
+        ReleaseNotAboveDevicesError naming the devices (before anything is assigned)."""
+        accepted = accepted_releases(session, bundle.name, device_ids)
+        refusing = newer_accepted(bundle.release, accepted)
+        if not refusing:
+            return bundle
+        if not reissue:
+            raise refuse_lower_release(bundle.name, bundle.release, bundle.version, refusing,
+                                       devices=len(device_ids))
+        new = reissue_bundle(session, bundle, self.keyring())
+        still = newer_accepted(new.release, accepted)
+        if still:
+            raise refuse_lower_release(new.name, new.release, new.version, still, devices=len(device_ids))
+        record(
+            session,
+            rollout,
+            "reissued",
+            f"re-issued {bundle.name} r{bundle.release} ({bundle.version}) as r{new.release} (bundle "
+            f"{new.id}): {len(refusing)} devices had accepted up to "
+            f"r{max(a.release for a in refusing.values())}",
+            from_bundle=bundle.id,
+            from_release=bundle.release,
+            bundle_id=new.id,
+            release=new.release,
+            devices=sorted(refusing),
+        )
+        rollout.bundle_id = new.id or 0
+        session.add(rollout)
+        return new
+
     # -- operations (API) ----------------------------------------------------------
     def create(self, data: Any) -> int:
+        """Create a rollout from a spec; ``"reissue": true`` beside the spec re-signs the bundle
+        as a new, higher release when some target devices have accepted a release above it."""
+        reissue = False
+        if isinstance(data, dict) and "reissue" in data:
+            data = dict(data)
+            reissue = data.pop("reissue")
+            if not isinstance(reissue, bool):
+                raise eng.SpecError("reissue", f"{reissue!r} must be true or false")
         spec = eng.parse_spec(data)
         with self._lock, session_scope(self.engine) as session:
             bundle = session.get(Bundle, spec.bundle_id)
@@ -159,6 +202,7 @@ class RolloutController:
             session.flush()
             stages = self._assign_members(session, rollout, spec)
             self._check_conflicts(session, rollout, list(stages))
+            bundle = self._check_releases(session, rollout, bundle, list(stages), reissue=reissue)
             counts = [sum(1 for s in stages.values() if s == i) for i in range(len(spec.stages))]
             record(
                 session,
@@ -181,6 +225,9 @@ class RolloutController:
             stages = self._assign_members(session, rollout, spec)
             session.flush()
             self._check_conflicts(session, rollout, list(stages))
+            target = session.get(Bundle, rollout.bundle_id)
+            assert target is not None
+            self._check_releases(session, rollout, target, list(stages), reissue=False)
             for rd in session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)):
                 current = session.get(Assignment, (rd.device_id, rollout.model))
                 rd.previous_bundle_id = current.bundle_id if current else None
@@ -598,7 +645,7 @@ class RolloutController:
                     if previous is None:
                         continue
                     assert keyring is not None
-                    new = reissue(session, previous, keyring)
+                    new = reissue_bundle(session, previous, keyring)
                     reissued[rd.previous_bundle_id] = new
                     record(
                         session,

@@ -105,6 +105,8 @@ def rollout_status(session: Session, rollout: Rollout, *, events: bool = True) -
         "model": rollout.model,
         "bundle_id": rollout.bundle_id,
         "release": bundle.release if bundle else None,
+        "version": bundle.version if bundle else None,
+        "reissue_of": bundle.reissue_of if bundle else None,
         "state": rollout.state,
         "current_stage": rollout.current_stage,
         "current_stage_name": spec.stages[rollout.current_stage].name,

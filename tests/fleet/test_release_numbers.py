@@ -109,3 +109,88 @@ def test_release_out_of_range_refused_by_the_builder(keyring: Keyring, tmp_path:
                "-o", str(tmp_path / "z.bundle"))
     assert r.returncode == 2
     assert f"release {2**53} is out of range; release numbers are 1 .. {2**53 - 1}" in r.stderr
+
+
+# -- rollouts of a release not above what the devices accepted ------------------------------
+
+
+def _report_serving(client: TestClient[Any], device_id: str, release: int, version: str) -> None:
+    from sqlmodel import Session
+
+    from fleet.db.models import Device
+
+    with Session(client.app.state.ctx.engine) as s:
+        device = s.get(Device, device_id)
+        assert device is not None
+        device.models = {"detector": {"release": release, "version": version, "state": "committed"}}
+        s.add(device)
+        s.commit()
+
+
+def _spec(bundle_id: int, **over: Any) -> dict[str, Any]:
+    return {"name": f"b{bundle_id}", "bundle_id": bundle_id, "selector": {"site": "lab"},
+            "stages": [{"name": "all", "percent": 100}], **over}
+
+
+def test_rollout_of_a_lower_release_is_refused_before_assignment(
+    client: TestClient[Any], keyring: Keyring, tmp_path: Path
+) -> None:
+    from fleet_support import enroll
+
+    for d in ("d1", "d2", "d3"):
+        enroll(client, d, site="lab", ring="b" if d == "d2" else "a")
+    old = upload(client, make_bundle(tmp_path / "o", keyring, release=100, version="1.1.0").path).json()
+    new = upload(client, make_bundle(tmp_path / "n", keyring, release=200,
+                                     version="1.0.0-reissued").path).json()
+    _report_serving(client, "d1", 200, "1.0.0-reissued")  # reported serving
+    _report_serving(client, "d2", 100, "1.1.0")
+    # d1 and d3 are assigned r200 by another (ended) rollout: they will install it
+    rid = client.post("/api/v1/rollouts", json=_spec(new["id"], selector={}, stages=[
+        {"name": "one", "selector": {"ring": "a"}, "percent": 100}]), headers=admin()).json()["id"]
+    assert client.post(f"/api/v1/rollouts/{rid}/start", headers=admin()).status_code == 200
+    assert client.post(f"/api/v1/rollouts/{rid}/abort", headers=admin()).status_code == 200
+
+    r = client.post("/api/v1/rollouts", json=_spec(old["id"]), headers=admin())
+    assert r.status_code == 409, r.text
+    body = r.json()
+    assert body["code"] == "release_not_above"
+    detail = body["detail"]
+    assert "detector r100 (1.1.0) is not above what 2 of the rollout's 3 devices already accepted" in detail
+    assert "d1 (r200 (1.0.0-reissued) reported)" in detail and "d3 (r200 (1.0.0-reissued) assigned)" in detail
+    assert "d2 " not in detail and "Nothing was assigned" in detail and '"reissue": true' in detail
+    listed = client.get("/api/v1/rollouts", headers=admin()).json()
+    assert [x["id"] for x in listed] == [rid]  # nothing was created
+    from sqlmodel import Session
+
+    from fleet.db.models import Assignment
+
+    with Session(client.app.state.ctx.engine) as s:
+        assert s.get(Assignment, ("d2", "detector")) is None  # nothing was assigned
+
+    # "reissue": true signs the same content again as a new, higher release and rolls that out
+    r = client.post("/api/v1/rollouts", json=_spec(old["id"], reissue=True), headers=admin())
+    assert r.status_code == 201, r.text
+    st = r.json()
+    assert st["release"] == 201 and st["bundle_id"] not in (old["id"], new["id"])
+    assert st["version"] == "1.1.0"
+    reissued = [e for e in st["events"] if e["kind"] == "reissued"]
+    assert reissued and "re-issued detector r100 (1.1.0) as r201" in reissued[0]["message"]
+    again = client.get(f"/api/v1/bundles/{st['bundle_id']}", headers=admin()).json()
+    assert (again["reissue_of"], again["version"]) == (100, "1.1.0")
+    assert client.post("/api/v1/rollouts", json=_spec(old["id"], reissue="yes"),
+                       headers=admin()).status_code == 400
+
+
+def test_start_refuses_when_devices_accepted_a_higher_release_since_create(
+    client: TestClient[Any], keyring: Keyring, tmp_path: Path
+) -> None:
+    from fleet_support import enroll
+
+    enroll(client, "d1", site="lab")
+    b = upload(client, make_bundle(tmp_path / "o", keyring, release=100, version="1.1.0").path).json()
+    rid = client.post("/api/v1/rollouts", json=_spec(b["id"]), headers=admin()).json()["id"]
+    _report_serving(client, "d1", 150, "1.2.0")  # e.g. installed from a file meanwhile
+    r = client.post(f"/api/v1/rollouts/{rid}/start", headers=admin())
+    assert r.status_code == 409 and "d1 (r150 (1.2.0) reported)" in r.json()["detail"]
+    st = client.get(f"/api/v1/rollouts/{rid}", headers=admin()).json()
+    assert st["state"] == "created" and all(d["status"] == "pending" for d in st["devices"])
