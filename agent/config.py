@@ -27,7 +27,16 @@ An unknown key or a bad value raises ConfigError naming the key and the value.
     listen = "127.0.0.1:8181"      # port 0 picks a free port; "" disables TCP
     unix_socket = ""               # a path; "" disables
     max_body_bytes = 67108864
+    max_json_bytes = 8388608       # JSON predict bodies (413 beyond, before reading)
+    max_inflight_bytes = 134217728 # bodies held at once, weighted by decoding cost (503 beyond)
     request_timeout_s = 30.0       # a request without a result by then is answered 504
+    max_connections = 1024         # open connections (503 beyond); idle ones cost no thread
+    workers = 16                   # requests served at once
+    max_queued = 64                # complete requests waiting for a worker (503 beyond)
+    backlog = 128                  # listen backlog
+    idle_timeout_s = 30.0          # an idle keep-alive connection is closed after this
+    head_timeout_s = 10.0          # a request head not complete by then: 408 (slowloris)
+    io_timeout_s = 30.0            # a read or write within a request waits at most this
     [runtime]
     intra_op_threads = 1           # onnxruntime intra-op threads and LiteRT num_threads
     max_batch_size = 8             # rows merged into one run; 1 turns dynamic batching off
@@ -104,7 +113,16 @@ class ApiConfig(msgspec.Struct, frozen=True):
     listen: str = "127.0.0.1:8181"
     unix_socket: str = ""
     max_body_bytes: int = 64 * 1024 * 1024
+    max_json_bytes: int = 8 * 1024 * 1024
+    max_inflight_bytes: int = 128 * 1024 * 1024
     request_timeout_s: float = 30.0
+    max_connections: int = 1024
+    workers: int = 16
+    max_queued: int = 64
+    backlog: int = 128
+    idle_timeout_s: float = 30.0
+    head_timeout_s: float = 10.0
+    io_timeout_s: float = 30.0
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -322,9 +340,22 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
             listen=_check_listen(t.get("listen", str, api.listen)),
             unix_socket=t.get("unix_socket", str, ""),
             max_body_bytes=t.positive("max_body_bytes", int, api.max_body_bytes),
+            max_json_bytes=t.positive("max_json_bytes", int, api.max_json_bytes),
+            max_inflight_bytes=t.positive("max_inflight_bytes", int, api.max_inflight_bytes),
             request_timeout_s=t.positive("request_timeout_s", float, api.request_timeout_s),
+            max_connections=t.positive("max_connections", int, api.max_connections),
+            workers=t.positive("workers", int, api.workers),
+            max_queued=t.positive("max_queued", int, api.max_queued),
+            backlog=t.positive("backlog", int, api.backlog),
+            idle_timeout_s=t.positive("idle_timeout_s", float, api.idle_timeout_s),
+            head_timeout_s=t.positive("head_timeout_s", float, api.head_timeout_s),
+            io_timeout_s=t.positive("io_timeout_s", float, api.io_timeout_s),
         )
         t.finish()
+        if api.max_inflight_bytes < api.max_body_bytes:
+            raise ConfigError(f"api.max_inflight_bytes = {api.max_inflight_bytes} must be at least "
+                              f"api.max_body_bytes = {api.max_body_bytes}: a body that size could "
+                              "never be taken")
 
     runtime = RuntimeConfig()
     if (t := _sub(root, "runtime")) is not None:

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from agent import __version__, sdnotify
+from agent.api.connections import ConnectionLimits
 from agent.api.server import ApiServer
 from agent.config import AgentConfig
 from agent.errors import ConfigError, DownloadError, StateError
@@ -343,8 +344,14 @@ class Agent:
             pending = self.installer.recover()
             api = self.config.api
             self.api = ApiServer(self.host, listen=api.tcp_address, unix_socket=api.unix_socket,
-                                 max_body_bytes=api.max_body_bytes,
-                                 request_timeout_s=api.request_timeout_s, locks=self.locks,
+                                 max_body_bytes=api.max_body_bytes, max_json_bytes=api.max_json_bytes,
+                                 max_inflight_bytes=api.max_inflight_bytes,
+                                 request_timeout_s=api.request_timeout_s, limits=ConnectionLimits(
+                                     max_connections=api.max_connections, workers=api.workers,
+                                     max_queued=api.max_queued, backlog=api.backlog,
+                                     idle_timeout_s=api.idle_timeout_s, head_timeout_s=api.head_timeout_s,
+                                     io_timeout_s=api.io_timeout_s),
+                                 locks=self.locks,
                                  update_waiting=self.installer.waiting)
             self.api.start()
         except BaseException:

@@ -1,4 +1,4 @@
-"""HTTP/1.1 framing for the agent's local API, over socketserver.
+"""HTTP/1.1 framing for the agent's local API (connections: agent.api.connections).
 
 The stdlib's http.server imports http.client, which imports ``ssl`` (~4.5 MB RSS) and
 ``email.*`` (~3 MB more with http.*) into every agent, TLS or not. The API needs far less:
@@ -22,16 +22,21 @@ What a request may be (RFC 9112; stricter than http.server, which fell back to e
   handler is about to read the body, so a request refused before that (413, 404, ...) gets
   its final answer without the client sending the body.
 
+- the body (``check_body_framing``): only ``Content-Length`` framing; ``chunked`` → 411,
+  other transfer codings → 400, a body on GET/HEAD/DELETE → 400, a ``Content-Encoding``
+  → 415. A body is never read before it is judged, and a request refused before its body
+  was read closes the connection, so no byte of a body is ever parsed as a request.
+
 Framing errors answer JSON ``{"error": "<code>", "detail": "..."}`` like the API, with
-``Connection: close``. A client that stalls ``timeout`` seconds, or drops the connection,
-ends it quietly.
+``Connection: close``. A client that stalls mid-request gets 408; one that drops the
+connection ends it quietly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-import socketserver
 import sys
 import time
 from collections.abc import Iterator
@@ -218,43 +223,63 @@ def http_date() -> str:
     return _date[1]
 
 
-class RequestHandler(socketserver.StreamRequestHandler):
-    """One connection: requests in turn (keep-alive), each dispatched to ``do_<METHOD>``.
+class RequestHandler:
+    """One connection's requests, one ``handle_one_request`` call each (agent.api.connections
+    calls it while the connection stays open), dispatched to ``do_<METHOD>``.
 
     For the methods: ``command``, ``path`` (the request target), ``request_version``,
-    ``headers``, ``rfile`` (positioned at the body), ``wfile``, ``close_connection``,
-    ``client_address``; ``send_continue()`` before reading a body, ``send_reply()`` to answer.
+    ``headers``, ``body_length`` (the declared Content-Length, None without one), ``rfile``
+    (positioned at the body), ``wfile``, ``close_connection``, ``client_address``;
+    ``send_continue()`` before reading a body, ``send_reply()`` to answer.
     """
 
     server_version = "edgefleet"
     sys_version = "Python/" + sys.version.split()[0]
     protocol_version = "HTTP/1.1"
-    timeout: float | None = 30  # seconds a client may stall, mid-request or between requests
     logger = log
+    # Methods whose requests carry no body: a declared one is refused (400) rather than left
+    # unread, where it would be parsed as the next request on the connection.
+    BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
     command = ""
     path = ""
     request_version = ""
     requestline = ""
     close_connection = True
+    body_length: int | None = None
+    replied = False
     headers: Headers
     _continue = False
 
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.rfile = connection
+        self.wfile = connection
+        self.client_address = connection.address
+
     # -- the connection ---------------------------------------------------------------------
 
-    def handle(self) -> None:
+    def serve(self) -> bool:
+        """One request; True when the connection stays open for the next one. A client that
+        stalls mid-request gets 408 (when nothing was answered yet), one that drops the
+        connection ends it quietly."""
         try:
             self.handle_one_request()
-            while not self.close_connection:
-                self.handle_one_request()
         except TimeoutError:
-            self.log_error("connection timed out after %ss", self.timeout)
-        except ConnectionError:  # BrokenPipe, ConnectionReset, ConnectionAborted
-            pass
+            self.log_error("request timed out")
+            if not self.replied:
+                with contextlib.suppress(OSError):
+                    self.send_error(408, "request_timeout", "the client stopped sending mid-request")
+            return False
+        except (ConnectionError, OSError):  # BrokenPipe, ConnectionReset, ConnectionAborted
+            return False
+        return not self.close_connection
 
     def handle_one_request(self) -> None:
         self.close_connection = True
         self.command = self.request_version = self.requestline = ""
+        self.body_length = None
+        self.replied = False
         self._continue = False
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         for _ in range(MAX_BLANK_LINES):
@@ -274,6 +299,11 @@ class RequestHandler(socketserver.StreamRequestHandler):
         method = getattr(self, "do_" + self.command, None)
         if method is None:
             self.send_error(501, "not_implemented", f"method {self.command} is not supported")
+            return
+        try:
+            self.check_body_framing()
+        except FramingError as exc:
+            self.send_error(exc.status, exc.code, exc.detail)
             return
         method()
         self.wfile.flush()
@@ -312,6 +342,37 @@ class RequestHandler(socketserver.StreamRequestHandler):
             expect = self.headers.get("Expect")
             self._continue = expect is not None and expect.lower() == "100-continue"
 
+    def check_body_framing(self) -> None:
+        """The body's framing, judged before any byte of it is read (RFC 9112 6; stricter):
+
+        - ``Transfer-Encoding``: none is decoded here; ``chunked`` → 411 (send a
+          Content-Length), any other coding (``gzip``, ``gzip, chunked``, ...) → 400;
+        - ``Content-Length``: 1 to 18 digits, else 400 (a repeated header reads "5, 5");
+        - a declared body on a method that takes none (``BODYLESS``) → 400;
+        - ``Content-Encoding`` other than ``identity`` → 415 (bodies are never decompressed).
+
+        Each refusal closes the connection: the unread body is never parsed as a request.
+        Sets ``body_length`` (None: no Content-Length).
+        """
+        te = self.headers.get("Transfer-Encoding")
+        if te is not None:
+            if te.strip().lower() == "chunked":
+                raise FramingError("send the body with a Content-Length, not chunked", 411, "length_required")
+            raise FramingError(f"Transfer-Encoding {te[:80]!r} is not supported; send the body as is "
+                               "with a Content-Length", 400, "bad_transfer_encoding")
+        length = self.headers.get("Content-Length")
+        if length is not None:
+            if not (length.isdigit() and length.isascii() and len(length) <= 18):
+                raise FramingError(f"Content-Length {length[:80]!r} is not a number")
+            self.body_length = int(length)
+        if self.command in self.BODYLESS and self.body_length:
+            raise FramingError(f"{self.command} takes no body, and this one declares {self.body_length} "
+                               "bytes", 400, "body_not_allowed")
+        coding = self.headers.get("Content-Encoding")
+        if coding is not None and coding.strip().lower() not in ("", "identity"):
+            raise FramingError(f"Content-Encoding {coding[:80]!r} is not supported; send the body "
+                               "uncompressed", 415, "unsupported_content_encoding")
+
     def send_continue(self) -> None:
         """The interim ``100 Continue`` a client sending ``Expect: 100-continue`` waits for; once."""
         if self._continue:
@@ -325,6 +386,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
         """Status line, headers and (up to SMALL_REPLY) the body in one write; no body for HEAD.
         ``close`` (or a connection closing anyway) sends ``Connection: close``."""
         self.log_request(status)
+        self.replied = True
         head = (f"{self.protocol_version} {status} {REASONS.get(status, '')}\r\n"
                 f"Server: {self.server_version} {self.sys_version}\r\nDate: {http_date()}\r\n"
                 f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n")

@@ -25,7 +25,6 @@ import io
 import logging
 import os
 import socket
-import socketserver
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -35,13 +34,13 @@ import msgspec
 import numpy as np
 
 from agent.api import locks as lock_routes
+from agent.api.connections import Connection, ConnectionLimits, ConnectionServer
 from agent.api.http1 import RequestHandler
+from agent.api.json_inputs import JsonInputError, decode_inputs
 from agent.errors import InferenceError, InputError, UnknownModelError
 from agent.runtime.batching import RequestTimeout
 from agent.runtime.host import LoadedModel, ModelHost
 from agent.update.locks import LockError, LockTable
-from shared import strictjson
-from shared.errors import MalformedDocumentError
 
 log = logging.getLogger(__name__)
 
@@ -78,35 +77,18 @@ def describe(model: LoadedModel, max_batch_rows: int = 1) -> dict[str, Any]:
     }
 
 
-def _json_inputs(model: LoadedModel, body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+def _json_inputs(model: LoadedModel, body: bytes | bytearray) -> dict[str, np.ndarray]:
     try:
-        doc = strictjson.loads(body, max_bytes=max_bytes, what="request body")
-    except MalformedDocumentError as exc:
-        raise ApiError(400, "bad_json", f"{exc}; send {{\"inputs\": {{name: nested lists}}}}") from None
-    if not isinstance(doc, dict) or set(doc) != {"inputs"} or not isinstance(doc["inputs"], dict):
-        raise ApiError(400, "bad_request", 'the body must be {"inputs": {"<input name>": [...]}}')
-    specs = {s.name: s for s in model.manifest.inputs}
-    out = {}
-    for name, value in doc["inputs"].items():
-        spec = specs.get(name)
-        if spec is None:
-            raise ApiError(
-                400, "input", f"model {model.name} has no input {name!r}; it takes {sorted(specs)}"
-            )
-        try:
-            out[name] = np.asarray(value, dtype=spec.dtype)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise ApiError(
-                400, "input", f"input {name!r} is not a rectangular array of {spec.dtype}: {exc}"
-            ) from None
-    return out
+        return decode_inputs(body, {s.name: s.dtype for s in model.manifest.inputs}, model.name)
+    except JsonInputError as exc:
+        raise ApiError(400, exc.code, exc.detail) from None
 
 
-def _npz_inputs(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+def _npz_inputs(body: bytes | bytearray, max_bytes: int) -> dict[str, np.ndarray]:
     import zipfile  # only .npz bodies need it (~1.7 MB): not loaded with the agent
 
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:  # BytesIO copies a bytearray
             total = sum(info.file_size for info in npz.zip.infolist())
             if total > max_bytes:
                 raise ApiError(413, "too_large", f"the npz expands to {total} bytes, max {max_bytes}")
@@ -117,7 +99,7 @@ def _npz_inputs(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
         raise ApiError(400, "bad_npz", f"the body is not a valid .npz without pickles: {exc}") from None
 
 
-def _npy_inputs(model: LoadedModel, body: bytes) -> dict[str, np.ndarray]:
+def _npy_inputs(model: LoadedModel, body: bytes | bytearray) -> dict[str, np.ndarray]:
     names = [s.name for s in model.manifest.inputs]
     if len(names) != 1:
         raise ApiError(400, "input", f"{NPY} carries one array but model {model.name} takes inputs "
@@ -134,7 +116,7 @@ class _SlowPath(Exception):
 _NPY_HEADERS: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], bool]] = {}
 
 
-def _npy_header(body: bytes) -> tuple[np.dtype[Any], tuple[int, ...], bool, int]:
+def _npy_header(body: bytes | bytearray) -> tuple[np.dtype[Any], tuple[int, ...], bool, int]:
     """(dtype, shape, fortran_order, data offset) of a .npy body; ValueError when malformed."""
     if body[:6] != b"\x93NUMPY" or len(body) < 10:
         raise ValueError("the magic string \\x93NUMPY is missing")
@@ -147,7 +129,7 @@ def _npy_header(body: bytes) -> tuple[np.dtype[Any], tuple[int, ...], bool, int]
         end = start + int.from_bytes(body[8:12], "little")
     else:
         raise ValueError(f"unknown .npy format version {major}.{body[7]}")
-    key = body[:end]
+    key = bytes(body[:end])
     parsed = _NPY_HEADERS.get(key)
     if parsed is None:
         buf = io.BytesIO(key)
@@ -167,7 +149,7 @@ def _npy_header(body: bytes) -> tuple[np.dtype[Any], tuple[int, ...], bool, int]
     return (*parsed, end)
 
 
-def _npy_read(body: bytes) -> np.ndarray:
+def _npy_read(body: bytes | bytearray) -> np.ndarray:
     buf = io.BytesIO(body)
     arr = np.lib.format.read_array(buf, allow_pickle=False)
     if buf.tell() != len(body):
@@ -175,7 +157,7 @@ def _npy_read(body: bytes) -> np.ndarray:
     return arr
 
 
-def _npy_array(body: bytes) -> np.ndarray:
+def _npy_array(body: bytes | bytearray) -> np.ndarray:
     """The array of a .npy body, without copying its data (a read-only view of ``body``)."""
     try:
         try:
@@ -253,12 +235,41 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+class BodyBudget:
+    """Bytes of request bodies (weighted by what decoding them costs) held at once, over all
+    connections: what keeps the API's memory bounded whatever the number of clients. A
+    request over what is left is answered 503 before its body is read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, cost: int) -> bool:
+        with self._lock:
+            if self.used + cost > self.limit:
+                return False
+            self.used += cost
+            return True
+
+    def give(self, cost: int) -> None:
+        with self._lock:
+            self.used -= cost
+
+
+# What decoding a body costs beyond its bytes, as a multiple of its size (docs/agent-api.md):
+# .npy is viewed in place, .npz is copied once and expanded (checked after), JSON text is
+# copied twice and parsed into an array (agent.api.json_inputs).
+BODY_COST = {NPY: 1, NPZ: 2, JSON: 5}
+
+
 class _Handler(RequestHandler):
     server_version = "edgefleet-agent"
-    timeout = 30  # seconds a client may stall mid-request (or idle between requests)
     logger = log
     host: ModelHost
     max_body_bytes: int
+    max_json_bytes: int
+    budget: BodyBudget
     request_timeout_s: float | None
     locks: LockTable | None = None
     update_waiting: Callable[[], dict[str, str]] | None = None
@@ -273,33 +284,45 @@ class _Handler(RequestHandler):
     def _error(self, exc: ApiError, close: bool = False) -> None:
         if exc.status >= 500 and exc.status != 503:
             log.warning("api %s %s: %s", exc.status, exc.code, exc.detail)
-        self._json(exc.status, {"error": exc.code, "detail": exc.detail}, close=close)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        self._json(exc.status, {"error": exc.code, "detail": exc.detail}, headers=headers, close=close)
 
     def _guard(self, fn: Any) -> None:
-        self._consumed = self.command != "POST"
+        self._consumed = not self.body_length
+        self._cost = 0
         try:
             fn()
         except ApiError as exc:
             # A body left unread would be parsed as the next request: close instead.
             self._error(exc, close=exc.status in (411, 413) or not self._consumed)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except TimeoutError:
+            raise  # answered 408 by RequestHandler.serve
         except Exception as exc:  # the server must not die on anything a client sends
             log.exception("api: unexpected error")
             with contextlib.suppress(OSError):
                 self._error(ApiError(500, "internal", f"unexpected error: {exc}"), close=True)
+        finally:
+            if self._cost:
+                self.budget.give(self._cost)
+                self._cost = 0
 
-    def _body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise ApiError(411, "length_required", "send the body with a Content-Length, not chunked")
-        length = self.headers.get("Content-Length")
-        if length is None:
+    def _body(self, limit: int | None = None, media: str = JSON) -> bytes | bytearray:
+        """The body, judged by its declared size before a byte of it is read: 411 without a
+        Content-Length, 413 over ``limit``, 503 when the body budget cannot hold it."""
+        n = self.body_length
+        if n is None:
             raise ApiError(411, "length_required", "a Content-Length header is required")
-        if not length.isdigit():
-            raise ApiError(400, "bad_request", f"Content-Length {length!r} is not a number")
-        n = int(length)
-        if n > self.max_body_bytes:
-            raise ApiError(413, "too_large", f"the body is {n} bytes, max {self.max_body_bytes}")
+        limit = self.max_body_bytes if limit is None else limit
+        if n > limit:
+            hint = f" (api.max_json_bytes); send {NPY} or {NPZ} for large inputs" if media == JSON else ""
+            raise ApiError(413, "too_large", f"the body is {n} bytes, max {limit}{hint}")
+        cost = n * BODY_COST.get(media, 1)
+        if not self.budget.take(cost):
+            raise ApiError(503, "busy", f"request bodies of {self.budget.used} bytes (weighted) are being "
+                           f"handled, at most {self.budget.limit} (api.max_inflight_bytes); retry later")
+        self._cost = cost
         self.send_continue()
         data = self.rfile.read(n)
         self._consumed = True
@@ -339,9 +362,8 @@ class _Handler(RequestHandler):
         if self.locks is None:
             raise ApiError(404, "not_found", "update locks are not enabled on this agent")
         body = b""
-        if method == "POST" and ((self.headers.get("Content-Length") or "0") != "0"
-                                 or self.headers.get("Transfer-Encoding")):
-            body = self._body()
+        if method == "POST" and self.body_length:
+            body = self._body(lock_routes.MAX_LOCK_BODY)
         self._consumed = True
         try:
             status, doc = lock_routes.handle(self.locks, method, path, body, self.update_waiting)
@@ -386,16 +408,17 @@ class _Handler(RequestHandler):
                 raise ApiError(503, "no_model", "no model is active yet; install a bundle")
             raise ApiError(404, "unknown_model",
                            f"no active model {name!r}; active: {sorted(self.host.snapshot())}")
-        body = self._body()
-        ctype = self.headers.get("Content-Type", JSON).split(";", 1)[0].strip().lower()
+        ctype = self.headers.get("Content-Type", JSON).split(";", 1)[0].strip().lower() or JSON
+        if ctype not in FORMATS:
+            raise ApiError(415, "unsupported_media_type", f"send {JSON}, {NPZ} or {NPY}, not {ctype!r}")
+        body = self._body(self.max_json_bytes if ctype == JSON else self.max_body_bytes, ctype)
         if ctype == NPZ:
             inputs = _npz_inputs(body, self.max_body_bytes)
         elif ctype == NPY:
             inputs = _npy_inputs(model, body)
-        elif ctype in (JSON, ""):
-            inputs = _json_inputs(model, body, self.max_body_bytes)
         else:
-            raise ApiError(415, "unsupported_media_type", f"send {JSON}, {NPZ} or {NPY}, not {ctype!r}")
+            inputs = _json_inputs(model, body)
+        del body  # the inputs hold what they need (an .npy view keeps its buffer)
         reply = _reply_format(self.headers.get("Accept", ""), ctype or JSON, len(model.manifest.outputs))
         try:
             used, outputs = self.host.predict(name, inputs, timeout_s=self.request_timeout_s)
@@ -430,64 +453,90 @@ class _Handler(RequestHandler):
         return 1 if scheduler is None else scheduler.max_rows
 
 
-class _TCPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+def _listen_tcp(address: tuple[str, int], backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    return socket.create_server(address, family=family, backlog=backlog)
 
 
-class _TCPServer6(_TCPServer):
-    address_family = socket.AF_INET6
+def _listen_unix(path: Path, backlog: int) -> socket.socket:
+    if path.is_socket():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o660)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
-class _UnixServer(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
+def _within_open_files(limits: ConnectionLimits) -> ConnectionLimits:
+    """``max_connections`` within the process's open-file limit: the soft limit is raised
+    toward the hard one when it is short (systemd's default soft limit is 1024), else the
+    connections are capped, leaving 128 descriptors to the rest of the agent."""
+    import resource
 
-    def get_request(self) -> tuple[socket.socket, Any]:
-        conn, _ = self.socket.accept()
-        return conn, ("unix", 0)
+    need = limits.max_connections + 128
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        if soft < need:
+            capped = max(1, soft - 128)
+            log.warning("api: %d open files allowed: api.max_connections %d lowered to %d",
+                        soft, limits.max_connections, capped)
+            return msgspec.structs.replace(limits, max_connections=capped)
+    return limits
 
 
 class ApiServer:
-    """The API on loopback TCP and/or a Unix socket; ``start`` serves in daemon threads."""
+    """The API on loopback TCP and/or a Unix socket; ``start`` serves in daemon threads
+    (agent.api.connections: one thread parks idle connections, ``limits.workers`` serve)."""
 
     def __init__(self, host: ModelHost, *, listen: tuple[str, int] | None, unix_socket: str = "",
-                 max_body_bytes: int = 64 * 1024 * 1024, request_timeout_s: float | None = 30.0,
-                 locks: LockTable | None = None,
+                 max_body_bytes: int = 64 * 1024 * 1024, max_json_bytes: int = 8 * 1024 * 1024,
+                 max_inflight_bytes: int = 128 * 1024 * 1024, request_timeout_s: float | None = 30.0,
+                 limits: ConnectionLimits | None = None, locks: LockTable | None = None,
                  update_waiting: Callable[[], dict[str, str]] | None = None) -> None:
+        self.budget = BodyBudget(max_inflight_bytes)
         handler = type("Handler", (_Handler,), {"host": host, "max_body_bytes": max_body_bytes,
+                                                "max_json_bytes": min(max_json_bytes, max_body_bytes),
+                                                "budget": self.budget,
                                                 "request_timeout_s": request_timeout_s, "locks": locks,
                                                 "update_waiting": staticmethod(update_waiting)
                                                 if update_waiting else None})
-        self._servers: list[socketserver.BaseServer] = []
-        self._threads: list[threading.Thread] = []
+        self.limits = _within_open_files(limits or ConnectionLimits())
+        listeners: list[socket.socket] = []
         self.tcp_address: tuple[str, int] | None = None
         self.unix_path: Path | None = None
-        if listen is not None:
-            cls = _TCPServer6 if ":" in listen[0] else _TCPServer
-            tcp = cls(listen, handler)
-            self.tcp_address = tcp.server_address[:2]  # type: ignore[assignment]
-            self._servers.append(tcp)
-        if unix_socket:
-            path = Path(unix_socket)
-            if path.is_socket():
-                path.unlink()
-            unix = _UnixServer(str(path), handler)
-            os.chmod(path, 0o660)
-            self.unix_path = path
-            self._servers.append(unix)
+        try:
+            if listen is not None:
+                tcp = _listen_tcp(listen, self.limits.backlog)
+                listeners.append(tcp)
+                self.tcp_address = tcp.getsockname()[:2]
+            if unix_socket:
+                listeners.append(_listen_unix(Path(unix_socket), self.limits.backlog))
+                self.unix_path = Path(unix_socket)
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
+
+        def serve(conn: Connection) -> bool:
+            if conn.state is None:
+                conn.state = handler(conn)
+            return conn.state.serve()  # type: ignore[attr-defined, no-any-return]
+
+        self.connections = ConnectionServer(listeners, serve, self.limits)
 
     def start(self) -> None:
-        for server in self._servers:
-            t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                 name=f"api-{type(server).__name__}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self.connections.start()
 
     def stop(self) -> None:
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
+        self.connections.stop()
         if self.unix_path is not None:
             self.unix_path.unlink(missing_ok=True)
-        for t in self._threads:
-            t.join(timeout=5)

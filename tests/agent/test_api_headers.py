@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.api.connections import ConnectionLimits
 from agent.api.http1 import (
     MAX_HEADER_LINE,
     MAX_HEADERS,
@@ -264,15 +265,28 @@ def test_the_server_survives_framing_errors(server: ApiServer) -> None:
         assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
 
 
-def test_an_idle_connection_ends_quietly(server: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.api import server as api_server
-
-    monkeypatch.setattr(api_server._Handler, "timeout", 0.3)
-    with socket.create_connection(server.tcp_address, timeout=10) as s:  # type: ignore[arg-type]
-        c = Conn(s)
-        c.send(b"GET /healthz HTTP/1.1\r\n")  # and nothing more
-        assert c.closed()  # closed by the server after its timeout, without a reply
-        c.f.close()
+def test_an_idle_connection_ends_quietly_and_a_stalled_head_gets_408(tmp_path: Path) -> None:
+    host = ModelHost()
+    s = ApiServer(host, listen=("127.0.0.1", 0),
+                  limits=ConnectionLimits(idle_timeout_s=0.3, head_timeout_s=0.3))
+    s.start()
+    try:
+        with socket.create_connection(s.tcp_address, timeout=10) as sock:  # type: ignore[arg-type]
+            c = Conn(sock)
+            c.send(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert c.reply()[0] == 200
+            assert c.closed()  # idle after its reply: closed by the server, without a reply
+            c.f.close()
+        with socket.create_connection(s.tcp_address, timeout=10) as sock:  # type: ignore[arg-type]
+            c = Conn(sock)
+            c.send(b"GET /healthz HTTP/1.1\r\n")  # and nothing more
+            status, headers, body = c.reply()
+            assert status == 408 and error_of(body) == "head_timeout" and headers["connection"] == "close"
+            assert c.closed()
+            c.f.close()
+    finally:
+        s.stop()
+        host.close()
 
 
 def test_a_repeated_content_length_is_refused(conn: Conn) -> None:

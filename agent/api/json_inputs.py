@@ -1,0 +1,170 @@
+"""JSON predict inputs decoded straight into NumPy arrays, without Python lists.
+
+``msgspec`` decoding nested lists builds a Python float (24 bytes) and a list slot (8) per
+number: a JSON body became 6-8 times its size in RSS before NumPy copied it once more. Here
+msgspec only checks the document and finds each input's text (``msgspec.Raw``, no values
+built); then, for numeric dtypes:
+
+- the *skeleton* of the text (what is left when digits, ``.eE+-`` and whitespace are
+  removed) must be exactly the skeleton of a rectangular array of the shape read from its
+  first element at each depth (``[[,],[,]]`` for 2x2). As the text is valid JSON, this proves
+  every leaf is a number and every row has the same length;
+- the numbers (the text without brackets) are parsed by ``np.fromstring`` into the input's
+  dtype family (int64, uint64 or float64), then cast; a value out of the dtype's range is
+  refused.
+
+Peak memory is about 3.5 times the JSON text plus the array (docs/agent-api.md, measured).
+Other dtypes (bool, strings) go through msgspec lists, within the same size limit.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import msgspec
+import numpy as np
+
+MAX_NDIM = 32
+_NUMBER_AND_SPACE = b"0123456789.eE+- \t\r\n"
+_BRACKETS = b"[]"
+_EMPTY_LIST = re.compile(rb"\[[ \t\r\n]*\]")
+
+
+class JsonInputError(ValueError):
+    """A JSON body that is not ``{"inputs": {name: rectangular nested numbers}}``; ``code``
+    is the API's error code."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True):
+    inputs: dict[str, msgspec.Raw]
+
+
+def _canonical(dims: tuple[int, ...]) -> bytes:
+    text = b""
+    for d in reversed(dims):
+        text = b"[" + b",".join([text] * d) + b"]"
+    return text
+
+
+def _canonical_len(dims: tuple[int, ...]) -> int:
+    n = 0
+    for d in reversed(dims):
+        n = 2 + d * n + max(d - 1, 0)
+    return n
+
+
+def _shape(skeleton: bytes, count: int) -> tuple[int, ...]:
+    """The shape a rectangular array with this skeleton and ``count`` numbers has, read from
+    the first list at each depth; the caller compares the whole skeleton with it."""
+    ndim = len(skeleton) - len(skeleton.lstrip(b"["))
+    if ndim == 0:
+        return ()
+    if ndim > MAX_NDIM:
+        raise JsonInputError("input", f"the array is nested {ndim} deep, at most {MAX_NDIM}")
+    chars = np.frombuffer(skeleton, dtype=np.uint8)
+    depth = np.cumsum((chars == 0x5B).astype(np.int16) - (chars == 0x5D).astype(np.int16), dtype=np.int32)
+    dims = []
+    for level in range(1, ndim + 1):
+        start = level - 1  # the first list at this depth opens here
+        closed = np.flatnonzero(depth[start:] == level - 1)
+        if closed.size == 0:
+            raise JsonInputError("input", "the brackets of the array do not match")
+        end = start + int(closed[0])
+        commas = int(np.count_nonzero((chars[start:end] == 0x2C) & (depth[start:end] == level)))
+        if commas:
+            dims.append(commas + 1)
+        elif level < ndim:
+            dims.append(1)
+        else:  # "[]" holds one number or none
+            dims.append(1 if count else 0)
+    return tuple(dims)
+
+
+def _numbers(text: bytes, dtype: np.dtype[Any], name: str) -> np.ndarray:
+    family: type[np.generic] = (np.float64 if dtype.kind == "f" else np.uint64 if dtype == np.uint64
+                                else np.int64)
+    digits = text.translate(None, _BRACKETS)
+    if not digits.strip(b", \t\r\n"):  # only empty lists
+        return np.empty(0, dtype=family)
+    if family is np.uint64 and b"-" in digits:
+        raise JsonInputError("input", f"input {name!r} of dtype {dtype} has a negative value")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            values = np.fromstring(digits, dtype=family, sep=",")
+        except (ValueError, DeprecationWarning, OverflowError):
+            what = "integers" if dtype.kind in "iu" else "numbers"
+            raise JsonInputError("input", f"input {name!r} of dtype {dtype} must hold {what} "
+                                 "only") from None
+    return values
+
+
+def _cast(values: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray:
+    if dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = values.astype(dtype)
+        if out.size and not np.isfinite(out).all():
+            raise JsonInputError("input", f"input {name!r} has a value out of the range of {dtype}")
+        return out
+    info = np.iinfo(dtype)
+    # np.fromstring saturates a 64-bit overflow at the bounds: those count as out of range
+    low, high = info.min + (values.dtype == dtype), info.max - (values.dtype == dtype)
+    if values.size and (values.min() < low or values.max() > high):
+        raise JsonInputError("input", f"input {name!r} has a value outside {dtype} "
+                             f"[{info.min}, {info.max}]")
+    return values.astype(dtype, copy=False)
+
+
+def numeric_array(text: bytes, dtype: np.dtype[Any], name: str) -> np.ndarray:
+    """A rectangular JSON array of numbers (valid JSON text) as an array of ``dtype``."""
+    skeleton = text.translate(None, _NUMBER_AND_SPACE)
+    values = _numbers(text, dtype, name)
+    dims = _shape(skeleton, values.size)
+    if dims and dims[-1] == 1 and _EMPTY_LIST.search(text):  # "[]" beside "[5]": same skeleton
+        raise JsonInputError("input", f"input {name!r} is not a rectangular array of numbers (an "
+                             "empty row beside rows of one)")
+    size = 1
+    for d in dims:
+        size *= d
+    if size != values.size or _canonical_len(dims) != len(skeleton) or _canonical(dims) != skeleton:
+        raise JsonInputError("input", f"input {name!r} is not a rectangular array of numbers "
+                             f"(its first rows have shape {list(dims)})")
+    return _cast(values, dtype, name).reshape(dims)
+
+
+def decode_inputs(body: bytes | bytearray, dtypes: dict[str, str], model: str) -> dict[str, np.ndarray]:
+    """``{"inputs": {...}}`` into arrays of the model's input dtypes; JsonInputError."""
+    try:
+        doc = msgspec.json.decode(body, type=_Request)
+    except msgspec.ValidationError as exc:
+        raise JsonInputError("bad_request", f'the body must be {{"inputs": {{"<input name>": [...]}}}}: '
+                             f"{exc}") from None
+    except msgspec.DecodeError as exc:
+        raise JsonInputError("bad_json", f"the body is not valid JSON: {exc}; send "
+                             '{"inputs": {name: nested lists}}') from None
+    out = {}
+    for name, raw in doc.inputs.items():
+        if name not in dtypes:
+            raise JsonInputError("input", f"model {model} has no input {name!r}; it takes {sorted(dtypes)}")
+        try:
+            dtype = np.dtype(dtypes[name])
+        except TypeError:
+            raise JsonInputError("input", f"input {name!r} has dtype {dtypes[name]!r}, "
+                                 "unknown here") from None
+        text = bytes(raw)
+        if dtype.kind in "fiu":
+            out[name] = numeric_array(text, dtype, name)
+            continue
+        try:
+            out[name] = np.asarray(msgspec.json.decode(text), dtype=dtype)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise JsonInputError("input", f"input {name!r} is not a rectangular array of {dtype}: "
+                                 f"{exc}") from None
+    return out
