@@ -15,7 +15,8 @@
   limit is the same, so paho's own memory queue never holds more), and acknowledges each
   record in the spool when paho reports the broker's PUBACK (``on_publish`` with its mid).
   Unacknowledged records survive a reconnect (paho resends its window) and a restart (the
-  spool sends them again): delivery is at least once, in order; readers dedupe by ``seq``.
+  spool sends them again): delivery is at least once, in order; readers dedupe by
+  (``session``, ``seq``): the session is new whenever the counter starts over.
   When the spool is full its oldest health goes first; drops are counted by kind in Health;
 - status (birth, will, clean offline) is state, retained and not spooled: a stale birth
   means nothing. The will's seq, reserved at start, only appears if the will fires;
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 
 SEQ_FILE = "telemetry_seq.json"
 SEQ_BLOCK = 1000
+SESSION_CHARS = 8  # hex: 32 random bits, per device
 WINDOW = 16  # spooled messages handed to paho and not yet acknowledged
 SYNC_EVERY_S = 1.0  # the sender's idle wake-up: fsync batched health, write the spool cursor
 # auto: an MQTT 5 CONNECT not answered by then counts as refused (amqtt, given a will,
@@ -71,20 +74,25 @@ CONNACK_TIMEOUT_S = 10.0
 
 
 class SeqCounter:
-    """Message sequence numbers that survive restarts without a write per message."""
+    """Message sequence numbers that survive restarts without a write per message, and the
+    session they belong to: a new random one whenever the numbers do not continue from the
+    file (first start, wiped or unreadable state), so (session, seq) never repeats."""
 
     def __init__(self, path: Path, block: int = SEQ_BLOCK) -> None:
         self.path = Path(path)
         self.block = block
         self._lock = threading.Lock()
-        reserved = 0
+        reserved, session = 0, ""
         if self.path.exists():
             try:
-                reserved = int(msgspec.json.decode(self.path.read_bytes())["reserved"])
-            except (msgspec.DecodeError, KeyError, TypeError, ValueError, OSError) as exc:
+                saved = msgspec.json.decode(self.path.read_bytes())
+                reserved = int(saved["reserved"])
+                session = str(saved.get("session", ""))
+            except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
                 # Not a security boundary: continue above the current time, still monotonic.
                 log.warning("%s unreadable (%s); continuing sequence from the clock", self.path, exc)
                 reserved = int(time.time())
+        self.session = session if len(session) == SESSION_CHARS else os.urandom(SESSION_CHARS // 2).hex()
         self._next = reserved
         self._reserved = reserved
         self._reserve()
@@ -92,7 +100,7 @@ class SeqCounter:
     def _reserve(self) -> None:
         self._reserved = self._next + self.block
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, msgspec.json.encode({"reserved": self._reserved}))
+        atomic_write(self.path, msgspec.json.encode({"reserved": self._reserved, "session": self.session}))
 
     def next(self) -> int:
         with self._lock:
@@ -106,7 +114,8 @@ class SeqCounter:
         """On a clean stop, give back the unused numbers: the next start continues without a gap."""
         with self._lock:
             try:
-                atomic_write(self.path, msgspec.json.encode({"reserved": self._next}))
+                saved = {"reserved": self._next, "session": self.session}
+                atomic_write(self.path, msgspec.json.encode(saved))
             except OSError as exc:
                 log.warning("cannot write %s (%s); the next start skips ahead", self.path, exc)
                 return
@@ -207,7 +216,8 @@ class Reporter:
         psutil.cpu_percent(None)
 
         will = messages.Status(v=messages.VERSION, device_id=self.device_id, online=False,
-                               ts=time.time(), agent_version=__version__, seq=self.seq.next())
+                               ts=time.time(), agent_version=__version__, seq=self.seq.next(),
+                               session=self.seq.session)
         self.will_seq = will.seq
         self._will = messages.encode(will)
         self.client = self._new_client()
@@ -280,7 +290,7 @@ class Reporter:
         log.info("mqtt connected to %s", self.address.url)
         self._publish("status", messages.Status(
             v=messages.VERSION, device_id=self.device_id, online=True, ts=time.time(),
-            agent_version=__version__, seq=self.seq.next()), retain=True)
+            agent_version=__version__, seq=self.seq.next(), session=self.seq.session), retain=True)
         client.subscribe(self.topic("desired"), qos=1)
         self.connected.set()
         self._wake()
@@ -374,7 +384,7 @@ class Reporter:
             ev = messages.Event(
                 v=messages.VERSION, device_id=self.device_id, seq=seq, ts=time.time(),
                 model=model, kind=kind, release=release, from_release=from_release, reason=reason,
-                message=message[:2000])
+                message=message[:2000], session=self.seq.session)
             # Under the emit lock: a health numbered after this event carries it (or a later one).
             with self._last_events_lock:
                 self._last_events[model] = messages.LastEvent(
@@ -425,7 +435,7 @@ class Reporter:
             disk_free_mb=round(disk_free, 1), temperature_c=_temperature(),
             uptime_s=round(time.monotonic() - self.started, 1), dropped=sum(spool.dropped.values()),
             dropped_health=spool.dropped["health"], dropped_events=spool.dropped["event"],
-            spooled=spool.pending, device_cpu_percent=psutil.cpu_percent(None))
+            spooled=spool.pending, device_cpu_percent=psutil.cpu_percent(None), session=self.seq.session)
 
     def publish_health(self) -> None:
         self._spool("health", lambda seq: self.health(seq=seq))
@@ -537,7 +547,8 @@ class Reporter:
         if self.connected.is_set():
             info = self.client.publish(self.topic("status"), messages.encode(messages.Status(
                 v=messages.VERSION, device_id=self.device_id, online=False, ts=time.time(),
-                agent_version=__version__, seq=self.seq.next())), qos=1, retain=True)
+                agent_version=__version__, seq=self.seq.next(), session=self.seq.session)),
+                qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
         self.client.disconnect()

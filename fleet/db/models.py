@@ -207,6 +207,26 @@ class HealthRollup(SQLModel, table=True):
     last_ts: float = 0.0
 
 
+class DeviceClaim(SQLModel, table=True):
+    """What the ingesters know of one device's telemetry as claims (fleet.ingest.claims): the
+    sequence window of its current session (deduplication) and its refused messages by cause."""
+
+    device_id: str = Field(primary_key=True, max_length=64)
+    # the agent's session (a new one when its sequence counter starts over); "" for older agents
+    session: str = Field(default="", max_length=32)
+    seq_high: int | None = Field(default=None, sa_column=Column(BigInteger))
+    # bit i (little-endian) set: seq_high - 1 - i was accepted (i < claims.WINDOW_BITS)
+    seq_mask: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    last_ts: float | None = None  # the device's ts on the message of seq_high
+    malformed: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    duplicate: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    over_budget: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    db_refused: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    last_refusal: str | None = Field(default=None, max_length=300)
+    last_refused_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    over_budget_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
 class EnrollmentToken(SQLModel, table=True):
     """A token devices enroll with: it only creates new devices; only its SHA-256 is stored.
     It may expire and be limited in uses; revoking it touches no enrolled device."""

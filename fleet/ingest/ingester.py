@@ -1,10 +1,18 @@
 """MQTT telemetry into the database.
 
-The paho network thread only parses and validates (``shared.telemetry``) and puts
+The paho network thread only checks the device's budget (``fleet.ingest.budget``), parses
+and validates (``shared.telemetry``), bounds every figure (``fleet.ingest.claims``) and puts
 valid messages on a bounded queue; a writer thread drains it in batches, one
 transaction per batch, which also adds each health window to its hourly rollup
-(``fleet.ingest.rollup``). Anything malformed, off-layout or from an unknown device is
-logged and counted in ``stats.rejected`` by reason, never raised.
+(``fleet.ingest.rollup``) and drops a (device, session, seq) seen before (``claims.SeqWindow``).
+Anything malformed, out of bounds, over budget, a duplicate, off-layout or from an unknown
+device is logged and counted in ``stats.rejected`` by reason, never raised; what a known
+device sent is also counted on its ``DeviceClaim`` row (the device detail shows it).
+
+A message is refused alone: when a batch's transaction fails on its data (not on the
+database being away), the batch is split in halves and written again until the message
+that fails alone is found; it is refused (``db_refused``, the error kept as its reason) and
+every other message is stored.
 
 Several ingesters can share the stream: with ``shared_group`` they subscribe to health
 and events through an MQTT 5 shared subscription (``$share/<group>/...``), so the
@@ -39,6 +47,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -46,6 +55,10 @@ from fleet import metrics
 from fleet.broker.client import MqttTarget, make_client
 from fleet.db.engine import session_scope
 from fleet.db.models import Device, DeviceEvent, HealthReport
+from fleet.ingest import claims_store
+from fleet.ingest.budget import Budget, BudgetExceeded, DeviceBudgets
+from fleet.ingest.claims import DEFAULT_BOUNDS, Bounds, ClaimRefused, check
+from fleet.ingest.claims_store import ClaimRow, Tally
 from fleet.ingest.rollup import Window, add_windows
 from shared.errors import EdgefleetError
 from shared.telemetry import messages, topics
@@ -60,6 +73,7 @@ SERVING_KINDS = frozenset({"activated", "committed", "rolled_back"})
 # a health message's ``last_event``); older or repeated events never move the serving state back.
 EVENT_MARK = ("event_seq", "event_ts")
 EVENT_TS_SLACK_S = 0.001
+REFUSAL_LOG_EVERY_S = 60.0  # per device: one log line for its refusals, not one per message
 
 DEVICE = Device.__table__  # type: ignore[attr-defined]
 HEALTH = HealthReport.__table__  # type: ignore[attr-defined]
@@ -153,8 +167,15 @@ class Ingester:
         queue_size: int = 100_000,
         shared_group: str | None = None,
         session_expiry_s: int = 0,
+        bounds: Bounds = DEFAULT_BOUNDS,
+        budget: Budget | None = None,
     ) -> None:
         self.engine = engine
+        self.bounds = bounds
+        self.budgets = DeviceBudgets(budget or Budget())  # the network thread's alone
+        self._tallies: dict[str, Tally] = {}  # refusals not yet on the devices' rows
+        self._tally_lock = threading.Lock()
+        self._logged_at: dict[str, float] = {}
         self.target = target
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
@@ -233,11 +254,21 @@ class Ingester:
             self.stats.reject("topic")
             return False
         self._received[kind].inc()
+        now = time.time()
         try:
+            self.budgets.take_message(device_id, len(payload), now)
             message = messages.decode(kind, payload, device_id=device_id)
+            check(message, self.bounds, now=now)
+            if isinstance(message, messages.Health) and message.models:
+                self.budgets.take_rows(device_id, len(message.models), now)
+        except BudgetExceeded as exc:
+            self.refuse(device_id, "over_budget", "over_budget", f"{kind}: {exc}")
+            return False
+        except ClaimRefused as exc:
+            self.refuse(device_id, "malformed", "bounds", f"{kind}: {exc}")
+            return False
         except EdgefleetError as exc:
-            log.warning("ingester: refused %s from %s: %s", kind, device_id, exc)
-            self.stats.reject("malformed")
+            self.refuse(device_id, "malformed", "malformed", f"{kind}: {exc}")
             return False
         try:
             self.queue.put_nowait(Item(device_id, kind, message, received_at or datetime.now(UTC)))
@@ -247,6 +278,36 @@ class Ingester:
             return False
         return True
 
+    def refuse(self, device_id: str, cause: str, reason: str, detail: str, n: int = 1) -> None:
+        """Count a refused message: by ``reason`` in the stats and metrics, by ``cause``
+        (claims_store.CAUSES) on the device's row with the next batch; log it, at most once a
+        minute per device."""
+        for _ in range(n):
+            self.stats.reject(reason)
+        now = time.time()
+        with self._tally_lock:
+            self._tallies.setdefault(device_id, Tally()).add(cause, detail, datetime.now(UTC), n)
+            logged = self._logged_at.get(device_id, 0.0)
+            if now - logged >= REFUSAL_LOG_EVERY_S:
+                if len(self._logged_at) > 100_000:
+                    self._logged_at.clear()
+                self._logged_at[device_id] = now
+            else:
+                return
+        log.warning("ingester: refused %s from %s: %s (further refusals of this device for %g s "
+                    "are counted, not logged)", cause, device_id, detail, REFUSAL_LOG_EVERY_S)
+
+    def _take_tallies(self) -> dict[str, Tally]:
+        with self._tally_lock:
+            tallies, self._tallies = self._tallies, {}
+        return tallies
+
+    def _give_back(self, tallies: dict[str, Tally]) -> None:
+        """Tallies of a batch whose transaction failed: the next batch writes them."""
+        with self._tally_lock:
+            for device_id, tally in tallies.items():
+                self._tallies.setdefault(device_id, Tally()).merge(tally)
+
     # -- database side -----------------------------------------------------------
     # A batch is one transaction of a few statements, whatever its size: one SELECT of its
     # devices' telemetry columns, the health reports and events (``_insert_rows``: COPY on
@@ -254,11 +315,36 @@ class Ingester:
     # each device's state merged in Python across the batch. No ORM objects: building and
     # flushing them was most of the writer's time (bench/b_ingest.py, docs/performance.md).
     def write_batch(self, items: list[Item]) -> int:
-        """Write a batch in one transaction; returns the number of messages written."""
-        if not items:
+        """Write a batch in one transaction (with the refusals tallied since the last one);
+        returns the number of messages written."""
+        tallies = self._take_tallies()
+        if not items and not tallies:
             return 0
-        ids = {i.device_id for i in items}
+        try:
+            written, unknown, duplicates = self._write(items, tallies)
+        except BaseException:
+            self._give_back(tallies)
+            raise
+        for item in unknown:
+            log.warning("ingester: %s from unknown device %r", item.kind, item.device_id)
+            self.stats.reject("unknown_device")
+        for _ in duplicates:
+            self.stats.reject("duplicate")
+        with self.stats.lock:
+            self.stats.written += written
+            self.stats.batches += 1
+        metrics.INGEST_WRITTEN.inc(written)
+        now = time.time()
+        for item in items:
+            metrics.record_ingest_lag(now - item.message.ts)
+        return written
+
+    def _write(self, items: list[Item], tallies: dict[str, Tally]) -> tuple[int, list[Item], list[Item]]:
+        """The batch's transaction: (messages written, those from unknown devices, duplicates)."""
+        ids = {i.device_id for i in items} | set(tallies)
         written = 0
+        unknown: list[Item] = []
+        duplicates: list[Item] = []
         rows = BatchRows()
         with session_scope(self.engine) as session:
             session.autoflush = False
@@ -266,11 +352,17 @@ class Ingester:
                 r.id: DeviceState(r.id, r.last_seen, r.online, r.agent_version, r.models)
                 for r in session.execute(select(*_STATE_COLUMNS).where(DEVICE.c.id.in_(ids)))
             }
+            claim_rows = claims_store.lock_rows(session, set(devices))
+            for device_id, tally in tallies.items():
+                if device_id in claim_rows:
+                    claim_rows[device_id].refuse(tally)
             for item in items:
                 device = devices.get(item.device_id)
                 if device is None:
-                    log.warning("ingester: %s from unknown device %r", item.kind, item.device_id)
-                    self.stats.reject("unknown_device")
+                    unknown.append(item)
+                    continue
+                if not _admit(claim_rows[item.device_id], item):
+                    duplicates.append(item)
                     continue
                 self._apply(device, item, rows)
                 written += 1
@@ -282,14 +374,8 @@ class Ingester:
                 params = [d.params() for d in touched if (d.last_health is not None) is with_health]
                 if params:
                     session.execute(stmt, params)
-        with self.stats.lock:
-            self.stats.written += written
-            self.stats.batches += 1
-        metrics.INGEST_WRITTEN.inc(written)
-        now = time.time()
-        for item in items:
-            metrics.record_ingest_lag(now - item.message.ts)
-        return written
+            claims_store.write_rows(session, claim_rows)
+        return written, unknown, duplicates
 
     def _apply(self, device: DeviceState, item: Item, rows: BatchRows) -> None:
         """Merge one message into its device's state and add the rows it stores (no I/O)."""
@@ -376,19 +462,43 @@ class Ingester:
         while not (self._stop.is_set() and self.queue.empty()):
             items = self._drain()
             if not items:
-                continue
+                with self._tally_lock:
+                    pending = bool(self._tallies)
+                if not pending:
+                    continue
             try:
-                self.write_batch(items)
+                self.write_isolating(items)
             except Exception:
-                # Keep the messages: retry once after a pause, then count them lost.
+                # The database, not a message: keep the messages, retry once after a pause,
+                # then count them lost.
                 log.exception("ingester: writing a batch of %d failed; retrying", len(items))
                 time.sleep(1.0)
                 try:
-                    self.write_batch(items)
+                    self.write_isolating(items)
                 except Exception:
                     log.exception("ingester: batch of %d lost", len(items))
                     for _ in items:
                         self.stats.reject("db_error")
+
+    def write_isolating(self, items: list[Item]) -> int:
+        """``write_batch``; when it fails on a message's data, the halves again, down to the
+        message that fails alone, which is refused (``db_refused``). A failure of the database
+        itself (``_transient``) is raised for the caller to retry."""
+        try:
+            return self.write_batch(items)
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            if len(items) <= 1:
+                if items:
+                    item = items[0]
+                    self.refuse(item.device_id, "db_refused", "db_refused",
+                                f"{item.kind} seq {getattr(item.message, 'seq', '?')}: {_describe(exc)}")
+                return 0
+            log.warning("ingester: a batch of %d failed on its data (%s); splitting it",
+                        len(items), _describe(exc))
+            half = len(items) // 2
+            return self.write_isolating(items[:half]) + self.write_isolating(items[half:])
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until the queue is empty (for tests and shutdown)."""
@@ -422,6 +532,46 @@ class Ingester:
         if self._writer is not None:
             self._writer.join(10)
             self._writer = None
+
+
+def _admit(claim: ClaimRow, item: Item) -> bool:
+    """Whether a message is new for its device's sequence window (status: always; it is state)."""
+    msg = item.message
+    if isinstance(msg, messages.Status | messages.DesiredNotice):
+        return True
+    claim.changed = True
+    if claim.window.admit(msg.session, msg.seq, msg.ts):
+        return True
+    claim.refuse(_duplicate(item))
+    return False
+
+
+def _duplicate(item: Item) -> Tally:
+    tally = Tally()
+    msg = item.message
+    seen = f"session {getattr(msg, 'session', '')!r} seq {getattr(msg, 'seq', '?')}"
+    tally.add("duplicate", f"{item.kind} {seen} seen before", item.received_at)
+    return tally
+
+
+_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure of the database or the connection, not of a message's data."""
+    if isinstance(exc, _TRANSIENT):
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - SQLite only
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def _describe(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = f"{type(orig).__name__}: {orig}".splitlines()[0]
+    return text[:200]
 
 
 def _insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:

@@ -141,6 +141,9 @@ class Health(msgspec.Struct):
     dropped_events: int = 0
     spooled: int = 0
     device_cpu_percent: float | None = None
+    # The agent's session: a new one each time its seq counter starts over (a new install or a
+    # wiped state directory); "" from older agents. Readers dedupe by (device, session, seq).
+    session: str = ""
 
 
 class Status(msgspec.Struct):
@@ -150,6 +153,7 @@ class Status(msgspec.Struct):
     ts: float
     agent_version: str = ""
     seq: int = 0
+    session: str = ""
 
 
 class Event(msgspec.Struct):
@@ -163,6 +167,7 @@ class Event(msgspec.Struct):
     from_release: int | None = None
     reason: str | None = None
     message: str = ""
+    session: str = ""
 
 
 class DesiredNotice(msgspec.Struct):
