@@ -22,6 +22,8 @@ An unknown key or a bad value raises ConfigError naming the key and the value.
     ca_file = ""                   # mqtts: the CA that signed the broker; "": system CAs
     cert_file = ""                 # mqtts: optional client certificate (PEM) ...
     key_file = ""                  # ... and its key, when not in cert_file
+    certificate = ""               # "fleet": a client certificate from the fleet's device CA,
+                                   # key made on the device, renewed by itself (docs/deployment.md)
     tls_insecure = false           # true skips the broker host name check (never the chain)
     [api]
     listen = "127.0.0.1:8181"      # port 0 picks a free port; "" disables TCP
@@ -107,6 +109,8 @@ class MqttConfig(msgspec.Struct, frozen=True):
     cert_file: Path | None = None
     key_file: Path | None = None
     tls_insecure: bool = False
+    # The client certificate comes from the fleet's device CA (agent.identity.certificate).
+    fleet_certificate: bool = False
 
 
 class ApiConfig(msgspec.Struct, frozen=True):
@@ -260,6 +264,23 @@ def _sub(root: _Table, name: str) -> _Table | None:
     return None if data is None else _Table(data, f"{name}.")
 
 
+def _fleet_certificate(value: str, mqtt: dict[str, Any], has_fleet: bool) -> bool:
+    """``[mqtt] certificate``: "" (none, or cert_file) or "fleet"."""
+    if value not in ("", "fleet"):
+        raise ConfigError(f'mqtt.certificate = {value!r} must be "fleet" or ""')
+    if value != "fleet":
+        return False
+    if not has_fleet:
+        raise ConfigError('mqtt.certificate = "fleet" needs a [fleet] section (the fleet signs it)')
+    for key in ("cert_file", "key_file"):
+        if mqtt.get(key):
+            raise ConfigError(f'mqtt.{key} and mqtt.certificate = "fleet" exclude each other')
+    url = mqtt.get("url")
+    if url and not str(url).startswith("mqtts:"):
+        raise ConfigError(f'mqtt.certificate = "fleet" needs a TLS URL, but mqtt.url = {url!r}')
+    return True
+
+
 def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> AgentConfig:
     """Validate a parsed TOML document. Relative paths are taken from ``base_dir``."""
     root = _Table(data, "")
@@ -317,6 +338,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
             cert_file=tls_file("cert_file"),
             key_file=tls_file("key_file"),
             tls_insecure=t.get("tls_insecure", bool, False),
+            fleet_certificate=_fleet_certificate(t.get("certificate", str, ""), t.data, fleet is not None),
         )
         if mqtt.protocol not in MQTT_PROTOCOLS:
             raise ConfigError(f"mqtt.protocol = {mqtt.protocol!r} must be one of "

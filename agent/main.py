@@ -20,6 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from agent import __version__, sdnotify
 from agent.api.connections import ConnectionLimits
 from agent.api.server import ApiServer
@@ -30,7 +32,7 @@ from agent.runtime.batching import BatchPolicy
 from agent.runtime.host import ModelHost
 from agent.runtime.registry import default_backends
 from agent.runtime.shadow import ShadowPolicy
-from agent.telemetry.connection import mqtt_tls
+from agent.telemetry.connection import TlsOptions, mqtt_tls
 from agent.telemetry.drift import BaselineAttacher
 from agent.telemetry.reporter import Reporter
 from agent.update.blobs import BlobStore
@@ -50,6 +52,7 @@ if TYPE_CHECKING:  # imported by a fleet-connected agent only (an offline one ne
     import httpx
 
     from agent.fleet_client import FleetClient
+    from agent.identity.certificate import DeviceCertificate
 
 log = logging.getLogger("agent")
 
@@ -115,6 +118,8 @@ class Agent:
         # context (~90 ms of a cold start: the CA bundle is parsed).
         self.http: httpx.Client | None = http
         self.fleet: FleetClient | None = None
+        # [mqtt] certificate = "fleet": the broker login is a certificate the fleet signs.
+        self.certificate: DeviceCertificate | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()  # wakes the update worker
         self._sync = threading.Event()  # asks it for a desired-state pull
@@ -131,6 +136,10 @@ class Agent:
                 enrollment_token=config.fleet.enrollment_token, labels=config.fleet.labels,
                 state_dir=config.state_dir, client=client,
             )
+            if config.mqtt.fleet_certificate:
+                from agent.identity.certificate import DeviceCertificate
+
+                self.certificate = DeviceCertificate(self.fleet, config.state_dir)
             fetcher = Fetcher(client, self.fleet.auth_headers, cancel=self._stop,
                               policy=DownloadPolicy.from_config(config.update))
         # Expiry checks use the best time the agent has; activation waits for the maintenance
@@ -206,13 +215,22 @@ class Agent:
         if not url:
             log.warning("no MQTT URL in the config nor from the fleet; telemetry is off")
             return True
+        tls = mqtt_tls(self.config.mqtt)
+        if self.certificate is not None:
+            try:
+                self.certificate.ensure()
+            except (EdgefleetError, StateError) as exc:
+                log.warning("no device certificate yet (%s); telemetry starts once the fleet signed one",
+                            exc)
+                return False
+            tls = self._certificate_tls()
         reporter = Reporter(
             device_id=self.config.device_id, mqtt_url=url, state_dir=self.config.state_dir,
             host=self.host, states=self.states, on_desired=self.request_sync,
             model_details=self.model_details,
             health_interval_s=self.config.mqtt.health_interval_s,
             keepalive_s=self.config.mqtt.keepalive_s, username=username, password=password,
-            protocol=protocol, tls=mqtt_tls(self.config.mqtt),
+            protocol=protocol, tls=tls,
             spool_max_bytes=self.config.mqtt.spool_max_bytes, encoding=self.config.mqtt.encoding,
         )
         reporter.start()
@@ -222,6 +240,29 @@ class Agent:
         for ev in pending:
             reporter.event(*ev)
         return True
+
+    def _certificate_tls(self) -> TlsOptions:
+        """The [mqtt] TLS options with the device certificate in use."""
+        assert self.certificate is not None
+        files = self.certificate.files()
+        tls = mqtt_tls(self.config.mqtt)
+        if files is None:
+            return tls
+        return msgspec.structs.replace(tls, cert_file=files[0], key_file=files[1])
+
+    def renew_certificate(self, now: float | None = None) -> bool:
+        """Renew the device certificate when due; the MQTT connection moves to the new one
+        at once (no restart). True when a new certificate is in use."""
+        if self.certificate is None:
+            return False
+        try:
+            renewed = self.certificate.ensure(now)
+        except (EdgefleetError, StateError) as exc:
+            log.warning("device certificate: %s", exc)
+            return False
+        if renewed and self.reporter is not None:
+            self.reporter.use_tls(self._certificate_tls())
+        return renewed
 
     # -- desired state ----------------------------------------------------------------
 
@@ -302,6 +343,8 @@ class Agent:
         while not self._stop.is_set():
             if not reporter_up:
                 reporter_up = self._start_reporter()
+            elif self.certificate is not None:
+                self.renew_certificate()
             self._wake.clear()
             if time.monotonic() >= next_poll or self._sync.is_set():
                 # Offline (no fleet) this only re-arms the timer: without it the loop would

@@ -177,6 +177,7 @@ class Reporter:
         self.negotiated: str | None = None  # "5" or "3.1.1" once a broker accepted it
         self.last_error: str | None = None  # why the last connection attempt failed; None when up
         self._fallback = False  # set by on_connect, done by the sender thread
+        self._new_tls: TlsOptions | None = None  # set by use_tls, done by the sender thread
         self._connack = False  # whether this connection attempt got a CONNACK
         self._attempt_at: float | None = None  # when this attempt's socket opened
         self.connack_timeout_s = connack_timeout_s
@@ -452,8 +453,9 @@ class Reporter:
         last_sync = time.monotonic()
         while True:
             with self._cond:
-                if not (self._kick or self._acked or self._fallback or not self._sending):
+                if not (self._kick or self._acked or self._fallback or self._new_tls or not self._sending):
                     self._cond.wait(SYNC_EVERY_S)
+                new_tls, self._new_tls = self._new_tls, None
                 acked, self._acked = self._acked, []
                 self._kick = False
                 running = self._sending
@@ -468,6 +470,10 @@ class Reporter:
                 fallback = True
             if fallback and running:
                 self._reconnect_as_311()
+            elif new_tls is not None and running:
+                log.info("mqtt: reconnecting to %s with the new client certificate", self.address.url)
+                self.tls = new_tls
+                self._replace_client(mqtt5=self.mqtt5)
             if not running:
                 return
             if self.connected.is_set():
@@ -476,8 +482,20 @@ class Reporter:
                 self.spool.sync(force=False)
                 last_sync = time.monotonic()
 
+    def use_tls(self, tls: TlsOptions) -> None:
+        """Connect with ``tls`` from now on (a renewed client certificate): the sender thread
+        replaces the client, which reconnects at once; nothing spooled is lost."""
+        with self._cond:
+            self._new_tls = tls
+            self._cond.notify()
+
     def _reconnect_as_311(self) -> None:
         """Replace the MQTT 5 client by a 3.1.1 one (sender thread: it owns ``_mids``)."""
+        self._replace_client(mqtt5=False)
+
+    def _replace_client(self, *, mqtt5: bool) -> None:
+        """A new client for ``mqtt5`` and the current TLS options; the old one disconnects
+        cleanly (no will) and what it had in flight is sent again (sender thread)."""
         old = self.client
         for name in ("on_connect", "on_connect_fail", "on_socket_open", "on_disconnect", "on_publish",
                      "on_message"):
@@ -489,7 +507,8 @@ class Reporter:
             self._mids.clear()
         with self._cond:
             self._acked.clear()  # the old client's mids; the new one counts from 1 again
-        self.mqtt5 = False
+        self.connected.clear()
+        self.mqtt5 = mqtt5
         self._attempt_at = None
         self.client = self._new_client()
         self._connect()
