@@ -17,7 +17,7 @@ import uvicorn
 
 from agent.client import AgentClient
 from agent.config import parse_config
-from agent.errors import UnknownModelError
+from agent.errors import InferenceError, UnknownModelError
 from agent.main import Agent
 from fleet.app import create_app
 from fleet.bundles.build import build_bundle
@@ -101,9 +101,13 @@ class Rig:
 
 
 @contextmanager
-def running_rig(tmp_path: Path, mosquitto: Any, *, traffic_pause_s: float) -> Iterator[Rig]:
+def running_rig(
+    tmp_path: Path, mosquitto: Any, *, traffic_pause_s: float,
+    labels: dict[str, dict[str, str]] | None = None,
+) -> Iterator[Rig]:
     """The fleet under uvicorn (SQLite, its controller and ingester) on ``mosquitto``, and an
-    in-process agent per device in DEVICES with a local application sending it traffic."""
+    in-process agent per device in DEVICES with a local application sending it traffic
+    (``labels``: a device's labels instead of ``{"site": "lab"}``)."""
     keyring = init_keyring(tmp_path / "keys")
     settings = Settings(
         data_dir=tmp_path / "fleet", database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
@@ -128,7 +132,8 @@ def running_rig(tmp_path: Path, mosquitto: Any, *, traffic_pause_s: float) -> It
                 "state_dir": str(tmp_path / device),
                 "trust_root": str(keyring.root_path),
                 "api": {"listen": "127.0.0.1:0"},
-                "fleet": {"url": url, "enrollment_token": ENROLL, "labels": {"site": "lab"},
+                "fleet": {"url": url, "enrollment_token": ENROLL,
+                          "labels": (labels or {}).get(device, {"site": "lab"}),
                           "poll_interval_s": 0.3},
                 "mqtt": {"url": mosquitto.url, "health_interval_s": 0.5},
                 "update": {"trial_seconds": 0.5},
@@ -162,6 +167,8 @@ def _traffic(agent: Agent, stop: threading.Event, seed: int, pause_s: float) -> 
             agent.host.predict("clf", {"x": field_traffic(rng)})
         except UnknownModelError:
             stop.wait(0.05)
+        except InferenceError:
+            pass  # a faulty release: the agent counts the error, the application goes on
         stop.wait(pause_s)
 
 
