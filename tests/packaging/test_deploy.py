@@ -137,6 +137,8 @@ def test_k8s_broker_config_is_the_tested_one(k8s: dict[tuple[str, str], dict[str
     conf = (PACKAGING / "mosquitto" / "edgefleet-production.conf").read_text()
     expected = (conf.replace("log_dest syslog", "log_dest stdout")
                 .replace("/etc/mosquitto/edgefleet.passwd", "/etc/mosquitto/passwd/edgefleet.passwd")
+                .replace("/etc/mosquitto/edgefleet-services.passwd",
+                         "/etc/mosquitto/passwd/edgefleet-services.passwd")
                 .replace("/etc/mosquitto/edgefleet.acl", "/etc/mosquitto/conf/edgefleet.acl"))
     assert data["mosquitto.conf"].strip() == expected.strip()
     container = k8s[("Deployment", "mosquitto")]["spec"]["template"]["spec"]["containers"][0]

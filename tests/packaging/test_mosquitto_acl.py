@@ -23,6 +23,7 @@ import pytest
 from .conftest import PACKAGING, tool
 
 PASSWORDS = {"dev-a": "pw-a", "dev-b": "pw-b", "edgefleet-fleet": "pw-fleet", "edgefleet-reader": "pw-r"}
+SERVICES = ("edgefleet-fleet", "edgefleet-reader")  # the fleet listener's own password file
 TOPIC = "edgefleet/v1/devices/{}/{}"
 
 
@@ -45,6 +46,7 @@ def production_conf(src: str, tmp: Path, device_port: int, fleet_port: int) -> s
     """The shipped config with this test's paths and ports (and no syslog, no persistence)."""
     text = src.replace("/etc/mosquitto/certs/", f"{tmp}/certs/")
     text = text.replace("/etc/mosquitto/edgefleet.passwd", f"{tmp}/edgefleet.passwd")
+    text = text.replace("/etc/mosquitto/edgefleet-services.passwd", f"{tmp}/edgefleet-services.passwd")
     text = text.replace("/etc/mosquitto/edgefleet.acl", f"{tmp}/edgefleet.acl")
     text = text.replace("listener 8883\n", f"listener {device_port} 127.0.0.1\n")
     text = text.replace("listener 8884\n", f"listener {fleet_port} 127.0.0.1\n")
@@ -64,9 +66,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     certs = tmp_path / "certs"
     subprocess.run(["sh", str(PACKAGING / "mosquitto" / "gen-certs.sh"), str(certs), "localhost",
                     "IP:127.0.0.1"], check=True, capture_output=True)
-    pwfile = tmp_path / "edgefleet.passwd"
-    for i, (user, password) in enumerate(PASSWORDS.items()):
-        subprocess.run([passwd, *(["-c"] if i == 0 else []), "-b", str(pwfile), user, password],
+    for user, password in PASSWORDS.items():
+        pwfile = tmp_path / ("edgefleet-services.passwd" if user in SERVICES else "edgefleet.passwd")
+        subprocess.run([passwd, *([] if pwfile.exists() else ["-c"]), "-b", str(pwfile), user, password],
                        check=True, capture_output=True)
     (tmp_path / "edgefleet.acl").write_text((PACKAGING / "mosquitto" / "edgefleet.acl").read_text())
     dport, fport = _free_port(), _free_port()
@@ -216,6 +218,24 @@ def test_client_id_is_the_user_name_on_the_device_listener(broker: TlsBroker, cl
     b = connected(clients, broker, "dev-b", client_id="dev-b")
     assert b.subscribe(TOPIC.format("dev-b", "desired")) == [1]
     connected(clients, broker, "dev-a", client_id="dev-b")
+    fleet = connected(clients, broker, "edgefleet-fleet", port=broker.fleet_port)
+    fleet.publish(TOPIC.format("dev-b", "desired"), b"still-connected")
+    assert b.received(1.5) == [(TOPIC.format("dev-b", "desired"), b"still-connected")]
+
+
+def test_devices_cannot_log_in_on_the_fleet_listener(broker: TlsBroker, clients: list[Client]) -> None:
+    """The fleet listener knows the fleet's logins only: a device cannot pick a client id there
+    (another device's, or a fleet process's) and take over its session; nor can a service
+    account log in on the device listener (where its client id would be forced anyway)."""
+    b = connected(clients, broker, "dev-b", client_id="dev-b")
+    assert b.subscribe(TOPIC.format("dev-b", "desired")) == [1]
+    not_authorised = 135
+    for attempt in (Client(broker, "dev-a", port=broker.fleet_port, client_id="dev-b"),
+                    Client(broker, "edgefleet-fleet")):
+        try:
+            assert attempt.connect() == not_authorised
+        finally:
+            attempt.close()
     fleet = connected(clients, broker, "edgefleet-fleet", port=broker.fleet_port)
     fleet.publish(TOPIC.format("dev-b", "desired"), b"still-connected")
     assert b.received(1.5) == [(TOPIC.format("dev-b", "desired"), b"still-connected")]
