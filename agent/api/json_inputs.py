@@ -149,6 +149,9 @@ def decode_inputs(body: bytes | bytearray, dtypes: dict[str, str], model: str) -
     except msgspec.DecodeError as exc:
         raise JsonInputError("bad_json", f"the body is not valid JSON: {exc}; send "
                              '{"inputs": {name: nested lists}}') from None
+    except RecursionError:
+        raise JsonInputError("bad_json", "the body is nested too deeply; an input has at most "
+                             f"{MAX_NDIM} dimensions") from None
     out = {}
     for name, raw in doc.inputs.items():
         if name not in dtypes:
