@@ -10,6 +10,7 @@ at once. Desired-state notices are published only after the transaction committe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -47,7 +48,13 @@ from fleet.rollout.assignments import (
     set_assignment,
 )
 from fleet.rollout.inputs import gate_inputs
-from fleet.rollout.releases import accepted_releases, newer_accepted, refuse_lower_release
+from fleet.rollout.releases import (
+    accepted_releases,
+    latest_failures,
+    newer_accepted,
+    refuse_lower_release,
+)
+from fleet.rollout.stalls import judge_stall, with_refusal_texts
 from fleet.rollout.status import format_time, parse_time
 from shared.bundle.keyring import Keyring, load_keyring
 from shared.errors import EdgefleetError
@@ -421,6 +428,7 @@ class RolloutController:
             approved=rollout.approved_stage == stage_index,
             shadow=inputs["shadow"],
         )
+        decision = self._judge_stall(session, rollout, spec, bundle, decision, now, stage_started)
         self._store_progress(session, members, decision)
         self._store_gates(session, rollout, spec, decision, now)
         rollout.updated = now
@@ -480,6 +488,30 @@ class RolloutController:
                 notices += self._roll_back(session, rollout, reason, stage=stage.name)
         session.add(rollout)
         return decision
+
+    def _judge_stall(
+        self,
+        session: Session,
+        rollout: Rollout,
+        spec: eng.RolloutSpec,
+        bundle: Bundle,
+        decision: eng.Decision,
+        now: datetime,
+        stage_started: datetime,
+    ) -> eng.Decision:
+        """Failed devices get their own reason text; a stage that cannot progress fails
+        (fleet.rollout.stalls)."""
+        failed = [p.device_id for p in decision.devices if p.progress is eng.Progress.FAILED]
+        if failed:
+            since = as_utc(rollout.started_at)
+            texts = latest_failures(session, rollout.model, bundle.release, failed, since)
+            devices = with_refusal_texts(decision.devices, texts, f"r{bundle.release} ({bundle.version})")
+            decision = dataclasses.replace(decision, devices=devices)
+        stalled = judge_stall(
+            spec, rollout.current_stage, decision,
+            now=now.timestamp(), stage_started_at=stage_started.timestamp(),
+        )
+        return stalled or decision
 
     def _store_progress(
         self, session: Session, members: Sequence[RolloutDevice], decision: eng.Decision

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlmodel import Session, col, func, select
 
 from fleet.db.models import Assignment, Bundle, Device, DeviceEvent
 from fleet.errors import ConflictError
+from fleet.rollout.stalls import Refusal
 
 # Update events after which a device's floor is at least the event's release.
 ACCEPTING_EVENTS = ("activated", "committed")
@@ -101,3 +103,24 @@ def accepted_releases(session: Session, model: str, device_ids: Sequence[str]) -
         if release is not None:
             offer(device_id, Accepted(int(release), None, "activated"))
     return best
+
+
+def latest_failures(
+    session: Session, model: str, release: int, device_ids: Sequence[str], since: datetime | None
+) -> dict[str, Refusal]:
+    """Each device's latest ``failed`` update event for ``release`` (since ``since``): the
+    reason code and the device's own text, for the rollout's status."""
+    if not device_ids:
+        return {}
+    stmt = select(DeviceEvent).where(
+        DeviceEvent.model == model,
+        DeviceEvent.release == release,
+        DeviceEvent.kind == "failed",
+        col(DeviceEvent.device_id).in_(list(device_ids)),
+    )
+    if since is not None:
+        stmt = stmt.where(col(DeviceEvent.received_at) >= since)
+    out: dict[str, Refusal] = {}
+    for e in session.exec(stmt.order_by(col(DeviceEvent.received_at), col(DeviceEvent.id))):
+        out[e.device_id] = Refusal(e.reason, (e.message or "").strip())
+    return out
