@@ -79,6 +79,14 @@ DEVICES_ONLINE = Gauge(
     "edgefleet_devices_online", "Devices online and heard from within silence_after_s", registry=REGISTRY,
 )
 ROLLOUTS = Gauge("edgefleet_rollouts", "Rollouts by state", ["state"], registry=REGISTRY)
+# Per device, from its DeviceClaim row (every ingester's refusals): the devices with the most.
+DEVICE_REFUSED_SERIES = 1000
+DEVICE_REFUSED = Gauge(
+    "edgefleet_device_telemetry_refused",
+    f"Telemetry messages of a device refused by the ingesters, by cause (malformed or out of bounds, "
+    f"duplicate, over_budget, db_refused); the {DEVICE_REFUSED_SERIES} devices with the most",
+    ["device", "cause"], registry=REGISTRY,
+)
 
 ROLLOUT_STATES = ("created", "running", "paused", "succeeded", "rolled_back", "aborted")
 
@@ -118,6 +126,26 @@ def refresh_from_db(engine: Any, silence_after_s: float) -> None:
             select(Rollout.id, Rollout.gate_results).where(col(Rollout.state).in_(("running", "paused")))
         ).all()
     set_gate_gauges(active)
+    set_device_refused(engine)
+
+
+def set_device_refused(engine: Any) -> None:
+    """``edgefleet_device_telemetry_refused`` from the DeviceClaim rows with any refusal."""
+    from sqlmodel import Session, select
+
+    from fleet.db.models import DeviceClaim
+    from fleet.ingest.claims_store import CAUSES
+
+    c = DeviceClaim
+    total = c.malformed + c.duplicate + c.over_budget + c.db_refused  # type: ignore[operator]
+    with Session(engine) as session:
+        rows = session.exec(
+            select(c).where(total > 0).order_by(total.desc()).limit(DEVICE_REFUSED_SERIES)
+        ).all()
+    DEVICE_REFUSED.clear()
+    for row in rows:
+        for cause in CAUSES:
+            DEVICE_REFUSED.labels(device=row.device_id, cause=cause).set(getattr(row, cause))
 
 
 def set_gate_gauges(rollouts: Iterable[tuple[int | None, Any]]) -> None:

@@ -43,7 +43,7 @@ from fleet.api.trust import newest_root_version
 from fleet.db.engine import session_scope
 from fleet.db.models import Assignment, Bundle, Device, Rollout, as_utc, now_utc
 from fleet.errors import NotFoundError
-from fleet.ingest import rollup
+from fleet.ingest import claims_store, rollup
 from fleet.rollout.shadow import shadow_entries
 from shared.errors import MalformedDocumentError
 from shared.timeutil import format_ts
@@ -373,6 +373,8 @@ class DeviceController(Controller):
         with Session(ctx.engine) as session:
             body = device_json(session, _get_device(session, device_id), ctx.settings.silence_after_s)
             body["health_by_release"] = rollup.per_device(session, device_id)
+            # its telemetry refused by the ingesters, by cause (docs/telemetry.md "Bounds")
+            body["telemetry_refused"] = claims_store.claims_json(session, device_id)
             return body
 
     @delete("/{device_id:str}", guards=[operator_guard], opt={"scope": "admin"}, sync_to_thread=True,
