@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.config import parse_config
+from agent.main import Agent
 from fleet.app import create_app
 from fleet.broker.passwords import hash_password
 from fleet.identity.ca import DeviceCA, write_crl
@@ -150,18 +152,24 @@ def health_count(http: httpx.Client, device_id: str) -> int:
         (1 if r.json().get("health") else 0)
 
 
-def test_certificate_devices_end_to_end(broker: tuple[TlsBroker, Path, Path], tmp_path: Path) -> None:
+def fleet_settings(broker: tuple[TlsBroker, Path, Path], tmp_path: Path, keys_dir: Path) -> Settings:
+    """The fleet on the broker's fleet listener, handing out its device listener, with the
+    device CA and CRL the broker reads, SIGHUP as the reload command."""
     b, device_ca_dir, crl = broker
     assert b.proc is not None
-    keyring = init_keyring(tmp_path / "keys")
-    settings = Settings(
+    return Settings(
         data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
-        keys_dir=keyring.directory, admin_token=ADMIN, enrollment_token=ENROLL,
+        keys_dir=keys_dir, admin_token=ADMIN, enrollment_token=ENROLL,
         run_controller=False, mqtt_url=b.fleet_url, mqtt_username=FLEET_USER, mqtt_password=FLEET_PASSWORD,
         mqtt_ca_file=b.ca_file, public_mqtt_url=b.url, device_ca_dir=device_ca_dir, mqtt_crl_file=crl,
         mqtt_reload_command=f"kill -HUP {b.proc.pid}", mqtt_shared_subscription=False,
     )
-    server, thread, url = serve(settings)
+
+
+def test_certificate_devices_end_to_end(broker: tuple[TlsBroker, Path, Path], tmp_path: Path) -> None:
+    b, _device_ca_dir, crl = broker
+    keyring = init_keyring(tmp_path / "keys")
+    server, thread, url = serve(fleet_settings(broker, tmp_path, keyring.directory))
     state = tmp_path / "agent"
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
@@ -180,6 +188,8 @@ def test_certificate_devices_end_to_end(broker: tuple[TlsBroker, Path, Path], tm
         wait_for(lambda: health_count(http, "dev-1") > 0, 40,
                  f"dev-1's health at the fleet; agent log: {log.read_text()[-2000:]}")
         assert "u'dev-1'" in b.log()  # the broker's user name is the certificate's CN
+        # The key and CSR were made in a child: the resident agent never mapped cryptography.
+        assert "cryptography" not in Path(f"/proc/{proc.pid}/maps").read_text()
         tls = state / "tls"
         keys = list(tls.glob("key-*.pem"))
         assert len(keys) == 1 and keys[0].stat().st_mode & 0o777 == 0o600
@@ -232,6 +242,51 @@ def test_certificate_devices_end_to_end(broker: tuple[TlsBroker, Path, Path], tm
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        http.close()
+        server.should_exit = True
+        thread.join(15)
+
+
+def test_renewal_moves_the_connection_to_the_new_certificate(broker: tuple[TlsBroker, Path, Path],
+                                                             tmp_path: Path) -> None:
+    """A renewed certificate is used at once (no restart), nothing spooled is lost, and the
+    old key is gone from the device."""
+    b = broker[0]
+    keyring = init_keyring(tmp_path / "keys")
+    server, thread, url = serve(fleet_settings(broker, tmp_path, keyring.directory))
+    agent = Agent(parse_config({
+        "device_id": "dev-1", "state_dir": str(tmp_path / "agent"), "trust_root": str(keyring.root_path),
+        "api": {"listen": "127.0.0.1:0"},
+        "fleet": {"url": url, "enrollment_token": ENROLL, "poll_interval_s": 0.3},
+        "mqtt": {"health_interval_s": 0.3, "ca_file": str(b.ca_file), "certificate": "fleet"},
+    }))
+    http = httpx.Client(base_url=url, timeout=10)
+    agent.start()
+    try:
+        wait_for(lambda: agent.reporter is not None and agent.reporter.connected.is_set(), 30,
+                 "the agent's certificate connection")
+        assert agent.certificate is not None
+        first = agent.certificate.meta()
+        assert first is not None and not agent.certificate.due()
+        assert agent.renew_certificate() is False  # not due: nothing happens
+        # Past its renewal time: a new key, a new certificate, the connection moves to it.
+        assert agent.renew_certificate(now=first.renew_after_ts + 1) is True
+        second = agent.certificate.meta()
+        assert second is not None and second.serial != first.serial
+        tls = tmp_path / "agent" / "tls"
+        assert sorted(p.name for p in tls.glob("*-*.pem")) == sorted([second.key_file, second.cert_file])
+        wait_for(lambda: b.log().count("u'dev-1'") >= 2, 20, "the reconnect with the new certificate")
+        wait_for(lambda: agent.reporter is not None and agent.reporter.connected.is_set(), 20, "reconnected")
+        before = health_count(http, "dev-1")
+        wait_for(lambda: health_count(http, "dev-1") > before, 20, "health after the renewal")
+        # The fleet lists both; the old one stays valid until it expires (no dark period).
+        listed = http.get("/api/v1/devices/dev-1/certificates", headers=OPERATOR).json()
+        serials = [c["serial"] for c in listed]
+        assert serials == [second.serial, first.serial]
+        assert agent.reporter is not None and agent.reporter.tls is not None
+        assert agent.reporter.tls.cert_file == tls / second.cert_file
+    finally:
+        agent.stop()
         http.close()
         server.should_exit = True
         thread.join(15)

@@ -1,0 +1,70 @@
+"""The agent's device certificate: the config key, the key made in a child process (0600,
+atomic), the fleet's answer checked, a failed request leaving the pair in use untouched."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.config import ConfigError, parse_config
+from agent.fleet_client import FleetClient
+from agent.identity.certificate import CertificateError, DeviceCertificate
+from agent.identity.keygen import make_key_and_csr
+
+from .conftest import free_port
+
+BASE = {"device_id": "dev-1", "state_dir": "/tmp/s", "trust_root": "/etc/root.json"}
+FLEET = {"url": "http://127.0.0.1:8080", "enrollment_token": "t"}
+
+
+def test_config_certificate_fleet() -> None:
+    cfg = parse_config({**BASE, "fleet": FLEET, "mqtt": {"certificate": "fleet"}})
+    assert cfg.mqtt.fleet_certificate
+    assert not parse_config({**BASE, "fleet": FLEET, "mqtt": {}}).mqtt.fleet_certificate
+
+
+@pytest.mark.parametrize(("mqtt", "fleet", "named"), [
+    ({"certificate": "yes"}, True, "mqtt.certificate"),
+    ({"certificate": "fleet"}, False, "[fleet]"),
+    ({"certificate": "fleet", "url": "mqtt://h:1883"}, True, "TLS URL"),
+    ({"certificate": "fleet", "cert_file": "/etc/hostname"}, True, "exclude each other"),
+])
+def test_config_certificate_refusals(mqtt: dict[str, Any], fleet: bool, named: str) -> None:
+    doc = {**BASE, "mqtt": mqtt, **({"fleet": FLEET} if fleet else {})}
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(doc)
+
+
+def test_keygen_writes_a_private_key_and_a_csr_for_the_device(tmp_path: Path) -> None:
+    key_path = tmp_path / "key.pem"
+    csr = x509.load_pem_x509_csr(make_key_and_csr("dev-9", key_path))
+    assert csr.subject.rfc4514_string() == "CN=dev-9" and csr.is_signature_valid
+    assert key_path.stat().st_mode & 0o777 == 0o600
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    assert key.public_key().public_numbers() == csr.public_key().public_numbers()  # type: ignore[union-attr]
+
+
+def test_unreachable_fleet_leaves_no_stray_key(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with httpx.Client(timeout=2) as http:
+        fleet = FleetClient(url=url, device_id="dev-1", enrollment_token="t", labels={},
+                            state_dir=tmp_path, client=http)
+        # a credential as if enrolled, so the request itself is what fails
+        (tmp_path / "device.json").write_text(
+            f'{{"device_id":"dev-1","credential":"c","mqtt_url":null,"fleet_url":"{url}"}}')
+        cert = DeviceCertificate(fleet, tmp_path)
+        assert cert.due() and cert.files() is None
+        t0 = time.monotonic()
+        with pytest.raises(CertificateError, match="no device certificate"):
+            cert.ensure()
+        # the key made for the failed request is removed; a retry waits (no request storm)
+        assert list((tmp_path / "tls").glob("*.pem")) == []
+        with pytest.raises(CertificateError, match="last request failed"):
+            cert.ensure()
+        assert time.monotonic() - t0 < 10
