@@ -35,7 +35,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fleet.rollout.gates import DeviceState, HealthWindow
+    from fleet.rollout.gates import DeviceState, HealthWindow, ShadowFigures
 
 # A window received just after a device was assigned may cover up to one health interval
 # before it (agents report every 60 s by default): the ceiling allows this much more time.
@@ -82,6 +82,27 @@ def _refusal(h: HealthWindow) -> Refusal | None:
             return Refusal.NOT_FINITE
         if value < 0:
             return Refusal.NEGATIVE
+    return None
+
+
+def shadow_refusal(f: ShadowFigures, ceiling: int | None) -> Refusal | None:
+    """Why a device's (cumulative) shadow report is refused, or None: negative or
+    inconsistent counts, non-finite or out-of-range figures, more samples than the device
+    could have served since it was assigned (``ceiling``)."""
+    counts = (f.samples, f.agreed, f.errors, f.dropped)
+    if any(n < 0 for n in counts):
+        return Refusal.NEGATIVE
+    if f.agreed + f.errors > f.samples:
+        return Refusal.ERRORS_ABOVE_INFERENCES
+    floats = (f.max_abs_error, f.cosine_min, f.candidate_p95_ms, f.current_p95_ms)
+    if any(v is not None and not math.isfinite(v) for v in floats):
+        return Refusal.NOT_FINITE
+    if any(v is not None and v < 0 for v in (f.max_abs_error, f.candidate_p95_ms, f.current_p95_ms)):
+        return Refusal.NEGATIVE
+    if f.cosine_min is not None and not -1.0 <= f.cosine_min <= 1.0:
+        return Refusal.NOT_FINITE
+    if ceiling is not None and f.samples > ceiling:
+        return Refusal.IMPLAUSIBLE
     return None
 
 

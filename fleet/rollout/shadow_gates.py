@@ -1,11 +1,18 @@
 """The gates of a shadow stage: the candidate's agreement with the serving release on the
-same sampled live requests, its error against it, and its latency, as devices report them."""
+same sampled live requests, its error against it, and its latency, as devices report them.
+
+Each device's report is a claim (fleet.rollout.evidence): one with negative, inconsistent,
+non-finite or implausible figures is refused; a device weighs its samples capped at the
+largest other device's; agreement is the weighted mean of per-device agreement after
+setting aside the ``trim_devices`` highest and lowest; the worst-device gates (abs error,
+cosine) judge the worst device after setting aside the ``trim_devices`` worst."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
 
+from fleet.rollout.evidence import capped_weights, shadow_refusal, trim_count, trimmed_mean
 from fleet.rollout.gates import (
     GateInput,
     GateResult,
@@ -22,8 +29,17 @@ from fleet.rollout.gates import (
 def _shadow_sample(inp: GateInput) -> tuple[list[ShadowFigures], int, int, dict[str, Any]]:
     """The stage's shadow figures: (reports, samples, devices with samples, common figures)."""
     ids = {d.device_id for d in inp.members}
-    reports = [f for f in inp.shadow if f.device_id in ids and f.release == inp.target]
-    samples = sum(f.samples for f in reports)
+    reports, refused = [], {}
+    for f in inp.shadow:
+        if f.device_id not in ids or f.release != inp.target:
+            continue
+        ev = inp.evidence.get(f.device_id)
+        why = shadow_refusal(f, ev.ceiling if ev is not None else None)
+        if why is None:
+            reports.append(f)
+        else:
+            refused[f.device_id] = {why.value: 1}
+    samples = sum(capped_weights({f.device_id: f.samples for f in reports}).values())
     devices = sum(1 for f in reports if f.samples)
     figures: dict[str, Any] = {
         "samples": samples,
@@ -34,6 +50,7 @@ def _shadow_sample(inp: GateInput) -> tuple[list[ShadowFigures], int, int, dict[
         "metric": sorted({f.metric for f in reports}),
         "min_shadow_samples": inp.gates.min_shadow_samples,
         "min_devices": inp.gates.min_devices,
+        "refused": dict(sorted(refused.items())[:20]),
     }
     return reports, samples, devices, figures
 
@@ -62,9 +79,13 @@ def agreement_gate(inp: GateInput) -> GateResult | None:
     if g.min_agreement is None:
         return None
     reports, samples, devices, figures = _shadow_sample(inp)
-    agreement = figures["agreed"] / samples if samples else 0.0
+    sampled = [f for f in reports if f.samples]
+    weights = capped_weights({f.device_id: f.samples for f in sampled})
+    trimmed = trimmed_mean({f.device_id: f.agreed / f.samples for f in sampled}, weights, g.trim_devices)
+    agreement = trimmed.value
     figures |= {"agreement": round(agreement, 6), "min_agreement": g.min_agreement,
-                "per_device": {f.device_id: round(f.agreed / f.samples, 4) for f in reports if f.samples}}
+                "per_device": {f.device_id: round(f.agreed / f.samples, 4) for f in sampled[:20]},
+                **trimmed.figures()}
     common = {"observed": round(agreement, 6), "threshold": g.min_agreement, "figures": figures}
     waiting = _shadow_wait(inp, "min_agreement", "shadow agreement", samples, devices, common)
     if waiting is not None:
@@ -81,16 +102,19 @@ def agreement_gate(inp: GateInput) -> GateResult | None:
 
 def _worst_device_gate(inp: GateInput, gate: str, label: str, field: str, bound: float | None, *,
                        higher_is_worse: bool, digits: str) -> GateResult | None:
-    """A bound on the worst device's figure (``field`` of its shadow report)."""
+    """A bound on the worst device's figure (``field`` of its shadow report), after setting
+    aside the ``trim_devices`` worst (as many as leave one device)."""
     if bound is None:
         return None
     reports, samples, devices, figures = _shadow_sample(inp)
-    values = [(v, f.device_id) for f in reports if (v := getattr(f, field)) is not None]
+    values = sorted(((v, f.device_id) for f in reports if (v := getattr(f, field)) is not None),
+                    reverse=higher_is_worse)
+    k = trim_count(len(values), inp.gates.trim_devices)
     if values:
-        observed, where = max(values) if higher_is_worse else min(values)
+        observed, where = values[k]
     else:
         observed, where = (0.0 if higher_is_worse else 1.0), None
-    figures |= {field: observed, "device": where, gate: bound}
+    figures |= {field: observed, "device": where, gate: bound, "set_aside": [d for _v, d in values[:k]]}
     common = {"observed": round(observed, 6), "threshold": bound, "figures": figures}
     waiting = _shadow_wait(inp, gate, f"shadow {label}", samples, devices, common)
     if waiting is not None:

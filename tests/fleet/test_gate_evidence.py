@@ -12,6 +12,7 @@ from fleet.rollout.engine import (
     DeviceState,
     GateStatus,
     HealthWindow,
+    ShadowFigures,
     SpecError,
     Verdict,
     evaluate_stage,
@@ -249,3 +250,61 @@ def test_claim_settings_are_validated(gates: dict[str, Any], name: str, text: st
 def test_defaults() -> None:
     g = spec().gates
     assert (g.max_device_rate, g.trim_devices) == (2000.0, 1)
+
+
+# -- shadow stages ----------------------------------------------------------------------
+
+SHADOW_GATES = {"min_agreement": 0.98, "max_abs_error": 0.05, "min_shadow_samples": 100, "min_devices": 1}
+
+
+def shadow_run(figures: list[ShadowFigures], n: int) -> Any:
+    s = parse_spec({
+        "name": "r12 in shadow", "bundle_id": 3,
+        "stages": [{"name": "shadow", "mode": "shadow", "bake_seconds": 60}, {"name": "all"}],
+        "gates": SHADOW_GATES,
+    })
+    devices = [DeviceState(f"d{i}", 0, 11, "committed", online=True, last_seen=T0 + 50, assigned_at=T0)
+               for i in range(n)]
+    return evaluate_stage(s, 0, TARGET, devices, (), [], now=T0 + ELAPSED, stage_started_at=T0,
+                          shadow=figures)
+
+
+def shadow(device: str, samples: int = 200, agreed: int | None = None, **kw: Any) -> ShadowFigures:
+    return ShadowFigures(device, TARGET, samples, samples if agreed is None else agreed,
+                         **{"max_abs_error": 0.01, **kw})
+
+
+def test_a_fake_shadow_device_does_not_outvote_real_disagreement() -> None:
+    """Real devices agree on 50 %; a fake claims a perfect agreement on a billion samples."""
+    figures = [shadow("d0", 200, 100), shadow("d1", 10**9)]
+    d = shadow_run(figures, 2)
+    assert d.verdict is Verdict.FAIL and d.gate == "min_agreement"
+    g = next(g for g in d.gates if g.gate == "min_agreement")
+    assert g.figures["refused"] == {"d1": {"implausible": 1}} and g.observed == 0.5
+    # plausible but huge: weighs as much as the real device, and the stage still fails
+    d = shadow_run([shadow("d0", 200, 100), shadow("d1", 100_000)], 2)
+    assert d.verdict is Verdict.FAIL and next(g for g in d.gates if g.gate == "min_agreement").sample == 400
+
+
+def test_one_shadow_device_cannot_fail_three() -> None:
+    figures = [shadow("d0"), shadow("d1"), shadow("d2", 200, 0, max_abs_error=9.0)]
+    d = shadow_run(figures, 3)
+    assert d.verdict is Verdict.ADVANCE, d.message
+    # two devices with the problem still fail it
+    figures = [shadow("d0"), shadow("d1", 200, 0, max_abs_error=9.0), shadow("d2", 200, 0, max_abs_error=9.0)]
+    assert shadow_run(figures, 3).verdict is Verdict.FAIL
+
+
+@pytest.mark.parametrize("bad", [
+    {"agreed": -5}, {"samples": 10, "agreed": 11}, {"max_abs_error": math.nan}, {"cosine_min": 7.0},
+    {"candidate_p95_ms": -1.0},
+])
+def test_malformed_shadow_figures_are_refused(bad: dict[str, Any]) -> None:
+    good = [shadow("d0"), shadow("d1")]
+    before = shadow_run(good, 3)
+    kw = {"samples": 200, **bad}
+    samples = kw.pop("samples")
+    after = shadow_run([*good, shadow("d2", samples, **kw)], 3)
+    g = next(g for g in after.gates if g.gate == "min_agreement")
+    assert set(g.figures["refused"]) == {"d2"}
+    assert g.observed == next(g for g in before.gates if g.gate == "min_agreement").observed

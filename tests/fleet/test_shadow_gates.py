@@ -99,10 +99,11 @@ def test_waits_until_every_device_reports_the_candidate_in_shadow() -> None:
 def test_low_agreement_fails_with_its_figures() -> None:
     d = run(spec(), serving(), [fig("d0", 300, 120), fig("d1", 200, 80)], elapsed=10)
     assert d.verdict is Verdict.FAIL and d.gate == "min_agreement"
-    assert d.message == ("stage shadow: shadow agreement 0.40 < 0.98 over 500 samples on 2 devices "
+    # each device weighs its samples capped at the largest other device's: 200 + 200
+    assert d.message == ("stage shadow: shadow agreement 0.40 < 0.98 over 400 samples on 2 devices "
                          "(r12 vs the serving release)")
     g = gate(d, "min_agreement")
-    assert (g.observed, g.threshold, g.sample, g.min_sample, g.unit) == (0.4, 0.98, 500, 100, "samples")
+    assert (g.observed, g.threshold, g.sample, g.min_sample, g.unit) == (0.4, 0.98, 400, 100, "samples")
     assert g.figures["per_device"] == {"d0": 0.4, "d1": 0.4}
 
 
@@ -136,7 +137,8 @@ def test_cosine_gate_names_the_worst_device() -> None:
 def test_inconclusive_when_the_bake_time_ends_without_enough_samples() -> None:
     d = run(spec(), serving(), [fig("d0", 30), fig("d1", 20)])
     assert d.verdict is Verdict.INCONCLUSIVE
-    assert d.message.startswith("stage shadow: inconclusive: gate min_agreement has 50 of 100 samples")
+    # 30 samples weigh 20, as much as the other device's
+    assert d.message.startswith("stage shadow: inconclusive: gate min_agreement has 40 of 100 samples")
     d = run(spec(on_inconclusive="extend"), serving(), [fig("d0", 30), fig("d1", 20)])
     assert d.verdict is Verdict.EXTEND
 
