@@ -94,12 +94,14 @@ def _releases(device: dict[str, Any]) -> str:
         for name, info in sorted(models.items()):
             if isinstance(info, dict):
                 state = f" {info['state']}" if info.get("state") else ""
-                parts.append(f"{name} r{info.get('release', '?')}{state}")
+                version = f" ({info['version']})" if info.get("version") else ""
+                parts.append(f"{name} r{info.get('release', '?')}{version}{state}")
             else:
                 parts.append(f"{name} r{info}")
         return ", ".join(parts) or "-"
     if isinstance(models, list):
-        texts = [f"{m.get('name', '?')} r{m.get('release', '?')}" if isinstance(m, dict) else str(m)
+        texts = [f"{m.get('name', '?')} r{m.get('release', '?')}"
+                 + (f" ({m['version']})" if m.get("version") else "") if isinstance(m, dict) else str(m)
                  for m in models]
         return ", ".join(texts) or "-"
     return str(models)
@@ -185,14 +187,26 @@ def rollout_list(args: argparse.Namespace) -> int:
         print_json(rollouts)
         return 0
     table = Table(title=f"rollouts ({len(rollouts)})", title_justify="left")
-    for col in ("id", "name", "model", "bundle", "state", "stage", "reason"):
+    for col in ("id", "name", "model", "release", "bundle", "state", "stage", "reason"):
         table.add_column(col)
     for r in rollouts:
         table.add_row(str(r.get("id", "")), str(r.get("name", "")), str(r.get("model", "")),
-                      str(r.get("bundle_id", "")), _state_markup(str(r.get("state", ""))),
+                      _release_text(r), str(r.get("bundle_id", "")), _state_markup(str(r.get("state", ""))),
                       _stage_name(r), str(r.get("reason") or ""))
     console().print(table)
     return 0
+
+
+def _release_text(r: dict[str, Any]) -> str:
+    """``r12 (1.2.0)``: the release number with its version label beside it."""
+    if r.get("release") is None:
+        return "-"
+    version = f" ({r['version']})" if r.get("version") else ""
+    reissue = f", re-issue of r{r['reissue_of']}" if r.get("reissue_of") else ""
+    return f"r{r['release']}{version}{reissue}"
+
+
+_NOT_UPDATED = ("failed", "rolled_back", "silent")
 
 
 def _state_markup(state: str) -> str:
@@ -276,7 +290,8 @@ def render_rollout(r: dict[str, Any], *, history: int | None = None) -> Renderab
     state = str(r.get("state", "?"))
     head = Text.from_markup(
         f"rollout [bold]{r.get('id')}[/] '{r.get('name', '')}' — {_state_markup(state)}"
-        f"  model {r.get('model', '?')}, bundle {r.get('bundle_id', '?')}, stage {_stage_name(r)}"
+        f"  model {r.get('model', '?')} {_release_text(r)}, bundle {r.get('bundle_id', '?')}, "
+        f"stage {_stage_name(r)}"
     )
     parts: list[RenderableType] = [head]
     stages = r.get("stages") or []
@@ -302,6 +317,11 @@ def render_rollout(r: dict[str, Any], *, history: int | None = None) -> Renderab
             for d in members
         ]
         parts.append(Text("devices: " + ", ".join(texts)))
+        # What a device said when it refused or failed the release, in its own words.
+        for d in members:
+            if isinstance(d, dict) and d.get("progress") in _NOT_UPDATED:
+                why = d.get("detail") or d.get("reason") or d.get("progress")
+                parts.append(Text(f"  {d.get('device_id', '?')} {d.get('progress')}: {why}", style="yellow"))
     gates = _latest_gates(r)
     if gates:
         parts.append(Text("gates:"))

@@ -136,3 +136,9 @@ def test_lower_release_refused_and_device_refusal_ends_the_stage(  # type: ignor
         assert cli.returncode == 0, cli.stderr
         assert "r4 (1.4)" in cli.stdout, cli.stdout
         assert "agent_version" in cli.stdout and "bundle needs agent 99.0.0" in cli.stdout, cli.stdout
+        for d in refused:  # each device's own words, on its own line
+            line = f"{d['device_id']} failed: refused r4 (1.4): agent_version: bundle needs agent"
+            assert line in cli.stdout, cli.stdout
+        cli = subprocess.run([sys.executable, "-m", "fleet.cli.main", "rollout", "list"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0 and "r4 (1.4)" in cli.stdout and "r3 (1.3)" in cli.stdout, cli.stdout
