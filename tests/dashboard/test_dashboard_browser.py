@@ -116,7 +116,7 @@ def test_dashboard_shows_the_rollback(demo: DemoFleet, chromium: str, tmp_path: 
                     for r in page.locator(f'tr.device-row[data-model="{MODEL}"]').all()
                 }
                 return set(shown) == set(demo.agents) and all(
-                    shown[d] == f"r{api[d]}" and api[d] in healthy for d in shown
+                    shown[d].split(" ")[0] == f"r{api[d]}" and api[d] in healthy for d in shown
                 )
 
             wait_until(page_matches_api, timeout=30, what="the device table to show the serving releases")

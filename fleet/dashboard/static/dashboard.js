@@ -36,6 +36,10 @@
   }
 
   const badge = (text, kind) => h("span", { class: `badge ${kind || text}` }, text);
+  // A release number with its version label beside it: "r12 (1.2.0)".
+  const rel = (release, version) => (release === null || release === undefined ? "–"
+    : `r${release}${version ? ` (${version})` : ""}`);
+  const NOT_UPDATED = ["failed", "rolled_back", "silent"];
   const pct = (x) => (x === null || x === undefined ? "–" : `${(x * 100).toFixed(x < 0.001 && x > 0 ? 3 : 1)}%`);
   const num = (x, unit, digits = 1) => (x === null || x === undefined ? "–" : `${Number(x).toFixed(digits)}${unit}`);
   const clock = (d) => d.toLocaleTimeString([], { hour12: false });
@@ -90,7 +94,7 @@
       const stages = r.stages.map((s) => badge(`${s.name} ${s.devices.length}`, s.state));
       body.append(h("tr", { class: `rollout-row${r.id === state.selected ? " selected" : ""}`,
         "data-rollout-id": r.id, "data-state": r.state, onclick: pick },
-      h("td", {}, r.id), h("td", {}, r.name), h("td", {}, r.model), h("td", {}, `r${r.release}`),
+      h("td", {}, r.id), h("td", {}, r.name), h("td", {}, r.model), h("td", {}, rel(r.release, r.version)),
       h("td", {}, badge(r.state)), h("td", { class: "stage-badges" }, stages), h("td", {}, ago(r.updated))));
       if (r.reason) {
         body.append(h("tr", { class: "reason-row", onclick: pick },
@@ -117,7 +121,7 @@
 
   function renderRollout(detail) {
     $("rollout").hidden = false;
-    $("rollout-title").replaceChildren(`Rollout ${detail.id}: ${detail.name} → ${detail.model} r${detail.release} `,
+    $("rollout-title").replaceChildren(`Rollout ${detail.id}: ${detail.name} → ${detail.model} ${rel(detail.release, detail.version)} `,
       badge(detail.state));
     const reason = $("rollout-reason");
     reason.hidden = !detail.reason;
@@ -136,7 +140,11 @@
         s.min_devices ? `min ${s.min_devices}` : null, `bake ${s.bake_seconds}s`].filter(Boolean).join(" · ")),
       h("div", {}, `${s.devices.length} device${s.devices.length === 1 ? "" : "s"} added`,
         s.committed !== undefined && (s.state === "active" || s.state === "passed") ? ` · ${s.committed} committed in all` : null),
-      h("div", { class: "device-list" }, s.devices.join(" ")))));
+      h("div", { class: "device-list" }, s.devices.join(" ")),
+      // each device that refused or failed the release, in its own words
+      ...(detail.devices || []).filter((d) => d.stage === s.index && NOT_UPDATED.includes(d.progress))
+        .map((d) => h("div", { class: "reason refusal", "data-device-id": d.device_id },
+          `${d.device_id} ${d.progress}: ${d.detail || d.reason || ""}`)))));
 
     const { gates, from } = latestGates(detail);
     $("gates-caption").textContent = from ? `(${from})` : "";
@@ -218,7 +226,7 @@
         const w = windows.filter((m) => m.name === name);
         const inf = w.reduce((a, m) => a + m.inferences, 0), err = w.reduce((a, m) => a + m.errors, 0);
         const p95 = w.map((m) => m.latency_p95_ms).filter((v) => v !== null && v !== undefined);
-        const release = reported.release !== undefined ? `r${reported.release}` : "–";
+        const release = reported.release !== undefined ? rel(reported.release, reported.version) : "–";
         const pending = assigned && assigned.release !== reported.release ? ` → r${assigned.release} assigned` : "";
         const first = i === 0;
         body.append(h("tr", { class: "device-row", "data-device-id": d.device_id, "data-model": name || "" },
