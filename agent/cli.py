@@ -22,6 +22,7 @@ from agent.runtime.host import LoadedModel, ModelHost
 from agent.runtime.registry import default_backends
 from agent.update.blobs import BlobStore
 from agent.update.installer import Installer
+from agent.update.lifecycle import ReleaseRef
 from agent.update.store import StateStore
 from shared.errors import EdgefleetError
 
@@ -244,8 +245,7 @@ def cmd_status(config: AgentConfig, as_json: bool) -> int:
         print(f"no models in {config.state_dir}")
         return 0
     for name, rec in sorted(records.items()):
-        active = f"r{rec.active.release} ({rec.active.version})" if rec.active else "none"
-        previous = f"r{rec.previous.release}" if rec.previous else "none"
+        active, previous = _release_text(rec.active), _release_text(rec.previous)
         target = f"r{rec.target.release}" if rec.target else "none"
         print(f"{name}: state {rec.state}, active {active}, previous {previous}, last target {target}")
         if rec.reason:
@@ -254,8 +254,15 @@ def cmd_status(config: AgentConfig, as_json: bool) -> int:
             # e.g. "r12 staged, waiting for the activation window 02:00-05:00 local time (device)"
             print(f"  {rec.message}")
         if rec.committed is not None:
-            print(f"  last committed r{rec.committed.release} (kept on disk)")
+            print(f"  last committed {_release_text(rec.committed)} (kept on disk)")
     return 0
+
+
+def _release_text(ref: ReleaseRef | None) -> str:
+    """``r12 (1.2.0)``: a release number with its version label beside it."""
+    if ref is None:
+        return "none"
+    return f"r{ref.release}" + (f" ({ref.version})" if ref.version else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ def test_refusal_is_one_line_with_reason(cfg: Path, bundles: Bundles,
     assert err.startswith("edgefleet-agent: error: refused (rollback):") and err.count("\n") == 1
     assert main(["--config", str(cfg), "status"]) == 0
     out = capsys.readouterr().out
-    assert "state failed, active r3" in out and "reason rollback" in out
+    assert "state failed, active r3 (1.3)" in out and "reason rollback" in out
 
 
 @pytest.mark.parametrize(
