@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from litestar.exceptions import ServiceUnavailableException
+from sqlalchemy.orm import object_session
 
 from fleet.api.auth import credential_hash, new_credential
 from fleet.api.context import AppContext
 from fleet.broker.passwords import BrokerPasswordFile, PasswordFileError, new_password
 from fleet.db.models import Device
+from fleet.identity.store import revoke_with_device
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ def cut_off(ctx: AppContext, device: Device) -> None:
             raise ServiceUnavailableException(
                 detail="the broker password file cannot be updated; the device is not revoked; retry"
             ) from None
+    session = object_session(device)
+    if session is not None:  # its certificates too: CRL and broker once the caller commits
+        revoke_with_device(session, ctx.settings, ctx.engine, device.id)  # type: ignore[arg-type]
     device.credential_hash = "revoked"  # never the SHA-256 of anything
     device.previous_credential_hash = None
     device.previous_credential_until = None

@@ -23,6 +23,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -168,3 +169,20 @@ def publish_revocation(settings: Settings, engine: Engine, device_id: str) -> tu
     log.info("device %s: certificates revoked; CRL %s written, broker reloaded: %s, session ended: %s",
              device_id, path, reloaded, disconnected)
     return path, reloaded, disconnected
+
+
+def revoke_with_device(session: Session, settings: Settings, engine: Engine, device_id: str) -> list[str]:
+    """Device revocation and deletion (fleet.api.device_credentials.cut_off): the device's
+    certificates are revoked in the caller's transaction, and once it commits the CRL is
+    written, the broker reloaded and the device's session ended. A failure there is logged:
+    the revocation is stored and the next start (or revocation) writes the CRL again."""
+    serials = revoke_device_certificates(session, device_id)
+    if serials:
+        def publish(_: Session) -> None:
+            try:
+                publish_revocation(settings, engine, device_id)
+            except Exception:
+                log.exception("device %s: certificates revoked, but the CRL was not published", device_id)
+
+        event.listen(session, "after_commit", publish, once=True)
+    return serials

@@ -96,3 +96,28 @@ def test_fleet_start_writes_the_crl_file(settings: Settings, tmp_path: Path) -> 
         crl = x509.load_pem_x509_crl(crl_file.read_bytes())
         ca = x509.load_pem_x509_certificate(c.get("/api/v1/certificates/ca").content)
         assert crl.issuer == ca.subject and len(list(crl)) == 0
+
+
+def test_device_revocation_and_deletion_revoke_its_certificates(client: TestClient[Any],
+                                                                settings: Settings) -> None:
+    """The device's own revoke (and delete) puts its certificates on the CRL too."""
+    serials = {}
+    for device in ("dev-1", "dev-2", "dev-3"):
+        cred = enroll(client, device)
+        r = client.post(f"/api/v1/devices/{device}/certificate", json={"csr": make_csr(device)},
+                        headers=bearer(cred))
+        serials[device] = int(r.json()["serial"], 16)
+    assert client.post("/api/v1/devices/dev-1/revoke", headers=admin()).status_code == 200
+    assert client.delete("/api/v1/devices/dev-2", headers=admin()).status_code == 200
+    crl_file = Path(settings.data_dir) / "device-ca" / "crl.pem"
+    crl = x509.load_pem_x509_crl(crl_file.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(serials["dev-1"]) is not None
+    assert crl.get_revoked_certificate_by_serial_number(serials["dev-2"]) is not None
+    assert crl.get_revoked_certificate_by_serial_number(serials["dev-3"]) is None
+    # a deleted device's certificate stays listed (and on the CRL) until it expires
+    listed = client.get("/api/v1/devices/dev-2/certificates", headers=admin()).json()
+    assert listed and listed[0]["revoked_at"]
+    # a revoked device cannot get a new certificate: its credential no longer works
+    r = client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")},
+                    headers=bearer("whatever"))
+    assert r.status_code == 401
