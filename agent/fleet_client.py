@@ -1,7 +1,11 @@
 """The device side of the fleet HTTP API: enrollment, credential, desired state.
 
 The credential lives in ``state_dir/device.json`` (mode 0600) and is reused across
-restarts; a 401 from the fleet triggers one re-enrollment with the enrollment token.
+restarts; a 401 from the fleet triggers one re-enrollment with the enrollment token, which
+carries the credential the device holds as its proof (the fleet refuses to re-enroll a known
+id on the token alone). When the desired state says ``rotate_credential`` the device fetches
+new credentials with its current ones (``rotate``). Whoever holds a connection made with a
+credential (the MQTT reporter) registers ``on_change`` and moves to the new one at once.
 With it, when the fleet manages the broker's password file, the device's broker password
 (``broker_password``; the broker user name is the device id). Files written before that
 field existed, and fleets that do not hand one out, leave it None.
@@ -11,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urljoin
@@ -68,6 +74,8 @@ class DesiredState(msgspec.Struct):
     server_time: str | float | None = None
     # The newest trust root the fleet serves (fleets that predate it send none).
     root_version: int | None = None
+    # An operator asked this device to rotate its credentials (FleetClient.rotate).
+    rotate_credential: bool = False
 
 
 class RootsPage(msgspec.Struct):
@@ -111,6 +119,7 @@ class FleetClient:
         self._desired: tuple[str, DesiredState] | None = None
         # The fleet's clock as of the last desired-state answer (HTTP Date), for expiry checks.
         self.server_date: float | None = None
+        self._listeners: list[Callable[[Credential], None]] = []
 
     # -- credential -------------------------------------------------------------------
 
@@ -134,25 +143,71 @@ class FleetClient:
                 self._cred = self._enroll()
             return self._cred
 
+    def on_change(self, listener: Callable[[Credential], None]) -> None:
+        """Call ``listener`` with every new credential (re-enrollment, rotation)."""
+        self._listeners.append(listener)
+
     def enroll(self) -> Credential:
         with self._lock:
             self._cred = self._enroll()
-            return self._cred
+            cred = self._cred
+        self._changed(cred)
+        return cred
+
+    def rotate(self) -> Credential:
+        """New credentials from the fleet, asked for with the current ones (the fleet keeps the
+        old API credential valid for an overlap window, so a lost answer is asked again)."""
+        url = f"{self.url}/api/v1/devices/{self.device_id}/credential"
+        try:
+            r = self.http.post(url, headers=self.auth_headers())
+        except httpx.HTTPError as exc:
+            raise DownloadError(f"credential rotation at {url} failed: {exc}") from None
+        if r.status_code in (401, 403):
+            raise AuthError(f"the fleet refused the credential rotation (HTTP {r.status_code}): "
+                            f"{r.text[:300]}")
+        if r.status_code not in (200, 201):
+            raise DownloadError(f"credential rotation answered HTTP {r.status_code}: {r.text[:300]}")
+        with self._lock:
+            self._cred = self._store(r.content, what="credential rotation")
+            cred = self._cred
+        log.info("credentials of %s rotated", self.device_id)
+        self._changed(cred)
+        return cred
+
+    def _changed(self, cred: Credential) -> None:
+        for listener in self._listeners:
+            try:
+                listener(cred)
+            except Exception:
+                log.exception("a credential listener failed")
 
     def _enroll(self) -> Credential:
         if not self.enrollment_token:
             raise AuthError("the device has no credential and fleet.enrollment_token is empty")
         url = f"{self.url}/api/v1/devices/enroll"
         body = {"device_id": self.device_id, "token": self.enrollment_token, "labels": self.labels}
+        # The credential held (in memory, else on disk) proves this is the device: a known id
+        # is not re-enrolled on the enrollment token alone.
+        held = self._cred
+        if held is None:
+            with contextlib.suppress(StateError):
+                held = self._load()
+        headers = {"Authorization": f"Bearer {held.credential}"} if held is not None else {}
         try:
-            r = self.http.post(url, json=body)
+            r = self.http.post(url, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise DownloadError(f"enrollment at {url} failed: {exc}") from None
         if r.status_code in (401, 403):
             raise AuthError(f"the fleet refused enrollment (HTTP {r.status_code}): {r.text[:300]}")
         if r.status_code not in (200, 201):
             raise DownloadError(f"enrollment answered HTTP {r.status_code}: {r.text[:300]}")
-        resp = strictjson.decode(r.content, EnrollResponse, what="enrollment response")
+        cred = self._store(r.content, what="enrollment response")
+        log.info("enrolled as %s at %s", self.device_id, self.url)
+        return cred
+
+    def _store(self, content: bytes, *, what: str) -> Credential:
+        """The credential of an enrollment or rotation answer, written to device.json (0600)."""
+        resp = strictjson.decode(content, EnrollResponse, what=what)
         if resp.device_id != self.device_id:
             raise MalformedDocumentError(f"enrollment answered for device {resp.device_id!r}")
         cred = Credential(self.device_id, resp.credential, resp.mqtt_url, self.url,
@@ -161,7 +216,6 @@ class FleetClient:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, msgspec.json.encode(cred), mode=0o600)
         os.chmod(self.path, 0o600)
-        log.info("enrolled as %s at %s", self.device_id, self.url)
         return cred
 
     def auth_headers(self) -> dict[str, str]:

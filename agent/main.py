@@ -51,7 +51,7 @@ from shared.errors import EdgefleetError
 if TYPE_CHECKING:  # imported by a fleet-connected agent only (an offline one never talks HTTP)
     import httpx
 
-    from agent.fleet_client import FleetClient
+    from agent.fleet_client import Credential, FleetClient
     from agent.identity.certificate import DeviceCertificate
 
 log = logging.getLogger("agent")
@@ -140,6 +140,7 @@ class Agent:
                 from agent.identity.certificate import DeviceCertificate
 
                 self.certificate = DeviceCertificate(self.fleet, config.state_dir)
+            self.fleet.on_change(self._credential_changed)
             fetcher = Fetcher(client, self.fleet.auth_headers, cancel=self._stop,
                               policy=DownloadPolicy.from_config(config.update))
         # Expiry checks use the best time the agent has; activation waits for the maintenance
@@ -264,6 +265,13 @@ class Agent:
             self.reporter.use_tls(self._certificate_tls())
         return renewed
 
+    def _credential_changed(self, cred: Credential) -> None:
+        """A re-enrollment or rotation: the MQTT login moves to the new broker password at
+        once, like the HTTP client (which reads the credential on every request)."""
+        reporter = self.reporter
+        if reporter is not None and cred.broker_password is not None:
+            reporter.use_login(cred.device_id, cred.broker_password)
+
     # -- desired state ----------------------------------------------------------------
 
     def request_sync(self) -> None:
@@ -282,6 +290,8 @@ class Agent:
         if self.fleet is None:
             return
         desired = self.fleet.desired()
+        if desired.rotate_credential:  # an operator asked; the answer moves HTTP and MQTT
+            self.fleet.rotate()
         self.clock.observe(self.fleet.server_date)
         self.clock.observe(desired.server_time)
         # Before any model: a release signed under a root rotated just now needs that root.

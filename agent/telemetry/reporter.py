@@ -269,6 +269,16 @@ class Reporter:
     def version(self) -> str:
         return "5" if self.mqtt5 else "3.1.1"
 
+    def use_login(self, username: str, password: str | None) -> None:
+        """Log in with a new broker password from now on (re-enrollment, rotation), without a
+        restart. The fleet's broker reload ends the session made with the old password, and
+        paho's reconnect (1 s later) presents the new one; nothing spooled is lost."""
+        if (username, password) == (self.username, self.password):
+            return
+        self.username, self.password = username, password
+        self.client.username_pw_set(username, password)  # read by paho at its next CONNECT
+        log.info("mqtt: broker login of %s changed; used from the next connection", username)
+
     def topic(self, kind: str) -> str:
         return topics.topic(self.device_id, kind)
 
