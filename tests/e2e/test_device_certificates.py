@@ -76,7 +76,7 @@ def broker(tmp_path: Path) -> Iterator[tuple[TlsBroker, Path, Path]]:
     passwd.write_text(f"{FLEET_USER}:{hash_password(FLEET_PASSWORD)}\n")
     b = TlsBroker(d, ca_file, other_ca, passwd, free_port(), free_port())
     files = {
-        "/etc/mosquitto/edgefleet.passwd": passwd, "/etc/mosquitto/edgefleet.acl": ACL_FILE,
+        "/etc/mosquitto/edgefleet-services.passwd": passwd, "/etc/mosquitto/edgefleet.acl": ACL_FILE,
         "/etc/mosquitto/certs/edgefleet-device-ca.crt": device_ca_dir / "ca.crt",
         "/etc/mosquitto/certs/edgefleet-ca.crt": ca_file, "/etc/mosquitto/certs/broker.crt": crt,
         "/etc/mosquitto/certs/broker.key": key, "/etc/mosquitto/certs/edgefleet-devices.crl": crl}
