@@ -194,3 +194,85 @@ def test_start_refuses_when_devices_accepted_a_higher_release_since_create(
     assert r.status_code == 409 and "d1 (r150 (1.2.0) reported)" in r.json()["detail"]
     st = client.get(f"/api/v1/rollouts/{rid}", headers=admin()).json()
     assert st["state"] == "created" and all(d["status"] == "pending" for d in st["devices"])
+
+
+# -- a device's refusal reaches the rollout and ends the stage ------------------------------
+
+
+def _failed_event(client: TestClient[Any], device_id: str, release: int, reason: str, message: str) -> None:
+    from datetime import UTC, datetime
+
+    from sqlmodel import Session
+
+    from fleet.db.models import DeviceEvent
+
+    now = datetime.now(UTC)
+    with Session(client.app.state.ctx.engine) as s:
+        s.add(DeviceEvent(device_id=device_id, ts=now.timestamp(), received_at=now, seq=7, model="detector",
+                          kind="failed", release=release, from_release=9, reason=reason, message=message))
+        s.commit()
+
+
+def test_a_rollback_refusal_shows_its_text_and_rolls_the_stage_back(
+    client: TestClient[Any], keyring: Keyring, tmp_path: Path
+) -> None:
+    from fleet_support import enroll
+
+    for d in ("d1", "d2"):
+        enroll(client, d, site="lab")
+    b = upload(client, make_bundle(tmp_path / "o", keyring, release=100, version="1.1.0").path).json()
+    rid = client.post("/api/v1/rollouts", json=_spec(b["id"]), headers=admin()).json()["id"]
+    assert client.post(f"/api/v1/rollouts/{rid}/start", headers=admin()).status_code == 200
+    ctrl = client.app.state.ctx.controller
+    ctrl.tick()
+    assert client.get(f"/api/v1/rollouts/{rid}", headers=admin()).json()["state"] == "running"
+    text = "detector release 100 is older than release 150 already accepted on this device"
+    _failed_event(client, "d2", 100, "rollback", text)
+    ctrl.tick()
+    st = client.get(f"/api/v1/rollouts/{rid}", headers=admin()).json()
+    assert st["state"] == "rolled_back", st["reason"]
+    assert "1 of 2 devices refused the release (rollback): d2 refused r100 (1.1.0): rollback: " + text in (
+        st["reason"]
+    )
+    assert "(gate device_refused)" in st["reason"]
+    d2 = next(d for d in st["devices"] if d["device_id"] == "d2")
+    assert (d2["progress"], d2["reason"]) == ("failed", "rollback")
+    assert d2["detail"] == f"refused r100 (1.1.0): rollback: {text}"
+    failed = [e for e in st["events"] if e["kind"] == "gate_failed"]
+    assert failed and failed[0]["data"]["gate"] == "device_refused"
+
+
+def test_a_stage_that_cannot_progress_ends_by_its_deadline(
+    client: TestClient[Any], keyring: Keyring, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from fleet_support import enroll
+
+    enroll(client, "d1", site="lab")
+    b = upload(client, make_bundle(tmp_path / "o", keyring, release=100, version="1.1.0").path).json()
+    spec = _spec(b["id"], silent_after_s=120, on_gate_failure="pause")
+    rid = client.post("/api/v1/rollouts", json=spec, headers=admin()).json()["id"]
+    start = datetime.now(UTC)
+    assert client.post(f"/api/v1/rollouts/{rid}/start", headers=admin()).status_code == 200
+    _failed_event(client, "d1", 100, "download", "GET /api/v1/blobs/…: connection reset")
+    ctrl = client.app.state.ctx.controller
+    ctrl.tick(now=start + timedelta(seconds=60))
+    st = client.get(f"/api/v1/rollouts/{rid}", headers=admin()).json()
+    assert st["state"] == "running"  # a download may succeed on a retry
+    assert st["devices"][0]["detail"].startswith("failed to install r100 (1.1.0): download: GET")
+    from sqlmodel import Session
+
+    from fleet.db.models import Device
+
+    with Session(client.app.state.ctx.engine) as s:  # it keeps reporting: not silent
+        device = s.get(Device, "d1")
+        assert device is not None
+        device.last_seen = start + timedelta(seconds=120)
+        s.add(device)
+        s.commit()
+    ctrl.tick(now=start + timedelta(seconds=125))
+    st = client.get(f"/api/v1/rollouts/{rid}", headers=admin()).json()
+    assert st["state"] == "paused", st
+    assert "cannot progress after 12" in st["reason"] and "(deadline 120 s)" in st["reason"]
+    assert "(gate stage_stalled)" in st["reason"]
