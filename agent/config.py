@@ -34,7 +34,7 @@ An unknown key or a bad value raises ConfigError naming the key and the value.
     request_timeout_s = 30.0       # a request without a result by then is answered 504
     max_connections = 1024         # open connections (503 beyond); idle ones cost no thread
     workers = 16                   # requests served at once
-    max_queued = 64                # complete requests waiting for a worker (503 beyond)
+    max_queued = 256               # complete requests waiting for a worker (503 beyond)
     backlog = 128                  # listen backlog
     idle_timeout_s = 30.0          # an idle keep-alive connection is closed after this
     head_timeout_s = 10.0          # a request head not complete by then: 408 (slowloris)
@@ -122,7 +122,7 @@ class ApiConfig(msgspec.Struct, frozen=True):
     request_timeout_s: float = 30.0
     max_connections: int = 1024
     workers: int = 16
-    max_queued: int = 64
+    max_queued: int = 256
     backlog: int = 128
     idle_timeout_s: float = 30.0
     head_timeout_s: float = 10.0

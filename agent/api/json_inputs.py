@@ -13,7 +13,8 @@ built); then, for numeric dtypes:
   dtype family (int64, uint64 or float64), then cast; a value out of the dtype's range is
   refused.
 
-Peak memory is about 3.5 times the JSON text plus the array (docs/agent-api.md, measured).
+The brackets are blanked in the body's own buffer, which is then copied once for
+``np.fromstring``: peak memory is about twice the JSON text plus the array (docs/agent-api.md).
 Other dtypes (bool, strings) go through msgspec lists, within the same size limit.
 """
 
@@ -27,8 +28,11 @@ import msgspec
 import numpy as np
 
 MAX_NDIM = 32
-_NUMBER_AND_SPACE = b"0123456789.eE+- \t\r\n"
-_BRACKETS = b"[]"
+# Byte tables: what the skeleton keeps (all but digits, ".eE+-" and whitespace), brackets.
+_SKELETON = np.ones(256, dtype=bool)
+_SKELETON[np.frombuffer(b"0123456789.eE+- \t\r\n", dtype=np.uint8)] = False
+_BRACKET = np.zeros(256, dtype=bool)
+_BRACKET[[0x5B, 0x5D]] = True
 _EMPTY_LIST = re.compile(rb"\[[ \t\r\n]*\]")
 
 
@@ -47,9 +51,11 @@ class _Request(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _canonical(dims: tuple[int, ...]) -> bytes:
+    """The skeleton of a rectangular array of this shape; built by repetition (bytes.join
+    would hold a buffer struct of ~80 bytes per item)."""
     text = b""
     for d in reversed(dims):
-        text = b"[" + b",".join([text] * d) + b"]"
+        text = b"[]" if d == 0 else b"".join((b"[", (text + b",") * (d - 1), text, b"]"))
     return text
 
 
@@ -69,7 +75,8 @@ def _shape(skeleton: bytes, count: int) -> tuple[int, ...]:
     if ndim > MAX_NDIM:
         raise JsonInputError("input", f"the array is nested {ndim} deep, at most {MAX_NDIM}")
     chars = np.frombuffer(skeleton, dtype=np.uint8)
-    depth = np.cumsum((chars == 0x5B).astype(np.int16) - (chars == 0x5D).astype(np.int16), dtype=np.int32)
+    # int8 may wrap past 127 levels: such a text is no canonical skeleton, refused below anyway
+    depth = np.cumsum((chars == 0x5B).astype(np.int8) - (chars == 0x5D).astype(np.int8), dtype=np.int8)
     dims = []
     for level in range(1, ndim + 1):
         start = level - 1  # the first list at this depth opens here
@@ -87,10 +94,12 @@ def _shape(skeleton: bytes, count: int) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _numbers(text: bytes, dtype: np.dtype[Any], name: str) -> np.ndarray:
-    family: type[np.generic] = (np.float64 if dtype.kind == "f" else np.uint64 if dtype == np.uint64
-                                else np.int64)
-    digits = text.translate(None, _BRACKETS)
+def _numbers(digits: bytes, dtype: np.dtype[Any], name: str) -> np.ndarray:
+    """The comma-separated numbers of ``digits`` (brackets blanked) in the family of ``dtype``:
+    float32 for float32/float16 (parsed straight, no float64 copy), float64, int64 or uint64."""
+    family: type[np.generic] = (
+        (np.float32 if dtype.itemsize <= 4 else np.float64) if dtype.kind == "f"
+        else np.uint64 if dtype == np.uint64 else np.int64)
     if not digits.strip(b", \t\r\n"):  # only empty lists
         return np.empty(0, dtype=family)
     if family is np.uint64 and b"-" in digits:
@@ -98,18 +107,17 @@ def _numbers(text: bytes, dtype: np.dtype[Any], name: str) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
-            values = np.fromstring(digits, dtype=family, sep=",")
+            return np.fromstring(digits, dtype=family, sep=",")
         except (ValueError, DeprecationWarning, OverflowError):
             what = "integers" if dtype.kind in "iu" else "numbers"
             raise JsonInputError("input", f"input {name!r} of dtype {dtype} must hold {what} "
                                  "only") from None
-    return values
 
 
 def _cast(values: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray:
     if dtype.kind == "f":
         with np.errstate(over="ignore", invalid="ignore"):
-            out = values.astype(dtype)
+            out = values.astype(dtype, copy=False)
         if out.size and not np.isfinite(out).all():
             raise JsonInputError("input", f"input {name!r} has a value out of the range of {dtype}")
         return out
@@ -122,12 +130,18 @@ def _cast(values: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-def numeric_array(text: bytes, dtype: np.dtype[Any], name: str) -> np.ndarray:
-    """A rectangular JSON array of numbers (valid JSON text) as an array of ``dtype``."""
-    skeleton = text.translate(None, _NUMBER_AND_SPACE)
-    values = _numbers(text, dtype, name)
+def numeric_array(buf: bytearray, start: int, end: int, dtype: np.dtype[Any], name: str) -> np.ndarray:
+    """The rectangular JSON array of numbers at ``buf[start:end]`` (valid JSON text) as an
+    array of ``dtype``. Blanks the brackets of that text in place: ``buf`` is the caller's
+    own copy of the body, read once more here (for ``np.fromstring``) and then dropped."""
+    region = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)
+    skeleton = region[_SKELETON[region]].tobytes()
+    empty_row = b"[]" in skeleton and _EMPTY_LIST.search(memoryview(buf)[start:end]) is not None
+    region[_BRACKET[region]] = 0x20
+    values = _numbers(bytes(memoryview(buf)[start:end]), dtype, name)
+    del region
     dims = _shape(skeleton, values.size)
-    if dims and dims[-1] == 1 and _EMPTY_LIST.search(text):  # "[]" beside "[5]": same skeleton
+    if dims and dims[-1] == 1 and empty_row:  # "[]" beside "[5]": the same skeleton
         raise JsonInputError("input", f"input {name!r} is not a rectangular array of numbers (an "
                              "empty row beside rows of one)")
     size = 1
@@ -139,8 +153,17 @@ def numeric_array(text: bytes, dtype: np.dtype[Any], name: str) -> np.ndarray:
     return _cast(values, dtype, name).reshape(dims)
 
 
+def _offset(buf: bytearray, raw: msgspec.Raw) -> int:
+    """Where ``raw`` (a view msgspec made into ``buf``) starts in ``buf``."""
+    base = np.frombuffer(buf, dtype=np.uint8).ctypes.data if buf else 0
+    return int(np.frombuffer(raw, dtype=np.uint8).ctypes.data - base)
+
+
 def decode_inputs(body: bytes | bytearray, dtypes: dict[str, str], model: str) -> dict[str, np.ndarray]:
-    """``{"inputs": {...}}`` into arrays of the model's input dtypes; JsonInputError."""
+    """``{"inputs": {...}}`` into arrays of the model's input dtypes; JsonInputError.
+    A bytearray body is used as scratch space (agent.api.connections reads bodies into one)."""
+    if not isinstance(body, bytearray):
+        body = bytearray(body)
     try:
         doc = msgspec.json.decode(body, type=_Request)
     except msgspec.ValidationError as exc:
@@ -161,12 +184,12 @@ def decode_inputs(body: bytes | bytearray, dtypes: dict[str, str], model: str) -
         except TypeError:
             raise JsonInputError("input", f"input {name!r} has dtype {dtypes[name]!r}, "
                                  "unknown here") from None
-        text = bytes(raw)
         if dtype.kind in "fiu":
-            out[name] = numeric_array(text, dtype, name)
+            start = _offset(body, raw)
+            out[name] = numeric_array(body, start, start + len(memoryview(raw)), dtype, name)
             continue
         try:
-            out[name] = np.asarray(msgspec.json.decode(text), dtype=dtype)
+            out[name] = np.asarray(msgspec.json.decode(raw), dtype=dtype)
         except (ValueError, TypeError, OverflowError) as exc:
             raise JsonInputError("input", f"input {name!r} is not a rectangular array of {dtype}: "
                                  f"{exc}") from None

@@ -261,6 +261,9 @@ class BodyBudget:
 # .npy is viewed in place, .npz is copied once and expanded (checked after), JSON text is
 # copied twice and parsed into an array (agent.api.json_inputs).
 BODY_COST = {NPY: 1, NPZ: 2, JSON: 5}
+# A JSON reply is built as Python lists (~32 bytes a number) and encoded (~10-20 more): it
+# may hold at most max_json_bytes / this many numbers.
+JSON_REPLY_BYTES_PER_NUMBER = 16
 
 
 class _Handler(RequestHandler):
@@ -438,6 +441,11 @@ class _Handler(RequestHandler):
             self._send(200, _npy_bytes(next(iter(outputs.values()))), NPY,
                        {**headers, "X-Edgefleet-Output": next(iter(outputs))})
         else:
+            numbers = sum(int(np.size(v)) for v in outputs.values())
+            if numbers > self.max_json_bytes // JSON_REPLY_BYTES_PER_NUMBER:
+                raise ApiError(406, "not_acceptable", f"the outputs hold {numbers} numbers, more than a JSON "
+                               f"reply may ({self.max_json_bytes // JSON_REPLY_BYTES_PER_NUMBER}: "
+                               f"api.max_json_bytes / {JSON_REPLY_BYTES_PER_NUMBER}); send Accept: {NPZ}")
             self._json(
                 200,
                 {

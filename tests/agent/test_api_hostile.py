@@ -223,6 +223,15 @@ def test_json_inputs_decode_like_npy(api: ApiServer, rig: Rig) -> None:
         c.send(b"POST /v1/models/clf/predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(bad) + bad)
         status, _, body = c.reply()
         assert status == 400 and error_of(body) in ("input", "bad_json"), body
+    # A JSON reply is bounded too (api.max_json_bytes / 16 numbers: 4096 here); npz is not.
+    rows = b'{"inputs": {"x": [' + b",".join([b"[0.5, 0.25, 0.125, 1]"] * 2000) + b"]}}"
+    c.send(b"POST /v1/models/clf/predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(rows) + rows)
+    status, _, body = c.reply()
+    assert status == 406 and error_of(body) == "not_acceptable"
+    assert "6000 numbers" in json.loads(body)["detail"]
+    c.send(b"POST /v1/models/clf/predict HTTP/1.1\r\nAccept: application/x-npz\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(rows) + rows)
+    assert c.reply()[0] == 200
     c.close()
 
 
