@@ -79,10 +79,8 @@ def test_refusals_name_the_check(ca: DeviceCA, make, check: str) -> None:  # typ
 
 
 def test_a_tampered_request_fails_its_signature(ca: DeviceCA) -> None:
-    """A CSR for one key whose signature is another's: no proof of holding the key."""
-    good = x509.load_pem_x509_csr(csr_pem("dev-1"))
-    other = ec.generate_private_key(ec.SECP256R1())
-    forged = x509.CertificateSigningRequestBuilder().subject_name(good.subject).sign(other, hashes.SHA256())
+    """A CSR whose signature does not verify: no proof of holding the key."""
+    forged = x509.load_pem_x509_csr(csr_pem("dev-1"))
     der = bytearray(forged.public_bytes(serialization.Encoding.DER))
     der[-5] ^= 0x01  # flip a bit of the signature
     import base64
@@ -90,7 +88,7 @@ def test_a_tampered_request_fails_its_signature(ca: DeviceCA) -> None:
            + b"-----END CERTIFICATE REQUEST-----\n")
     with pytest.raises(CertificateRequestError) as err:
         ca.sign(pem, "dev-1", lifetime=DAY)
-    assert err.value.check in ("signature", "format")
+    assert err.value.check == "signature"
 
 
 def test_lifetime_is_bounded_by_the_setting_and_the_ca(ca: DeviceCA) -> None:
