@@ -117,7 +117,11 @@ class Settings:
     # With shared subscriptions (MQTT 5): how long the broker keeps an ingester's session
     # (its subscriptions and the messages queued for it) across a disconnect or, where the
     # broker persists sessions, a broker restart. 0: a clean session on every connect.
-    mqtt_session_expiry_s: int = 600
+    # The broker keeps handing a dead ingester's session its share of the stream until the
+    # session expires, so this bounds how long devices can go unheard because an ingester
+    # died: at most fleet.ingest.ingester.MAX_SESSION_EXPIRY_S (120 s), well under a
+    # rollout's silent_after_s (300 s by default) less a health interval (docs/telemetry.md).
+    mqtt_session_expiry_s: int = 60
     # Raw HealthReport rows older than this are deleted (hourly rollups are kept longer).
     retention_days: float = 30.0
     rollup_retention_days: float = 400.0

@@ -74,6 +74,11 @@ SERVING_KINDS = frozenset({"activated", "committed", "rolled_back"})
 EVENT_MARK = ("event_seq", "event_ts")
 EVENT_TS_SLACK_S = 0.001
 REFUSAL_LOG_EVERY_S = 60.0  # per device: one log line for its refusals, not one per message
+# The broker hands a dead ingester's persistent session its share of the stream until the
+# session expires (a restarted process has a new client id and never resumes it): that long
+# its devices may go unheard. Kept well under a rollout's silent_after_s (300 s by default)
+# less a health interval (60 s), so an ingester's death never makes a device count as silent.
+MAX_SESSION_EXPIRY_S = 120
 
 DEVICE = Device.__table__  # type: ignore[attr-defined]
 HEALTH = HealthReport.__table__  # type: ignore[attr-defined]
@@ -192,6 +197,11 @@ class Ingester:
         # MQTT 5 only: a session the broker keeps across a disconnect (and a broker restart,
         # where it persists sessions), so health that arrives before we re-subscribe waits
         # for us instead of being dropped. One stable client id per process for that.
+        if mqtt5 and session_expiry_s > MAX_SESSION_EXPIRY_S:
+            log.warning("ingester: session expiry %d s is longer than %d s, the most a dead ingester may "
+                        "hold its share of the stream without devices counting as silent; using %d s",
+                        session_expiry_s, MAX_SESSION_EXPIRY_S, MAX_SESSION_EXPIRY_S)
+            session_expiry_s = MAX_SESSION_EXPIRY_S
         self.session_expiry_s = session_expiry_s if mqtt5 else 0
         client_id = (
             f"edgefleet-ingest-{socket.gethostname()}-{os.getpid()}" if self.session_expiry_s else None
@@ -526,7 +536,14 @@ class Ingester:
             log.warning("ingester not yet connected to %s; it keeps trying", self.target.url)
 
     def stop(self) -> None:
-        self.client.disconnect()
+        if self.session_expiry_s:
+            # A clean stop ends the session at once: the broker stops handing it messages
+            # (this process's client id is never used again).
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            self.client.disconnect(properties=props)
+        else:
+            self.client.disconnect()
         self.client.loop_stop()
         self._stop.set()
         if self._writer is not None:
