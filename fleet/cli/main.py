@@ -335,6 +335,72 @@ def build_parser() -> argparse.ArgumentParser:
              "list devices: labels, online, last seen, active releases", fleet=True,
              epilog="example:\n  edgefleet device list\n")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = _sub(device_cmds, "show", "fleet.cli.devices:show", "one device: status, labels, identity",
+             fleet=True, epilog="example:\n  edgefleet device show cam-01\n")
+    p.add_argument("device_id", metavar="DEVICE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _sub(device_cmds, "relabel", "fleet.cli.devices:relabel", "replace (or --merge) a device's labels",
+             fleet=True, epilog="examples:\n  edgefleet device relabel cam-01 site=paris ring=canary\n"
+                                "  edgefleet device relabel cam-01 --merge ring=main --remove old\n")
+    p.add_argument("device_id", metavar="DEVICE")
+    p.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--merge", action="store_true", help="keep the labels not named")
+    p.add_argument("--remove", action="append", metavar="KEY", help="drop this label (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _sub(device_cmds, "revoke", "fleet.cli.devices:revoke",
+             "revoke a device: its fleet and broker credentials stop working at once (admin)",
+             fleet=True, epilog="example:\n  edgefleet device revoke cam-01\n"
+                                "A revoked device enrolls again only after 'edgefleet device approve'.\n")
+    p.add_argument("device_id", metavar="DEVICE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _sub(device_cmds, "delete", "fleet.cli.devices:delete",
+             "delete a device (cut off like a revoke); its id may enroll again as new (admin)",
+             fleet=True, epilog="example:\n  edgefleet device delete cam-01 --yes\n")
+    p.add_argument("device_id", metavar="DEVICE")
+    p.add_argument("--yes", action="store_true", help="really delete")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _sub(device_cmds, "rotate", "fleet.cli.devices:rotate",
+             "ask a device (or --all) to rotate its API and broker credentials (admin)",
+             fleet=True,
+             epilog="examples:\n  edgefleet device rotate cam-01\n  edgefleet device rotate --all\n"
+                    "Each device fetches new credentials with its current ones on its next pull;\n"
+                    "its old API credential stays valid for an hour (docs/install.md).\n")
+    p.add_argument("device_id", metavar="DEVICE", nargs="?")
+    p.add_argument("--all", action="store_true", help="every device that is not revoked")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _sub(device_cmds, "approve", "fleet.cli.devices:approve",
+             "allow one re-enrollment of a known or revoked device with an enrollment token (admin)",
+             fleet=True, epilog="example:\n  edgefleet device approve cam-01 --valid 3600\n"
+                                "For a device that lost its state (and so its credential).\n")
+    p.add_argument("device_id", metavar="DEVICE")
+    p.add_argument("--valid", dest="valid_s", type=_positive_float, default=3600.0, metavar="S",
+                   help="seconds the approval lasts (default 3600)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    # -- enrollment-token -----------------------------------------------------------
+    etoken = commands.add_parser("enrollment-token", help="tokens devices enroll with",
+                                 description="Enrollment tokens: they only create new devices, may\n"
+                                             "expire and be limited in uses. Rotate: create a new one,\n"
+                                             "revoke the old.",
+                                 formatter_class=_RAW)
+    etoken_cmds = etoken.add_subparsers(dest="etoken_command", metavar="COMMAND", parser_class=_Parser)
+    etoken.set_defaults(handler=None, group=etoken)
+    p = _sub(etoken_cmds, "create", "fleet.cli.devices:token_create",
+             "create an enrollment token (shown once)", fleet=True,
+             epilog="example:\n  edgefleet enrollment-token create --name line-3 --expires-in 86400 "
+                    "--max-uses 50\n")
+    p.add_argument("--name", default="", help="what the token is for")
+    p.add_argument("--expires-in", type=_positive_float, metavar="S", help="seconds until it expires")
+    p.add_argument("--max-uses", type=_positive_int, metavar="N", help="devices it may enroll")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _sub(etoken_cmds, "list", "fleet.cli.devices:token_list",
+             "list enrollment tokens (never their secrets)", fleet=True,
+             epilog="example:\n  edgefleet enrollment-token list\n")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _sub(etoken_cmds, "revoke", "fleet.cli.devices:token_revoke",
+             "revoke an enrollment token (enrolled devices are not touched)", fleet=True,
+             epilog="example:\n  edgefleet enrollment-token revoke 2\n")
+    p.add_argument("id", type=_positive_int, metavar="ID", help="token id (from 'enrollment-token list')")
 
     # -- rollout --------------------------------------------------------------------
     rollout = commands.add_parser("rollout", help="staged rollouts with health gates",

@@ -120,10 +120,12 @@ def device_list(args: argparse.Namespace) -> int:
     for col in ("id", "labels", "online", "last seen", "active releases"):
         table.add_column(col)
     for d in sorted(devices, key=lambda d: str(_get(d, "id", "device_id", default=""))):
+        status = d.get("status")  # revoked | reenrollment_pending | active
         table.add_row(
             str(_get(d, "id", "device_id", default="?")),
             labels_text(d.get("labels")),
-            "[green]yes[/]" if d.get("online") else "[red]no[/]",
+            f"[red]{status}[/]" if status and status != "active"
+            else "[green]yes[/]" if d.get("online") else "[red]no[/]",
             ago(d.get("last_seen")),
             _releases(d),
         )

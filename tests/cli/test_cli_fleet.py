@@ -142,3 +142,50 @@ def test_client_against_real_fleet(fleet: str) -> None:
         with pytest.raises(FleetHTTPError) as info:
             client.rollout_action(999999, "pause")
         assert info.value.status_code == 404
+
+
+def test_device_identity_commands(fleet: str, cli) -> None:  # type: ignore[no-untyped-def]
+    """enrollment-token create|list|revoke and device show|relabel|revoke|approve|rotate|delete."""
+    import httpx
+
+    env = _env(fleet)
+    r = cli("enrollment-token", "create", "--name", "line-3", "--max-uses", "2", env=env)
+    assert r.code == 0, r.err
+    token = r.out.strip().splitlines()[-1]
+    assert "2 uses" in r.out and token.startswith("efe_")
+    with httpx.Client(base_url=fleet) as http:
+        enrolled = http.post("/api/v1/devices/enroll", json={"device_id": "cli-cam", "token": token})
+        assert enrolled.status_code == 201, enrolled.text
+        r = cli("enrollment-token", "list", env=env)
+        assert r.code == 0 and "uses 1/2" in r.out and "line-3" in r.out
+        r = cli("device", "relabel", "cli-cam", "site=lab", "ring=canary", env=env)
+        assert r.code == 0 and "ring=canary, site=lab" in r.out, r.err
+        r = cli("device", "relabel", "cli-cam", "room=2", "--merge", "--remove", "ring", "--json", env=env)
+        assert r.code == 0 and json.loads(r.out)["labels"] == {"site": "lab", "room": "2"}
+        r = cli("device", "relabel", "cli-cam", "site=a/b", env=env)
+        assert r.code != 0 and "label" in r.err
+        r = cli("device", "rotate", "cli-cam", env=env)
+        assert r.code == 0 and "rotate" in r.out
+        r = cli("device", "show", "cli-cam", env=env)
+        assert r.code == 0 and "rotation_requested_at" in r.out
+        r = cli("device", "revoke", "cli-cam", env=env)
+        assert r.code == 0 and "status revoked" in r.out
+        cred = enrolled.json()["credential"]
+        assert http.get("/api/v1/devices/cli-cam/desired",
+                        headers={"Authorization": f"Bearer {cred}"}).status_code == 401
+        r = cli("device", "list", env=env)
+        assert r.code == 0 and "revoked" in r.out
+        r = cli("device", "approve", "cli-cam", "--valid", "60", env=env)
+        assert r.code == 0 and "may re-enroll once" in r.out
+        again = http.post("/api/v1/devices/enroll", json={"device_id": "cli-cam", "token": token})
+        assert again.status_code == 201
+        r = cli("device", "rotate", "--all", env=env)
+        assert r.code == 0 and "devices asked to rotate" in r.out
+        r = cli("enrollment-token", "revoke", "1", env=env)
+        assert r.code == 0 and "revoked" in r.out
+        refused = http.post("/api/v1/devices/enroll", json={"device_id": "cli-cam-2", "token": token})
+        assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+        assert cli("device", "delete", "cli-cam", env=env).code != 0  # needs --yes
+        r = cli("device", "delete", "cli-cam", "--yes", env=env)
+        assert r.code == 0 and "deleted" in r.out
+        assert cli("device", "show", "cli-cam", env=env).code != 0
