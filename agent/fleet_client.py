@@ -33,6 +33,7 @@ from shared import strictjson
 from shared.bundle.manifest import NAME_RE, SHA256_RE
 from shared.errors import MalformedDocumentError
 from shared.fsutil import atomic_write
+from shared.release import is_release
 from shared.telemetry.topics import check_device_id
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ class FleetClient:
             raise MalformedDocumentError(f"desired state names trust root v{state.root_version}")
         names = set()
         for e in state.models:
-            if not NAME_RE.match(e.name) or not SHA256_RE.match(e.digest) or e.release < 1:
+            if not NAME_RE.match(e.name) or not SHA256_RE.match(e.digest) or not is_release(e.release):
                 raise MalformedDocumentError(f"desired entry {e.name!r} r{e.release} is malformed")
             if "{sha256}" not in e.blob_url:
                 raise MalformedDocumentError(f"desired entry {e.name!r}: blob_url lacks {{sha256}}")
@@ -292,7 +293,7 @@ class FleetClient:
                 raise MalformedDocumentError(f"desired state names {e.name!r} twice")
             sh = e.shadow
             if sh is not None and (
-                not SHA256_RE.match(sh.digest) or sh.release < 1 or "{sha256}" not in sh.blob_url
+                not SHA256_RE.match(sh.digest) or not is_release(sh.release) or "{sha256}" not in sh.blob_url
                 or not 0 < sh.sample_rate <= 1 or not 0 < sh.max_busy_fraction <= 1
             ):
                 raise MalformedDocumentError(f"desired entry {e.name!r}: shadow r{sh.release} is malformed")

@@ -48,6 +48,11 @@ def validate_release(value: object, *, what: str = "release") -> int:
     return value
 
 
+def is_release(value: object) -> bool:
+    """Whether ``value`` is a release number (an int in range; not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_RELEASE <= value <= MAX_RELEASE
+
+
 def next_release(now_ms: int, known_highest: int = 0) -> int:
     """The default release of a new build: ``max(now_ms, known_highest + 1)``."""
     release = max(now_ms, known_highest + 1)

@@ -115,3 +115,26 @@ def test_ledger_that_is_not_json_is_a_named_error(tmp_path: Path) -> None:
     path.write_text('{"detector": -4}')
     with pytest.raises(LedgerError, match="must map model names to release numbers"):
         ReleaseLedger(path).highest("detector")
+
+
+@pytest.mark.parametrize(("release", "ok"), [(MAX_RELEASE, True), (3_000_000_000, True), (0, False),
+                                             (MAX_RELEASE + 1, False)])
+def test_the_agent_takes_the_same_range_from_the_fleet(tmp_path: Path, release: int, ok: bool) -> None:
+    """The desired state the fleet sends: a release outside the range is a malformed document."""
+    import json
+
+    import httpx
+
+    from agent.fleet_client import FleetClient
+
+    with httpx.Client() as http:
+        fc = FleetClient(url="http://fleet", device_id="d1", enrollment_token="t", labels={},
+                         state_dir=tmp_path, client=http)
+        body = json.dumps({"device_id": "d1", "generation": 1, "models": [{
+            "name": "clf", "release": release, "digest": "a" * 64, "bundle_id": 1,
+            "envelope_url": "/e", "blob_url": "/b/{sha256}"}]}).encode()
+        if ok:
+            assert fc.parse_desired(body).models[0].release == release
+        else:
+            with pytest.raises(MalformedDocumentError, match=f"desired entry 'clf' r{release} is malformed"):
+                fc.parse_desired(body)
