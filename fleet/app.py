@@ -33,6 +33,8 @@ from fleet.dashboard import DASHBOARD_HANDLERS
 from fleet.db.engine import make_engine
 from fleet.identity.store import write_current_crl
 from fleet.ingest import rollup
+from fleet.ingest.budget import Budget
+from fleet.ingest.claims import Bounds
 from fleet.ingest.ingester import Ingester
 from fleet.metrics import RETENTION_DELETED, MetricsMiddleware
 from fleet.registry.blobs import BlobStore
@@ -94,7 +96,11 @@ def create_app(settings: Settings) -> Litestar:
         controller=controller,
         mqtt_url=settings.public_mqtt_url or own_url,
         ingester=Ingester(
-            engine, target, shared_group=shared_group, session_expiry_s=settings.mqtt_session_expiry_s
+            engine, target, shared_group=shared_group, session_expiry_s=settings.mqtt_session_expiry_s,
+            bounds=Bounds(max_inferences_per_s=settings.ingest_max_inferences_per_s),
+            budget=Budget(messages_per_min=settings.ingest_messages_per_min,
+                          bytes_per_min=settings.ingest_bytes_per_min,
+                          rows_per_min=settings.ingest_rows_per_min),
         ) if settings.run_ingester else None,
         controller_loop=loop,
     )

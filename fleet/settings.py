@@ -25,6 +25,10 @@ ENV_FIELDS: dict[str, type] = {
     "mqtt_shared_subscription": bool,
     "mqtt_share_group": str,
     "mqtt_session_expiry_s": int,
+    "ingest_messages_per_min": float,
+    "ingest_bytes_per_min": float,
+    "ingest_rows_per_min": float,
+    "ingest_max_inferences_per_s": float,
     "log_format": str,
     "controller_interval_s": float,
     "mqtt_username": str,
@@ -122,6 +126,14 @@ class Settings:
     # died: at most fleet.ingest.ingester.MAX_SESSION_EXPIRY_S (120 s), well under a
     # rollout's silent_after_s (300 s by default) less a health interval (docs/telemetry.md).
     mqtt_session_expiry_s: int = 60
+    # Each device's telemetry budget at each ingester (fleet.ingest.budget; 0 turns one off):
+    # past it, messages are dropped, counted and the device flagged. The bursts cover a
+    # spool flushing after an outage (20 000 messages, 8 MiB, 50 000 rows).
+    ingest_messages_per_min: float = 60.0
+    ingest_bytes_per_min: float = 256 * 1024.0
+    ingest_rows_per_min: float = 600.0
+    # The most inferences a device could serve per second: a health window claiming more is refused.
+    ingest_max_inferences_per_s: float = 10_000.0
     # Raw HealthReport rows older than this are deleted (hourly rollups are kept longer).
     retention_days: float = 30.0
     rollup_retention_days: float = 400.0

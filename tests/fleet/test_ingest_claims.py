@@ -200,3 +200,21 @@ def test_messages_of_unknown_devices_are_not_counted_on_any_row(client: TestClie
     r = client.get("/api/v1/devices/ghost", headers=admin())
     assert r.status_code == 404
     assert msgspec.json.decode(r.content)  # a JSON error, not a 500
+
+
+def test_budgets_and_bounds_come_from_the_settings(settings: Any, monkeypatch: Any) -> None:
+    import dataclasses
+
+    from fleet.app import create_app
+    from fleet.settings import Settings
+
+    monkeypatch.setenv("EDGEFLEET_INGEST_MESSAGES_PER_MIN", "5")
+    monkeypatch.setenv("EDGEFLEET_INGEST_MAX_INFERENCES_PER_S", "50")
+    from_env = Settings.from_env()
+    assert (from_env.ingest_messages_per_min, from_env.ingest_max_inferences_per_s) == (5.0, 50.0)
+    app = create_app(dataclasses.replace(settings, run_ingester=True, ingest_messages_per_min=5.0,
+                                         ingest_bytes_per_min=0.0, ingest_max_inferences_per_s=50.0))
+    ing = app.state.ctx.ingester
+    assert (ing.budgets.budget.messages_per_min, ing.budgets.budget.bytes_per_min) == (5.0, 0.0)
+    assert ing.bounds.max_inferences_per_s == 50.0
+    app.state.ctx.engine.dispose()
