@@ -3,8 +3,10 @@
 Three buckets, each configurable in the settings (rate 0 turns one off):
 
 - ``enroll``: ``POST /api/v1/devices/enroll``, per client IP;
-- ``public``: ``/healthz``, ``/metrics``, ``/schema...``, per client IP;
-- ``device``: the device endpoints (desired state, envelopes, blobs), per credential
+- ``public``: ``/healthz``, ``/metrics``, ``/schema...``, the device CA certificate, per
+  client IP;
+- ``device``: the device endpoints (desired state, envelopes, blobs, certificate
+  requests), per credential
   (hashed; per client IP when none is sent).
 
 A refused request gets 429 with ``Retry-After`` and a JSON detail. Each process counts
@@ -85,8 +87,10 @@ def classify(method: str, path: str) -> str | None:
         path.startswith("/api/v1/bundles/") and path.endswith("/envelope")
     ):
         return "device"
-    if path.startswith("/api/v1/devices/") and path.endswith("/desired"):
+    if path.startswith("/api/v1/devices/") and path.endswith(("/desired", "/certificate")):
         return "device"
+    if path == "/api/v1/certificates/ca":
+        return "public"
     return None
 
 

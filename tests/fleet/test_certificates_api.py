@@ -27,9 +27,14 @@ def make_csr(cn: str) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
+def post_csr(client: TestClient[Any], device_id: str, cn: str, headers: dict[str, str] | None = None) -> Any:
+    return client.post(f"/api/v1/devices/{device_id}/certificate", json={"csr": make_csr(cn)},
+                       headers=headers)
+
+
 def test_device_gets_its_csr_signed(client: TestClient[Any]) -> None:
     cred = enroll(client, "dev-1")
-    r = client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")}, headers=bearer(cred))
+    r = post_csr(client, "dev-1", "dev-1", bearer(cred))
     assert r.status_code == 201, r.text
     body = r.json()
     cert = x509.load_pem_x509_certificate(body["certificate"].encode())
@@ -46,13 +51,13 @@ def test_refusals(client: TestClient[Any]) -> None:
     cred = enroll(client, "dev-1")
     enroll(client, "dev-2")
     # a CSR naming another device: 400, with the check
-    r = client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-2")}, headers=bearer(cred))
+    r = post_csr(client, "dev-1", "dev-2", bearer(cred))
     assert r.status_code == 400 and r.json()["code"] == "csr_refused" and "CN=dev-1" in r.json()["detail"]
     # a path naming another device: 403
-    r = client.post("/api/v1/devices/dev-2/certificate", json={"csr": make_csr("dev-2")}, headers=bearer(cred))
+    r = post_csr(client, "dev-2", "dev-2", bearer(cred))
     assert r.status_code == 403
     # no credential, an operator token: 401, 403
-    assert client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")}).status_code == 401
+    assert post_csr(client, "dev-1", "dev-1").status_code == 401
     r = client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")}, headers=admin())
     assert r.status_code == 403
     # malformed bodies: 400, never 500
@@ -121,3 +126,15 @@ def test_device_revocation_and_deletion_revoke_its_certificates(client: TestClie
     r = client.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")},
                     headers=bearer("whatever"))
     assert r.status_code == 401
+
+
+def test_certificate_requests_are_rate_limited_per_device(settings: Settings) -> None:
+    """Signing costs the fleet CPU: a device's requests share its device bucket."""
+    limited = replace(settings, device_rate_per_s=0.01, device_burst=2, public_rate_per_s=0.01,
+                      public_burst=1)
+    with TestClient(create_app(limited)) as c:
+        cred = enroll(c, "dev-1")
+        codes = [c.post("/api/v1/devices/dev-1/certificate", json={"csr": make_csr("dev-1")},
+                        headers=bearer(cred)).status_code for _ in range(3)]
+        assert codes == [201, 201, 429]
+        assert [c.get("/api/v1/certificates/ca").status_code for _ in range(2)] == [200, 429]
