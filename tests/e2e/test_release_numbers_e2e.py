@@ -23,8 +23,11 @@ from agent.cli import _installer
 from agent.config import parse_config
 from fleet.bundles.build import build_bundle
 from fleet.bundles.ledger import ReleaseLedger
+from fleet.db.engine import session_scope
 from fleet.demo.models import golden_inputs, write_classifier
+from fleet.rollout.assignments import set_assignment
 
+from ..waiting import wait_for
 from .rollout_rig import ADMIN, DEVICES, running_rig, serve_r1
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +64,17 @@ def test_thirty_builds_in_a_second_install_in_order(tmp_path: Path, mosquitto) -
             assert r.json()["release"] == release
         top = rig.http.get("/api/v1/bundles/highest", params={"name": "clf"}).json()
         assert (top["release"], top["version"]) == (releases[-1], "1.0.30")
+
+        # Through the fleet: the rig's agents take every tenth build in turn (millisecond
+        # numbers, ~1.8e12, stored and accepted on both sides), each above the last.
+        ids = {int(b["release"]): int(b["id"]) for b in rig.http.get("/api/v1/bundles").json()}
+        for release in releases[9::10]:
+            with session_scope(rig.app.state.ctx.engine) as session:
+                for device in DEVICES:
+                    set_assignment(session, device, "clf", ids[release], None)
+            for device in DEVICES:
+                wait_for(lambda d=device, r=release: rig.active(d) == (r, "committed"), timeout=30,
+                         what=f"{device} to commit r{release}")
 
         # A device installs each one in order (offline install path: verify, smoke test,
         # activate, anti-rollback floor raised each time); none is refused.
