@@ -137,5 +137,5 @@ def test_oversize_manifest() -> None:
 
 def test_encode_validates(make_manifest) -> None:
     m = msgspec.structs.replace(make_manifest(), release=0)
-    with pytest.raises(MalformedDocumentError, match=r"release 0 is out of range; release numbers are 1 .. 9007199254740991"):
+    with pytest.raises(MalformedDocumentError, match=r"release 0 is out of range; release numbers are 1 .. "):
         encode_manifest(m)
