@@ -15,6 +15,7 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from fleet.api.body_limits import BodyLimitMiddleware, FleetRequest
 from fleet.api.bundles import BundleController
 from fleet.api.certificates import CertificateController
 from fleet.api.context import AppContext
@@ -159,9 +160,12 @@ def create_app(settings: Settings) -> Litestar:
             security=[{"bearer": []}],
         ),
         request_max_body_size=MAX_JSON_BODY,
+        request_class=FleetRequest,
         debug=False,
     )
     app.state.ctx = ctx
-    # Outermost first: every request is counted, then rate limited, then routed.
-    app.asgi_handler = MetricsMiddleware(RateLimitMiddleware(app.asgi_handler, settings))  # type: ignore[arg-type]
+    # Outermost first: every request is counted, then rate limited, then its JSON body bounded
+    # (size, nesting), then routed.
+    app.asgi_handler = MetricsMiddleware(RateLimitMiddleware(  # type: ignore[arg-type]
+        BodyLimitMiddleware(app.asgi_handler, settings), settings))  # type: ignore[arg-type]
     return app

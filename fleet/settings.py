@@ -22,6 +22,8 @@ ENV_FIELDS: dict[str, type] = {
     "device_rate_per_s": float,
     "device_burst": int,
     "trust_forwarded_for": bool,
+    "json_max_bytes": int,
+    "json_max_depth": int,
     "mqtt_shared_subscription": bool,
     "mqtt_share_group": str,
     "mqtt_session_expiry_s": int,
@@ -149,6 +151,10 @@ class Settings:
     device_burst: int = 200
     # Trust X-Forwarded-For for the client IP (only behind a reverse proxy you run).
     trust_forwarded_for: bool = False
+    # Every request body not declared binary (bundle uploads are) is read before routing:
+    # larger is 413, nested deeper (arrays and objects) is 400 (fleet.api.body_limits).
+    json_max_bytes: int = 1 << 20
+    json_max_depth: int = 32
     # "text" or "json" (one JSON object per line).
     log_format: str = "text"
     extra: dict[str, str] = field(default_factory=dict)
