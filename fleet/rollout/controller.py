@@ -215,7 +215,7 @@ class RolloutController:
                 session,
                 rollout,
                 "created",
-                f"created: {bundle.name} r{bundle.release} to {len(stages)} devices "
+                f"created: {bundle.name} r{bundle.release} ({bundle.version}) to {len(stages)} devices "
                 + ", ".join(f"{st.name} +{n}" for st, n in zip(spec.stages, counts, strict=True)),
                 devices=len(stages),
             )
@@ -249,7 +249,7 @@ class RolloutController:
                 session,
                 rollout,
                 "started",
-                f"started: {bundle.name} r{bundle.release} to {len(stages)} devices",
+                f"started: {bundle.name} r{bundle.release} ({bundle.version}) to {len(stages)} devices",
             )
             notices += self._enter_stage(session, rollout, spec, 0, now=now)
         self.notify(notices)
@@ -473,7 +473,7 @@ class RolloutController:
                 session,
                 rollout,
                 "succeeded",
-                f"succeeded: {len(members)} devices run {bundle.name} r{bundle.release}",
+                f"succeeded: {len(members)} devices run {bundle.name} r{bundle.release} ({bundle.version})",
             )
         else:
             record(session, rollout, "gate_failed", decision.message, **decision.to_json())
@@ -683,8 +683,8 @@ class RolloutController:
                         session,
                         rollout,
                         "reissued",
-                        f"re-issued {previous.name} r{previous.release} as r{new.release} "
-                        f"(bundle {new.id}) so devices accept it as newer",
+                        f"re-issued {previous.name} r{previous.release} ({previous.version}) as "
+                        f"r{new.release} (bundle {new.id}) so devices accept it as newer",
                         from_bundle=previous.id,
                         from_release=previous.release,
                         bundle_id=new.id,
