@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -367,6 +367,36 @@ def _windows(inp: GateInput) -> list[HealthWindow]:
     return [h for e in inp.evidence.values() for h in e.windows]
 
 
+def devices_needed(inp: GateInput, refused_only: Collection[str]) -> int:
+    """Devices that must have reported (an accepted window, traffic or not) before a rate,
+    ratio or drift gate decides, pass or fail: enough that the devices set aside can be set
+    aside (2 x ``trim_devices`` + 1), or every member still expected to report when the stage
+    has fewer — not failed, rolled back or silent, and not a device whose every report was
+    refused. So the device that reports first (a fake one needs no download) cannot decide
+    the stage alone before the others report."""
+    expected = sum(
+        1 for d in inp.members
+        if ((p := inp.progress.get(d.device_id)) is None or p.progress not in SETTLED_BAD)
+        and d.device_id not in refused_only
+    )
+    return min(2 * inp.gates.trim_devices + 1, expected)
+
+
+def _health_reported(inp: GateInput) -> tuple[int, int]:
+    """(devices with an accepted window, devices the health gates need)."""
+    refused_only = {d for d, e in inp.evidence.items() if e.refused and not e.windows}
+    reported = sum(1 for e in inp.evidence.values() if e.windows)
+    return reported, devices_needed(inp, refused_only)
+
+
+def _too_few_reported(inp: GateInput, gate: str, label: str, common: dict[str, Any]) -> GateResult | None:
+    reported, needed = _health_reported(inp)
+    if reported >= needed:
+        return None
+    return GateResult(gate, GateStatus.WAIT, f"{label} {_short_of(reported, needed, 'devices')} reporting",
+                      sample=reported, min_sample=needed, **common)
+
+
 def _set_aside(devices: int, trim: int) -> str:
     k = trim_count(devices, trim)
     return f" (set aside: {k} highest, {k} lowest)" if k else ""
@@ -418,6 +448,8 @@ def error_rate_gate(inp: GateInput) -> GateResult | None:
             unit="inferences",
             **common,
         )
+    if (short := _too_few_reported(inp, "max_error_rate", "error_rate", common)) is not None:
+        return short
     if reporting < g.min_devices:
         return GateResult(
             "max_error_rate",
@@ -478,6 +510,8 @@ def latency_gate(inp: GateInput) -> GateResult | None:
     }
     need = max(g.min_inferences, 1)
     common = {"observed": round(ratio, 3), "threshold": g.max_latency_ratio, "figures": figures}
+    if (short := _too_few_reported(inp, "max_latency_ratio", "latency_ratio", common)) is not None:
+        return short
     if len(per_device) < g.min_devices:
         return GateResult(
             "max_latency_ratio",
@@ -532,6 +566,8 @@ def drift_gate(inp: GateInput) -> GateResult | None:
         "max_drift": g.max_drift,
     }
     common = {"observed": round(drift, 4), "threshold": g.max_drift, "figures": figures}
+    if (short := _too_few_reported(inp, "max_drift", "drift", common)) is not None:
+        return short
     if devices < g.min_devices:
         return GateResult(
             "max_drift",

@@ -20,14 +20,16 @@ from fleet.rollout.gates import (
     ShadowFigures,
     _plural,
     _short_of,
+    devices_needed,
     install_failures_gate,
     offline_gate,
     silent_gate,
 )
 
 
-def _shadow_sample(inp: GateInput) -> tuple[list[ShadowFigures], int, int, dict[str, Any]]:
-    """The stage's shadow figures: (reports, samples, devices with samples, common figures)."""
+def _accepted(inp: GateInput) -> tuple[list[ShadowFigures], dict[str, dict[str, int]]]:
+    """The stage's devices' shadow reports of the target that are accepted, and the refused
+    ones by device and reason (one report per device: its latest)."""
     ids = {d.device_id for d in inp.members}
     reports, refused = [], {}
     for f in inp.shadow:
@@ -39,6 +41,12 @@ def _shadow_sample(inp: GateInput) -> tuple[list[ShadowFigures], int, int, dict[
             reports.append(f)
         else:
             refused[f.device_id] = {why.value: 1}
+    return reports, refused
+
+
+def _shadow_sample(inp: GateInput) -> tuple[list[ShadowFigures], int, int, dict[str, Any]]:
+    """The stage's shadow figures: (reports, samples, devices with samples, common figures)."""
+    reports, refused = _accepted(inp)
     samples = sum(capped_weights({f.device_id: f.samples for f in reports}).values())
     devices = sum(1 for f in reports if f.samples)
     figures: dict[str, Any] = {
@@ -62,6 +70,13 @@ def _shadow_wait(inp: GateInput, gate: str, what: str, samples: int, devices: in
     if samples < need:
         return GateResult(gate, GateStatus.WAIT, f"{what} {_short_of(samples, need, 'samples')}",
                           sample=samples, min_sample=need, unit="samples", **common)
+    reports, refused = _accepted(inp)
+    reported = len({f.device_id for f in reports})
+    needed = devices_needed(inp, set(refused))
+    if reported < needed:
+        short = _short_of(reported, needed, "devices")
+        return GateResult(gate, GateStatus.WAIT, f"{what} {short} reporting in shadow",
+                          sample=reported, min_sample=needed, **common)
     if devices < inp.gates.min_devices:
         short = _short_of(devices, inp.gates.min_devices, "devices")
         return GateResult(gate, GateStatus.WAIT, f"{what} {short} reporting shadow samples",

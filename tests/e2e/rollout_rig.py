@@ -105,14 +105,17 @@ def running_rig(
     tmp_path: Path, mosquitto: Any, *, traffic_pause_s: float,
     labels: dict[str, dict[str, str]] | None = None,
 ) -> Iterator[Rig]:
-    """The fleet under uvicorn (SQLite, its controller and ingester) on ``mosquitto``, and an
-    in-process agent per device in DEVICES with a local application sending it traffic
-    (``labels``: a device's labels instead of ``{"site": "lab"}``)."""
+    """The fleet under uvicorn (SQLite, its controller and ingester) on ``mosquitto`` (None:
+    the fleet's embedded broker), and an in-process agent per device in DEVICES with a local
+    application sending it traffic (``labels``: a device's labels instead of ``{"site": "lab"}``)."""
     keyring = init_keyring(tmp_path / "keys")
+    embedded_port = free_port()
+    broker_url = mosquitto.url if mosquitto is not None else f"mqtt://127.0.0.1:{embedded_port}"
     settings = Settings(
         data_dir=tmp_path / "fleet", database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
         keys_dir=keyring.directory, admin_token=ADMIN, enrollment_token=ENROLL,
-        mqtt_url=mosquitto.url, controller_interval_s=0.25,
+        mqtt_url=mosquitto.url if mosquitto is not None else None, embedded_mqtt_port=embedded_port,
+        controller_interval_s=0.25,
     )
     app = create_app(settings)
     port = free_port()
@@ -135,7 +138,7 @@ def running_rig(
                 "fleet": {"url": url, "enrollment_token": ENROLL,
                           "labels": (labels or {}).get(device, {"site": "lab"}),
                           "poll_interval_s": 0.3},
-                "mqtt": {"url": mosquitto.url, "health_interval_s": 0.5},
+                "mqtt": {"url": broker_url, "health_interval_s": 0.5},
                 "update": {"trial_seconds": 0.5},
             })
             agent = Agent(cfg)

@@ -1,8 +1,8 @@
 """Rollout gates under hostile devices (issue 16), end to end: the real fleet app (uvicorn,
 SQLite, controller, ingester), a real Mosquitto and real in-process agents serving live
-traffic, beside a hostile device that holds only what enrollment gave it (the enrollment
-token, its own credential and broker account) and publishes whatever it likes on its own
-topics with a plain MQTT client.
+traffic (and the same on the fleet's embedded broker), beside a hostile device that holds
+only what enrollment gave it (the enrollment token, its own credential and broker account)
+and publishes whatever it likes on its own topics with a plain MQTT client.
 
 - a fake canary claiming a million healthy inferences of a faulty release (and plausible
   healthy windows, negative counts, NaN latencies and replays of its own reports) does not
@@ -95,12 +95,14 @@ class HostileDevice:
         self.client.disconnect()
 
 
-@pytest.fixture
-def rig(tmp_path: Path, mosquitto: Any) -> Iterator[Rig]:
+@pytest.fixture(params=["mosquitto", "embedded"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Rig, str]]:
+    """The rig on a real Mosquitto or on the fleet's embedded broker, and the broker's URL."""
+    broker = request.getfixturevalue("mosquitto") if request.param == "mosquitto" else None
     labels = {CANARY: {"site": "lab", "ring": "canary"}, MAIN: {"site": "lab", "ring": "main"}}
-    with running_rig(tmp_path, mosquitto, traffic_pause_s=0.01, labels=labels) as r:  # ~100 requests/s
+    with running_rig(tmp_path, broker, traffic_pause_s=0.01, labels=labels) as r:  # ~100 requests/s
         serve_r1(r)
-        yield r
+        yield r, r.app.state.ctx.mqtt_url
 
 
 def _spec(bundle_id: int, stages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -119,9 +121,10 @@ def _gate(status: dict[str, Any], name: str) -> dict[str, Any]:
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_a_fake_canary_claiming_a_million_healthy_inferences_does_not_pass_a_faulty_release(
-    rig: Rig, mosquitto: Any
+    world: tuple[Rig, str],
 ) -> None:
-    fake = HostileDevice(rig, mosquitto.url, FAKE, {"site": "lab", "ring": "canary"})
+    rig, broker_url = world
+    fake = HostileDevice(rig, broker_url, FAKE, {"site": "lab", "ring": "canary"})
     try:
         faulty = rig.upload(2, lambda p: write_classifier(p, faulty=True, seed=0))
         replay: list[bytes] = []
@@ -164,8 +167,9 @@ def test_a_fake_canary_claiming_a_million_healthy_inferences_does_not_pass_a_fau
 
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
-def test_one_device_flooding_errors_does_not_roll_back_a_healthy_release(rig: Rig, mosquitto: Any) -> None:
-    flood = HostileDevice(rig, mosquitto.url, "flood-01", {"site": "lab", "ring": "main"})
+def test_one_device_flooding_errors_does_not_roll_back_a_healthy_release(world: tuple[Rig, str]) -> None:
+    rig, broker_url = world
+    flood = HostileDevice(rig, broker_url, "flood-01", {"site": "lab", "ring": "main"})
     try:
         healthy = rig.upload(2, lambda p: write_classifier(p, seed=0))
 

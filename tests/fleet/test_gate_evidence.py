@@ -308,3 +308,47 @@ def test_malformed_shadow_figures_are_refused(bad: dict[str, Any]) -> None:
     g = next(g for g in after.gates if g.gate == "min_agreement")
     assert set(g.figures["refused"]) == {"d2"}
     assert g.observed == next(g for g in before.gates if g.gate == "min_agreement").observed
+
+
+# -- the device that reports first ------------------------------------------------------
+
+
+def progressing(name: str) -> DeviceState:
+    """A real device still downloading the release: nothing reported yet."""
+    return DeviceState(name, 0, 11, "downloading", assigned_at=T0, last_seen=T0 + 1)
+
+
+def test_a_flood_that_reports_before_the_real_devices_does_not_decide() -> None:
+    """A hostile device needs no download: its errors arrive before any real device reports.
+    The rate gate waits for 3 devices (2 x trim_devices + 1), so it neither fails nor passes."""
+    devices = [progressing("real0"), progressing("real1"), device("flood")]
+    d = evaluate_stage(spec(), 0, TARGET, devices, [claim("flood", 1000, 1000)], [],
+                       now=T0 + 5, stage_started_at=T0)
+    g = error_gate(d)
+    assert d.verdict is Verdict.WAIT and g.status is GateStatus.WAIT
+    assert g.message == "error_rate needs 3 devices, has 1 reporting"
+
+
+def test_a_fake_canary_reporting_first_does_not_pass_the_stage() -> None:
+    devices = [progressing("real0"), device("fake")]
+    d = evaluate_stage(spec(), 0, TARGET, devices, [claim("fake", 100_000)], [],
+                       now=T0 + 100, stage_started_at=T0)
+    assert d.verdict is Verdict.WAIT and error_gate(d).status is GateStatus.WAIT
+
+
+def test_a_device_whose_every_report_is_refused_does_not_hold_the_stage() -> None:
+    """Only absurd claims: no evidence, and no reason to wait for it either."""
+    health = [*real(1, 600, 180), claim("fake", 10**9), claim("fake", -1, seq=2)]
+    d = run(spec(), ["real0", "fake"], health)
+    assert d.verdict is Verdict.FAIL and d.gate == "max_error_rate"
+
+
+def test_idle_devices_count_as_reporting_and_silent_ones_are_not_waited_for() -> None:
+    # two devices without traffic report windows of 0 inferences: the busy one decides
+    health = [*real(1, 600, 180), claim("idle0", 0), claim("idle1", 0)]
+    assert run(spec(), ["real0", "idle0", "idle1"], health).verdict is Verdict.FAIL
+    # a device silent past the deadline is not expected to report (max_silent_devices judges it)
+    silent = DeviceState("gone", 0, 11, "downloading", assigned_at=T0, last_seen=T0)
+    d = evaluate_stage(spec(max_silent_devices=None), 0, TARGET, [device("real0"), silent],
+                       real(1, 600, 180), [], now=T0 + 1000, stage_started_at=T0)
+    assert d.verdict is Verdict.FAIL and d.gate == "max_error_rate"

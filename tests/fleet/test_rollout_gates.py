@@ -486,7 +486,9 @@ def test_controller_survives_a_restart_mid_stage(
         f.creds = {d: "" for d in ("c1", "m1", "m2")}
         s = f.op(rid, "approve").json()
         assert s["current_stage"] == 1
-        for d in ("m1", "m2"):  # the stage's health window starts when it does (approval: 121 s)
+        # the stage's health window starts when it does (approval: 121 s); the rate gate waits
+        # for every device of a stage of three to report in it (docs/rollouts.md "Gate policy")
+        for d in ("c1", "m1", "m2"):
             f.health(d, 1, at=130, inferences=600)
         f.tick(131)
         s = f.status(rid)
