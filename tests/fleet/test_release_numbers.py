@@ -276,3 +276,35 @@ def test_a_stage_that_cannot_progress_ends_by_its_deadline(
     assert st["state"] == "paused", st
     assert "cannot progress after 12" in st["reason"] and "(deadline 120 s)" in st["reason"]
     assert "(gate stage_stalled)" in st["reason"]
+
+
+def test_cli_rollout_create_refused_then_reissued(
+    settings: Settings, keyring: Keyring, tmp_path: Path
+) -> None:
+    import json
+
+    from fleet_support import enroll
+
+    with serve_fleet(settings) as url:
+        with TestClient(create_app(settings)) as c:
+            enroll(c, "d1", site="lab")
+            low = upload(c, make_bundle(tmp_path / "o", keyring, release=100, version="1.1.0").path).json()
+            upload(c, make_bundle(tmp_path / "n", keyring, release=200, version="1.0.0-r").path)
+            _report_serving(c, "d1", 200, "1.0.0-r")
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps(_spec(low["id"])))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+        env.update({"PYTHONPATH": str(REPO), "EDGEFLEET_URL": url, "EDGEFLEET_TOKEN": ADMIN})
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "fleet.cli.main", "rollout", "create", *args],
+                                  env=env, capture_output=True, text=True, timeout=60)
+
+        r = cli(str(spec))
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert "HTTP 409: detector r100 (1.1.0) is not above what 1 of the rollout's 1 devices" in r.stderr
+        assert "d1 (r200 (1.0.0-r) reported)" in r.stderr
+        r = cli(str(spec), "--reissue")
+        assert r.returncode == 0, r.stderr
+        assert "detector r201 (1.1.0)" in r.stdout
+        assert "re-issued r100 as r201: some devices had accepted a higher release" in r.stdout
