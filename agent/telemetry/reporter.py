@@ -380,7 +380,9 @@ class Reporter:
         """Number, encode and store one message; the sender takes it from there."""
         with self._emit_lock:
             message = build(self.seq.next())
-            self.spool.append(kind, messages.encode(message, self.encoding))
+            # Never sent when over the fleet's bound: the broker would drop it (MQTT 5: with a
+            # PUBACK paho takes for a protocol error, so it would be resent on every reconnect).
+            self.spool.append(kind, messages.encode(message, self.encoding), messages.MAX_MESSAGE_BYTES)
         self._wake()
         return message
 

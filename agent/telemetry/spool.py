@@ -255,8 +255,15 @@ class Spool:
 
     # -- appending ----------------------------------------------------------------------
 
-    def append(self, kind: str, payload: bytes) -> bool:
-        """Store one message; False when it had to be dropped (counted)."""
+    def append(self, kind: str, payload: bytes, max_payload: int | None = None) -> bool:
+        """Store one message; False when it had to be dropped (counted): too big for the spool,
+        or over ``max_payload`` (what the fleet and the broker accept)."""
+        if max_payload is not None and len(payload) > max_payload:
+            with self._lock:
+                self.dropped[kind] += 1
+            log.error("telemetry: a %d-byte %s message is over the %d bytes the fleet accepts; dropped",
+                      len(payload), kind, max_payload)
+            return False
         record = encode_record(kind, payload)
         with self._lock:
             if len(record) > self.max_bytes // 2:

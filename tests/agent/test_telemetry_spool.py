@@ -189,3 +189,17 @@ def test_seq_continues_without_gap_after_a_clean_stop(tmp_path: Path) -> None:
     assert b.next() == used[-1] + 1
     c = SeqCounter(tmp_path / "seq.json", block=100)  # b crashed: c skips b's block, never reuses
     assert c.next() >= used[-1] + 100
+
+
+def test_a_message_over_the_fleet_s_bound_is_dropped_and_counted(tmp_path: Path) -> None:
+    """The broker and the fleet refuse payloads over messages.MAX_MESSAGE_BYTES: the agent never
+    spools one (counted as dropped), and the messages after it are sent as usual."""
+    from shared.telemetry import messages
+
+    spool = Spool(tmp_path / "spool")
+    limit = messages.MAX_MESSAGE_BYTES
+    assert not spool.append("health", b"x" * (limit + 1), limit)
+    assert spool.append("health", b"x" * limit, limit)
+    stats = spool.stats()
+    assert (stats.dropped["health"], stats.pending) == (1, 1)
+    spool.close()
