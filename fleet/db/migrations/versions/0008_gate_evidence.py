@@ -1,4 +1,8 @@
-"""gate evidence: per-device figures that rollout gates read
+"""gate evidence: no schema change (kept so the chain stays 0001..0008)
+
+The rollout gates weigh each device's evidence from the stored health reports at every
+evaluation (fleet.rollout.evidence: per-device bounds, replays by (seq, ts), capped weights),
+so they need no table of their own.
 
 Revision ID: 0008
 Revises: 0007
