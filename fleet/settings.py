@@ -41,6 +41,16 @@ ENV_FIELDS: dict[str, type] = {
 # Path settings read from EDGEFLEET_<NAME>.
 ENV_PATHS = ("mqtt_ca_file", "mqtt_password_file", "device_ca_dir", "mqtt_crl_file")
 
+# Secrets read from a file named by an environment variable (fleet.secrets), beside their
+# plain variables (EDGEFLEET_ADMIN_TOKEN, ...); setting both is refused. The broker login's is
+# ..._MQTT_LOGIN_PASSWORD_FILE: EDGEFLEET_MQTT_PASSWORD_FILE is Mosquitto's device password file.
+SECRET_FILE_ENV = {
+    "admin_token": ("EDGEFLEET_ADMIN_TOKEN_FILE", "EDGEFLEET_ADMIN_TOKEN"),
+    "enrollment_token": ("EDGEFLEET_ENROLLMENT_TOKEN_FILE", "EDGEFLEET_ENROLLMENT_TOKEN"),
+    "mqtt_password": ("EDGEFLEET_MQTT_LOGIN_PASSWORD_FILE", "EDGEFLEET_MQTT_PASSWORD"),
+    "database_password": ("EDGEFLEET_DATABASE_PASSWORD_FILE", "EDGEFLEET_DATABASE_PASSWORD"),
+}
+
 
 class SettingsError(ValueError):
     """An environment variable or option that cannot be used; the message names it."""
@@ -72,6 +82,8 @@ class Settings:
     data_dir: Path = Path("./fleet-data")
     # None: sqlite:///<data_dir>/fleet.db
     database_url: str | None = None
+    # Put into database_url (which then holds none), so the URL can be shown and passed around.
+    database_password: str | None = None
     # None: start the embedded broker (amqtt) on embedded_mqtt_port and use it.
     mqtt_url: str | None = None
     embedded_mqtt_host: str = "127.0.0.1"
@@ -204,7 +216,34 @@ class Settings:
             key = "EDGEFLEET_" + name.upper()
             if key in env:
                 setattr(s, name, _parse_env(key, env[key], kind))
+        for name, (file_key, plain_key) in SECRET_FILE_ENV.items():
+            if env.get(file_key):
+                if env.get(plain_key):
+                    raise SettingsError(f"{plain_key} and {file_key} are both set; keep one")
+                setattr(s, name, _secret_file(Path(env[file_key]), file_key))
+        if env.get("EDGEFLEET_DATABASE_PASSWORD"):
+            s.database_password = env["EDGEFLEET_DATABASE_PASSWORD"]
         for key, value in overrides.items():
             if value is not None:
                 setattr(s, key, value)
+        if s.database_password is not None:
+            if not s.database_url:
+                raise SettingsError("a database password needs a database URL (EDGEFLEET_DATABASE_URL "
+                                    "or --database-url) to go into")
+            from fleet.secrets import SecretError, with_database_password
+
+            try:
+                s.database_url = with_database_password(s.database_url, s.database_password)
+            except SecretError as exc:
+                raise SettingsError(str(exc)) from None
+            s.database_password = None
         return s
+
+
+def _secret_file(path: Path, what: str) -> str:
+    from fleet.secrets import SecretError, read_secret_file
+
+    try:
+        return read_secret_file(path, what)
+    except SecretError as exc:
+        raise SettingsError(str(exc)) from None

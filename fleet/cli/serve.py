@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from fleet.cli.output import CliError
@@ -26,6 +27,59 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         "(auto: on with --mqtt-url, off with the embedded broker)")
     p.add_argument("--public-mqtt-url", metavar="URL",
                    help="MQTT URL devices are told at enrollment (default: --mqtt-url)")
+    secrets = p.add_argument_group(
+        "secrets", "Secrets given as options show in the process list (ps): give them as files\n"
+                   "(one line, mode 0600) or in the environment. A secret option still works, with a\n"
+                   "warning.")
+    secrets.add_argument("--admin-token-file", metavar="FILE",
+                         help="the operator token (env EDGEFLEET_ADMIN_TOKEN or EDGEFLEET_ADMIN_TOKEN_FILE)")
+    secrets.add_argument("--enrollment-token-file", metavar="FILE",
+                         help="the enrollment token (env EDGEFLEET_ENROLLMENT_TOKEN[_FILE])")
+    secrets.add_argument("--database-password-file", metavar="FILE",
+                         help="the database password, put into --database-url (which then holds none;\n"
+                              "env EDGEFLEET_DATABASE_PASSWORD[_FILE])")
+    secrets.add_argument("--mqtt-login-password-file", metavar="FILE",
+                         help="the fleet's broker password (env EDGEFLEET_MQTT_PASSWORD or\n"
+                              "EDGEFLEET_MQTT_LOGIN_PASSWORD_FILE)")
+
+
+SECRET_FILE_OPTIONS = (  # option attribute, the plain option it stands for (or None), setting
+    ("admin_token_file", "admin_token", "admin_token"),
+    ("enrollment_token_file", "enrollment_token", "enrollment_token"),
+    ("database_password_file", None, "database_password"),
+    ("mqtt_login_password_file", None, "mqtt_password"),
+)
+
+
+def secrets_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """Settings overrides read from the ``--*-file`` options; warnings for secrets given as
+    options and for files others may read (stderr)."""
+    from fleet.secrets import SecretError, command_line_warnings, open_to_others, read_secret_file
+
+    out = {}
+    for attr, plain, setting in SECRET_FILE_OPTIONS:
+        path = getattr(args, attr, None)
+        if not path:
+            continue
+        option = "--" + attr.replace("_", "-")
+        if plain and getattr(args, plain, None):
+            raise CliError(f"--{plain.replace('_', '-')} and {option} are both given; keep {option}")
+        try:
+            out[setting] = read_secret_file(Path(path), option)
+        except SecretError as exc:
+            raise CliError(str(exc)) from None
+        if open_to_others(Path(path)):
+            warn(f"{option} {path} can be read by group or others; chmod 600 it")
+    given = {flag: getattr(args, flag[2:].replace("-", "_"), None)
+             for flag in ("--admin-token", "--enrollment-token", "--database-url", "--mqtt-url",
+                          "--public-mqtt-url")}
+    for text in command_line_warnings(given):
+        warn(text)
+    return out
+
+
+def warn(text: str) -> None:
+    print(f"edgefleet serve: warning: {text}", file=sys.stderr)
 
 
 def parse_roles(text: str) -> tuple[bool, bool, bool]:
@@ -57,6 +111,7 @@ def settings_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def
     if getattr(args, "retention_days", None) is not None and not args.retention_days > 0:
         raise CliError(f"--retention-days {args.retention_days}: must be more than 0")
     shared = {"on": True, "off": False}.get(getattr(args, "shared_subscription", "auto"))
+    secrets = secrets_from_args(args)
     try:
         settings = Settings.from_env(
             host=args.host,
@@ -66,8 +121,8 @@ def settings_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def
             embedded_mqtt_port=mqtt_port,
             data_dir=Path(args.data_dir) if args.data_dir else None,
             keys_dir=keys_dir,
-            admin_token=args.admin_token,
-            enrollment_token=args.enrollment_token,
+            admin_token=secrets.pop("admin_token", args.admin_token),
+            enrollment_token=secrets.pop("enrollment_token", args.enrollment_token),
             run_api=run_api,
             run_ingester=run_ingester,
             run_controller=run_controller,
@@ -75,6 +130,7 @@ def settings_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def
             retention_days=getattr(args, "retention_days", None),
             mqtt_shared_subscription=shared,
             public_mqtt_url=getattr(args, "public_mqtt_url", None),
+            **secrets,
         )
     except SettingsError as exc:
         raise CliError(str(exc)) from None
