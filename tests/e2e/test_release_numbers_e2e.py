@@ -5,7 +5,8 @@ real Mosquitto, real agents and real signature checks.
   builder's ledger; the fleet stores all of them and an agent installs each one in order;
 - a rollout of a release below what the devices accepted is refused before assignment,
   naming the devices;
-- a device's refusal (its reason code and its own text) shows in the rollout status, the
+- a device's refusal (its reason code and its own text; `agent_version`, and `rollback` from a
+  device that accepted a higher release behind the fleet's back) shows in the rollout status, the
   CLI's ``rollout status``, and ends the stage instead of leaving it running.
 """
 
@@ -156,3 +157,46 @@ def test_lower_release_refused_and_device_refusal_ends_the_stage(  # type: ignor
         cli = subprocess.run([sys.executable, "-m", "fleet.cli.main", "rollout", "list"],
                              env=env, capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0 and "r4 (1.4)" in cli.stdout and "r3 (1.3)" in cli.stdout, cli.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_a_device_that_accepted_a_higher_release_meanwhile_refuses_and_the_stage_ends(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto
+) -> None:
+    """The fleet's knowledge is stale: after the rollout started, edge-02 got r5 from a USB
+    stick. When its stage comes, it refuses r3 (``rollback``) in its own words; the stage
+    fails at once and the rollout rolls back instead of running forever."""
+    labels = {"edge-01": {"site": "lab", "ring": "canary"}, "edge-02": {"site": "lab", "ring": "main"}}
+    with running_rig(tmp_path, mosquitto, traffic_pause_s=0.1, labels=labels) as rig:
+        serve_r1(rig)
+        r3 = rig.upload(3, lambda p: write_classifier(p, seed=3))
+        usb = tmp_path / "clf-r5-usb.bundle"
+        model = tmp_path / "clf-r5.onnx"
+        write_classifier(model, seed=5)
+        build_bundle(model, name="clf", version="1.5-usb", release=5, keyring=rig.keyring, out=usb,
+                     golden_inputs=golden_inputs())
+        spec = _spec(r3, "r3 staged", stages=[
+            {"name": "canary", "selector": {"ring": "canary"}, "min_devices": 1, "bake_seconds": 3},
+            {"name": "all", "percent": 100}])
+        r = rig.http.post("/api/v1/rollouts", json=spec)
+        assert r.status_code == 201, r.text
+        rid = int(r.json()["id"])
+        assert rig.http.post(f"/api/v1/rollouts/{rid}/start").status_code == 200
+        rec = rig.agents["edge-02"].installer.install_file(usb, trial=False)  # the USB stick
+        assert rec.active is not None and rec.active.release == 5
+
+        def ended() -> dict[str, object] | None:
+            st = rig.status(rid)
+            return st if st["state"] not in ("created", "running") else None
+
+        status = wait_for(ended, timeout=90, what=f"rollout {rid} to end")
+        assert status["state"] == "rolled_back", status
+        reason = str(status["reason"])
+        assert "stage all: 1 of 2 devices refused the release (rollback): " in reason
+        assert "edge-02 refused r3 (1.3): rollback: " in reason
+        assert "clf release 3 is older than release 5 already accepted on this device" in reason
+        edge02 = next(d for d in status["devices"] if d["device_id"] == "edge-02")
+        assert (edge02["progress"], edge02["reason"]) == ("failed", "rollback")
+        states = {s["name"]: s["state"] for s in status["stages"]}
+        assert states == {"canary": "passed", "all": "rolled_back"}, states
