@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -128,7 +126,7 @@ class DeviceCertificate:
     def renew(self) -> CertificateMeta:
         """New key, CSR to the fleet, new pair in use, old pair removed."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tag = secrets.token_hex(4)
+        tag = os.urandom(4).hex()
         key_name, cert_name = f"key-{tag}.pem", f"cert-{tag}.pem"
         try:
             csr = self._make_csr(self.dir / key_name)
@@ -152,6 +150,8 @@ class DeviceCertificate:
         return meta
 
     def _make_csr(self, key_path: Path) -> bytes:
+        import subprocess  # once per certificate lifetime: not on the agent's start path
+
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
             done = subprocess.run(

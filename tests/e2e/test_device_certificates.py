@@ -144,12 +144,12 @@ def other_device_certificate(http: httpx.Client, d: Path, device_id: str) -> tup
     return d / f"{device_id}.crt", d / f"{device_id}.key"
 
 
-def health_count(http: httpx.Client, device_id: str) -> int:
+def health_seq(http: httpx.Client, device_id: str) -> int:
+    """The seq of the device's latest health the fleet ingested; -1 before any."""
     r = http.get(f"/api/v1/devices/{device_id}", headers=OPERATOR)
     if r.status_code != 200:
-        return 0
-    return sum(int(h.get("reports", 0)) for h in r.json().get("health_by_release", [])) + \
-        (1 if r.json().get("health") else 0)
+        return -1
+    return int((r.json().get("health") or {}).get("seq", -1))
 
 
 def fleet_settings(broker: tuple[TlsBroker, Path, Path], tmp_path: Path, keys_dir: Path) -> Settings:
@@ -185,7 +185,7 @@ def test_certificate_devices_end_to_end(broker: tuple[TlsBroker, Path, Path], tm
     http = httpx.Client(base_url=url, timeout=10)
     try:
         # The agent's health, over its certificate, reaches the fleet.
-        wait_for(lambda: health_count(http, "dev-1") > 0, 40,
+        wait_for(lambda: health_seq(http, "dev-1") >= 0, 40,
                  f"dev-1's health at the fleet; agent log: {log.read_text()[-2000:]}")
         assert "u'dev-1'" in b.log()  # the broker's user name is the certificate's CN
         # The key and CSR were made in a child: the resident agent never mapped cryptography.
@@ -277,8 +277,8 @@ def test_renewal_moves_the_connection_to_the_new_certificate(broker: tuple[TlsBr
         assert sorted(p.name for p in tls.glob("*-*.pem")) == sorted([second.key_file, second.cert_file])
         wait_for(lambda: b.log().count("u'dev-1'") >= 2, 20, "the reconnect with the new certificate")
         wait_for(lambda: agent.reporter is not None and agent.reporter.connected.is_set(), 20, "reconnected")
-        before = health_count(http, "dev-1")
-        wait_for(lambda: health_count(http, "dev-1") > before, 20, "health after the renewal")
+        before = health_seq(http, "dev-1")
+        wait_for(lambda: health_seq(http, "dev-1") > before, 20, "health after the renewal")
         # The fleet lists both; the old one stays valid until it expires (no dark period).
         listed = http.get("/api/v1/devices/dev-1/certificates", headers=OPERATOR).json()
         serials = [c["serial"] for c in listed]
