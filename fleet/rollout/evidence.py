@@ -119,53 +119,58 @@ def device_evidence(
 
     ``since`` stands in for a member's assignment time when it has none (the stage start).
     Every member appears, those without an accepted window with zero counts."""
-    by_id = {d.device_id: d for d in members}
-    accepted: dict[str, list[HealthWindow]] = {d: [] for d in by_id}
-    totals = dict.fromkeys(by_id, 0)
-    refused: dict[str, dict[str, int]] = {d: {} for d in by_id}
-    seen: dict[str, set[tuple[int, float]]] = {d: set() for d in by_id}
-    ceilings = {
-        d.device_id: int(max_device_rate * max(0.0, now - (d.assigned_at or since) + WINDOW_SLACK_S))
+    tallies = {
+        d.device_id: _Tally(
+            ceiling=int(max_device_rate * max(0.0, now - (d.assigned_at or since) + WINDOW_SLACK_S)),
+            assigned_at=d.assigned_at,
+        )
         for d in members
     }
-
-    def refuse(device_id: str, why: Refusal) -> None:
-        refused[device_id][why.value] = refused[device_id].get(why.value, 0) + 1
-
     for h in health:
-        device = by_id.get(h.device_id)
-        if device is None or h.release != target:
+        t = tallies.get(h.device_id)
+        if t is None or h.release != target:
             continue
-        assigned = device.assigned_at
-        if assigned is not None and h.received_at is not None and h.received_at < assigned:
-            refuse(h.device_id, Refusal.UNASSIGNED)
+        if t.assigned_at is not None and h.received_at is not None and h.received_at < t.assigned_at:
+            t.refuse(Refusal.UNASSIGNED)
             continue
-        why = _refusal(h)
-        if why is not None:
-            refuse(h.device_id, why)
+        # the fast path of _refusal: counts in order, figures finite and >= 0 (NaN compares false)
+        p95, drift = h.p95_ms, h.drift
+        if not (0 <= h.errors <= h.inferences and (p95 is None or 0 <= p95 < math.inf)
+                and (drift is None or 0 <= drift < math.inf)):
+            t.refuse(_refusal(h) or Refusal.NOT_FINITE)
             continue
         if h.seq is not None:
             key = (h.seq, h.ts if h.ts is not None else 0.0)
-            if key in seen[h.device_id]:
-                refuse(h.device_id, Refusal.REPLAYED)
+            if key in t.seen:
+                t.refuse(Refusal.REPLAYED)
                 continue
-            seen[h.device_id].add(key)
-        if totals[h.device_id] + h.inferences > ceilings[h.device_id]:
-            refuse(h.device_id, Refusal.IMPLAUSIBLE)
+            t.seen.add(key)
+        if t.inferences + h.inferences > t.ceiling:
+            t.refuse(Refusal.IMPLAUSIBLE)
             continue
-        totals[h.device_id] += h.inferences
-        accepted[h.device_id].append(h)
+        t.windows.append(h)
+        t.inferences += h.inferences
+        t.errors += h.errors
     return {
-        d: DeviceEvidence(
-            d,
-            tuple(accepted[d]),
-            totals[d],
-            sum(h.errors for h in accepted[d]),
-            ceilings[d],
-            refused[d],
-        )
-        for d in by_id
+        d: DeviceEvidence(d, tuple(t.windows), t.inferences, t.errors, t.ceiling, t.refused)
+        for d, t in tallies.items()
     }
+
+
+@dataclass(slots=True)
+class _Tally:
+    """One device's running count while its windows are read."""
+
+    ceiling: int
+    assigned_at: float | None
+    windows: list[HealthWindow] = field(default_factory=list)
+    inferences: int = 0
+    errors: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    seen: set[tuple[int, float]] = field(default_factory=set)
+
+    def refuse(self, why: Refusal) -> None:
+        self.refused[why.value] = self.refused.get(why.value, 0) + 1
 
 
 def refused_figures(evidence: Mapping[str, DeviceEvidence]) -> dict[str, dict[str, int]]:
