@@ -23,7 +23,9 @@ Then the gates weigh *devices*, not reports (``capped_weights``, ``trimmed_mean`
   (none of 2 devices, 1 of 3 or 4, 2 of 5 or more with trim 2): one device's claims,
   healthy or failing, cannot decide a stage of three or more devices;
 - with one or two devices nothing is set aside: a device's errors count for its own share
-  (a half with two devices), so a real problem on a real device still fails a small stage.
+  (a half with two devices), so a real problem on a real device still fails a small stage;
+- a gate decides only once enough devices reported (``fleet.rollout.gates.devices_needed``):
+  the device that reports first — a fake one needs no download — cannot decide alone.
 """
 
 from __future__ import annotations
@@ -63,10 +65,6 @@ class DeviceEvidence:
     errors: int
     ceiling: int  # the most inferences the device could have served since it was assigned
     refused: Mapping[str, int] = field(default_factory=dict)
-
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.inferences if self.inferences else None
 
 
 def _refusal(h: HealthWindow) -> Refusal | None:
