@@ -251,13 +251,13 @@ class Agent:
             return tls
         return msgspec.structs.replace(tls, cert_file=files[0], key_file=files[1])
 
-    def renew_certificate(self, now: float | None = None) -> bool:
-        """Renew the device certificate when due; the MQTT connection moves to the new one
-        at once (no restart). True when a new certificate is in use."""
+    def renew_certificate(self, now: float | None = None, *, force: bool = False) -> bool:
+        """Renew the device certificate when due (or now with ``force``); the MQTT connection
+        moves to the new one at once (no restart). True when a new certificate is in use."""
         if self.certificate is None:
             return False
         try:
-            renewed = self.certificate.ensure(now)
+            renewed = self.certificate.ensure(now, force=force)
         except (EdgefleetError, StateError) as exc:
             log.warning("device certificate: %s", exc)
             return False
@@ -292,6 +292,7 @@ class Agent:
         desired = self.fleet.desired()
         if desired.rotate_credential:  # an operator asked; the answer moves HTTP and MQTT
             self.fleet.rotate()
+            self.renew_certificate(force=True)  # a certificate login: a new key and certificate
         self.clock.observe(self.fleet.server_date)
         self.clock.observe(desired.server_time)
         # Before any model: a release signed under a root rotated just now needs that root.

@@ -102,11 +102,12 @@ class DeviceCertificate:
 
     # -- getting one ------------------------------------------------------------------
 
-    def ensure(self, now: float | None = None) -> bool:
-        """Get a certificate when one is due (and the last failure is old enough). True when
-        a new one is in use; CertificateError when there is none to use at all."""
+    def ensure(self, now: float | None = None, *, force: bool = False) -> bool:
+        """Get a certificate when one is due, or now with ``force`` (a credential rotation),
+        unless the last failure is too recent. True when a new one is in use;
+        CertificateError when there is none to use at all."""
         now = time.time() if now is None else now
-        if not self.due(now):
+        if not force and not self.due(now):
             return False
         if time.monotonic() < self._retry_at:
             if self.files() is None:

@@ -10,6 +10,10 @@
 - ``GET /api/v1/devices/{id}/certificates`` (read) lists what was issued;
 - ``POST /api/v1/devices/{id}/certificates/revoke`` (admin) revokes every live
   certificate of the device: CRL rewritten, broker reloaded, the device's session ended.
+  The device is not revoked: it is asked to rotate its credentials (``rotate_credential``
+  in its desired state), so it makes a new key and gets a new certificate. To cut a device
+  off, revoke the device (``POST /api/v1/devices/{id}/revoke``), which revokes its
+  certificates too.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from fleet.api.auth import device_guard, operator_guard
 from fleet.api.context import AppContext
 from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES, ERROR_RESPONSES
 from fleet.db.engine import session_scope
-from fleet.db.models import Device, DeviceCertificate, as_utc
+from fleet.db.models import Device, DeviceCertificate, as_utc, now_utc
 from fleet.errors import NotFoundError
 from fleet.identity.ca import MAX_CSR_BYTES
 from fleet.identity.store import device_ca, publish_revocation, record_issued, revoke_device_certificates
@@ -137,8 +141,19 @@ class CertificateController(Controller):
     )
     def revoke(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx
+        notice = None
         with session_scope(ctx.engine) as session:
             revoked = revoke_device_certificates(session, device_id)
+            device = session.get(Device, device_id)
+            if revoked and device is not None and device.revoked_at is None:
+                # the device itself stays trusted: it is asked to rotate its credentials, and
+                # so makes a new key and gets a new certificate at its next pull
+                device.rotation_requested_at = now_utc()
+                device.generation += 1
+                session.add(device)
+                notice = (device.id, device.generation)
+        if notice is not None:
+            ctx.controller.notify([notice])
         if not revoked:
             with Session(ctx.engine) as session:
                 if session.get(Device, device_id) is None and not session.exec(

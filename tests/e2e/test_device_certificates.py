@@ -218,13 +218,26 @@ def test_certificate_devices_end_to_end(broker: tuple[TlsBroker, Path, Path], tm
 
         # Revocation: the CRL names the serial, the broker reloads it and ends dev-1's
         # session; a new connection with the revoked certificate is refused.
+        old_pair = (tmp_path / "old-cert.pem", tmp_path / "old-key.pem")
+        old_pair[0].write_bytes(next(tls.glob("cert-*.pem")).read_bytes())
+        old_pair[1].write_bytes(keys[0].read_bytes())
         r = http.post("/api/v1/devices/dev-1/certificates/revoke", headers=OPERATOR)
         assert r.status_code == 200, r.text
         assert r.json()["broker_reloaded"] and r.json()["disconnected"], r.json()
         assert x509.load_pem_x509_crl(crl.read_bytes()).get_revoked_certificate_by_serial_number(
             int(certs[0]["serial"], 16)) is not None
-        wait_for(lambda: "certificate verify failed" in b.log(), 15, "the broker refusing dev-1's reconnect")
-        assert refused(b, (next(tls.glob("cert-*.pem")), keys[0]), "dev-1")
+        assert "Client dev-1 already connected, closing old connection" in b.log()  # the takeover
+        assert refused(b, old_pair, "dev-1")
+        assert "certificate verify failed" in b.log()
+        # The device itself is still trusted: asked to rotate, it makes a new key, gets a new
+        # certificate and reports again with it.
+        def new_certificate() -> bool:
+            listed = http.get("/api/v1/devices/dev-1/certificates", headers=OPERATOR).json()
+            return len(listed) == 2 and listed[0]["revoked_at"] is None
+        wait_for(new_certificate, 30, "dev-1's new certificate")
+        before = health_seq(http, "dev-1")
+        wait_for(lambda: health_seq(http, "dev-1") > before, 30, "dev-1's health with its new certificate")
+        assert old_pair[1].read_bytes() not in [k.read_bytes() for k in tls.glob("key-*.pem")]
         # dev-2 still connects: one revocation cuts one device.
         c, got = device_client(b, crt2, key2, "dev-2")
         c.connect("127.0.0.1", b.tls_port)

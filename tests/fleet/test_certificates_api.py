@@ -87,6 +87,10 @@ def test_revoke_lists_the_serials_in_the_crl(client: TestClient[Any], settings: 
     assert all(crl.get_revoked_certificate_by_serial_number(int(s, 16)) for s in serials)
     listed = client.get("/api/v1/devices/dev-1/certificates", headers=admin()).json()
     assert all(c["revoked_at"] for c in listed)
+    # the device stays trusted and is asked to rotate (a new key, a new certificate)
+    desired = client.get("/api/v1/devices/dev-1/desired", headers=bearer(cred)).json()
+    assert desired["rotate_credential"] is True
+    assert client.get("/api/v1/devices/dev-2/desired", headers=admin()).status_code == 403
     # revoking again revokes nothing new; the device may get a new certificate (re-issue)
     assert client.post("/api/v1/devices/dev-1/certificates/revoke", headers=admin()).json()["revoked"] == []
     # read scope cannot revoke
