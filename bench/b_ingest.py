@@ -8,6 +8,11 @@ PostgreSQL. Baseline: a bare paho client subscribed to ``edgefleet/v1/devices/+/
 
 One row per encoding of the stream: ``msgpack`` (the agent's default, ``[mqtt] encoding``)
 first, then ``json``; ``BENCH_INGEST_ENCODINGS=msgpack`` runs one.
+
+A noisy neighbour (docs/telemetry.md "Budgets"): the same ingester with a per-device budget of
+10 messages/s (burst 100); the calm devices' stream (msgpack) stored alone (baseline) and while
+one more device publishes at 100x its budget (1000 msgs/s, paced) the whole time (ours). The
+excess is dropped at the ingester before decoding; the target: the calm devices' rate within 10 %.
 """
 
 from __future__ import annotations
@@ -20,10 +25,25 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import QUICK, emit, health_payload, insert_devices, mosquitto, pg_schema, postgres_url, row
+from bench.common import (
+    QUICK,
+    Row,
+    emit,
+    health_payload,
+    insert_devices,
+    mosquitto,
+    pg_schema,
+    postgres_url,
+    row,
+)
+from fleet.ingest.budget import Budget
 
 N = 4000 if QUICK else 20000
 DEVICES = 200
+NOISY = "dev-noisy"
+NOISY_BUDGET = Budget(messages_per_min=600.0, messages_burst=100.0)  # every device: 10 msgs/s
+NOISY_TIMES = 100  # the noisy device's rate, in multiples of its budget
+CALM_N = 4000 if QUICK else 10000  # 20 or 50 per calm device: within their burst
 ENCODINGS = [e for e in os.environ.get("BENCH_INGEST_ENCODINGS", "msgpack,json").split(",") if e]
 
 
@@ -35,8 +55,9 @@ def publish(url: str, n: int, devices: int, encoding: str = "msgpack") -> None:
     from shared.telemetry import topics
 
     target = parse_mqtt_url(url)
+    session = f"{time.time_ns() & 0xFFFFFFFF:08x}"  # each run its own: seqs start at 1 again
     ids = [f"dev-{i % devices:05d}" for i in range(n)]
-    payloads = [(topics.topic(d, "health"), health_payload(d, i + 1, encoding=encoding))
+    payloads = [(topics.topic(d, "health"), health_payload(d, i + 1, encoding=encoding, session=session))
                 for i, d in enumerate(ids)]
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{time.time_ns()}")
     client.connect(target.host, target.port)
@@ -52,9 +73,80 @@ def publish(url: str, n: int, devices: int, encoding: str = "msgpack") -> None:
     client.loop_stop()
 
 
-def run_publisher(url: str, encoding: str) -> subprocess.Popen[str]:
-    code = f"from bench.b_ingest import publish; publish({url!r}, {N}, {DEVICES}, {encoding!r})"
+def run_publisher(url: str, encoding: str, n: int = N) -> subprocess.Popen[str]:
+    code = f"from bench.b_ingest import publish; publish({url!r}, {n}, {DEVICES}, {encoding!r})"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def publish_paced(url: str, device: str, rate: float) -> None:
+    """Publisher process: one device's health at ``rate`` msgs/s (QoS 1) until stdin closes."""
+    import paho.mqtt.client as mqtt
+
+    from fleet.broker.client import parse_mqtt_url
+    from shared.telemetry import topics
+
+    target = parse_mqtt_url(url)
+    session = f"{time.time_ns() & 0xFFFFFFFF:08x}"
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-noisy-{time.time_ns()}")
+    client.max_inflight_messages_set(1000)
+    client.connect(target.host, target.port)
+    client.loop_start()
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    topic, sent, t0 = topics.topic(device, "health"), 0, time.monotonic()
+    while not stop.is_set():
+        due = int((time.monotonic() - t0) * rate)
+        while sent < due:
+            sent += 1
+            client.publish(topic, health_payload(device, sent, encoding="msgpack", session=session), qos=1)
+        stop.wait(0.005)
+    print(f"SENT {sent} {time.monotonic() - t0}", flush=True)
+    client.disconnect()
+    client.loop_stop()
+
+
+def calm_rate(url: str, db: str, noisy: bool) -> tuple[float, dict[str, object]]:
+    """The calm devices' msgpack stream stored with the budgets on; with ``noisy``, one more device
+    publishes at NOISY_TIMES x its budget from before the calm stream starts until it is stored."""
+    import psycopg
+
+    from fleet.broker.client import parse_mqtt_url
+    from fleet.db.engine import make_engine
+    from fleet.ingest.ingester import Ingester
+
+    engine = make_engine(db)
+    ingester = Ingester(engine, parse_mqtt_url(url), budget=NOISY_BUDGET)
+    ingester.start(wait=10)
+    time.sleep(0.3)
+    rate = NOISY_TIMES * NOISY_BUDGET.messages_per_min / 60.0
+    calm_rows = f"SELECT count(*) FROM healthreport WHERE device_id <> '{NOISY}'"
+    noise = None
+    with psycopg.connect(db, autocommit=True) as conn:
+        before = conn.execute(calm_rows).fetchone()[0]  # type: ignore[index]
+        if noisy:
+            code = f"from bench.b_ingest import publish_paced; publish_paced({url!r}, {NOISY!r}, {rate})"
+            noise = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+            time.sleep(1.0)  # its burst is spent before the calm stream starts
+        pub = run_publisher(url, "msgpack", CALM_N)
+        deadline = time.monotonic() + 600
+        while True:
+            count = conn.execute(calm_rows).fetchone()[0] - before  # type: ignore[index]
+            if count >= CALM_N:
+                end = time.time()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ingester stored {count} of {CALM_N}: {ingester.stats.snapshot()}")
+            time.sleep(0.02)
+    start = publisher_start(pub)
+    stats: dict[str, object] = dict(ingester.stats.snapshot())
+    if noise is not None:
+        out, _ = noise.communicate("", timeout=30)
+        sent, seconds = next(line.split()[1:] for line in out.splitlines() if line.startswith("SENT"))
+        stats["noisy_sent"], stats["noisy_rate"] = int(sent), int(sent) / float(seconds)
+    ingester.stop()
+    engine.dispose()
+    return CALM_N / (end - start), stats
 
 
 def publisher_start(proc: subprocess.Popen[str]) -> float:
@@ -128,8 +220,10 @@ def ours(url: str, db: str, encoding: str) -> tuple[float, dict[str, object]]:
 def main() -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp, mosquitto(Path(tmp)) as url, \
             pg_schema(postgres_url()) as db:
-        insert_devices(db, [f"dev-{i:05d}" for i in range(DEVICES)])
+        insert_devices(db, [f"dev-{i:05d}" for i in range(DEVICES)] + [NOISY])
         rows = []
+        if os.environ.get("BENCH_INGEST_NOISY", "1") != "0":
+            rows.append(noisy_neighbour(url, db))
         for encoding in ENCODINGS:
             bare_rates, our_rates, stats = [], [], {}
             for _ in range(1 if QUICK else 2):  # alternate, so noise hits both
@@ -145,6 +239,24 @@ def main() -> None:
                      f"(batches {stats.get('batches')}, rejected {stats.get('rejected')}); best of "
                      f"{len(our_rates)}"))
         emit(rows)
+
+
+def noisy_neighbour(url: str, db: str) -> Row:
+    alone, beside, stats = [], [], {}
+    for _ in range(1 if QUICK else 3):  # alternate, so noise hits both
+        alone.append(calm_rate(url, db, noisy=False)[0])
+        rate, stats = calm_rate(url, db, noisy=True)
+        beside.append(rate)
+    b, o = sorted(alone)[len(alone) // 2], sorted(beside)[len(beside) // 2]
+    print(f"noisy neighbour: alone {alone} beside {beside} stats {stats}", file=sys.stderr)
+    budget = NOISY_BUDGET.messages_per_min / 60.0
+    noisy_rate = float(stats.get("noisy_rate", 0.0))  # type: ignore[arg-type]
+    return row(
+        f"ingestion of {DEVICES} devices beside one at {NOISY_TIMES}x its budget (msgs/s)", o, b, "msgs/s",
+        ">= 0.9x",
+        note=f"calm devices {b:.0f} msgs/s alone, {o:.0f} beside {NOISY} publishing {noisy_rate:.0f} "
+             f"msgs/s ({noisy_rate / budget:.0f}x its budget of {budget:g}/s, burst "
+             f"{NOISY_BUDGET.messages_burst:g}); refused {stats.get('rejected')}; median of {len(beside)}")
 
 
 if __name__ == "__main__":

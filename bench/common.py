@@ -602,9 +602,10 @@ class CountingProxy:
 
 def health_payload(device_id: str, seq: int, *, model: str = "clf", release: int = 1,
                    state: str = "committed", inferences: int = 100, errors: int = 0,
-                   interval_s: float = 5.0, encoding: str = "json") -> bytes:
+                   interval_s: float = 5.0, encoding: str = "json", session: str = "") -> bytes:
     """One encoded v1 health message (shared.telemetry.messages.Health) with one model, in
-    ``encoding`` ("json", or "msgpack": the agent's default, ``[mqtt] encoding``)."""
+    ``encoding`` ("json", or "msgpack": the agent's default, ``[mqtt] encoding``). The fleet
+    stores a (device, session, seq) once: a run that numbers from 1 again needs its own session."""
     from shared.telemetry import messages
 
     m = messages.ModelHealth(name=model, release=release, version=f"1.0.{release}", state=state,
@@ -613,7 +614,7 @@ def health_payload(device_id: str, seq: int, *, model: str = "clf", release: int
     return messages.encode(messages.Health(v=messages.VERSION, device_id=device_id, seq=seq, ts=time.time(),
                                            interval_s=interval_s, models=[m], cpu_percent=3.0,
                                            mem_rss_mb=90.0, mem_percent=4.0, disk_free_mb=1000.0,
-                                           uptime_s=10.0 * seq), encoding)  # type: ignore[arg-type]
+                                           uptime_s=10.0 * seq, session=session), encoding)  # type: ignore[arg-type]
 
 
 def insert_devices(database_url: str, ids: list[str], labels: dict[str, str] | None = None) -> None:

@@ -10,7 +10,7 @@ figures here. The broker's own limits (packaging/mosquitto) bound a message's si
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shared.errors import EdgefleetError
 
@@ -43,61 +43,57 @@ class Budget:
     rows_burst: float = 50_000.0
 
 
-@dataclass
-class _Buckets:
-    at: float
-    messages: float
-    bytes: float
-    rows: float
-
-
-@dataclass
 class DeviceBudgets:
-    budget: Budget = field(default_factory=Budget)
-    _buckets: dict[str, _Buckets] = field(default_factory=dict)
-    _added: int = 0
+    """Every device's buckets: [at, messages, bytes, rows] (a list: this runs per message)."""
 
-    def _refilled(self, device_id: str, now: float) -> _Buckets:
-        b = self.budget
-        buckets = self._buckets.get(device_id)
-        if buckets is None:
-            buckets = self._buckets[device_id] = _Buckets(now, b.messages_burst, b.bytes_burst, b.rows_burst)
+    def __init__(self, budget: Budget | None = None) -> None:
+        self.budget = b = budget or Budget()
+        self._rates = (b.messages_per_min / 60.0, b.bytes_per_min / 60.0, b.rows_per_min / 60.0)
+        self._bursts = (b.messages_burst, b.bytes_burst, b.rows_burst)
+        self._buckets: dict[str, list[float]] = {}
+        self._added = 0
+
+    def _refilled(self, device_id: str, now: float) -> list[float]:
+        k = self._buckets.get(device_id)
+        if k is None:
+            k = self._buckets[device_id] = [now, *self._bursts]
             self._added += 1
             if self._added % SWEEP_EVERY == 0:
                 self._sweep(now)
-            return buckets
-        minutes = max(0.0, now - buckets.at) / 60.0
-        buckets.at = now
-        buckets.messages = min(b.messages_burst, buckets.messages + minutes * b.messages_per_min)
-        buckets.bytes = min(b.bytes_burst, buckets.bytes + minutes * b.bytes_per_min)
-        buckets.rows = min(b.rows_burst, buckets.rows + minutes * b.rows_per_min)
-        return buckets
+            return k
+        dt = now - k[0]
+        if dt > 0:
+            k[0] = now
+            (rm, rb, rr), (bm, bb, br) = self._rates, self._bursts
+            m, by, r = k[1] + dt * rm, k[2] + dt * rb, k[3] + dt * rr
+            k[1] = m if m < bm else bm
+            k[2] = by if by < bb else bb
+            k[3] = r if r < br else br
+        return k
 
     def take_message(self, device_id: str, nbytes: int, now: float) -> None:
         """Spend one message and its bytes, or raise ``BudgetExceeded`` (nothing spent)."""
+        k = self._refilled(device_id, now)
         b = self.budget
-        buckets = self._refilled(device_id, now)
-        if b.messages_per_min and buckets.messages < 1:
-            raise BudgetExceeded("messages", 1, buckets.messages, b.messages_per_min, b.messages_burst)
-        if b.bytes_per_min and buckets.bytes < nbytes:
-            raise BudgetExceeded("bytes", nbytes, buckets.bytes, b.bytes_per_min, b.bytes_burst)
-        buckets.messages -= 1
-        buckets.bytes -= nbytes
+        if b.messages_per_min and k[1] < 1:
+            raise BudgetExceeded("messages", 1, k[1], b.messages_per_min, b.messages_burst)
+        if b.bytes_per_min and k[2] < nbytes:
+            raise BudgetExceeded("bytes", nbytes, k[2], b.bytes_per_min, b.bytes_burst)
+        k[1] -= 1
+        k[2] -= nbytes
 
     def take_rows(self, device_id: str, rows: int, now: float) -> None:
         """Spend the rows a message stores (a health message: one per model), or raise."""
+        k = self._refilled(device_id, now)
         b = self.budget
-        buckets = self._refilled(device_id, now)
-        if b.rows_per_min and buckets.rows < rows:
-            raise BudgetExceeded("rows", rows, buckets.rows, b.rows_per_min, b.rows_burst)
-        buckets.rows -= rows
+        if b.rows_per_min and k[3] < rows:
+            raise BudgetExceeded("rows", rows, k[3], b.rows_per_min, b.rows_burst)
+        k[3] -= rows
 
     def _sweep(self, now: float) -> None:
         """Forget devices whose buckets are full again (idle): memory stays bounded by the active ones."""
-        b = self.budget
-        pairs = ((b.messages_burst, b.messages_per_min), (b.bytes_burst, b.bytes_per_min),
-                 (b.rows_burst, b.rows_per_min))
-        full_after = 60.0 * max((burst / rate for burst, rate in pairs if rate), default=0.0)
-        idle = [d for d, k in self._buckets.items() if now - k.at >= full_after]
+        pairs = zip(self._bursts, self._rates, strict=True)
+        full_after = max((burst / rate for burst, rate in pairs if rate), default=0.0)
+        idle = [d for d, k in self._buckets.items() if now - k[0] >= full_after]
         for d in idle:
             del self._buckets[d]

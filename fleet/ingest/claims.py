@@ -70,7 +70,8 @@ DEFAULT_BOUNDS = Bounds()
 def check(message: messages.Message, bounds: Bounds = DEFAULT_BOUNDS, *, now: float) -> None:
     """Refuse (``ClaimRefused``) a message with a figure out of bounds; ``now``: the fleet's clock."""
     if isinstance(message, messages.Health):
-        _check_health(message, bounds, now)
+        if not _health_within(message, bounds, now):
+            _check_health(message, bounds, now)  # names the figure out of bounds
     elif isinstance(message, messages.Event):
         _check_event(message, bounds, now)
     elif isinstance(message, messages.Status):
@@ -138,6 +139,60 @@ def _check_health(msg: messages.Health, b: Bounds, now: float) -> None:
     for name in ("dropped", "dropped_health", "dropped_events", "spooled"):
         _int(name, getattr(msg, name), INT64_MAX)
     _opt_float("device_cpu_percent", msg.device_cpu_percent, 100.0)
+
+
+def _health_within(msg: messages.Health, b: Bounds, now: float) -> bool:
+    """True when every figure of a health message is within bounds: ``_check_health``'s rules
+    in one pass of inline comparisons (NaN fails every one), ~3x faster on the ingester's network
+    thread. False: let ``_check_health`` say which figure (and a shadow is left to it too).
+    tests/fleet/test_claims.py holds the two to the same table of bounds."""
+    try:
+        interval = msg.interval_s
+        if not (0 <= msg.seq <= INT64_MAX and b.min_ts <= msg.ts <= now + b.max_clock_ahead_s
+                and 0 < interval <= b.max_interval_s and len(msg.models) <= b.max_models
+                and len(msg.session) <= 32 and msg.session.isprintable()):
+            return False
+        could_serve = math.ceil(b.max_inferences_per_s * interval)
+        text = b.max_text
+        for m in msg.models:
+            p50, p95, drift = m.latency_p50_ms, m.latency_p95_ms, m.drift
+            if not (0 < len(m.name) <= NAME_MAX and m.name.isprintable()
+                    and 0 <= m.release <= MAX_RELEASE
+                    and len(m.version) <= text and m.version.isprintable()
+                    and len(m.state) <= text and m.state.isprintable()
+                    and 0 <= m.inferences <= could_serve and 0 <= m.errors <= m.inferences
+                    and 0 <= m.total_inferences <= INT64_MAX and 0 <= m.total_errors <= m.total_inferences
+                    and (p50 is None or 0 <= p50 <= b.max_latency_ms)
+                    and (p95 is None or 0 <= p95 <= b.max_latency_ms)
+                    and (p50 is None or p95 is None or p50 <= p95 * (1 + 1e-9))
+                    and (drift is None or 0 <= drift <= b.max_drift)
+                    and m.shadow is None
+                    and (m.waiting is None or (len(m.waiting) <= text and m.waiting.isprintable()))):
+                return False
+            if m.held is not None and (len(m.held) > b.max_held
+                                       or not all(0 <= r <= MAX_RELEASE for r in m.held)):
+                return False
+            inputs = m.drift_inputs
+            if inputs is not None and (len(inputs) > MAX_DRIFT_INPUTS or not all(
+                    0 < len(k) <= NAME_MAX and k.isprintable() and 0 <= v <= b.max_drift
+                    for k, v in inputs.items())):
+                return False
+            ev = m.last_event
+            if ev is not None and not (
+                    0 <= ev.seq <= INT64_MAX and b.min_ts <= ev.ts <= now + b.max_clock_ahead_s
+                    and 0 <= ev.release <= MAX_RELEASE
+                    and (ev.from_release is None or 0 <= ev.from_release <= MAX_RELEASE)):
+                return False
+        t = msg.temperature_c
+        dev_cpu = msg.device_cpu_percent
+        return (0 <= msg.cpu_percent <= 100.0 * 1024 and 0 <= msg.mem_rss_mb <= 1e9
+                and 0 <= msg.mem_percent <= 100.0 and 0 <= msg.disk_free_mb <= 1e12
+                and (t is None or -273.15 <= t <= 1000) and 0 <= msg.uptime_s <= 1e11
+                and 0 <= msg.dropped <= INT64_MAX and 0 <= msg.dropped_health <= INT64_MAX
+                and 0 <= msg.dropped_events <= INT64_MAX and 0 <= msg.spooled <= INT64_MAX
+                and (dev_cpu is None or 0 <= dev_cpu <= 100.0))
+    except (TypeError, AttributeError):  # a type msgspec would not have decoded: the slow path says
+        return False
 
 
 def _check_shadow(at: str, s: messages.ShadowHealth, b: Bounds) -> None:

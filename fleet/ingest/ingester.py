@@ -177,7 +177,7 @@ class Ingester:
     ) -> None:
         self.engine = engine
         self.bounds = bounds
-        self.budgets = DeviceBudgets(budget or Budget())  # the network thread's alone
+        self.budgets = DeviceBudgets(budget)  # the network thread's alone
         self._tallies: dict[str, Tally] = {}  # refusals not yet on the devices' rows
         self._tally_lock = threading.Lock()
         self._logged_at: dict[str, float] = {}

@@ -11,7 +11,16 @@ import msgspec
 import pytest
 
 from fleet.ingest.budget import Budget, BudgetExceeded, DeviceBudgets
-from fleet.ingest.claims import INT64_MAX, MAX_RELEASE, WINDOW_BITS, ClaimRefused, SeqWindow, check
+from fleet.ingest.claims import (
+    DEFAULT_BOUNDS,
+    INT64_MAX,
+    MAX_RELEASE,
+    WINDOW_BITS,
+    ClaimRefused,
+    SeqWindow,
+    _health_within,
+    check,
+)
 from shared.telemetry import messages
 
 NOW = 1_800_000_000.0
@@ -105,11 +114,23 @@ def test_each_health_figure_is_bounded(path: str, ok: Any, bad: Any) -> None:
     assert refused.value.bound
 
 
+@pytest.mark.parametrize(("path", "ok", "bad"), [b for b in HEALTH_BOUNDS if "shadow" not in b[0]],
+                         ids=[f"{p}={b!r}"[:60] for p, _, b in HEALTH_BOUNDS if "shadow" not in p])
+def test_the_fast_pass_holds_the_same_bounds(path: str, ok: Any, bad: Any) -> None:
+    """``_health_within`` (the ingester's fast pass) accepts what ``_check_health`` accepts and
+    passes everything else to it; a shadow always goes to ``_check_health``."""
+    assert _health_within(health(models__0__shadow=None, **{path: ok}), DEFAULT_BOUNDS, NOW)
+    assert not _health_within(health(models__0__shadow=None, **{path: bad}), DEFAULT_BOUNDS, NOW)
+    assert not _health_within(health(), DEFAULT_BOUNDS, NOW)  # with a shadow
+
+
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_nan_and_infinite_figures_are_refused(value: float) -> None:
-    for path in ("interval_s", "models__0__latency_p95_ms", "models__0__drift", "cpu_percent", "ts"):
+    for path in ("interval_s", "models__0__latency_p95_ms", "models__0__drift", "cpu_percent", "ts",
+                 "models__0__drift_inputs__image", "temperature_c", "models__0__last_event__ts"):
         with pytest.raises(ClaimRefused, match="finite"):
             check(health(**{path: value}), now=NOW)
+        assert not _health_within(health(models__0__shadow=None, **{path: value}), DEFAULT_BOUNDS, NOW)
 
 
 def test_the_issue_s_negative_counts_are_refused_with_the_figures() -> None:
