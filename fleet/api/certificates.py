@@ -19,11 +19,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.datastructures import State
+from litestar.exceptions import ServiceUnavailableException
 from litestar.params import FromPath, JSONBody
 from sqlmodel import Session, col, select
 
@@ -33,9 +35,11 @@ from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES, ERROR_RESPONSES
 from fleet.db.engine import session_scope
 from fleet.db.models import Device, DeviceCertificate, as_utc, now_utc
 from fleet.errors import NotFoundError
-from fleet.identity.ca import MAX_CSR_BYTES
+from fleet.identity.ca import MAX_CSR_BYTES, DeviceCA, DeviceCAError
 from fleet.identity.store import device_ca, publish_revocation, record_issued, revoke_device_certificates
 from shared.timeutil import format_ts
+
+log = logging.getLogger(__name__)
 
 # A device renews once this fraction of its certificate's lifetime has passed.
 RENEW_AT_FRACTION = 2 / 3
@@ -67,6 +71,15 @@ def certificate_json(row: DeviceCertificate) -> dict[str, Any]:
     }
 
 
+def _device_ca(ctx: AppContext) -> DeviceCA:
+    """The CA of the settings; a CA that cannot be loaded is the fleet's fault: 503."""
+    try:
+        return device_ca(ctx.settings)
+    except (DeviceCAError, OSError) as exc:
+        log.error("device CA: %s", exc)
+        raise ServiceUnavailableException(detail=f"the fleet's device CA is not usable: {exc}") from None
+
+
 class CertificateController(Controller):
     path = "/api/v1"
     tags = ["certificates"]
@@ -86,9 +99,14 @@ class CertificateController(Controller):
              state: State) -> CertificateResponse:
         ctx: AppContext = state.ctx
         settings = ctx.settings
-        ca = device_ca(settings)
+        ca = _device_ca(ctx)
         lifetime = dt.timedelta(days=settings.device_cert_days)
-        issued = ca.sign(data.csr.encode(), device_id, lifetime=lifetime)
+        try:
+            issued = ca.sign(data.csr.encode(), device_id, lifetime=lifetime)
+        except DeviceCAError as exc:  # the fleet's fault, not the device's: never a 400
+            log.error("certificate for %s: %s", device_id, exc)
+            raise ServiceUnavailableException(
+                detail=f"the fleet cannot sign certificates now: {exc}") from None
         with session_scope(ctx.engine) as session:
             record_issued(session, issued)
         renew = issued.not_before + (issued.not_after - issued.not_before) * RENEW_AT_FRACTION
@@ -109,7 +127,7 @@ class CertificateController(Controller):
     )
     def ca_certificate(self, state: State) -> Response[bytes]:
         ctx: AppContext = state.ctx
-        return Response(device_ca(ctx.settings).cert_pem, media_type="application/x-pem-file")
+        return Response(_device_ca(ctx).cert_pem, media_type="application/x-pem-file")
 
     @get(
         "/devices/{device_id:str}/certificates",

@@ -142,3 +142,18 @@ def test_certificate_requests_are_rate_limited_per_device(settings: Settings) ->
                         headers=bearer(cred)).status_code for _ in range(3)]
         assert codes == [201, 201, 429]
         assert [c.get("/api/v1/certificates/ca").status_code for _ in range(2)] == [200, 429]
+
+
+def test_a_fleet_that_cannot_sign_answers_503(settings: Settings, tmp_path: Path) -> None:
+    """A broken CA or a lifetime setting out of bounds is the fleet's fault: 503, never 400/500."""
+    bad_dir = tmp_path / "bad-ca"
+    bad_dir.mkdir()
+    (bad_dir / "ca.key").write_bytes(b"junk")
+    (bad_dir / "ca.crt").write_bytes(b"junk")
+    cases = [(replace(settings, device_ca_dir=bad_dir), "not usable", "dev-1"),
+             (replace(settings, device_cert_days=5000.0), "cannot sign", "dev-2")]
+    for broken, said, device in cases:
+        with TestClient(create_app(broken)) as c:
+            cred = enroll(c, device)
+            r = post_csr(c, device, device, bearer(cred))
+            assert r.status_code == 503 and said in r.json()["detail"], r.text
