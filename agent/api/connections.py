@@ -42,6 +42,7 @@ import msgspec
 log = logging.getLogger(__name__)
 
 HEAD_DISPATCH = 1 << 16  # buffered head bytes after which a worker reads the rest (and judges it)
+MIN_BODY_RATE = 64 * 1024  # bytes per second a body must average, beyond io_timeout_s
 _READ_SIZE = 1 << 16
 _LEADING_BLANKS = re.compile(rb"[\r\n]*")
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -89,22 +90,38 @@ class Connection:
     (the socket's timeout) and raise TimeoutError when the client stalls.
     """
 
-    __slots__ = ("address", "buf", "eof", "head_since", "since", "sock", "state")
+    __slots__ = ("address", "buf", "deadline", "eof", "head_since", "io_timeout", "since", "sock", "state")
 
-    def __init__(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket, address: tuple[str, int], io_timeout: float = 30.0) -> None:
         self.sock = sock
         self.address = address
         self.buf = bytearray()
         self.eof = False
         self.since = time.monotonic()  # parked at
         self.head_since = 0.0  # first byte of a head not yet complete
+        self.io_timeout = io_timeout  # one read or write waits at most this
+        self.deadline = 0.0  # monotonic time the head being read must be complete by (0: none)
         self.state: object = None  # the request handler of this connection, made by the server
+
+    def _wait(self, deadline: float) -> None:
+        """The socket's timeout for the next read: io_timeout, or less before ``deadline``."""
+        if deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the client did not send the request in time")
+            self.sock.settimeout(min(self.io_timeout, left))
+
+    def head_read(self) -> None:
+        """The head is read: its deadline no longer applies (the body has its own)."""
+        self.deadline = 0.0
+        self.sock.settimeout(self.io_timeout)
 
     # -- reading (workers) ----------------------------------------------------------------
 
     def _fill(self) -> bool:
         if self.eof:
             return False
+        self._wait(self.deadline)
         data = self.sock.recv(_READ_SIZE)
         if not data:
             self.eof = True
@@ -132,7 +149,10 @@ class Connection:
                 return self._take(len(self.buf))
 
     def read(self, n: int) -> bytearray:
-        """``n`` bytes (fewer at EOF), received straight into one buffer: no copy of a body."""
+        """``n`` bytes (fewer at EOF), received straight into one buffer: no copy of a body.
+        They must come within io_timeout plus one second per MIN_BODY_RATE bytes (a trickle
+        cannot hold a worker for long), else TimeoutError."""
+        deadline = time.monotonic() + self.io_timeout + n / MIN_BODY_RATE
         have = min(n, len(self.buf))
         out = bytearray(n)
         out[:have] = self.buf[:have]
@@ -140,11 +160,13 @@ class Connection:
         view = memoryview(out)
         got = have
         while got < n and not self.eof:
+            self._wait(deadline)
             k = self.sock.recv_into(view[got:])
             if k == 0:
                 self.eof = True
             got += k
         view.release()
+        self.sock.settimeout(self.io_timeout)
         if got < n:
             del out[got:]
         return out
@@ -297,7 +319,7 @@ class ConnectionServer:
                 return
             if not isinstance(address, tuple):
                 address = ("unix", 0)
-            conn = Connection(sock, address)
+            conn = Connection(sock, address, self.limits.io_timeout_s)
             with self._open_lock:
                 self._open += 1
             if self._open > self.limits.max_connections:
@@ -368,12 +390,15 @@ class ConnectionServer:
 
     def _serve_connection(self, conn: Connection) -> None:
         conn.sock.settimeout(self.limits.io_timeout_s)
+        # the rest of a head dispatched unfinished (64 KiB of it) must come in the same time
+        conn.deadline = (conn.head_since or time.monotonic()) + self.limits.head_timeout_s
         while True:
             if not self.serve(conn) or self._stopping or (conn.eof and not conn.buf):
                 self._closed(conn)
                 return
             if not head_complete(conn.buf):
                 break
+            conn.deadline = time.monotonic() + self.limits.head_timeout_s  # pipelined: already here
         conn.sock.setblocking(False)
         self._returned.append(conn)
         self._wake()

@@ -296,6 +296,7 @@ class RequestHandler:
         except FramingError as exc:
             self.send_error(exc.status, exc.code, exc.detail)
             return
+        self.connection.head_read()
         method = getattr(self, "do_" + self.command, None)
         if method is None:
             self.send_error(501, "not_implemented", f"method {self.command} is not supported")

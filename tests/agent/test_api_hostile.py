@@ -4,6 +4,7 @@ API keeps serving the others. Real sockets, a real model; docs/security.md lists
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import resource
@@ -143,6 +144,28 @@ def test_slowloris_gets_408_and_does_not_hold_back_others(api: ApiServer) -> Non
     c.send(b"POST /v1/locks/app HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(LOCK) + LOCK[:5])
     status, _, body = c.reply()
     assert status == 408 and error_of(body) == "request_timeout"
+    c.close()
+    # A body trickled a byte at a time, each within io_timeout_s: 408 all the same.
+    c = connect(api)
+    c.send(b"POST /v1/locks/app HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(LOCK))
+    t0 = time.monotonic()
+    with contextlib.suppress(OSError):
+        for byte in LOCK:
+            c.send(bytes([byte]))
+            time.sleep(0.1)
+    status, _, body = c.reply()
+    assert status == 408 and time.monotonic() - t0 < 2  # the trickle would take 4 s
+    c.close()
+    # 64 KiB of head sent at once (a worker reads the rest), then a trickle: 408 all the same.
+    c = connect(api)
+    c.send(b"GET /healthz HTTP/1.1\r\n" + (b"X-Pad: " + b"p" * 1000 + b"\r\n") * 70)
+    t0 = time.monotonic()
+    with contextlib.suppress(OSError):
+        for _ in range(40):  # each byte within io_timeout_s, 4 s in all
+            c.send(b"X")
+            time.sleep(0.1)
+    status, _, body = c.reply()
+    assert status == 408 and time.monotonic() - t0 < 2
     c.close()
 
 
