@@ -217,6 +217,11 @@ class Agent:
             log.warning("no MQTT URL in the config nor from the fleet; telemetry is off")
             return True
         tls = mqtt_tls(self.config.mqtt)
+        if self.certificate is not None and not url.startswith("mqtts:"):
+            # never a silent fallback to a login without the certificate
+            log.error('mqtt.certificate = "fleet" needs an mqtts:// broker, but the MQTT URL is %s; '
+                      "telemetry is off", url.split("@")[-1])
+            return True
         if self.certificate is not None:
             try:
                 self.certificate.ensure()

@@ -144,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key directory from 'edgefleet keys init': uploads are verified against its\n"
                         "root.json and fleet-ordered rollbacks are signed with its signing keys")
     p.add_argument("--admin-token", metavar="T",
-                   help="operator token (default: generated once, written to DATA_DIR/admin.token)")
+                   help="operator token (default: generated once, written to DATA_DIR/admin.token);\n"
+                        "shows in ps: prefer --admin-token-file or EDGEFLEET_ADMIN_TOKEN")
     p.add_argument("--enrollment-token", metavar="T",
-                   help="token devices enroll with (default: generated, DATA_DIR/enroll.token)")
+                   help="token devices enroll with (default: generated, DATA_DIR/enroll.token);\n"
+                        "shows in ps: prefer --enrollment-token-file or EDGEFLEET_ENROLLMENT_TOKEN")
     from fleet.cli.serve import add_serve_options
 
     add_serve_options(p)

@@ -3,6 +3,7 @@ atomic), the fleet's answer checked, a failed request leaving the pair in use un
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -68,3 +69,32 @@ def test_unreachable_fleet_leaves_no_stray_key(tmp_path: Path) -> None:
         with pytest.raises(CertificateError, match="last request failed"):
             cert.ensure()
         assert time.monotonic() - t0 < 10
+
+
+def test_certificate_mode_never_falls_back_to_a_plain_broker(tmp_path: Path, keyring: Any) -> None:
+    """The fleet hands out an mqtt:// URL: the agent refuses to log in without its certificate."""
+    from litestar.testing import TestClient
+
+    from agent.main import Agent
+    from fleet.app import create_app
+    from fleet.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "fleet", database_url=f"sqlite:///{tmp_path / 'f.db'}",
+                        keys_dir=keyring.directory, admin_token="a" * 24, enrollment_token="e" * 24,
+                        run_ingester=False, run_controller=False, public_mqtt_url="mqtt://127.0.0.1:9")
+    with TestClient(create_app(settings)) as http:
+        cfg = parse_config({**BASE, "state_dir": str(tmp_path / "agent"),
+                            "trust_root": str(keyring.root_path),
+                            "fleet": {"url": "http://testserver.local", "enrollment_token": "e" * 24},
+                            "mqtt": {"certificate": "fleet"}, "api": {"listen": ""}})
+        agent = Agent(cfg, http=http)
+        seen: list[logging.LogRecord] = []
+        handler = logging.Handler(logging.ERROR)
+        handler.emit = seen.append  # type: ignore[method-assign]
+        logging.getLogger("agent").addHandler(handler)  # the fleet app rewires the root logger
+        try:
+            assert agent._start_reporter() is True
+        finally:
+            logging.getLogger("agent").removeHandler(handler)
+        assert agent.reporter is None
+        assert any("needs an mqtts:// broker" in r.getMessage() for r in seen)
