@@ -48,6 +48,15 @@ def test_full_file(tmp_path: Path) -> None:
     assert cfg.update.trial_seconds == 0 and cfg.update.trial_min_inferences == 10
 
 
+def test_api_limits() -> None:
+    api = parse_config({"state_dir": "/s", "trust_root": "/r.json", "api": {
+        "max_json_bytes": 1 << 20, "max_inflight_bytes": 1 << 27, "max_connections": 64, "workers": 4,
+        "max_queued": 8, "backlog": 16, "idle_timeout_s": 5, "head_timeout_s": 2, "io_timeout_s": 3}}).api
+    assert (api.max_json_bytes, api.max_inflight_bytes) == (1 << 20, 1 << 27)
+    assert (api.max_connections, api.workers, api.max_queued, api.backlog) == (64, 4, 8, 16)
+    assert (api.idle_timeout_s, api.head_timeout_s, api.io_timeout_s) == (5.0, 2.0, 3.0)
+
+
 def test_offline_minimum() -> None:
     cfg = parse_config({"state_dir": "/s", "trust_root": "/r.json"})
     assert cfg.fleet is None and cfg.device_id is None and not cfg.mqtt_enabled
@@ -64,6 +73,9 @@ def test_offline_minimum() -> None:
         ({"api": {"listen": "localhost"}}, "api.listen = 'localhost'"),
         ({"api": {"max_body_bytes": -1}}, "api.max_body_bytes = -1"),
         ({"api": {"max_body_bytes": "big"}}, "api.max_body_bytes = 'big'"),
+        ({"api": {"workers": 0}}, "api.workers = 0 must be > 0"),
+        ({"api": {"head_timeout_s": -1}}, "api.head_timeout_s = -1"),
+        ({"api": {"max_body_bytes": 1 << 30}}, "api.max_inflight_bytes = 134217728 must be at least"),
         ({"runtime": {"intra_op_threads": True}}, "runtime.intra_op_threads = True"),
         ({"update": {"trial_max_error_rate": 1.5}}, "update.trial_max_error_rate = 1.5"),
         ({"device_id": "a/b"}, "device_id = 'a/b'"),
