@@ -379,6 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the approval lasts (default 3600)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = _sub(device_cmds, "certificates", "fleet.cli.certificates:certificates",
+             "the client certificates issued to a device: serial, expiry, revocation",
+             fleet=True, epilog="example:\n  edgefleet device certificates cam-01\n")
+    p.add_argument("device_id", metavar="DEVICE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _sub(device_cmds, "revoke-certificates", "fleet.cli.certificates:revoke_certificates",
+             "revoke a device's certificates: CRL, broker reload, session ended (admin)",
+             fleet=True, epilog="example:\n  edgefleet device revoke-certificates cam-01\n"
+                                "The device stays trusted and gets a new key and certificate;\n"
+                                "'edgefleet device revoke' cuts it off entirely.\n")
+    p.add_argument("device_id", metavar="DEVICE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     # -- enrollment-token -----------------------------------------------------------
     etoken = commands.add_parser("enrollment-token", help="tokens devices enroll with",
                                  description="Enrollment tokens: they only create new devices, may\n"

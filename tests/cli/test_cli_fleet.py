@@ -189,3 +189,35 @@ def test_device_identity_commands(fleet: str, cli) -> None:  # type: ignore[no-u
         r = cli("device", "delete", "cli-cam", "--yes", env=env)
         assert r.code == 0 and "deleted" in r.out
         assert cli("device", "show", "cli-cam", env=env).code != 0
+
+
+def test_device_certificate_commands(fleet: str, cli) -> None:  # type: ignore[no-untyped-def]
+    """device certificates|revoke-certificates against the real fleet."""
+    import httpx
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    env = _env(fleet)
+    with httpx.Client(base_url=fleet) as http:
+        enrolled = http.post("/api/v1/devices/enroll", json={"device_id": "cert-cam", "token": "enroll-me"})
+        cred = enrolled.json()["credential"]
+        r = cli("device", "certificates", "cert-cam", env=env)
+        assert r.code == 0 and "no certificate" in r.out, r.err
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cert-cam")]))
+               .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+        signed = http.post("/api/v1/devices/cert-cam/certificate", json={"csr": csr},
+                           headers={"Authorization": f"Bearer {cred}"})
+        assert signed.status_code == 201, signed.text
+        serial = signed.json()["serial"]
+    r = cli("device", "certificates", "cert-cam", env=env)
+    assert r.code == 0 and serial in r.out and "valid" in r.out, r.err
+    r = cli("device", "revoke-certificates", "cert-cam", env=env)
+    assert r.code == 0 and "1 certificate(s) revoked" in r.out and "crl.pem" in r.out, r.err
+    r = cli("device", "certificates", "cert-cam", "--json", env=env)
+    assert r.code == 0 and json.loads(r.out)[0]["revoked_at"]
+    r = cli("device", "revoke-certificates", "nobody", env=env)
+    assert r.code != 0 and "not enrolled" in r.err
