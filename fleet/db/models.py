@@ -215,8 +215,8 @@ class DeviceClaim(SQLModel, table=True):
     # the agent's session (a new one when its sequence counter starts over); "" for older agents
     session: str = Field(default="", max_length=32)
     seq_high: int | None = Field(default=None, sa_column=Column(BigInteger))
-    # bit i (little-endian) set: seq_high - 1 - i was accepted (i < claims.WINDOW_BITS)
-    seq_mask: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    # bit i (little-endian) set: seq_high - 1 - i not seen yet (i < claims.WINDOW_BITS); in order: b""
+    seq_missing: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
     last_ts: float | None = None  # the device's ts on the message of seq_high
     malformed: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     duplicate: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))

@@ -13,7 +13,7 @@ Pure decisions, no I/O (the ingester applies them):
   a reconnect); a seq already accepted, or older than the 4096 below the highest, is a
   ``duplicate``. A new session (the agent's counter started over: a wiped state directory)
   replaces the old one only with a later ts, so replaying an old session's messages counts
-  nothing. Agents older than sessions send ``""``: there a seq far below the window with a
+  nothing. Agents older than sessions send ``""``: there a seq not above the highest with a
   later ts is such a new start too.
 """
 
@@ -31,6 +31,8 @@ MAX_RELEASE = 2**53 - 1  # release numbers (shared.release)
 NAME_MAX = 64  # model names and the like: the columns are VARCHAR(64)
 MAX_DRIFT_INPUTS = 256
 WINDOW_BITS = 4096  # seqs below the highest remembered (reordering across ingesters, a spool burst)
+_WINDOW_MASK = (1 << WINDOW_BITS) - 1
+RESTART_SLACK = 64  # seqs below a session's first message still accepted
 TS_SLACK_S = 0.001  # float round trips through the database
 
 
@@ -285,19 +287,23 @@ def _name(field: str, value: Any) -> str:
 # -- deduplication -------------------------------------------------------------------------
 @dataclass
 class SeqWindow:
-    """The sequence window of a device's current session (a ``DeviceClaim`` row's columns)."""
+    """The sequence window of a device's current session (a ``DeviceClaim`` row's columns).
+
+    It remembers the seqs *not yet seen* below the highest (``missing``), so a device whose
+    messages arrive in order stores an empty bitmap; skipped numbers (a crash reserves ahead)
+    stay acceptable until 4096 later ones pushed them out."""
 
     session: str = ""
     high: int | None = None
-    mask: int = 0  # bit i: high - 1 - i accepted
+    missing: int = 0  # bit i: high - 1 - i not seen yet
     last_ts: float | None = None
 
     @classmethod
-    def load(cls, session: str, high: int | None, mask: bytes | None, last_ts: float | None) -> SeqWindow:
-        return cls(session, high, int.from_bytes(mask or b"", "little"), last_ts)
+    def load(cls, session: str, high: int | None, missing: bytes | None, last_ts: float | None) -> SeqWindow:
+        return cls(session, high, int.from_bytes(missing or b"", "little"), last_ts)
 
-    def mask_bytes(self) -> bytes:
-        return self.mask.to_bytes((self.mask.bit_length() + 7) // 8, "little")
+    def missing_bytes(self) -> bytes:
+        return self.missing.to_bytes((self.missing.bit_length() + 7) // 8, "little")
 
     def admit(self, session: str, seq: int, ts: float) -> bool:
         """Accept (and remember) a (session, seq), or False: a duplicate or a replay."""
@@ -307,26 +313,27 @@ class SeqWindow:
         if session != self.session:
             return False  # an older session's message: replayed, or late past a new start
         if seq > self.high:
-            shift = seq - self.high
-            self.mask = ((self.mask << shift) | (1 << (shift - 1))) & ((1 << WINDOW_BITS) - 1) \
-                if shift <= WINDOW_BITS else 0
+            shift = seq - self.high  # the numbers between are not seen yet
+            self.missing = ((self.missing << shift) | ((1 << (shift - 1)) - 1)) & _WINDOW_MASK \
+                if shift <= WINDOW_BITS else _WINDOW_MASK
             self.high, self.last_ts = seq, ts
             return True
-        if seq == self.high:
-            return False
-        bit = self.high - 1 - seq
-        if bit < WINDOW_BITS:
-            if self.mask >> bit & 1:
-                return False
-            self.mask |= 1 << bit
-            return True
         if session == "" and self._later(ts):
-            self._restart(session, seq, ts)  # an older agent whose counter started over
+            # an older agent whose counter started over: it takes seq and ts together, so a
+            # seq not above the highest with a later ts is a new run (a replay has its old ts)
+            self._restart(session, seq, ts)
             return True
-        return False
+        bit = self.high - 1 - seq
+        if 0 <= bit < WINDOW_BITS and self.missing >> bit & 1:
+            self.missing &= ~(1 << bit)
+            return True
+        return False  # seen, seq == high, or below the window
 
     def _later(self, ts: float) -> bool:
         return self.last_ts is None or ts > self.last_ts + TS_SLACK_S
 
     def _restart(self, session: str, seq: int, ts: float) -> None:
-        self.session, self.high, self.mask, self.last_ts = session, seq, 0, ts
+        """A new run of numbers: the few just below its first may still arrive (ingesters
+        sharing the stream reorder); earlier ones were stored before, or never will be."""
+        self.session, self.high, self.last_ts = session, seq, ts
+        self.missing = (1 << min(seq, RESTART_SLACK)) - 1

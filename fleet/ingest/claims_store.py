@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
@@ -23,12 +23,23 @@ from fleet.ingest.claims import SeqWindow
 CLAIM = DeviceClaim.__table__  # type: ignore[attr-defined]
 CAUSES = ("malformed", "duplicate", "over_budget", "db_refused")
 REASON_MAX = 300
-_WRITTEN = ("session", "seq_high", "seq_mask", "last_ts", *CAUSES, "last_refusal", "last_refused_at",
-            "over_budget_at")
-_UPDATE = (
+_WINDOW = ("session", "seq_high", "seq_missing", "last_ts")
+_UPDATE_WINDOW = (
     update(CLAIM)
     .where(CLAIM.c.device_id == bindparam("b_device_id"))
-    .values({f: bindparam(f"b_{f}", type_=CLAIM.c[f].type) for f in _WRITTEN})
+    .values({f: bindparam(f"b_{f}", type_=CLAIM.c[f].type) for f in _WINDOW})
+)
+# Counters are added to in SQL: a batch reads only the windows.
+_UPDATE_REFUSED = (
+    update(CLAIM)
+    .where(CLAIM.c.device_id == bindparam("b_device_id"))
+    .values({
+        **{c: CLAIM.c[c] + bindparam(f"b_{c}", type_=CLAIM.c[c].type) for c in CAUSES},
+        "last_refusal": bindparam("b_last_refusal", type_=CLAIM.c.last_refusal.type),
+        "last_refused_at": bindparam("b_last_refused_at", type_=CLAIM.c.last_refused_at.type),
+        "over_budget_at": func.coalesce(bindparam("b_over_budget_at", type_=CLAIM.c.over_budget_at.type),
+                                        CLAIM.c.over_budget_at),
+    })
 )
 
 
@@ -55,41 +66,25 @@ class Tally:
         if other.over_budget_at is not None:
             self.over_budget_at = max(filter(None, (self.over_budget_at, other.over_budget_at)))
 
+    def params(self, device_id: str) -> dict[str, Any]:
+        return {"b_device_id": device_id, **{f"b_{c}": self.counts.get(c, 0) for c in CAUSES},
+                "b_last_refusal": self.reason[:REASON_MAX], "b_last_refused_at": self.at,
+                "b_over_budget_at": self.over_budget_at}
+
 
 @dataclass
 class ClaimRow:
-    """One locked row: its sequence window and counters, changed in Python, written back once."""
+    """One locked row's sequence window, changed in Python, and the refusals to add to it."""
 
     device_id: str
     window: SeqWindow
-    counts: dict[str, int]
-    last_refusal: str | None
-    last_refused_at: datetime | None
-    over_budget_at: datetime | None
-    changed: bool = False
+    refused: Tally | None = None
+    changed: bool = False  # the window
 
     def refuse(self, tally: Tally) -> None:
-        for cause, n in tally.counts.items():
-            self.counts[cause] = self.counts.get(cause, 0) + n
-        if tally.at is not None:
-            self.last_refusal, self.last_refused_at = tally.reason[:REASON_MAX], tally.at
-        if tally.over_budget_at is not None:
-            self.over_budget_at = tally.over_budget_at
-        self.changed = True
-
-    def params(self) -> dict[str, Any]:
-        w = self.window
-        values = {"session": w.session, "seq_high": w.high, "seq_mask": w.mask_bytes(), "last_ts": w.last_ts,
-                  **{c: self.counts.get(c, 0) for c in CAUSES}, "last_refusal": self.last_refusal,
-                  "last_refused_at": self.last_refused_at, "over_budget_at": self.over_budget_at}
-        return {"b_device_id": self.device_id, **{f"b_{k}": v for k, v in values.items()}}
-
-
-def _row(r: Any) -> ClaimRow:
-    return ClaimRow(
-        r.device_id, SeqWindow.load(r.session, r.seq_high, r.seq_mask, r.last_ts),
-        {c: int(getattr(r, c)) for c in CAUSES}, r.last_refusal, r.last_refused_at, r.over_budget_at,
-    )
+        if self.refused is None:
+            self.refused = Tally()
+        self.refused.merge(tally)
 
 
 def lock_rows(session: Session, device_ids: set[str]) -> dict[str, ClaimRow]:
@@ -97,25 +92,43 @@ def lock_rows(session: Session, device_ids: set[str]) -> dict[str, ClaimRow]:
     if not device_ids:
         return {}
     ordered = sorted(device_ids)
-    query = select(CLAIM).order_by(CLAIM.c.device_id).with_for_update()
-    rows = {r.device_id: _row(r) for r in session.execute(query.where(CLAIM.c.device_id.in_(ordered)))}
+    query = select(CLAIM.c.device_id, *(CLAIM.c[f] for f in _WINDOW)).order_by(CLAIM.c.device_id)
+    query = query.with_for_update()
+
+    def read(ids: list[str]) -> dict[str, ClaimRow]:
+        found = session.execute(query.where(CLAIM.c.device_id.in_(ids)))
+        load = SeqWindow.load
+        return {r.device_id: ClaimRow(r.device_id, load(r.session, r.seq_high, r.seq_missing, r.last_ts))
+                for r in found}
+
+    rows = read(ordered)
     missing = [d for d in ordered if d not in rows]
     if missing:
         dialect = session.get_bind().dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        defaults = {"session": "", "seq_high": None, "seq_mask": b"", "last_ts": None,
+        defaults = {"session": "", "seq_high": None, "seq_missing": b"", "last_ts": None,
                     **{c: 0 for c in CAUSES}}
         session.execute(insert(CLAIM).on_conflict_do_nothing(index_elements=["device_id"]),
                         [{"device_id": d, **defaults} for d in missing])
-        created = session.execute(query.where(CLAIM.c.device_id.in_(missing)))
-        rows.update({r.device_id: _row(r) for r in created})
+        rows.update(read(missing))
     return rows
 
 
 def write_rows(session: Session, rows: dict[str, ClaimRow]) -> None:
-    params = [rows[d].params() for d in sorted(rows) if rows[d].changed]
-    if params:
-        session.execute(_UPDATE, params)
+    """The changed windows, and the refusals added to the counters (two executemany at most)."""
+    windows, refused = [], []
+    for d in sorted(rows):
+        row = rows[d]
+        if row.changed:
+            w = row.window
+            windows.append({"b_device_id": d, "b_session": w.session, "b_seq_high": w.high,
+                            "b_seq_missing": w.missing_bytes(), "b_last_ts": w.last_ts})
+        if row.refused is not None:
+            refused.append(row.refused.params(d))
+    if windows:
+        session.execute(_UPDATE_WINDOW, windows)
+    if refused:
+        session.execute(_UPDATE_REFUSED, refused)
 
 
 def claims_json(session: Session, device_id: str) -> dict[str, Any]:

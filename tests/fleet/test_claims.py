@@ -175,9 +175,23 @@ def test_window_accepts_each_seq_once_in_any_order_within_it() -> None:
     assert not w.admit("s1", 11, NOW + 1)
     assert w.admit("s1", 12 + WINDOW_BITS + 5, NOW + 3)  # a jump (a crash skips numbers)
     assert not w.admit("s1", 12, NOW + 2)  # now below the window: refused
-    restored = SeqWindow.load(w.session, w.high, w.mask_bytes(), w.last_ts)
+    restored = SeqWindow.load(w.session, w.high, w.missing_bytes(), w.last_ts)
     assert restored == w
     assert not restored.admit("s1", 12 + WINDOW_BITS + 5, NOW + 3)
+
+
+def test_an_in_order_stream_keeps_an_empty_bitmap_and_skipped_numbers_stay_acceptable() -> None:
+    w = SeqWindow()
+    for seq in range(5000):
+        assert w.admit("s", seq, NOW + seq)
+    assert w.missing_bytes() == b""  # what a device's row holds while its messages arrive in order
+    assert w.admit("s", 6000, NOW + 6000)  # a crash reserved ahead: 5000 .. 5999 never sent
+    assert len(w.missing_bytes()) == 1000 // 8
+    assert w.admit("s", 5500, NOW + 5500) and not w.admit("s", 5500, NOW + 5500)
+    first = SeqWindow()
+    assert first.admit("t", 1000, NOW)  # first heard mid-run (the fleet upgraded)
+    assert first.admit("t", 990, NOW - 10)  # reordered just below it: new
+    assert not first.admit("t", 900, NOW - 100)  # stored before the fleet kept windows
 
 
 def test_a_new_session_replaces_the_old_one_only_with_a_later_ts() -> None:

@@ -1,8 +1,9 @@
 """device claims: each device's sequence window (deduplication) and refused messages
 
 One row per device (``DeviceClaim``): the session and highest sequence number accepted
-with a bitmap of the 4096 below it, and counters of its messages refused as malformed or
-out of bounds, as duplicates, over its budget, or by the database (fleet.ingest.claims).
+with a bitmap of those of the 4096 below it not seen yet, and counters of its messages
+refused as malformed or out of bounds, as duplicates, over its budget, or by the database
+(fleet.ingest.claims).
 
 Revision ID: 0007
 Revises: 0006
@@ -27,7 +28,7 @@ def upgrade() -> None:
         sa.Column('device_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
         sa.Column('session', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
         sa.Column('seq_high', sa.BigInteger(), nullable=True),
-        sa.Column('seq_mask', sa.LargeBinary(), nullable=False),
+        sa.Column('seq_missing', sa.LargeBinary(), nullable=False),
         sa.Column('last_ts', sa.Float(), nullable=True),
         sa.Column('malformed', sa.BigInteger(), nullable=False),
         sa.Column('duplicate', sa.BigInteger(), nullable=False),
