@@ -41,7 +41,7 @@ from fleet.api.schemas import (
 )
 from fleet.api.trust import newest_root_version
 from fleet.db.engine import session_scope
-from fleet.db.models import Assignment, Bundle, Device, Rollout, as_utc, now_utc
+from fleet.db.models import Assignment, Bundle, Device, DeviceClaim, Rollout, as_utc, now_utc
 from fleet.errors import NotFoundError
 from fleet.ingest import claims_store, rollup
 from fleet.rollout.shadow import shadow_entries
@@ -386,6 +386,7 @@ class DeviceController(Controller):
             device = _get_device(session, device_id)
             cut_off(ctx, device)
             session.exec(sql_delete(Assignment).where(col(Assignment.device_id) == device_id))  # type: ignore[call-overload]
+            session.exec(sql_delete(DeviceClaim).where(col(DeviceClaim.device_id) == device_id))  # type: ignore[call-overload]
             session.delete(device)
         log.warning("device %s deleted", device_id)
         return {"device_id": device_id, "deleted": True}

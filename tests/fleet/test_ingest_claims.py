@@ -218,3 +218,15 @@ def test_budgets_and_bounds_come_from_the_settings(settings: Any, monkeypatch: A
     assert (ing.budgets.budget.messages_per_min, ing.budgets.budget.bytes_per_min) == (5.0, 0.0)
     assert ing.bounds.max_inferences_per_s == 50.0
     app.state.ctx.engine.dispose()
+
+
+def test_deleting_a_device_forgets_its_claims(client: TestClient[Any]) -> None:
+    enroll(client, "d1")
+    ing = ingester(client)
+    assert send(ing, health("d1", 5)) and not send(ing, health("d1", 6, inferences=-1))
+    write_queued(ing)
+    assert (refused(client, "d1")["malformed"], refused(client, "d1")["seq_high"]) == (1, 5)
+    assert client.delete("/api/v1/devices/d1", headers=admin()).status_code == 200
+    enroll(client, "d1")  # enrolled anew: a new device under the old id
+    counts = refused(client, "d1")
+    assert (counts["malformed"], counts["seq_high"], counts["session"]) == (0, None, None)
