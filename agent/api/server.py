@@ -16,6 +16,9 @@ every request is answered or its connection closed. See docs/agent-api.md.
 
 HTTP/1.1 framing is agent.api.http1's (not http.server, which brings ssl and email.* into
 every agent); tests/agent/test_api_headers.py keeps them out of ``import agent.main``.
+Connections, workers and timeouts are agent.api.connections'; a body is judged by its
+declared size (413) and the ``BodyBudget`` of bodies in flight (503) before it is read, and
+JSON inputs are decoded by agent.api.json_inputs (docs/agent-api.md, "Limits").
 """
 
 from __future__ import annotations
