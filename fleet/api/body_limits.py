@@ -5,7 +5,8 @@ Litestar decodes a JSON body recursively; one nested deeper than the interpreter
 limit raised RecursionError, answered 500. Two layers close it:
 
 - ``BodyLimitMiddleware`` (ASGI, outside routing and auth) reads each body that is not
-  declared binary (``application/octet-stream``, ``multipart/*``: bundle uploads): a declared
+  declared binary (``application/octet-stream``, ``multipart/*``) or sent to a file route
+  (``BINARY_ROUTES``: the bundle upload): a declared
   ``Content-Length`` over ``json_max_bytes`` is refused 413 before a byte is read, a body
   that grows past it while read is refused 413, and one nested deeper than
   ``json_max_depth`` (arrays and objects, strings skipped) is refused 400. The body is then
@@ -29,6 +30,9 @@ from fleet.metrics import ASGIApp, record_denied
 from fleet.settings import Settings
 
 BINARY_TYPES = ("application/octet-stream", "multipart/")
+# Routes whose body is a file whatever its declared type (curl --data-binary says
+# x-www-form-urlencoded): never read here. Their handlers cap the size themselves.
+BINARY_ROUTES = frozenset({("POST", "/api/v1/bundles")})
 # A JSON string: what is inside one never counts as nesting.
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
@@ -88,7 +92,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         ctype = _content_type(scope)
-        if ctype.startswith(BINARY_TYPES):
+        if ctype.startswith(BINARY_TYPES) or (scope.get("method"), scope.get("path")) in BINARY_ROUTES:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
