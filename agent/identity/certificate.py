@@ -9,7 +9,9 @@
   pair, then replaces ``certificate.json`` atomically, then removes the old pair: a power
   cut leaves the old pair or the new one in use, never a key with another's certificate;
 - the resident agent reads only JSON and PEM paths; ssl checks that key and certificate
-  belong together when the MQTT connection loads them.
+  belong together when the MQTT connection loads them;
+- renewal and expiry times are kept on the device's own clock (moved by the difference
+  between it and the fleet's HTTP Date), so a device whose clock is off renews on time.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ class CertificateMeta(msgspec.Struct, frozen=True):
     cert_file: str
     not_after_ts: float
     renew_after_ts: float
+
+
+def on_local_clock(fleet_ts: float, fleet_now: float | None, local_now: float) -> float:
+    """A time the fleet named, moved onto this device's clock: a device whose clock is off
+    (days ahead, or never set) still renews at the right moment instead of at every poll
+    (or never). ``fleet_now`` is the fleet's clock when it answered (HTTP Date)."""
+    if fleet_now is None:
+        return fleet_ts
+    return fleet_ts + (local_now - fleet_now)
 
 
 class CertificateError(DownloadError):
@@ -131,7 +142,7 @@ class DeviceCertificate:
         key_name, cert_name = f"key-{tag}.pem", f"cert-{tag}.pem"
         try:
             csr = self._make_csr(self.dir / key_name)
-            answer = self._request(csr)
+            answer, fleet_now = self._request(csr)
             atomic_write(self.dir / cert_name, answer.certificate.encode())
             atomic_write(self.dir / "ca.pem", answer.ca_certificate.encode())
         except BaseException:
@@ -139,8 +150,10 @@ class DeviceCertificate:
                 (self.dir / name).unlink(missing_ok=True)
             raise
         old = self.meta()
+        local_now = time.time()
         meta = CertificateMeta(serial=answer.serial, key_file=key_name, cert_file=cert_name,
-                               not_after_ts=answer.not_after_ts, renew_after_ts=answer.renew_after_ts)
+                               not_after_ts=on_local_clock(answer.not_after_ts, fleet_now, local_now),
+                               renew_after_ts=on_local_clock(answer.renew_after_ts, fleet_now, local_now))
         atomic_write(self.dir / META_FILE, msgspec.json.encode(meta))
         if old is not None:
             for name in (old.key_file, old.cert_file):
@@ -165,7 +178,10 @@ class DeviceCertificate:
                                    f"{done.stderr.decode(errors='replace')[-300:]}")
         return done.stdout
 
-    def _request(self, csr: bytes) -> CertificateAnswer:
+    def _request(self, csr: bytes) -> tuple[CertificateAnswer, float | None]:
+        """The fleet's answer and its clock at that moment (HTTP Date; None without one)."""
+        from email.utils import parsedate_to_datetime
+
         import httpx
 
         url = f"{self.fleet.url}/api/v1/devices/{self.fleet.device_id}/certificate"
@@ -185,5 +201,9 @@ class DeviceCertificate:
                                        what="certificate answer")
             if answer.device_id != self.fleet.device_id or "BEGIN CERTIFICATE" not in answer.certificate:
                 raise CertificateError(f"the fleet answered a certificate for {answer.device_id!r}")
-            return answer
+            try:
+                fleet_now: float | None = parsedate_to_datetime(r.headers.get("date", "")).timestamp()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                fleet_now = None
+            return answer, fleet_now
         raise AuthError("the fleet refused the credential right after enrollment")

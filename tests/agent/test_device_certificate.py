@@ -98,3 +98,16 @@ def test_certificate_mode_never_falls_back_to_a_plain_broker(tmp_path: Path, key
             logging.getLogger("agent").removeHandler(handler)
         assert agent.reporter is None
         assert any("needs an mqtts:// broker" in r.getMessage() for r in seen)
+
+
+def test_renewal_times_follow_the_device_clock() -> None:
+    """The fleet's times moved onto the device's clock by their difference (HTTP Date)."""
+    from agent.identity.certificate import on_local_clock
+
+    fleet_now, renew_after = 1_800_000_000.0, 1_800_000_000.0 + 20 * 86400
+    # a device a year ahead renews 20 days from its own now, not at once
+    ahead = fleet_now + 365 * 86400
+    assert on_local_clock(renew_after, fleet_now, ahead) == ahead + 20 * 86400
+    # a device whose clock was never set (1970) does not wait decades
+    assert on_local_clock(renew_after, fleet_now, 10.0) == 10.0 + 20 * 86400
+    assert on_local_clock(renew_after, None, ahead) == renew_after  # no Date: the fleet's time
