@@ -249,6 +249,7 @@ class DeviceCertificate(SQLModel, table=True):
     serial: str = Field(primary_key=True, max_length=40)  # hex, as OpenSSL prints it
     device_id: str = Field(max_length=64)
     fingerprint: str = Field(max_length=64)  # SHA-256 of the DER, hex
-    issued_at: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True), nullable=False))
+    issued_at: datetime = Field(default_factory=now_utc,
+                                sa_column=Column(DateTime(timezone=True), nullable=False))
     not_after: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
