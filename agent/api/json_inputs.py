@@ -186,8 +186,12 @@ def decode_inputs(body: bytes | bytearray, dtypes: dict[str, str], model: str) -
             raise JsonInputError("input", f"input {name!r} has dtype {dtypes[name]!r}, "
                                  "unknown here") from None
         if dtype.kind in "fiu":
+            size = len(memoryview(raw))
             start = _offset(body, raw)
-            out[name] = numeric_array(body, start, start + len(memoryview(raw)), dtype, name)
+            if start >= 0 and start + size <= len(body):
+                out[name] = numeric_array(body, start, start + size, dtype, name)
+            else:  # a msgspec that copied the value: work on a copy of it
+                out[name] = numeric_array(bytearray(raw), 0, size, dtype, name)
             continue
         try:
             out[name] = np.asarray(msgspec.json.decode(raw), dtype=dtype)
