@@ -43,6 +43,7 @@ from fleet.api.trust import newest_root_version
 from fleet.db.engine import session_scope
 from fleet.db.models import Assignment, Bundle, Device, DeviceClaim, Rollout, as_utc, now_utc
 from fleet.errors import NotFoundError
+from fleet.identity.store import revoke_with_device
 from fleet.ingest import claims_store, rollup
 from fleet.rollout.shadow import shadow_entries
 from shared.errors import MalformedDocumentError
@@ -241,6 +242,8 @@ class DeviceController(Controller):
             apply_credentials(device, issued, now=now,
                               previous_hash=credential_hash(presented) if proof is Proof.CREDENTIAL
                               and presented else None)
+            if proof is Proof.APPROVAL:  # its old state, and so its certificates' keys, are not trusted
+                revoke_with_device(session, ctx.settings, ctx.engine, device_id)
             session.add(device)
         if admission is Admission.REENROLL:
             log.info("device %s re-enrolled (proof: %s)", device_id, proof.value)

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from fleet_support import admin, bearer, enroll
+from fleet_support import ENROLL, admin, bearer, enroll
 from litestar.testing import TestClient
 
 from fleet.app import create_app
@@ -157,3 +157,24 @@ def test_a_fleet_that_cannot_sign_answers_503(settings: Settings, tmp_path: Path
             cred = enroll(c, device)
             r = post_csr(c, device, device, bearer(cred))
             assert r.status_code == 503 and said in r.json()["detail"], r.text
+
+
+def test_approved_reenrollment_revokes_the_old_certificates(client: TestClient[Any]) -> None:
+    """A device that lost its state comes back with an operator's approval: the keys of its
+    old certificates are no longer accounted for, so they are revoked. A re-enrollment with
+    its credential (proof) keeps them."""
+    cred = enroll(client, "dev-1")
+    first = int(post_csr(client, "dev-1", "dev-1", bearer(cred)).json()["serial"], 16)
+    proven = client.post("/api/v1/devices/enroll", json={"device_id": "dev-1", "token": "x" * 24},
+                         headers=bearer(cred))
+    assert proven.status_code == 201, proven.text  # proof by credential: nothing revoked
+    listed = client.get("/api/v1/devices/dev-1/certificates", headers=admin()).json()
+    assert listed[0]["revoked_at"] is None
+    r = client.post("/api/v1/devices/dev-1/approve", json={"valid_s": 60}, headers=admin())
+    assert r.status_code == 200, r.text
+    again = client.post("/api/v1/devices/enroll", json={"device_id": "dev-1", "token": ENROLL})
+    assert again.status_code == 201, again.text
+    listed = client.get("/api/v1/devices/dev-1/certificates", headers=admin()).json()
+    assert listed[0]["revoked_at"] is not None
+    crl_file = Path(client.app.state.ctx.settings.data_dir) / "device-ca" / "crl.pem"
+    assert x509.load_pem_x509_crl(crl_file.read_bytes()).get_revoked_certificate_by_serial_number(first)
