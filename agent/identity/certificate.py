@@ -27,6 +27,7 @@ import msgspec
 
 from agent.errors import AuthError, DownloadError, StateError
 from shared import strictjson
+from shared.errors import EdgefleetError
 from shared.fsutil import atomic_write
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ class DeviceCertificate:
             return False
         try:
             self.renew()
-        except (CertificateError, AuthError) as exc:
+        except (EdgefleetError, OSError) as exc:  # refused, unreachable, a bad answer, disk
             self._retry_at = time.monotonic() + RETRY_S
             if self.files() is None:
                 raise CertificateError(f"no device certificate: {exc}") from None

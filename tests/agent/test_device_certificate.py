@@ -111,3 +111,43 @@ def test_renewal_times_follow_the_device_clock() -> None:
     # a device whose clock was never set (1970) does not wait decades
     assert on_local_clock(renew_after, fleet_now, 10.0) == 10.0 + 20 * 86400
     assert on_local_clock(renew_after, None, ahead) == renew_after  # no Date: the fleet's time
+
+
+def test_a_fleet_answering_nonsense_is_retried_later_not_at_every_poll(tmp_path: Path) -> None:
+    """A 201 whose body is not a certificate answer: refused by name, and not asked again at once."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"device_id": "dev-1", "serial": 5}'
+            self.send_response(201)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with httpx.Client(timeout=5) as http:
+            fleet = FleetClient(url=url, device_id="dev-1", enrollment_token="t", labels={},
+                                state_dir=tmp_path, client=http)
+            (tmp_path / "device.json").write_text(
+                f'{{"device_id":"dev-1","credential":"c","mqtt_url":null,"fleet_url":"{url}"}}')
+            cert = DeviceCertificate(fleet, tmp_path)
+            with pytest.raises(CertificateError, match="certificate answer"):
+                cert.ensure()
+            with pytest.raises(CertificateError, match="last request failed"):
+                cert.ensure()
+            assert hits == ["/api/v1/devices/dev-1/certificate"]
+            assert list((tmp_path / "tls").glob("*.pem")) == []
+    finally:
+        server.shutdown()
