@@ -158,6 +158,9 @@ def _upload_and_assign(url: str, settings: Settings, bundle: Path) -> None:
         bundle_id = int(r.json()["id"])
         r = http.post("/api/v1/devices/enroll", json={"device_id": DEVICE, "token": ENROLL})
         assert r.status_code == 201, r.text
+        # the agent enrolls again with the token alone: an operator approves it beforehand
+        r = http.post(f"/api/v1/devices/{DEVICE}/approve", json={"valid_s": 600}, headers=admin())
+        assert r.status_code == 200, r.text
     engine = make_engine(settings.database_url)
     try:
         with session_scope(engine) as session:
