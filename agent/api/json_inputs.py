@@ -108,11 +108,28 @@ def _numbers(digits: bytes, dtype: np.dtype[Any], name: str) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
-            return np.fromstring(digits, dtype=family, sep=",")
+            values = np.fromstring(digits, dtype=family, sep=",")
         except (ValueError, DeprecationWarning, OverflowError):
             what = "integers" if dtype.kind in "iu" else "numbers"
             raise JsonInputError("input", f"input {name!r} of dtype {dtype} must hold {what} "
                                  "only") from None
+    if family is not np.float32 and family is not np.float64:
+        _check_saturation(values, digits, name)
+    return values
+
+
+def _check_saturation(values: np.ndarray, digits: bytes, name: str) -> None:
+    """np.fromstring saturates a 64-bit integer overflow at the type's bounds: a value at a
+    bound is checked against its text (rare: only then is the text split)."""
+    info = np.iinfo(values.dtype)
+    at_bound = np.flatnonzero((values == info.max) | (values == info.min) if info.min else values == info.max)
+    if not at_bound.size:
+        return
+    tokens = digits.split(b",")
+    for i in at_bound:
+        if int(tokens[i]) != int(values[i]):
+            raise JsonInputError("input", f"input {name!r} has a value outside {values.dtype} "
+                                 f"[{info.min}, {info.max}]")
 
 
 def _cast(values: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray:
@@ -123,9 +140,7 @@ def _cast(values: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray:
             raise JsonInputError("input", f"input {name!r} has a value out of the range of {dtype}")
         return out
     info = np.iinfo(dtype)
-    # np.fromstring saturates a 64-bit overflow at the bounds: those count as out of range
-    low, high = info.min + (values.dtype == dtype), info.max - (values.dtype == dtype)
-    if values.size and (values.min() < low or values.max() > high):
+    if values.size and (values.min() < info.min or values.max() > info.max):
         raise JsonInputError("input", f"input {name!r} has a value outside {dtype} "
                              f"[{info.min}, {info.max}]")
     return values.astype(dtype, copy=False)
