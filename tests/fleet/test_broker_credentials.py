@@ -75,6 +75,39 @@ def test_password_file_keeps_other_users_and_mode(tmp_path: Path) -> None:
         pw.set("a:b", "x")
 
 
+def test_password_file_is_appended_to_and_compacted_at_twice_its_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change appends one line (the last line of a user wins, as in Mosquitto); once the
+    file doubles it is rewritten with one line per user, keeping its mode."""
+    import fleet.broker.passwords as passwords
+
+    monkeypatch.setattr(passwords, "COMPACT_MIN_BYTES", 2000)
+    path = tmp_path / "passwd"
+    path.write_text(f"{FLEET_USER}:{hash_password(FLEET_PASSWORD)}")  # no final newline
+    path.chmod(0o640)
+    pw = BrokerPasswordFile(path)
+    pw.set("dev-1", "a")
+    assert path.read_text().splitlines()[1].startswith("dev-1:")  # appended on a line of its own
+    size = path.stat().st_size
+    pw.set("dev-1", "b")
+    assert path.stat().st_size > size and len(path.read_text().splitlines()) == 3
+    assert verify_password(pw.entries()["dev-1"], "b")
+    pw.revoke("dev-1")
+    assert not verify_password(pw.entries()["dev-1"], "b")
+    for i in range(40):  # ~150 bytes a line: compactions happen on the way
+        pw.set(f"dev-{i % 5}", f"p{i}")
+    lines = path.read_text().splitlines()
+    assert len(lines) < 30  # compacted, not 44 lines
+    entries = pw.entries()
+    assert sorted(entries) == sorted([FLEET_USER, *(f"dev-{i}" for i in range(5))])
+    assert all(verify_password(entries[f"dev-{i}"], f"p{35 + i}") for i in range(5))
+    assert verify_password(entries[FLEET_USER], FLEET_PASSWORD)
+    assert path.stat().st_mode & 0o777 == 0o640
+    with pytest.raises(ValueError):
+        pw.revoke("a\nb")
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[TlsBroker]:
     if mosquitto_binary() is None:
