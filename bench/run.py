@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from bench.common import BENCH, ROOT, agent_python
 
 MODULES = ["memory", "inference", "api", "batching", "download", "quant", "coldstart",
-           "ingest", "scale", "wire", "shadow", "soak"]
+           "ingest", "scale", "wire", "shadow", "soak", "enroll"]
 
 
 def run_module(name: str, quick: bool) -> tuple[list[dict[str, object]], float, str]:
