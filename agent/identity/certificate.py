@@ -167,11 +167,10 @@ class DeviceCertificate:
     def _make_csr(self, key_path: Path) -> bytes:
         import subprocess  # once per certificate lifetime: not on the agent's start path
 
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
-            done = subprocess.run(
-                [sys.executable, "-m", "agent.identity.keygen", self.fleet.device_id, str(key_path)],
-                capture_output=True, timeout=KEYGEN_TIMEOUT_S, env=env, check=False)
+            done = subprocess.run(  # -P: not the working directory on sys.path (as sigcheck)
+                [sys.executable, "-P", "-m", "agent.identity.keygen", self.fleet.device_id, str(key_path)],
+                capture_output=True, timeout=KEYGEN_TIMEOUT_S, check=False)
         except (OSError, subprocess.SubprocessError) as exc:
             raise CertificateError(f"making the device key failed: {exc}") from None
         if done.returncode != 0 or b"BEGIN CERTIFICATE REQUEST" not in done.stdout:
