@@ -7,10 +7,12 @@ is appended to and Mosquitto keeps the last line of a user.
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -223,3 +225,49 @@ def test_rotated_and_reenrolled_agent_keeps_reporting_without_restart(
         finally:
             agent.stop()
             watch.close()
+
+
+def test_fleet_wide_rotation_with_real_agent_processes_darkens_no_device(
+    broker: ShippedBroker, tmp_path: Path, keyring: Keyring
+) -> None:
+    """Two agent processes; `rotate --all`: each fetches new credentials on its next pull and
+    keeps reporting over MQTT with them, no restart; every old broker password is refused."""
+    devices = ("cam-a", "cam-b")
+    procs: list[subprocess.Popen[bytes]] = []
+    with serve_fleet(fleet_settings(tmp_path, keyring, broker)) as url, httpx.Client(base_url=url) as http:
+        watches = {d: HealthWatch(broker, d) for d in devices}
+        try:
+            for d in devices:
+                state = tmp_path / d
+                cfg = tmp_path / f"{d}.toml"
+                cfg.write_text(
+                    f'device_id = "{d}"\nstate_dir = "{state}"\ntrust_root = "{keyring.root_path}"\n'
+                    f'[fleet]\nurl = "{url}"\nenrollment_token = "{ENROLL}"\npoll_interval_s = 0.5\n'
+                    f'[mqtt]\nhealth_interval_s = 0.3\nca_file = "{broker.ca_file}"\n'
+                    '[api]\nlisten = "127.0.0.1:0"\n')
+                with open(tmp_path / f"{d}.log", "ab") as fh:
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "agent", "--config", str(cfg), "run"], cwd=REPO,
+                        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=fh, stderr=subprocess.STDOUT))
+            for d in devices:
+                watches[d].more(2, f"{d}'s health; log: {(tmp_path / f'{d}.log').read_text()[-1500:]}")
+            before = {d: _credential(tmp_path / d) for d in devices}
+            r = http.post("/api/v1/devices/rotate", headers=admin())
+            assert r.status_code == 200 and r.json() == {"requested": 2}
+            for d in devices:
+                wait_for(lambda d=d: _credential(tmp_path / d).broker_password != before[d].broker_password,
+                         20, f"{d} to rotate")
+                watches[d].more(3, f"{d}'s health after the rotation")
+                assert connack(broker, d, before[d].broker_password or "") == NOT_AUTHORISED
+                assert connack(broker, d, _credential(tmp_path / d).broker_password or "") == 0
+            assert all(p.poll() is None for p in procs)  # never restarted
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            for w in watches.values():
+                w.close()
