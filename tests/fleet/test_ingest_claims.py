@@ -139,11 +139,20 @@ def test_boundary_values_are_stored_and_a_poisoned_message_is_refused_alone(clie
                   last_event=messages.LastEvent(seq=INT64_MAX, ts=time.time(), kind="committed",
                                                 release=MAX_RELEASE, from_release=MAX_RELEASE))
     edge.models[0].total_inferences = edge.models[0].total_errors = INT64_MAX
+    edge.models[0].version = edge.models[0].state = "v" * 256
+    edge.models[0].latency_p50_ms = edge.models[0].latency_p95_ms = 600_000.0
+    edge.models[0].drift_inputs = {f"i{n}": 1000.0 for n in range(256)}
+    edge.cpu_percent, edge.mem_rss_mb, edge.disk_free_mb, edge.uptime_s = 102_400.0, 1e9, 1e12, 1e11
+    edge.dropped = edge.dropped_health = edge.dropped_events = edge.spooled = INT64_MAX
+    edge.temperature_c, edge.mem_percent, edge.device_cpu_percent = -273.15, 100.0, 100.0
+    status = messages.Status(v=1, device_id="d0", online=True, ts=time.time(), agent_version="a" * 256,
+                             seq=INT64_MAX, session="s" * 32)
+    assert ing.handle(topics.topic("d0", "status"), messages.encode(status))
     edge_event = messages.Event(v=1, device_id="d0", seq=INT64_MAX - 1, ts=time.time(), model="m" * 64,
                                 kind="committed", release=MAX_RELEASE, from_release=MAX_RELEASE,
                                 message="x" * 2000, session="s" * 32)
     assert send(ing, edge) and send(ing, edge_event, "msgpack")
-    items = [ing.queue.get_nowait() for _ in range(2)]
+    items = [ing.queue.get_nowait() for _ in range(3)]
     # poison, past the validation (as a bug in it would let through): numbers no BIGINT holds, a
     # name longer than its column, one per device, amid the good reports of every device
     now = datetime.now(UTC)
@@ -155,12 +164,13 @@ def test_boundary_values_are_stored_and_a_poisoned_message_is_refused_alone(clie
     written = ing.write_isolating(items)
     ing.write_isolating([])
 
-    assert written == 2 + 2 * 5
+    assert written == 3 + 2 * 5
     for d in devices[1:]:
         assert stored(client, d) == (2, 200, 2), d
     with Session(client.app.state.ctx.engine) as s:
         row = s.exec(select(HealthReport).where(HealthReport.device_id == "d0")).one()
     assert (row.seq, row.release, row.model, row.inferences) == (INT64_MAX, MAX_RELEASE, "m" * 64, 100_000)
+    assert (row.p95_ms, row.cpu_percent, row.rss_mb, row.drift) == (600_000.0, 102_400.0, 1e9, 1000.0)
     for p in poison:
         counts = refused(client, p.device_id)
         assert counts["db_refused"] == 1, (p.device_id, counts)
@@ -168,6 +178,8 @@ def test_boundary_values_are_stored_and_a_poisoned_message_is_refused_alone(clie
     assert ing.stats.rejected["db_refused"] == len(poison)
     detail = client.get("/api/v1/devices/d0", headers=admin()).json()
     assert detail["models"]["m" * 64]["release"] == MAX_RELEASE
+    assert detail["agent_version"] == "a" * 256
+    assert detail["models"]["m" * 64]["held"] == [MAX_RELEASE] * 16
 
 
 def test_a_device_over_its_budget_is_dropped_counted_and_flagged(client: TestClient[Any]) -> None:
