@@ -320,12 +320,18 @@ class DeviceController(Controller):
                     for a, b in rows
                 ],
             }
+            # An operator asked the device to fetch new credentials (POST .../credential); or
+            # the device still presents its previous credential (the answer of a rotation or
+            # re-enrollment was lost on the way, and with it the new broker password): it asks
+            # again within the overlap instead of going dark when the overlap ends.
+            presented = bearer(request)
+            if device.rotation_requested_at is not None or (
+                presented and device.previous_credential_hash == credential_hash(presented)
+            ):
+                body["rotate_credential"] = True
         # The newest trust root the fleet serves (GET /api/v1/trust/roots): a device behind it
         # walks its root forward before installing what the new root signs. Absent without a
         # chain; agents that predate it ignore the field.
-        if device.rotation_requested_at is not None:
-            # an operator asked: the device fetches new credentials (POST .../credential)
-            body["rotate_credential"] = True
         root_version = newest_root_version(ctx.settings.keys_dir)
         if root_version is not None:
             body["root_version"] = root_version

@@ -226,9 +226,17 @@ def test_rotation_is_asked_then_done_by_the_device_with_an_overlap(client: Clien
     assert r.status_code == 201
     new = r.json()["credential"]
     assert new != creds["r-1"]
-    for cred in (new, creds["r-1"]):
-        d = client.get("/api/v1/devices/r-1/desired", headers=bearer(cred))
-        assert d.status_code == 200 and "rotate_credential" not in d.json()
+    d = client.get("/api/v1/devices/r-1/desired", headers=bearer(new))
+    assert d.status_code == 200 and "rotate_credential" not in d.json()
+    # the old credential still works, but a device presenting it evidently lost the answer
+    # (and the new broker password with it): it is told to rotate again, within the overlap
+    d = client.get("/api/v1/devices/r-1/desired", headers=bearer(creds["r-1"]))
+    assert d.status_code == 200 and d.json()["rotate_credential"] is True
+    r = client.post("/api/v1/devices/r-1/credential", headers=bearer(creds["r-1"]))
+    assert r.status_code == 201
+    newer = r.json()["credential"]
+    d = client.get("/api/v1/devices/r-1/desired", headers=bearer(newer))
+    assert d.status_code == 200 and "rotate_credential" not in d.json()
     # a device cannot rotate another's credentials
     assert client.post("/api/v1/devices/r-1/credential", headers=bearer(creds["r-2"])).status_code == 403
     # the whole fleet: every device is asked, none is cut off before it asks
