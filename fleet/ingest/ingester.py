@@ -552,11 +552,17 @@ class Ingester:
 
 
 def _admit(claim: ClaimRow, item: Item) -> bool:
-    """Whether a message is new for its device's sequence window (status: always; it is state)."""
+    """Whether a message is new for its device's sequence window. A status always is (it is state,
+    retained and sent again on every subscribe); its seq is only marked seen, so births and wills
+    leave no gap in the window (an older agent's status, without a session, may carry seq 0)."""
     msg = item.message
-    if isinstance(msg, messages.Status | messages.DesiredNotice):
+    if isinstance(msg, messages.DesiredNotice):
         return True
     claim.changed = True
+    if isinstance(msg, messages.Status):
+        if msg.session:
+            claim.window.admit(msg.session, msg.seq, msg.ts)
+        return True
     if claim.window.admit(msg.session, msg.seq, msg.ts):
         return True
     claim.refuse(_duplicate(item))

@@ -146,7 +146,7 @@ def test_boundary_values_are_stored_and_a_poisoned_message_is_refused_alone(clie
     edge.dropped = edge.dropped_health = edge.dropped_events = edge.spooled = INT64_MAX
     edge.temperature_c, edge.mem_percent, edge.device_cpu_percent = -273.15, 100.0, 100.0
     status = messages.Status(v=1, device_id="d0", online=True, ts=time.time(), agent_version="a" * 256,
-                             seq=INT64_MAX, session="s" * 32)
+                             seq=INT64_MAX - 2, session="s" * 32)
     assert ing.handle(topics.topic("d0", "status"), messages.encode(status))
     edge_event = messages.Event(v=1, device_id="d0", seq=INT64_MAX - 1, ts=time.time(), model="m" * 64,
                                 kind="committed", release=MAX_RELEASE, from_release=MAX_RELEASE,
@@ -242,3 +242,28 @@ def test_deleting_a_device_forgets_its_claims(client: TestClient[Any]) -> None:
     enroll(client, "d1")  # enrolled anew: a new device under the old id
     counts = refused(client, "d1")
     assert (counts["malformed"], counts["seq_high"], counts["session"]) == (0, None, None)
+
+
+def test_statuses_fill_the_window_so_an_in_order_device_has_an_empty_bitmap(client: TestClient[Any]) -> None:
+    from fleet.db.models import DeviceClaim
+
+    enroll(client, "d1")
+    ing = ingester(client)
+
+    def status(seq: int, online: bool = True) -> None:
+        msg = messages.Status(v=1, device_id="d1", online=online, ts=time.time(), seq=seq, session="s1")
+        assert ing.handle(topics.topic("d1", "status"), messages.encode(msg))
+
+    status(0)  # a new agent's session numbers from 0
+    send(ing, health("d1", 1))
+    send(ing, health("d1", 2))
+    status(3, online=False)
+    status(3, online=False)  # retained, sent again on a subscribe: applied, not a duplicate
+    status(4)
+    send(ing, health("d1", 5))
+    send(ing, health("d1", 6))
+    write_queued(ing)
+    with Session(client.app.state.ctx.engine) as s:
+        claim = s.get(DeviceClaim, "d1")
+        assert (claim.seq_high, claim.seq_missing, claim.duplicate) == (6, b"", 0)
+    assert stored(client, "d1")[0] == 4
