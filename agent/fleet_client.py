@@ -39,6 +39,9 @@ from shared.telemetry.topics import check_device_id
 log = logging.getLogger(__name__)
 
 DEVICE_FILE = "device.json"
+# Made (and stored, 0600) before the first enrollment and sent with every one: the fleet takes
+# it as proof of being this device when an enrollment is made again (its answer was lost).
+SECRET_FILE = "device_secret"
 MAX_DESIRED_BYTES = 1 << 20
 MAX_ROOTS_BYTES = 8 << 20  # a page of roots: the fleet sends at most 16 of 256 KiB, base64
 
@@ -186,7 +189,8 @@ class FleetClient:
         if not self.enrollment_token:
             raise AuthError("the device has no credential and fleet.enrollment_token is empty")
         url = f"{self.url}/api/v1/devices/enroll"
-        body = {"device_id": self.device_id, "token": self.enrollment_token, "labels": self.labels}
+        body = {"device_id": self.device_id, "token": self.enrollment_token, "labels": self.labels,
+                "device_secret": self._secret()}
         # The credential held (in memory, else on disk) proves this is the device: a known id
         # is not re-enrolled on the enrollment token alone.
         held = self._cred
@@ -196,6 +200,9 @@ class FleetClient:
         headers = {"Authorization": f"Bearer {held.credential}"} if held is not None else {}
         try:
             r = self.http.post(url, json=body, headers=headers)
+            if r.status_code == 400 and "device_secret" in r.text:  # a fleet that predates it
+                del body["device_secret"]
+                r = self.http.post(url, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise DownloadError(f"enrollment at {url} failed: {exc}") from None
         if r.status_code in (401, 403):
@@ -205,6 +212,22 @@ class FleetClient:
         cred = self._store(r.content, what="enrollment response")
         log.info("enrolled as %s at %s", self.device_id, self.url)
         return cred
+
+    def _secret(self) -> str:
+        """The device secret, made and written durably before it is first sent."""
+        path = self.path.with_name(SECRET_FILE)
+        try:
+            secret = path.read_text().strip()
+            if len(secret) >= 32:
+                return secret
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StateError(f"{path} is unreadable ({exc}); remove it to make a new one") from None
+        secret = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, secret.encode(), mode=0o600)
+        return secret
 
     def _store(self, content: bytes, *, what: str) -> Credential:
         """The credential of an enrollment or rotation answer, written to device.json (0600)."""

@@ -27,6 +27,7 @@ from fleet.api.enrollment import (
     Proof,
     ReenrollmentNeedsProof,
     admit,
+    check_device_secret,
     check_labels,
     check_new_device_id,
 )
@@ -58,6 +59,9 @@ class EnrollRequest(msgspec.Struct, forbid_unknown_fields=True):
     device_id: str
     token: str
     labels: dict[str, str] = {}
+    # made and stored by the device before its first enrollment: proof of being it when it
+    # enrolls again (the answer was lost, its state was restored); agents before it send none
+    device_secret: str | None = None
 
 
 class EnrollResponse(msgspec.Struct, omit_defaults=True):
@@ -209,12 +213,15 @@ class DeviceController(Controller):
         ctx: AppContext = state.ctx
         device_id = check_new_device_id(data.device_id)
         labels = check_labels(data.labels)
+        secret = check_device_secret(data.device_secret)
+        secret_hash = credential_hash(secret) if secret else None
         presented = bearer(request)
         now = now_utc()
         with session_scope(ctx.engine) as session:
             device = session.get(Device, device_id)
             try:
-                admission, proof = admit(device, credential_hash(presented) if presented else None, now)
+                admission, proof = admit(device, credential_hash(presented) if presented else None, now,
+                                         secret_hash)
             except ReenrollmentNeedsProof as exc:
                 assert device is not None
                 device.reenroll_requested_at = now  # the operator sees it pending
@@ -225,7 +232,7 @@ class DeviceController(Controller):
             except DeviceRevoked as exc:
                 raise PermissionDeniedException(detail=exc.message) from None
             token_id = None
-            if proof is not Proof.CREDENTIAL:  # a proven device needs no (possibly rotated) token
+            if proof not in (Proof.CREDENTIAL, Proof.SECRET):  # a proven device needs no token
                 try:
                     token_id = accept_enrollment_token(session, ctx, data.token, now,
                                                        count_use=admission is Admission.NEW)
@@ -239,6 +246,8 @@ class DeviceController(Controller):
                                 enrollment_token_id=token_id)
             elif labels:
                 device.labels = labels
+            if secret_hash and (proof is not Proof.SECRET):  # new, approved, or an agent's first
+                device.device_secret_hash = secret_hash
             apply_credentials(device, issued, now=now,
                               previous_hash=credential_hash(presented) if proof is Proof.CREDENTIAL
                               and presented else None)

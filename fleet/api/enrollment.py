@@ -8,9 +8,11 @@ Rules (Mender's "a known identity with new credentials waits for acceptance", AW
   be revoked (rotation: make a new one, hand it to new devices, revoke the old one; enrolled
   devices never use it again);
 - re-enrolling a known id needs proof of being that device: its current credential (or the
-  previous one within the rotation overlap) as ``Authorization: Bearer``, or an operator's
-  approval (``edgefleet device approve``), used once before it runs out. Without either the
-  attempt is recorded as pending (the operator sees it) and refused;
+  previous one within the rotation overlap) as ``Authorization: Bearer``; or the device
+  secret it made and stored before it first enrolled (``device_secret``: an enrollment whose
+  answer was lost is simply made again, as Mender accepts a known key again); or an
+  operator's approval (``edgefleet device approve``), used once before it runs out. Without
+  any of them the attempt is recorded as pending (the operator sees it) and refused;
 - a revoked device enrolls again only after an operator approved it;
 - ids and labels that could collide with MQTT topic syntax or paths are refused.
 
@@ -113,6 +115,7 @@ def check_enrollment_token(row: EnrollmentToken | None, now: datetime) -> None:
 class Proof(enum.Enum):
     NONE = "none"
     CREDENTIAL = "credential"  # the device's current (or overlapping previous) credential
+    SECRET = "device_secret"  # the secret the device made before it first enrolled
     APPROVAL = "approval"  # an operator approved one re-enrollment
 
 
@@ -132,8 +135,10 @@ def credential_matches(device: Device, presented_hash: str | None, now: datetime
     return (presented_hash == device.previous_credential_hash and until is not None and now < until)
 
 
-def admit(device: Device | None, presented_hash: str | None, now: datetime) -> tuple[Admission, Proof]:
-    """May this enrollment go ahead for ``device`` (None: the id is new)? Raises why not."""
+def admit(device: Device | None, presented_hash: str | None, now: datetime,
+          secret_hash: str | None = None) -> tuple[Admission, Proof]:
+    """May this enrollment go ahead for ``device`` (None: the id is new)? ``presented_hash``:
+    of the credential sent as proof; ``secret_hash``: of the device secret. Raises why not."""
     if device is None:
         return Admission.NEW, Proof.NONE
     approved = as_utc(device.reenroll_approved_until)
@@ -147,8 +152,17 @@ def admit(device: Device | None, presented_hash: str | None, now: datetime) -> t
             device_id=device.id)
     if credential_matches(device, presented_hash, now):
         return Admission.REENROLL, Proof.CREDENTIAL
+    if secret_hash and device.device_secret_hash and secret_hash == device.device_secret_hash:
+        return Admission.REENROLL, Proof.SECRET
     raise ReenrollmentNeedsProof(
         f"device {device.id!r} is already enrolled: re-enrolling it needs its current credential "
-        f"('Authorization: Bearer <credential>') or an operator's approval "
+        f"('Authorization: Bearer <credential>'), its device secret or an operator's approval "
         f"('edgefleet device approve {device.id}'); the enrollment token alone only enrolls new devices",
         device_id=device.id, proof="none")
+
+
+def check_device_secret(secret: str | None) -> str | None:
+    """A device secret is 32-128 printable ASCII characters (the agent makes 43)."""
+    if secret is not None and not (32 <= len(secret) <= 128 and secret.isascii() and secret.isprintable()):
+        raise MalformedDocumentError("device_secret must be 32-128 printable ASCII characters")
+    return secret

@@ -48,6 +48,9 @@ class Device(SQLModel, table=True):
     reenroll_requested_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     reenroll_approved_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     enrollment_token_id: int | None = None
+    # SHA-256 of the secret the device made (and stored) before it first enrolled: proof
+    # of being it when the answer of an enrollment was lost (fleet.api.enrollment).
+    device_secret_hash: str | None = Field(default=None, max_length=64)
 
 
 class Bundle(SQLModel, table=True):

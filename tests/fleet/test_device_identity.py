@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
+from agent.fleet_client import FleetClient
 from fleet.api.enrollment import (
     Admission,
     DeviceRevoked,
@@ -62,10 +64,17 @@ def test_admission_rules() -> None:
     assert admit(dev, None, NOW) == (Admission.REENROLL, Proof.APPROVAL)
     with pytest.raises(ReenrollmentNeedsProof):
         admit(dev, None, NOW + timedelta(minutes=6))
+    # the device secret made before its first enrollment proves it too, a wrong one does not
+    dev.device_secret_hash = "s" * 64
+    assert admit(dev, None, NOW + timedelta(minutes=6), "s" * 64)[1] is Proof.SECRET
+    with pytest.raises(ReenrollmentNeedsProof):
+        admit(dev, None, NOW + timedelta(minutes=6), "t" * 64)
     # a revoked device: its credential proves nothing; only an approval brings it back
     dev.revoked_at, dev.reenroll_approved_until = NOW, None
     with pytest.raises(DeviceRevoked, match="edgefleet device approve d1"):
         admit(dev, "c" * 64, NOW)
+    with pytest.raises(DeviceRevoked):
+        admit(dev, None, NOW, "s" * 64)
     dev.reenroll_approved_until = NOW + timedelta(minutes=5)
     assert admit(dev, None, NOW)[1] is Proof.APPROVAL
 
@@ -246,3 +255,27 @@ def test_rotation_is_asked_then_done_by_the_device_with_an_overlap(client: Clien
     d = client.get("/api/v1/devices/r-2/desired", headers=bearer(creds["r-2"]))
     assert d.status_code == 200 and d.json()["rotate_credential"] is True
     assert client.post("/api/v1/devices/rotate", headers=bearer(creds["r-2"])).status_code == 403
+
+
+def test_a_lost_enrollment_answer_is_recovered_with_the_device_secret(client: Client, tmp_path: Path) -> None:
+    """The agent makes and stores its secret before it first enrolls; with it, an enrollment
+    whose answer never reached the device's disk is simply made again, no operator needed."""
+    state = tmp_path / "agent"
+    fc = FleetClient(url="http://testserver.local", device_id="sec-1", enrollment_token=ENROLL,
+                     labels={}, state_dir=state, client=client)
+    first = fc.credential()
+    secret_file = state / "device_secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600 and len(secret_file.read_text()) >= 32
+    (state / "device.json").unlink()  # the answer was lost: no credential on the device
+    again = FleetClient(url="http://testserver.local", device_id="sec-1", enrollment_token=ENROLL,
+                        labels={}, state_dir=state, client=client).credential()
+    assert again.credential != first.credential
+    assert client.get("/api/v1/devices/sec-1/desired", headers=bearer(again.credential)).status_code == 200
+    # the secret is no token of its own: another secret, or none, is refused
+    body = {"device_id": "sec-1", "token": ENROLL, "device_secret": "x" * 43}
+    assert client.post("/api/v1/devices/enroll", json=body).status_code == 403
+    body["device_secret"] = "short"
+    r = client.post("/api/v1/devices/enroll", json=body)
+    assert r.status_code == 400 and "device_secret" in r.json()["detail"]
+    # the refused attempts show as pending to the operator
+    assert _device(client, "sec-1")["status"] == "reenrollment_pending"

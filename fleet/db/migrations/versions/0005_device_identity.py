@@ -1,4 +1,4 @@
-"""device identity: revocation, rotation with overlap, re-enrollment approval, enrollment tokens
+"""device identity: revocation, rotation with overlap, re-enrollment approval, device secret, enrollment tokens
 
 Revision ID: 0005
 Revises: 0004
@@ -39,6 +39,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('previous_credential_hash',
                                       sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
         batch_op.add_column(sa.Column('enrollment_token_id', sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column('device_secret_hash',
+                                      sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
         batch_op.create_index(batch_op.f('ix_device_previous_credential_hash'),
                               ['previous_credential_hash'], unique=False)
 
@@ -46,6 +48,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table('device', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_device_previous_credential_hash'))
+        batch_op.drop_column('device_secret_hash')
         batch_op.drop_column('enrollment_token_id')
         batch_op.drop_column('previous_credential_hash')
         for name in reversed(_DEVICE_TIMES):
