@@ -59,6 +59,10 @@ log = logging.getLogger("agent")
 # After the fleet served a trust root this agent refused, ask again for the same version
 # only after this long (a download failure is retried at the next poll).
 ROOT_RETRY_S = 600.0
+# After the broker refused the device's login, the agent fetches new credentials with its
+# API credential (its broker password may have been reset); at most once in this period,
+# and not within it after any credential change (a rotation's own reconnect race).
+LOGIN_HEAL_QUIET_S = 60.0
 
 
 class _JournalFilter(logging.Filter):
@@ -171,6 +175,8 @@ class Agent:
         self._worker: threading.Thread | None = None
         self._started = False
         self._root_refused: tuple[int, float] | None = None  # (version, retry after: monotonic)
+        self._login_refused = threading.Event()  # set by the reporter's network thread
+        self._credentials_at: float | None = None  # monotonic: last credential change or heal
 
     # -- events -----------------------------------------------------------------------
 
@@ -239,6 +245,8 @@ class Agent:
             protocol=protocol, tls=tls,
             spool_max_bytes=self.config.mqtt.spool_max_bytes, encoding=self.config.mqtt.encoding,
         )
+        if self.fleet is not None and password is not None:
+            reporter.on_login_refused = self._on_login_refused
         reporter.start()
         with self._events_lock:
             self.reporter = reporter
@@ -270,9 +278,31 @@ class Agent:
             self.reporter.use_tls(self._certificate_tls())
         return renewed
 
+    def _on_login_refused(self) -> None:
+        self._login_refused.set()
+        self._wake.set()
+
+    def heal_login(self) -> bool:
+        """The broker refused the login: fetch new credentials with the API credential (the
+        fleet rewrites the broker password), unless one changed within LOGIN_HEAL_QUIET_S.
+        True when new credentials were fetched."""
+        self._login_refused.clear()
+        changed = self._credentials_at
+        if self.fleet is None or (changed is not None and time.monotonic() - changed < LOGIN_HEAL_QUIET_S):
+            return False
+        self._credentials_at = time.monotonic()
+        log.warning("the broker refused the device's login; fetching new credentials from the fleet")
+        try:
+            self.fleet.rotate()
+        except (EdgefleetError, StateError) as exc:
+            log.warning("new credentials after a refused broker login: %s", exc)
+            return False
+        return True
+
     def _credential_changed(self, cred: Credential) -> None:
         """A re-enrollment or rotation: the MQTT login moves to the new broker password at
         once, like the HTTP client (which reads the credential on every request)."""
+        self._credentials_at = time.monotonic()
         reporter = self.reporter
         if reporter is not None and cred.broker_password is not None:
             reporter.use_login(cred.device_id, cred.broker_password)
@@ -362,6 +392,8 @@ class Agent:
             elif self.certificate is not None:
                 self.renew_certificate()
             self._wake.clear()
+            if self._login_refused.is_set():
+                self.heal_login()
             if time.monotonic() >= next_poll or self._sync.is_set():
                 # Offline (no fleet) this only re-arms the timer: without it the loop would
                 # spin, re-reading every record from disk (next_poll stayed 0, wait 0).

@@ -71,6 +71,8 @@ SYNC_EVERY_S = 1.0  # the sender's idle wake-up: fsync batched health, write the
 # auto: an MQTT 5 CONNECT not answered by then counts as refused (amqtt, given a will,
 # neither answers nor hangs up: it waits for bytes that never come).
 CONNACK_TIMEOUT_S = 10.0
+# CONNACK reasons of a refused login (paho maps 3.1.1's return codes 4 and 5 to them).
+LOGIN_REFUSED = (0x86, 0x87)  # bad user name or password, not authorised
 
 
 class SeqCounter:
@@ -188,6 +190,9 @@ class Reporter:
         # Extra per-model health fields (update ``waiting``, ``held`` releases), by model name.
         self.model_details = model_details
         self.on_desired = on_desired
+        # Called (network thread; keep it short) when the broker refuses the login itself
+        # (bad user name or password, not authorised): the agent may fetch new credentials.
+        self.on_login_refused: Callable[[], None] | None = None
         self.health_interval_s = health_interval_s
         self.keepalive_s = keepalive_s
         self.seq = SeqCounter(self.state_dir / SEQ_FILE)
@@ -293,6 +298,8 @@ class Reporter:
                 return
             self._note_error(f"{self.address.url} refused the MQTT {self.version} connection: "
                              f"{reason_code}")
+            if reason_code.value in LOGIN_REFUSED and self.on_login_refused is not None:
+                self.on_login_refused()
             return
         if self.negotiated != self.version:
             log.info("mqtt: %s speaks MQTT %s; used from now on", self.address.url, self.version)

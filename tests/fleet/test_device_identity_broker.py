@@ -271,3 +271,33 @@ def test_fleet_wide_rotation_with_real_agent_processes_darkens_no_device(
                     p.kill()
             for w in watches.values():
                 w.close()
+
+
+def test_agent_whose_broker_password_was_reset_fetches_new_credentials(
+    broker: ShippedBroker, tmp_path: Path, keyring: Keyring
+) -> None:
+    """The broker refuses the agent's login (its line in the password file was replaced, e.g.
+    restored from an old backup): the agent asks the fleet for new credentials with its API
+    credential and reports again, without a restart."""
+    state = tmp_path / "agent"
+    with serve_fleet(fleet_settings(tmp_path, keyring, broker)) as url:
+        config = parse_config({
+            "device_id": "cam-1", "state_dir": str(state), "trust_root": str(keyring.root_path),
+            "api": {"listen": "127.0.0.1:0"},
+            "fleet": {"url": url, "enrollment_token": ENROLL, "poll_interval_s": 60},
+            "mqtt": {"ca_file": str(broker.ca_file), "health_interval_s": 0.3},
+        })
+        watch = HealthWatch(broker, "cam-1")
+        agent = Agent(config)
+        agent.start()
+        try:
+            watch.more(2, "the agent's health over MQTT")
+            before = _credential(state)
+            BrokerPasswordFile(broker.passwd, f"kill -HUP {broker.proc.pid}").set("cam-1", "not-the-agents")
+            healed = wait_for(lambda: (c := _credential(state)).broker_password != before.broker_password
+                              and c, 20, "the agent to fetch new credentials")
+            watch.more(3, "health after the agent healed its login")
+            assert agent.reporter is not None and agent.reporter.password == healed.broker_password
+        finally:
+            agent.stop()
+            watch.close()
