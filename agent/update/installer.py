@@ -61,13 +61,14 @@ from shared.bundle.manifest import FileRef, Manifest, parse_manifest, payload_di
 from shared.bundle.trust import TrustRoot, VerifiedManifest, check_release_policy
 from shared.errors import EdgefleetError, ExpiredError, HashMismatchError, MalformedDocumentError
 from shared.telemetry.messages import REASON_CODES
+from shared.telemetry.vocabulary import RETRYABLE_REASONS
 
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, str, int, int | None, str | None, str], None]
 S = UpdateState
 # Failures worth retrying with the same digest (the bundle itself is not at fault).
-RETRYABLE = frozenset({"download", "disk_full", "superseded"})
+RETRYABLE = RETRYABLE_REASONS
 MAX_FAILED_DIGESTS = 32
 MIB = 1 << 20
 

@@ -41,24 +41,11 @@ Rules:
 from __future__ import annotations
 
 import time
-from enum import StrEnum
 
 import msgspec
 
 from shared.telemetry.messages import REASON_CODES
-
-
-class UpdateState(StrEnum):
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    STAGED = "staged"
-    SMOKE_TESTING = "smoke_testing"
-    TRIAL = "trial"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"
-
+from shared.telemetry.vocabulary import EventKind, UpdateState
 
 S = UpdateState
 
@@ -80,13 +67,13 @@ IN_PROGRESS = frozenset({S.DOWNLOADING, S.VERIFYING, S.STAGED, S.SMOKE_TESTING})
 # States that must name why they were entered.
 NEEDS_REASON = frozenset({S.FAILED, S.ROLLED_BACK})
 # The telemetry event each state announces when it is entered.
-EVENT_OF_STATE: dict[UpdateState, str] = {
-    S.DOWNLOADING: "download_started",
-    S.STAGED: "staged",
-    S.TRIAL: "activated",
-    S.COMMITTED: "committed",
-    S.ROLLED_BACK: "rolled_back",
-    S.FAILED: "failed",
+EVENT_OF_STATE: dict[UpdateState, EventKind] = {
+    S.DOWNLOADING: EventKind.DOWNLOAD_STARTED,
+    S.STAGED: EventKind.STAGED,
+    S.TRIAL: EventKind.ACTIVATED,
+    S.COMMITTED: EventKind.COMMITTED,
+    S.ROLLED_BACK: EventKind.ROLLED_BACK,
+    S.FAILED: EventKind.FAILED,
 }
 
 

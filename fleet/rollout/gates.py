@@ -34,6 +34,7 @@ from fleet.rollout.evidence import (
     trimmed_mean,
 )
 from shared.errors import EdgefleetError
+from shared.telemetry.vocabulary import EventKind, UpdateState
 
 
 class SpecError(EdgefleetError):
@@ -190,17 +191,21 @@ class Progress(StrEnum):
 
 
 SETTLED_BAD = frozenset({Progress.FAILED, Progress.ROLLED_BACK, Progress.SILENT})
-_EVENT_PROGRESS = {
-    "download_started": Progress.DOWNLOADING,
-    "verified": Progress.VERIFYING,
-    "staged": Progress.STAGED,
-    "smoke_passed": Progress.SMOKE_TESTING,
-    "activated": Progress.TRIAL,
-    "committed": Progress.COMMITTED,
-    "failed": Progress.FAILED,
+_EVENT_PROGRESS: dict[str, Progress] = {
+    EventKind.DOWNLOAD_STARTED: Progress.DOWNLOADING,
+    EventKind.VERIFIED: Progress.VERIFYING,
+    EventKind.STAGED: Progress.STAGED,
+    EventKind.SMOKE_PASSED: Progress.SMOKE_TESTING,
+    EventKind.ACTIVATED: Progress.TRIAL,
+    EventKind.COMMITTED: Progress.COMMITTED,
+    EventKind.FAILED: Progress.FAILED,
 }
-_IN_PROGRESS_STATES = {p.value: p for p in (Progress.DOWNLOADING, Progress.VERIFYING, Progress.STAGED)}
-_IN_PROGRESS_STATES["smoke_testing"] = Progress.SMOKE_TESTING
+_IN_PROGRESS_STATES: dict[str, Progress] = {
+    UpdateState.DOWNLOADING: Progress.DOWNLOADING,
+    UpdateState.VERIFYING: Progress.VERIFYING,
+    UpdateState.STAGED: Progress.STAGED,
+    UpdateState.SMOKE_TESTING: Progress.SMOKE_TESTING,
+}
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fleet.rollout.engine import Decision, DeviceProgress, Progress, RolloutSpec, Verdict
+from shared.telemetry.vocabulary import REFUSAL_REASONS
 
-# Device-side reason codes (shared.telemetry.messages.REASON_CODES) that refuse the release
+# Device-side reason codes (shared.telemetry.vocabulary.ReasonCode) that refuse the release
 # itself; the others (download, disk_full, load, smoke_test, ...) may pass on a retry.
-REFUSAL_CODES = frozenset({"rollback", "signature", "scope", "expired", "agent_version", "malformed"})
+REFUSAL_CODES = REFUSAL_REASONS
 REFUSED_GATE = "device_refused"
 STALLED_GATE = "stage_stalled"
 MAX_DETAIL = 400

@@ -27,38 +27,15 @@ import msgspec
 
 from shared import strictjson, strictmsgpack
 from shared.errors import MalformedDocumentError
+from shared.telemetry import vocabulary
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 
-# Update lifecycle event kinds and the device-side reason codes they may carry.
-EVENT_KINDS = (
-    "download_started",
-    "verified",
-    "staged",
-    "smoke_passed",
-    "activated",
-    "committed",
-    "rolled_back",
-    "failed",
-)
-REASON_CODES = (
-    "signature",  # signatures did not verify or threshold not met
-    "scope",  # signing keys not delegated for this model
-    "expired",  # manifest, delegation or root past expiry
-    "rollback",  # release older than (or same number as) one already accepted
-    "agent_version",  # bundle needs a newer agent
-    "malformed",  # manifest or file not in the expected format
-    "length",  # a file longer or shorter than the manifest says
-    "hash",  # a file's hash differs from the manifest
-    "download",  # network or HTTP error fetching a file
-    "disk_full",  # not enough space to stage the bundle
-    "load",  # the runtime could not load the model
-    "smoke_test",  # golden vectors did not match
-    "trial_errors",  # error rate during the trial window past the local bound
-    "runtime_crash",  # the process died while the release was on trial
-    "superseded",  # the fleet asked for another release mid-update
-)
+# Update lifecycle event kinds and the device-side reason codes they may carry: the texts
+# of the enums in shared.telemetry.vocabulary (one list, used by the agent and the fleet).
+EVENT_KINDS = tuple(k.value for k in vocabulary.EventKind)
+REASON_CODES = tuple(r.value for r in vocabulary.ReasonCode)
 
 
 class ShadowHealth(msgspec.Struct):
