@@ -31,6 +31,8 @@ from agent.errors import AuthError, DownloadError, StateError
 from agent.update.lifecycle import Target
 from shared import strictjson
 from shared.bundle.manifest import NAME_RE, SHA256_RE
+from shared.contract.desired import DesiredEntry, DesiredShadow, DesiredState
+from shared.contract.enrollment import MQTT_PROTOCOL_HINTS, EnrollRequest, EnrollResponse, RootsPage
 from shared.errors import MalformedDocumentError
 from shared.fsutil import atomic_write
 from shared.release import is_release
@@ -44,57 +46,6 @@ DEVICE_FILE = "device.json"
 SECRET_FILE = "device_secret"
 MAX_DESIRED_BYTES = 1 << 20
 MAX_ROOTS_BYTES = 8 << 20  # a page of roots: the fleet sends at most 16 of 256 KiB, base64
-
-
-class DesiredShadow(msgspec.Struct):
-    """A candidate to evaluate beside the serving release (docs/rollouts.md "Shadow stages")."""
-
-    release: int
-    digest: str
-    envelope_url: str
-    blob_url: str
-    bundle_id: int | str | None = None
-    sample_rate: float = 0.1
-    max_busy_fraction: float = 0.25
-    rollout_id: int | None = None
-
-
-class DesiredEntry(msgspec.Struct):
-    name: str
-    release: int
-    digest: str
-    bundle_id: int | str
-    envelope_url: str
-    blob_url: str
-    shadow: DesiredShadow | None = None
-    # The rollout's activation window, "HH:MM-HH:MM" device local time (agent.update.gating).
-    activation_window: str | None = None
-
-
-class DesiredState(msgspec.Struct):
-    device_id: str
-    generation: int
-    models: list[DesiredEntry]
-    server_time: str | float | None = None
-    # The newest trust root the fleet serves (fleets that predate it send none).
-    root_version: int | None = None
-    # An operator asked this device to rotate its credentials (FleetClient.rotate).
-    rotate_credential: bool = False
-
-
-class RootsPage(msgspec.Struct):
-    """GET /api/v1/trust/roots: base64 envelopes above ``after``, in order, and the newest."""
-
-    latest: int
-    roots: list[str]
-
-
-class EnrollResponse(msgspec.Struct):
-    device_id: str
-    credential: str
-    mqtt_url: str | None = None
-    broker_password: str | None = None
-    mqtt_protocol: str | None = None
 
 
 class Credential(msgspec.Struct, frozen=True):
@@ -189,8 +140,9 @@ class FleetClient:
         if not self.enrollment_token:
             raise AuthError("the device has no credential and fleet.enrollment_token is empty")
         url = f"{self.url}/api/v1/devices/enroll"
-        body = {"device_id": self.device_id, "token": self.enrollment_token, "labels": self.labels,
-                "device_secret": self._secret()}
+        request = EnrollRequest(device_id=self.device_id, token=self.enrollment_token,
+                                labels=self.labels, device_secret=self._secret())
+        body = msgspec.to_builtins(request)
         # The credential held (in memory, else on disk) proves this is the device: a known id
         # is not re-enrolled on the enrollment token alone.
         held = self._cred
@@ -234,9 +186,9 @@ class FleetClient:
         resp = strictjson.decode(content, EnrollResponse, what=what)
         if resp.device_id != self.device_id:
             raise MalformedDocumentError(f"enrollment answered for device {resp.device_id!r}")
+        hint = resp.mqtt_protocol if resp.mqtt_protocol in MQTT_PROTOCOL_HINTS else None
         cred = Credential(self.device_id, resp.credential, resp.mqtt_url, self.url,
-                          broker_password=resp.broker_password,
-                          mqtt_protocol=resp.mqtt_protocol if resp.mqtt_protocol in ("3.1.1", "5") else None)
+                          broker_password=resp.broker_password, mqtt_protocol=hint)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, msgspec.json.encode(cred), mode=0o600)
         os.chmod(self.path, 0o600)

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
@@ -47,6 +46,8 @@ from fleet.errors import NotFoundError
 from fleet.identity.store import revoke_with_device
 from fleet.ingest import claims_store, rollup
 from fleet.rollout.shadow import shadow_entries
+from shared.contract.desired import DesiredEntry, DesiredState, stable_part
+from shared.contract.enrollment import EnrollRequest, EnrollResponse
 from shared.errors import MalformedDocumentError
 from shared.timeutil import format_ts
 
@@ -55,36 +56,13 @@ log = logging.getLogger(__name__)
 MAX_PAGE = 1000  # devices per page of GET /devices
 
 
-class EnrollRequest(msgspec.Struct, forbid_unknown_fields=True):
-    device_id: str
-    token: str
-    labels: dict[str, str] = {}
-    # made and stored by the device before its first enrollment: proof of being it when it
-    # enrolls again (the answer was lost, its state was restored); agents before it send none
-    device_secret: str | None = None
-
-
-class EnrollResponse(msgspec.Struct, omit_defaults=True):
-    device_id: str
-    credential: str
-    mqtt_url: str
-    # The device's broker password (user name = device id), when the fleet keeps the
-    # broker's password file (settings.mqtt_password_file); absent otherwise.
-    broker_password: str | None = None
-    # "3.1.1" when the broker is the fleet's embedded one (amqtt speaks nothing newer), so an
-    # agent on protocol "auto" does not spend a connect timeout finding that out; absent when
-    # the broker is external (the agent negotiates MQTT 5 and falls back by itself).
-    mqtt_protocol: str | None = None
-
-
 def _base_url(request: Request[Any, Any, Any]) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def desired_etag(body: dict[str, Any]) -> str:
+def desired_etag(body: DesiredState) -> str:
     """A strong ETag over what the device acts on (everything but ``server_time``)."""
-    stable = {k: v for k, v in body.items() if k != "server_time"}
-    return '"' + hashlib.sha256(msgspec.json.encode(stable)).hexdigest()[:32] + '"'
+    return '"' + hashlib.sha256(stable_part(body)).hexdigest()[:32] + '"'
 
 
 def etag_matches(header: str | None, etag: str) -> bool:
@@ -310,25 +288,24 @@ class DeviceController(Controller):
             ).all()
             windows = _activation_windows(session, [a.rollout_id for a, _b in rows])
             shadows = shadow_entries(session, device_id, base)  # candidates of shadow stages
-            body = {
-                "device_id": device.id,
-                "generation": device.generation,
-                "server_time": time.time(),
-                "models": [
-                    {
-                        "name": b.name,
-                        "release": b.release,
-                        "digest": b.digest,
-                        "bundle_id": b.id,
-                        "envelope_url": f"{base}/api/v1/bundles/{b.id}/envelope",
-                        "blob_url": f"{base}/api/v1/blobs/{{sha256}}",
-                        **({"activation_window": windows[(a.rollout_id, b.id)]}
-                           if (a.rollout_id, b.id) in windows else {}),
-                        **({"shadow": shadows[b.name]} if b.name in shadows else {}),
-                    }
+            body = DesiredState(
+                device_id=device.id,
+                generation=device.generation,
+                server_time=time.time(),
+                models=[
+                    DesiredEntry(
+                        name=b.name,
+                        release=b.release,
+                        digest=b.digest,
+                        bundle_id=b.id,
+                        envelope_url=f"{base}/api/v1/bundles/{b.id}/envelope",
+                        blob_url=f"{base}/api/v1/blobs/{{sha256}}",
+                        activation_window=windows.get((a.rollout_id, b.id)) if a.rollout_id else None,
+                        shadow=shadows.get(b.name),
+                    )
                     for a, b in rows
                 ],
-            }
+            )
             # An operator asked the device to fetch new credentials (POST .../credential); or
             # the device still presents its previous credential (the answer of a rotation or
             # re-enrollment was lost on the way, and with it the new broker password): it asks
@@ -337,18 +314,18 @@ class DeviceController(Controller):
             if device.rotation_requested_at is not None or (
                 presented and device.previous_credential_hash == credential_hash(presented)
             ):
-                body["rotate_credential"] = True
+                body.rotate_credential = True
         # The newest trust root the fleet serves (GET /api/v1/trust/roots): a device behind it
         # walks its root forward before installing what the new root signs. Absent without a
         # chain; agents that predate it ignore the field.
         root_version = newest_root_version(ctx.settings.keys_dir)
         if root_version is not None:
-            body["root_version"] = root_version
+            body.root_version = root_version
         etag = desired_etag(body)
         headers = {"ETag": etag}
         if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(content=b"", status_code=304, headers=headers)
-        return Response(content=body, headers=headers)
+        return Response(content=body, headers=headers, media_type="application/json")
 
     @get(
         "/",

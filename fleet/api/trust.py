@@ -13,7 +13,6 @@ import logging
 import re
 from pathlib import Path
 
-import msgspec
 from litestar import Controller, get
 from litestar.datastructures import State
 from litestar.params import FromQuery
@@ -22,20 +21,13 @@ from fleet.api.auth import device_guard
 from fleet.api.context import AppContext
 from fleet.api.schemas import DEVICE_RESPONSES
 from shared.bundle.trust import MAX_ROOT_BYTES
+from shared.contract.enrollment import RootsPage
 from shared.errors import MalformedDocumentError
 
 log = logging.getLogger(__name__)
 
 ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,8})\.root\.json$")
 MAX_ROOTS_PER_PAGE = 16  # so one answer stays below 16 x 256 KiB (x 4/3 for base64)
-
-
-class RootsPage(msgspec.Struct):
-    # The newest root version the fleet holds (0: none); a device asks again with
-    # ``after`` = the last version it accepted while it is behind.
-    latest: int
-    # Base64 of each envelope with a version above ``after``, in version order, exactly as signed.
-    roots: list[str]
 
 
 def root_versions(keys_dir: Path | None) -> dict[int, Path]:

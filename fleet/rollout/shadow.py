@@ -9,13 +9,12 @@ serving release; it may read that bundle's envelope and blobs like an assigned o
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 from sqlmodel import Session, col, select
 
 from fleet.db.models import Bundle, Rollout, RolloutDevice
 from fleet.rollout import engine as eng
+from shared.contract.desired import DesiredShadow
 
 
 def _rows(session: Session, device_id: str) -> list[tuple[Rollout, Bundle]]:
@@ -32,24 +31,24 @@ def _rows(session: Session, device_id: str) -> list[tuple[Rollout, Bundle]]:
     return [(r, b) for r, b in session.exec(stmt).all()]
 
 
-def shadow_entries(session: Session, device_id: str, base: str) -> dict[str, dict[str, Any]]:
+def shadow_entries(session: Session, device_id: str, base: str) -> dict[str, DesiredShadow]:
     """model -> the ``shadow`` object of its desired entry (docs/rollouts.md)."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, DesiredShadow] = {}
     for rollout, bundle in _rows(session, device_id):
         spec = msgspec.convert(rollout.spec, eng.RolloutSpec)
         stage = spec.stages[min(rollout.current_stage, len(spec.stages) - 1)]
         if stage.mode != "shadow":
             continue
-        out[rollout.model] = {
-            "release": bundle.release,
-            "digest": bundle.digest,
-            "bundle_id": bundle.id,
-            "envelope_url": f"{base}/api/v1/bundles/{bundle.id}/envelope",
-            "blob_url": f"{base}/api/v1/blobs/{{sha256}}",
-            "sample_rate": stage.shadow_sample_rate,
-            "max_busy_fraction": stage.shadow_max_busy_fraction,
-            "rollout_id": rollout.id,
-        }
+        out[rollout.model] = DesiredShadow(
+            release=bundle.release,
+            digest=bundle.digest,
+            bundle_id=bundle.id,
+            envelope_url=f"{base}/api/v1/bundles/{bundle.id}/envelope",
+            blob_url=f"{base}/api/v1/blobs/{{sha256}}",
+            sample_rate=stage.shadow_sample_rate,
+            max_busy_fraction=stage.shadow_max_busy_fraction,
+            rollout_id=rollout.id,
+        )
     return out
 
 
