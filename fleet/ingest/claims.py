@@ -278,10 +278,10 @@ def _text(field: str, value: Any, high: int) -> str:
 
 
 def _name(field: str, value: Any) -> str:
-    _text(field, value, NAME_MAX)
-    if not value:
+    text = _text(field, value, NAME_MAX)
+    if not text:
         raise ClaimRefused(field, value, "must not be empty")
-    return value
+    return text
 
 
 # -- deduplication -------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from shared.bundle.manifest import Manifest
 from shared.bundle.trust import VerifiedManifest
@@ -79,7 +79,7 @@ def read_envelope(path: Path, *, max_bytes: int = 1 << 20) -> bytes:
 
 
 def copy_verified(
-    src: BinaryIO,
+    src: IO[bytes],
     dest: BinaryIO,
     *,
     size: int,

@@ -261,7 +261,7 @@ def _array_type(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
     for f in msgspec.structs.fields(cls):
         tp, (inner, many) = f.type, _nested_struct(f.type)
         if inner is not None:
-            twin = _array_type(inner)
+            twin: Any = _array_type(inner)  # a type made at run time: no static form
             tp = list[twin] if many else twin | None if type(None) in typing.get_args(f.type) else twin
         if f.default is not msgspec.NODEFAULT:
             fields.append((f.name, tp, f.default))
@@ -288,10 +288,11 @@ def _decode_fast(cls: type[msgspec.Struct], payload: bytes, encoding: Encoding) 
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         return None
     if encoding == "json":
-        return value if msgspec.json.encode(value) == payload else None  # type: ignore[no-any-return]
+        return value if msgspec.json.encode(value) == payload else None
     if msgspec.msgpack.encode(value) != payload or _NONFINITE_F64.search(payload):
         return None
-    return msgspec.convert(value, cls, from_attributes=True)  # the twin into cls, nested too
+    # the twin into cls, nested too; cls is the Struct of one Message kind
+    return typing.cast(Message, msgspec.convert(value, cls, from_attributes=True))
 
 
 def _decode_msgpack(kind: str, cls: type, payload: bytes) -> Message:
@@ -301,7 +302,7 @@ def _decode_msgpack(kind: str, cls: type, payload: bytes) -> Message:
     version = obj[0] if isinstance(obj, list) and obj else obj.get("v") if isinstance(obj, dict) else None
     if version != VERSION:
         raise MalformedDocumentError(f"{kind} message version {version!r}, this reader knows {VERSION}")
-    return strictjson.convert(_named(cls, obj), cls, what=what)  # type: ignore[no-any-return]
+    return strictjson.convert(_named(cls, obj), cls, what=what)
 
 
 def decode(kind: str, payload: bytes, *, device_id: str | None = None) -> Message:
@@ -318,9 +319,10 @@ def decode(kind: str, payload: bytes, *, device_id: str | None = None) -> Messag
         msg = strictjson.decode(payload, cls, max_bytes=MAX_MESSAGE_BYTES, what=f"{kind} message")
     if msg.v != VERSION:
         raise MalformedDocumentError(f"{kind} message version {msg.v}, this reader knows {VERSION}")
-    if device_id is not None and getattr(msg, "device_id", device_id) != device_id:
+    claimed = getattr(msg, "device_id", device_id)
+    if device_id is not None and claimed != device_id:
         raise MalformedDocumentError(
-            f"{kind} message names device {msg.device_id!r} but came on {device_id!r}'s topic"
+            f"{kind} message names device {claimed!r} but came on {device_id!r}'s topic"
         )
     if isinstance(msg, Event):
         _check_event(msg, "event")
