@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"agent config (TOML); default ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log verbosity on stderr (default INFO)")
+    p.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="log lines as text (default) or one JSON object per line (env EDGEFLEET_LOG_FORMAT)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the agent until SIGTERM (what the systemd unit starts)",
                    description="Serve the local API, follow the fleet's desired state, report telemetry.")
@@ -137,11 +139,15 @@ def cmd_trust(config: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(config: AgentConfig, level: str) -> int:
+def cmd_run(config: AgentConfig, level: str, log_format: str | None = None) -> int:
     from agent.main import Agent, setup_logging
     from shared.bundle import sigcheck
+    from shared.logformat import LogFormatError, log_format_from
 
-    setup_logging(level)
+    try:
+        setup_logging(level, log_format_from(log_format))
+    except LogFormatError as exc:
+        raise CliError(str(exc)) from None
     # The resident agent checks signatures in a child process, so that cryptography's
     # OpenSSL (~7.6 MB RSS) is never loaded into it (shared/bundle/sigcheck.py).
     sigcheck.use_child_process(True)
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args.config)
         if args.command == "run":
-            return cmd_run(config, args.log_level)
+            return cmd_run(config, args.log_level, args.log_format)
         if args.command == "install":
             return cmd_install(config, args.bundle)
         if args.command == "predict":

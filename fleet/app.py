@@ -162,6 +162,7 @@ def create_app(settings: Settings) -> Litestar:
         request_max_body_size=MAX_JSON_BODY,
         request_class=FleetRequest,
         debug=False,
+        logging_config=None,  # fleet.logs configures every logger (text or JSON); Litestar's would replace it
     )
     app.state.ctx = ctx
     # Outermost first: every request is counted, then rate limited, then its JSON body bounded

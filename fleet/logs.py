@@ -2,41 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from datetime import UTC, datetime
-from typing import Any
 
-# LogRecord attributes that are not "extra" fields
-_STANDARD = set(vars(logging.LogRecord("x", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message, pid, extra fields, exception."""
-
-    def __init__(self, role: str = "") -> None:
-        super().__init__()
-        self.role = role
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace(
-                "+00:00", "Z"
-            ),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            "pid": os.getpid(),
-        }
-        if self.role:
-            entry["role"] = self.role
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value if isinstance(value, str | int | float | bool | None) else repr(value)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+from shared.logformat import JsonFormatter
 
 
 def configure(log_format: str = "text", *, role: str = "", level: int = logging.INFO) -> None:
@@ -51,8 +19,18 @@ def configure(log_format: str = "text", *, role: str = "", level: int = logging.
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # uvicorn's own loggers go through the root handler too
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    # Every library logger goes through the root handler, so every line is in the chosen format
+    for name in PROPAGATED:
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
+    for name in QUIETED:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # warnings.warn lines too, as records of the "py.warnings" logger
+
+
+# Loggers that libraries give handlers of their own (uvicorn's log config, Litestar's)
+PROPAGATED = ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar", "amqtt")
+# Noise at each start: alembic's plugin set-up and "Context impl" lines (the fleet logs the
+# migration it made, "database upgraded from A to B"), the embedded broker's per-connection chatter
+QUIETED = ("alembic.runtime.plugins", "alembic.runtime.migration", "amqtt")

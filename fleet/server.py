@@ -30,7 +30,7 @@ def _token(settings_value: str | None, path: Path, what: str) -> str:
     token = random_token(32)
     atomic_write(path, (token + "\n").encode(), mode=0o600)
     os.chmod(path, 0o600)
-    print(f"edgefleet: generated the {what} in {path}")
+    log.info("generated the %s in %s", what, path)
     return token
 
 
@@ -45,9 +45,9 @@ def resolve(settings: Settings) -> Settings:
                 f"edgefleet: {keys_dir} holds no root.json; create it with 'edgefleet keys init {keys_dir}'"
             )
         init_keyring(keys_dir)
-        print(
-            f"edgefleet: created signing keys in {keys_dir}; devices pin {keys_dir / 'root.json'}. "
-            "Move root-*.key offline for production."
+        log.info(
+            "created signing keys in %s; devices pin %s. Move root-*.key offline for production.",
+            keys_dir, keys_dir / "root.json",
         )
     return replace(
         settings,

@@ -55,7 +55,12 @@ def secrets_from_args(args: argparse.Namespace) -> dict[str, str]:
     """Settings overrides read from the ``--*-file`` options; warnings for secrets given as
     options and for files others may read (stderr)."""
     from fleet.secrets import SecretError, command_line_warnings, open_to_others, read_secret_file
+    from shared.logformat import LogFormatError, log_format_from
 
+    try:
+        log_format = log_format_from(getattr(args, "log_format", None))
+    except LogFormatError as exc:
+        raise CliError(str(exc)) from None
     out = {}
     for attr, plain, setting in SECRET_FILE_OPTIONS:
         path = getattr(args, attr, None)
@@ -69,17 +74,27 @@ def secrets_from_args(args: argparse.Namespace) -> dict[str, str]:
         except SecretError as exc:
             raise CliError(str(exc)) from None
         if open_to_others(Path(path)):
-            warn(f"{option} {path} can be read by group or others; chmod 600 it")
+            warn(f"{option} {path} can be read by group or others; chmod 600 it", log_format)
     given = {flag: getattr(args, flag[2:].replace("-", "_"), None)
              for flag in ("--admin-token", "--enrollment-token", "--database-url", "--mqtt-url",
                           "--public-mqtt-url")}
     for text in command_line_warnings(given):
-        warn(text)
+        warn(text, log_format)
     return out
 
 
-def warn(text: str) -> None:
-    print(f"edgefleet serve: warning: {text}", file=sys.stderr)
+def warn(text: str, log_format: str = "text") -> None:
+    """A start-up warning, before the logs are set up: in the chosen log format."""
+    if log_format == "json":
+        import logging
+
+        from shared.logformat import JsonFormatter
+
+        record = logging.LogRecord("fleet", logging.WARNING, __file__, 0, "edgefleet serve: %s", (text,),
+                                   None)
+        print(JsonFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"edgefleet serve: warning: {text}", file=sys.stderr)
 
 
 def parse_roles(text: str) -> tuple[bool, bool, bool]:
