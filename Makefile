@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint install clean bench bench-quick soak deps-system deb hil
+.PHONY: demo test lint install clean bench bench-quick soak deps-system deb hil typecheck
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgefleet needs Python 3.11 or newer: run make with PY=python3.11 (or newer)")'
@@ -26,10 +26,15 @@ deps-system:
 
 test: $(STAMP) deps-system
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# mypy, strict, on the files listed in pyproject.toml [tool.mypy] (shared/ and the pure cores).
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 # `make bench`: every benchmark against its baseline measured in the same run; prints a table,
 # writes bench/results.json (docs/performance.md). The agent-side figures run in a lean device
