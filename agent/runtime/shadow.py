@@ -3,9 +3,9 @@ requests, off the request's critical path, and its outputs are compared with the
 release's outputs on the same inputs.
 
 Rules:
-- the request path only decides whether to sample (a deterministic credit counter, no
-  random draw) and does a ``put_nowait`` on a bounded queue; it never waits for the
-  candidate. One worker thread runs the candidate;
+- the request path only decides whether to sample (one call at a random position in each
+  block of ``1 / sample_rate`` calls: ``Sampler``) and does a ``put_nowait`` on a bounded
+  queue; it never waits for the candidate. One worker thread runs the candidate;
 - a sample is dropped, and counted, when the queue is full (``dropped_queue``) or when the
   CPU budget is spent (``dropped_budget``): the worker may be busy at most
   ``max_busy_fraction`` of wall time (a token bucket: the budget grows by that fraction of
@@ -25,7 +25,9 @@ Rules:
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import random
 import threading
 import time
 from collections import deque
@@ -65,21 +67,37 @@ class ShadowPolicy(msgspec.Struct, frozen=True):
 
 
 class Sampler:
-    """Take ``rate`` of the calls, evenly spread: each call adds ``rate`` to a credit; a call
-    that brings it to 1 is sampled and spends 1. Deterministic, so tests know the count."""
+    """Take ``rate`` of the calls at positions no periodic traffic can align with.
 
-    def __init__(self, rate: float) -> None:
+    The calls are cut into consecutive blocks and one call at a uniformly random position in
+    each block is taken (jittered systematic sampling). A block holds ``1 / rate`` calls
+    when that is whole (0.1: blocks of 10, one sample in each, the count exact to one);
+    otherwise ``floor(1 / rate)`` or one more, drawn so the mean is ``1 / rate`` (0.3:
+    3 or 4 calls, 4 a third of the time). Every call is taken with probability ``rate`` in
+    the long run, whatever its position: traffic of any period has all its phases sampled
+    alike (an application cycling through five cameras has each camera shadowed a fifth of
+    the time, on every device), where a strict every-10th sampler would see one camera only.
+    ``seed`` makes the draws reproducible (tests); by default the OS seeds the generator.
+    """
+
+    def __init__(self, rate: float, *, seed: int | None = None) -> None:
         self.rate = rate
-        self._credit = 0.0
+        span = 1.0 / rate
+        self._short = max(1, math.floor(span + 1e-9))
+        self._long_share = min(1.0, max(0.0, span - self._short))  # of blocks one call longer
+        self._rng = random.Random(seed)
+        self._left = 0  # calls left in the current block
+        self._pick = 0  # the value of _left at which the block's call is taken
         self._lock = threading.Lock()
 
     def take(self) -> bool:
         with self._lock:
-            self._credit += self.rate
-            if self._credit >= 1.0 - 1e-9:
-                self._credit -= 1.0
-                return True
-            return False
+            if self._left == 0:
+                length = self._short + (self._rng.random() < self._long_share)
+                self._left = length
+                self._pick = self._rng.randrange(length)
+            self._left -= 1
+            return self._left == self._pick
 
 
 class BusyBudget:
