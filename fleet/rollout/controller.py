@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from fleet.db.models import (
 from fleet.errors import ConflictError, NotFoundError
 from fleet.metrics import record_gate
 from fleet.registry.bundles import reissue as reissue_bundle
+from fleet.rollout import actions as act
 from fleet.rollout import engine as eng
 from fleet.rollout.assignments import (
     Notice,
@@ -65,6 +66,13 @@ log = logging.getLogger(__name__)
 # A gate's result is stored (GateEvaluation) when its status changes, when the stage
 # decides anything but "wait", and otherwise at most this often.
 GATE_RECORD_INTERVAL_S = 30.0
+
+
+def set_state(rollout: Rollout, op: str, reason: str | None) -> None:
+    """The one place a rollout's state changes: by an operation of the transition table
+    (TransitionError when its state does not allow it), with the reason it shows."""
+    rollout.state = eng.transition(rollout.state, op).value
+    rollout.reason = reason
 
 
 class RolloutController:
@@ -227,7 +235,7 @@ class RolloutController:
         notices: list[Notice] = []
         with self._lock, session_scope(self.engine) as session:
             rollout = self._locked_rollout(session, rollout_id)
-            new_state = eng.transition(rollout.state, "start")
+            eng.transition(rollout.state, "start")  # refuse before any work
             spec = load_spec(rollout)
             stages = self._assign_members(session, rollout, spec)
             session.flush()
@@ -239,7 +247,7 @@ class RolloutController:
                 current = session.get(Assignment, (rd.device_id, rollout.model))
                 rd.previous_bundle_id = current.bundle_id if current else None
                 session.add(rd)
-            rollout.state = new_state.value
+            set_state(rollout, "start", None)
             rollout.current_stage = 0
             rollout.started_at = rollout.stage_started_at = now
             rollout.updated = now
@@ -258,8 +266,7 @@ class RolloutController:
         notices: list[Notice] = []
         with self._lock, session_scope(self.engine) as session:
             rollout = self._locked_rollout(session, rollout_id)
-            rollout.state = eng.transition(rollout.state, "pause").value
-            rollout.reason = reason
+            set_state(rollout, "pause", reason)
             rollout.updated = now_utc()
             record(session, rollout, "paused", reason)
             notices += end_shadow(session, rollout)
@@ -269,10 +276,9 @@ class RolloutController:
         now = now or now_utc()
         with self._lock, session_scope(self.engine) as session:
             rollout = self._locked_rollout(session, rollout_id)
-            rollout.state = eng.transition(rollout.state, "resume").value
+            set_state(rollout, "resume", None)
             # The stage starts over: its bake time and health windows count from now.
             rollout.stage_started_at = now
-            rollout.reason = None
             rollout.last_evaluation = None
             rollout.extensions = 0
             rollout.awaiting_approval_since = None
@@ -318,8 +324,7 @@ class RolloutController:
         notices: list[Notice] = []
         with self._lock, session_scope(self.engine) as session:
             rollout = self._locked_rollout(session, rollout_id)
-            rollout.state = eng.transition(rollout.state, "abort").value
-            rollout.reason = "aborted by operator; devices keep what they were assigned"
+            set_state(rollout, "abort", "aborted by operator; devices keep what they were assigned")
             rollout.updated = now_utc()
             record(session, rollout, "aborted", rollout.reason)
             notices += end_shadow(session, rollout)
@@ -432,62 +437,48 @@ class RolloutController:
         self._store_progress(session, members, decision)
         self._store_gates(session, rollout, spec, decision, now)
         rollout.updated = now
-        stage = spec.stages[stage_index]
-        verdict = decision.verdict
-        if verdict is not eng.Verdict.AWAIT_APPROVAL:
-            rollout.awaiting_approval_since = None
-        if verdict is eng.Verdict.WAIT:
-            if decision.message != rollout.last_evaluation:
-                record(session, rollout, "evaluation", decision.message, **decision.to_json())
-                rollout.last_evaluation = decision.message
-        elif verdict is eng.Verdict.AWAIT_APPROVAL:
-            if rollout.awaiting_approval_since is None:
-                rollout.awaiting_approval_since = now
-                record(session, rollout, "awaiting_approval", decision.message, **decision.to_json())
-            rollout.last_evaluation = decision.message
-        elif verdict is eng.Verdict.EXTEND:
-            rollout.extensions += 1
-            rollout.last_evaluation = decision.message
-            record(session, rollout, "extended", decision.message, **decision.to_json())
-        elif verdict is eng.Verdict.INCONCLUSIVE:
-            rollout.state = eng.transition(rollout.state, "gate_pause").value
-            notices += end_shadow(session, rollout)
-            rollout.reason = decision.message
-            rollout.last_evaluation = decision.message
-            record(session, rollout, "inconclusive", decision.message, **decision.to_json())
-            record(session, rollout, "paused", f"paused: {decision.message}")
-        elif verdict is eng.Verdict.ADVANCE:
-            record(session, rollout, "stage_passed", decision.message, **decision.to_json())
-            rollout.current_stage = stage_index + 1
-            rollout.stage_started_at = now
-            rollout.last_evaluation = None
-            rollout.extensions = 0
-            rollout.gate_results = None
-            notices += self._enter_stage(session, rollout, spec, stage_index + 1, now=now)
-        elif verdict is eng.Verdict.COMPLETE:
-            record(session, rollout, "stage_passed", decision.message, **decision.to_json())
-            rollout.state = eng.transition(rollout.state, "succeed").value
-            rollout.reason = None
-            rollout.last_evaluation = decision.message
-            record(
-                session,
-                rollout,
-                "succeeded",
-                f"succeeded: {len(members)} devices run {bundle.name} r{bundle.release} ({bundle.version})",
-            )
-        else:
-            record(session, rollout, "gate_failed", decision.message, **decision.to_json())
-            reason = f"{decision.message} at {now.astimezone(UTC):%H:%M:%S} UTC (gate {decision.gate})"
-            rollout.last_evaluation = decision.message
-            if spec.on_gate_failure == "pause":
-                rollout.state = eng.transition(rollout.state, "gate_pause").value
-                notices += end_shadow(session, rollout)
-                rollout.reason = reason
-                record(session, rollout, "paused", f"paused: {reason}")
-            else:
-                notices += self._roll_back(session, rollout, reason, stage=stage.name)
+        actions = act.plan(
+            spec, stage_index, decision, now=now,
+            last_evaluation=rollout.last_evaluation,
+            awaiting_approval=rollout.awaiting_approval_since is not None,
+            members=len(members),
+            target=f"{bundle.name} r{bundle.release} ({bundle.version})",
+        )
+        for action in actions:
+            notices += self._apply(session, rollout, spec, action, now)
         session.add(rollout)
         return decision
+
+    def _apply(
+        self, session: Session, rollout: Rollout, spec: eng.RolloutSpec, action: act.Action, now: datetime
+    ) -> list[Notice]:
+        """Carry out one action of ``actions.plan``; the desired-state notices it gives."""
+        match action:
+            case act.Record(kind, message, details):
+                record(session, rollout, kind, message, **details)
+            case act.Note(message):
+                rollout.last_evaluation = message
+            case act.Transition(op, reason):
+                set_state(rollout, op, reason)
+            case act.WaitForApproval():
+                if rollout.awaiting_approval_since is None:
+                    rollout.awaiting_approval_since = now
+            case act.StopWaitingForApproval():
+                rollout.awaiting_approval_since = None
+            case act.Extend():
+                rollout.extensions += 1
+            case act.EndShadow():
+                return end_shadow(session, rollout)
+            case act.EnterStage(index):
+                rollout.current_stage = index
+                rollout.stage_started_at = now
+                rollout.last_evaluation = None
+                rollout.extensions = 0
+                rollout.gate_results = None
+                return self._enter_stage(session, rollout, spec, index, now=now)
+            case act.RollBack(reason, stage):
+                return self._roll_back(session, rollout, reason, stage=stage)
+        return []
 
     def _judge_stall(
         self,
@@ -659,8 +650,13 @@ class RolloutController:
             try:
                 keyring = self.keyring()
             except EdgefleetError as exc:
-                rollout.state = eng.RolloutState.PAUSED.value
-                rollout.reason = f"{reason}; cannot roll back automatically: {exc}"
+                if rollout.state != eng.RolloutState.RUNNING.value:
+                    # an operator's rollback of a paused or succeeded rollout: nothing changes
+                    raise ConflictError(
+                        f"cannot roll back rollout {rollout.id}: {exc}; it stays {rollout.state}",
+                        state=rollout.state,
+                    ) from None
+                set_state(rollout, "gate_pause", f"{reason}; cannot roll back automatically: {exc}")
                 record(session, rollout, "paused", f"paused: {rollout.reason}")
                 return shadow_notices
         reissued: dict[int, Bundle] = {}
@@ -697,8 +693,7 @@ class RolloutController:
             session.add(rd)
             if notice:
                 notices.append(notice)
-        rollout.state = eng.RolloutState.ROLLED_BACK.value
-        rollout.reason = reason
+        set_state(rollout, "rollback", reason)
         rollout.updated = now_utc()
         summary = ", ".join(f"r{b.release}" for b in reissued.values()) or "no re-issue needed"
         shadowed = (

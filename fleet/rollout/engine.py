@@ -274,6 +274,19 @@ def transition(state: str, op: str) -> RolloutState:
         ) from None
 
 
+def state_diagram() -> str:
+    """The transition table as a Mermaid state diagram (docs/architecture.md shows it; a test
+    keeps the two equal). Operations between the same two states share one arrow."""
+    ops: dict[tuple[RolloutState, RolloutState], list[str]] = {}
+    for (before, op), after in TRANSITIONS.items():
+        ops.setdefault((before, after), []).append(op)
+    lines = ["stateDiagram-v2", f"    [*] --> {RolloutState.CREATED.value}"]
+    lines += [f"    {a.value} --> {b.value}: {', '.join(o)}" for (a, b), o in ops.items()]
+    ends = [s for s in RolloutState if not any(b is s for (b, _op) in TRANSITIONS)]
+    lines += [f"    {s.value} --> [*]" for s in ends]
+    return "\n".join(lines) + "\n"
+
+
 # -- stage assignment --------------------------------------------------------------
 
 
