@@ -1,24 +1,29 @@
-"""The installer drives each model's lifecycle (agent.update.lifecycle) with real I/O.
+"""The installer: the runner of the update machine (agent.update.machine), with real I/O.
 
-    DOWNLOADING    fetch the envelope (or read it from a bundle file), verify signatures,
-                   scope, expiry, agent version and anti-rollback BEFORE any model byte;
-                   store the envelope; check free space for the missing blobs; fetch
-                   (resuming kept partials) or extract each blob the store lacks
-    VERIFYING      re-verify the stored envelope, re-hash every blob (restart-safe; a
-                   damaged blob is removed and DOWNLOADING fetches it again)
-    STAGED         ready to test
-    SMOKE_TESTING  load in a NEW session (old one keeps serving), run the golden vectors
-    (activating)   swap in memory, write the record (TRIAL or COMMITTED, active=new,
-                   previous=old), then raise anti-rollback; a start repairs the last step
-    TRIAL          the new release serves; a restart in TRIAL counts against
-                   trial_max_restarts, past it the previous release comes back
-    COMMITTED      the trial's error rate stayed within the local bound (or a manual install)
-    ROLLED_BACK    previous release re-loaded from its verified blobs (no anti-rollback check)
-    FAILED         a refusal or failure with its reason code; the active model is untouched.
-                   Retryable reasons (download, disk_full) are retried after a pause that
-                   doubles with each consecutive failure of the same target.
+The machine decides (``step(record, event) -> (record, effects)``); this module performs
+the effects in order: persist a record (agent.update.store), emit a telemetry event, swap
+the serving session, raise the anti-rollback floor, pause at a test checkpoint, and do the
+I/O work of a state, which ends with the next event:
 
-docs/agent-lifecycle.md holds the diagram, what each state persists and the crash matrix.
+    FETCH             fetch the envelope (or read it from a bundle file), verify signatures,
+                      scope, expiry, agent version and anti-rollback BEFORE any model byte;
+                      store it                                          -> EnvelopeVerified
+    FETCH_BLOBS       check free space for the missing blobs; fetch (resuming kept
+                      partials) or extract each blob the store lacks    -> BlobsPlaced
+    RECHECK           re-verify the stored envelope, re-hash every blob -> Rechecked | Damaged
+    AWAIT_ACTIVATION  the activation window and update locks (fleet releases only)
+                                                                        -> ActivationAllowed | Waiting
+    SMOKE             load in a NEW session (old one keeps serving), golden vectors
+                                                                        -> SmokePassed
+    RELOAD_TRIAL      load the release on trial again after a restart   -> nothing | TrialFailed
+    LOAD_PREVIOUS     load the previous release to roll back to         -> PreviousLoaded | PreviousUnloadable
+
+A failure of the work (a named EdgefleetError, an I/O error) becomes the machine's
+``Failed`` event with its reason code; the active model is untouched. Retryable reasons
+(download, disk_full) are retried after a pause that doubles with each consecutive failure
+of the same target. A restart re-enters the persisted state and does its work again
+(``machine.WORK_OF_STATE``). docs/agent-lifecycle.md holds the diagram, what each state
+persists and the crash matrix.
 
 Events go to ``emit(model, kind, release, from_release, reason, message)``: for
 ``activated`` release is the new one and from_release the one it replaced; for
@@ -33,10 +38,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-import msgspec
 
 from agent import __version__
 from agent.errors import (
@@ -48,6 +52,7 @@ from agent.errors import (
 from agent.runtime.base import Backend
 from agent.runtime.host import LoadedModel, ModelHost
 from agent.update import lifecycle as lc
+from agent.update import machine as m
 from agent.update.blobs import BlobStore, disk_full
 from agent.update.fetch import Cancelled, Fetcher, WaitingForWindow
 from agent.update.gating import ActivationGate
@@ -60,8 +65,7 @@ from shared.bundle.envelope import Envelope
 from shared.bundle.manifest import FileRef, Manifest, parse_manifest, payload_digest
 from shared.bundle.trust import TrustRoot, VerifiedManifest, check_release_policy
 from shared.errors import EdgefleetError, ExpiredError, HashMismatchError, MalformedDocumentError
-from shared.telemetry.messages import REASON_CODES
-from shared.telemetry.vocabulary import RETRYABLE_REASONS
+from shared.telemetry.vocabulary import RETRYABLE_REASONS, ReasonCode
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +73,29 @@ EventSink = Callable[[str, str, int, int | None, str | None, str], None]
 S = UpdateState
 # Failures worth retrying with the same digest (the bundle itself is not at fault).
 RETRYABLE = RETRYABLE_REASONS
-MAX_FAILED_DIGESTS = 32
+MAX_FAILED_DIGESTS = m.MAX_FAILED_DIGESTS
 MIB = 1 << 20
 
 
-def _reason(exc: EdgefleetError) -> str:
-    return exc.code if exc.code in REASON_CODES else "malformed"
+def _reason(exc: EdgefleetError) -> ReasonCode:
+    try:
+        return ReasonCode(exc.code)
+    except ValueError:
+        return ReasonCode.MALFORMED
+
+
+@dataclass
+class _Drive:
+    """What one run of the machine needs besides the record: where the bundle comes from,
+    whether it activates on trial (fleet) or commits at once (offline), and what the work
+    of one step hands to the next (the verified envelope, the sessions loaded to swap in)."""
+
+    source: BundleSource | None = None
+    trial: bool = True
+    verified: VerifiedManifest | None = None
+    redownloads: int = 0
+    loaded: dict[str, LoadedModel] = field(default_factory=dict)
+    record: ModelRecord | None = None
 
 
 class Installer:
@@ -127,7 +148,7 @@ class Installer:
         # garbage collection keeps their files like those of a record.
         self.shadow_refs: dict[str, Target] = {}
 
-    # -- events and transitions ---------------------------------------------------
+    # -- telemetry events (decided by the machine) and retries ------------------------
 
     def emit(
         self, model: str, kind: str, release: int, from_release: int | None,
@@ -142,28 +163,6 @@ class Installer:
                 self._emit(model, kind, release, from_release, reason, message)
             except Exception:
                 log.exception("event sink failed")
-
-    def _to(self, rec: ModelRecord, to: UpdateState, *, reason: str | None = None,
-            message: str = "", **changes: object) -> ModelRecord:
-        if to == S.COMMITTED and "committed" not in changes:
-            changes["committed"] = changes.get("active", rec.active)
-        new = lc.transition(rec, to, reason=reason, message=message, now=self.clock(), **changes)
-        self.store.save(new)
-        kind = lc.EVENT_OF_STATE.get(to)
-        if kind is not None and to not in (S.TRIAL, S.ROLLED_BACK, S.COMMITTED):
-            assert new.target is not None
-            self.emit(new.name, kind, new.target.release,
-                      new.active.release if new.active else None, reason, message)
-        return new
-
-    def _fail(self, rec: ModelRecord, exc: EdgefleetError) -> ModelRecord:
-        reason = _reason(exc)
-        failed = list(rec.failed_digests)
-        if rec.target and reason not in RETRYABLE and rec.target.digest not in failed:
-            failed = [*failed, rec.target.digest][-MAX_FAILED_DIGESTS:]
-        attempts = rec.attempts + 1 if reason in RETRYABLE else 0
-        return self._to(rec, S.FAILED, reason=reason, message=str(exc), failed_digests=failed,
-                        trial_until=None, attempts=attempts)
 
     def retry_pause(self, rec: ModelRecord) -> float:
         """Seconds a retryable failure waits before the same target is tried again."""
@@ -197,9 +196,14 @@ class Installer:
                         vm.manifest.release, exc, now.isoformat(timespec="seconds"), grace)
             return vm
 
+
     def _verify(self, name: str | None, target_digest: str | None, envelope: bytes, *,
                 offline: bool = False) -> VerifiedManifest:
-        vm = self.verify_signed(envelope, offline=offline)
+        return self._check_verified(name, target_digest, self.verify_signed(envelope, offline=offline))
+
+    def _check_verified(self, name: str | None, target_digest: str | None,
+                        vm: VerifiedManifest) -> VerifiedManifest:
+        """The checks after the signatures: model name, desired digest, release policy."""
         if name is not None and vm.manifest.name != name:
             raise MalformedDocumentError(
                 f"the envelope is for model {vm.manifest.name!r}, expected {name!r}"
@@ -258,63 +262,111 @@ class Installer:
         """Run the golden inputs and compare with the golden outputs; raise SmokeTestError."""
         run_golden(loaded, self.blobs.path(loaded.manifest.files["golden"].sha256))
 
-    # -- the pipeline ---------------------------------------------------------------
+    # -- the runner: perform the machine's effects ---------------------------------------
 
-    def _drive(self, rec: ModelRecord, source: BundleSource, *, trial: bool,
-               verified: VerifiedManifest | None = None) -> ModelRecord:
-        """Run from the record's state to TRIAL/COMMITTED; on a refusal record FAILED and raise.
+    def _run(self, rec: ModelRecord, event: m.Event, ctx: _Drive | None = None) -> ModelRecord:
+        """Feed ``event`` to the machine, perform its effects in order, then the events the
+        work effects end with, until the machine asks for nothing more."""
+        ctx = ctx or _Drive()
+        queue: list[m.Event] = [event]
+        while queue:
+            rec, effects = m.step(rec, queue.pop(0), self.clock())
+            ctx.record = rec
+            for effect in effects:
+                follow = self._perform(rec, effect, ctx)
+                if follow is not None:
+                    queue.append(follow)
+        return rec
 
-        Each step does its work, then persists the next state: a restart re-enters the
-        persisted state and does that step again (every step is idempotent).
-        """
-        assert rec.target is not None
-        redownloads = 0
+    def _perform(self, rec: ModelRecord, effect: m.Effect, ctx: _Drive) -> m.Event | None:
+        if isinstance(effect, m.Persist):
+            self.store.save(effect.record)
+        elif isinstance(effect, m.Emit):
+            self.emit(rec.name, str(effect.kind), effect.release, effect.from_release,
+                      None if effect.reason is None else str(effect.reason), effect.message)
+        elif isinstance(effect, m.Checkpoint):
+            pause_point(effect.name)
+        elif isinstance(effect, m.RaiseFloor):
+            self.store.raise_highest(rec.name, effect.release, effect.digest)
+        elif isinstance(effect, m.Swap):
+            loaded = ctx.loaded.pop(effect.release.digest, None)
+            self.host.swap(loaded or self.load_release(rec.name, effect.release))
+        else:
+            assert isinstance(effect, m.Do)
+            return self._work(rec, effect, ctx)
+        return None
+
+    def _work(self, rec: ModelRecord, do: m.Do, ctx: _Drive) -> m.Event | None:
+        work = do.work
+        if work == m.Work.FETCH:
+            return self._fetch_envelope(rec, ctx)
+        if work == m.Work.FETCH_BLOBS:
+            return self._fetch_blobs(ctx)
+        if work == m.Work.RECHECK:
+            return self._recheck(rec, ctx)
+        if work == m.Work.AWAIT_ACTIVATION:
+            return self._await_activation(rec, ctx)
+        if work == m.Work.SMOKE:
+            return self._smoke(rec, ctx)
+        if work == m.Work.RELOAD_TRIAL:
+            return self._reload_trial(rec)
+        assert work == m.Work.LOAD_PREVIOUS and do.reason is not None
+        return self._load_previous(rec, do.reason, do.message, ctx)
+
+    def _drive(self, rec: ModelRecord, event: m.Event | None, ctx: _Drive) -> ModelRecord:
+        """Run an update from ``event`` (None: redo the work of the persisted state) until it
+        waits, ends or fails; a failure is recorded (FAILED, reason code) and raised."""
+        ctx.record = rec
         try:
-            while rec.state in lc.IN_PROGRESS:
-                if rec.state == S.DOWNLOADING:
-                    rec = self._download(rec, source, verified)
-                    verified = None
-                elif rec.state == S.VERIFYING:
-                    rec = self._verify_staged(rec, allow_redownload=redownloads == 0)
-                    redownloads += rec.state == S.DOWNLOADING
-                elif rec.state == S.STAGED:
-                    if trial and (waiting := self._activation_waiting(rec)) is not None:
-                        return waiting  # staged; activated at the first allowed moment
-                    rec = self._to(rec, S.SMOKE_TESTING)
-                    pause_point("smoke_testing")
-                else:
-                    rec = self._smoke_and_activate(rec, trial=trial)
-            return rec
+            if event is None:
+                event = self._work(rec, m.Do(m.WORK_OF_STATE[rec.state]), ctx)
+            return rec if event is None else self._run(rec, event, ctx)
         except Cancelled:
-            log.info("model=%s stopping in %s; the next start resumes it", rec.name, rec.state)
+            log.info("model=%s stopping in %s; the next start resumes it", rec.name, ctx.record.state)
             raise
         except StateError as exc:
-            rec = self._fail(rec, MalformedDocumentError(str(exc)))
+            self._record_failure(ctx, MalformedDocumentError(str(exc)))
             raise
         except EdgefleetError as exc:
-            rec = self._fail(rec, exc)
+            self._record_failure(ctx, exc)
             raise
         except OSError as exc:
             err: EdgefleetError = (
                 disk_full(exc, "the bundle") if exc.errno == errno.ENOSPC
                 else DownloadError(f"I/O error while installing: {exc}")
             )
-            rec = self._fail(rec, err)
+            self._record_failure(ctx, err)
             raise err from None
 
-    def _download(self, rec: ModelRecord, source: BundleSource,
-                  verified: VerifiedManifest | None) -> ModelRecord:
-        """DOWNLOADING: verify the envelope before any big byte, store it, fetch the blobs."""
-        assert rec.target is not None
+    def _record_failure(self, ctx: _Drive, exc: EdgefleetError) -> None:
+        rec = ctx.record
+        assert rec is not None
+        if rec.state in lc.IN_PROGRESS:
+            self._run(rec, m.Failed(_reason(exc), str(exc)), ctx)
+        else:  # past activation (the record names the new release): nothing to undo
+            log.error("model=%s in %s: %s", rec.name, rec.state, exc)
+
+    # -- the work of each state -------------------------------------------------------
+
+    def _fetch_envelope(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
+        """FETCH: verify the envelope before any big byte and store it."""
+        assert rec.target is not None and ctx.source is not None
         target = rec.target
-        vm = verified or self._verify(rec.name, target.digest, source.envelope(),
-                                      offline=isinstance(source, FileSource))
+        offline = isinstance(ctx.source, FileSource)
+        if ctx.verified is not None:  # signatures verified by the caller: not a second time
+            vm = self._check_verified(rec.name, target.digest, ctx.verified)
+        else:
+            vm = self._verify(rec.name, target.digest, ctx.source.envelope(), offline=offline)
+        ctx.verified = vm
         self.blobs.save_envelope(rec.name, vm.manifest.release, vm.digest, vm.envelope)
-        self.emit(rec.name, "verified", target.release,
-                  rec.active.release if rec.active else None, None,
-                  f"signed by delegation {vm.delegation}")
+        return m.EnvelopeVerified(vm.delegation)
+
+    def _fetch_blobs(self, ctx: _Drive) -> m.Event:
+        """FETCH_BLOBS: free space first, then every missing blob (resuming kept partials)."""
+        vm, source = ctx.verified, ctx.source
+        assert vm is not None and source is not None
+        ctx.verified = None
         self.blobs.ensure_dirs()
-        pause_point("downloading")
         files = list(vm.manifest.files.values())
         try:
             self.check_space(files)
@@ -323,9 +375,7 @@ class Installer:
             for ref in files:
                 self.blobs.discard(ref.sha256)
             raise
-        rec = self._to(rec, S.VERIFYING)
-        pause_point("verifying")
-        return rec
+        return m.BlobsPlaced()
 
     def check_space(self, files: list[FileRef]) -> None:
         """Refuse (DiskFullError) unless state_dir has room for the missing blobs plus the margin."""
@@ -340,8 +390,9 @@ class Installer:
                 f"file(s) need {need} bytes plus a margin of {self.disk_margin_bytes}"
             )
 
-    def _verify_staged(self, rec: ModelRecord, *, allow_redownload: bool) -> ModelRecord:
-        """VERIFYING: re-verify the stored envelope and re-hash every blob."""
+    def _recheck(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
+        """RECHECK: re-verify the stored envelope and re-hash every blob (once back to
+        DOWNLOADING per run; a second damage is a download failure)."""
         assert rec.target is not None
         target = rec.target
         data = self.blobs.load_envelope(rec.name, target.release, target.digest)
@@ -352,78 +403,53 @@ class Installer:
         ]
         if vm is None or damaged:
             what = "its envelope is missing" if vm is None else f"{len(damaged)} file(s) missing or damaged"
-            if not allow_redownload:
+            if ctx.redownloads > 0:
                 raise DownloadError(f"{rec.name} r{target.release}: {what} right after download")
+            ctx.redownloads += 1
             log.warning("model=%s r%s: %s; downloading again", rec.name, target.release, what)
-            return self._to(rec, S.DOWNLOADING, message=what)
-        rec = self._to(rec, S.STAGED)
-        pause_point("staged")
-        return rec
+            return m.Damaged(what)
+        return m.Rechecked()
 
-    def _smoke_and_activate(self, rec: ModelRecord, *, trial: bool) -> ModelRecord:
-        """SMOKE_TESTING: a new session on the verified blobs, golden vectors, then activation."""
+    def _await_activation(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
+        """AWAIT_ACTIVATION: a fleet release waits for its window and for update locks."""
+        if ctx.trial and (message := self._activation_wait_message(rec)) is not None:
+            return m.Waiting(message)  # staged; activated at the first allowed moment
+        return m.ActivationAllowed()
+
+    def _smoke(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
+        """SMOKE: a new session on the verified blobs (the old one keeps serving), golden vectors."""
         assert rec.target is not None
-        target = rec.target
-        manifest = self._stored_manifest(rec.name, target)
-        loaded = self._load(manifest, target.digest)
+        manifest = self._stored_manifest(rec.name, rec.target)
+        loaded = self._load(manifest, rec.target.digest)
         self.smoke_test(loaded)
-        self.emit(rec.name, "smoke_passed", target.release, rec.active.release if rec.active else None)
-        return self._activate(rec, loaded, trial=trial)
+        ctx.loaded[loaded.digest] = loaded
+        return m.SmokePassed(ReleaseRef(loaded.release, loaded.digest, manifest.version),
+                             self.clock() + self.trial_seconds if ctx.trial else None)
 
-    def _activate(self, rec: ModelRecord, loaded: LoadedModel, *, trial: bool) -> ModelRecord:
-        """Swap in memory, then persist: the record (active/previous), then anti-rollback.
-
-        The blobs and the envelope of ``loaded`` were fsynced in place before it was
-        smoke-tested, so the record never names a release that is not complete on disk.
-        A crash before the record leaves SMOKE_TESTING (redone on restart); a crash between
-        record and anti-rollback is repaired by ``recover``.
-        """
-        new_ref = ReleaseRef(loaded.release, loaded.digest, loaded.manifest.version)
-        previous = rec.active if rec.active and rec.active.digest != loaded.digest else rec.previous
-        old = self.host.swap(loaded)
-        pause_point("activating.swapped")
-        from_release = old.release if old else (rec.active.release if rec.active else None)
-        if trial:
-            rec = self._to(rec, S.TRIAL, active=new_ref, previous=previous, attempts=0, trial_restarts=0,
-                           trial_until=self.clock() + self.trial_seconds)
-        else:
-            rec = self._to(rec, S.COMMITTED, active=new_ref, previous=previous, attempts=0,
-                           trial_restarts=0, trial_until=None)
-        pause_point("activating.recorded")
-        # Anti-rollback moves only now that every check passed.
-        self.store.raise_highest(rec.name, loaded.release, loaded.digest)
-        self.emit(rec.name, "activated", loaded.release, from_release, None,
-                  f"version {loaded.manifest.version}")
-        if not trial:
-            self.emit(rec.name, "committed", loaded.release, from_release, None, "manual install")
-        else:
-            pause_point("trial")
-        return rec
-
-    def _rollback(self, rec: ModelRecord, reason: str, message: str) -> ModelRecord:
-        """Leave TRIAL: re-activate the previous release, or keep serving when there is none."""
+    def _reload_trial(self, rec: ModelRecord) -> m.Event | None:
+        """RELOAD_TRIAL: after a restart in TRIAL (already counted and persisted)."""
         assert rec.active is not None
-        bad = rec.active
-        failed = [*(d for d in rec.failed_digests if d != bad.digest), bad.digest][-MAX_FAILED_DIGESTS:]
+        try:
+            self.host.swap(self.load_release(rec.name, rec.active))
+        except (EdgefleetError, StateError) as exc:
+            return m.TrialFailed(ReasonCode.LOAD, f"r{rec.active.release} cannot be loaded again: {exc}")
+        log.warning("model=%s r%s: %s", rec.name, rec.active.release, rec.message)
+        return None
+
+    def _load_previous(self, rec: ModelRecord, reason: ReasonCode, message: str,
+                       ctx: _Drive) -> m.Event:
+        """LOAD_PREVIOUS: leaving a failed trial; without a previous release keep serving."""
+        assert rec.active is not None
         if rec.previous is not None:
             try:
-                loaded = self.load_release(rec.name, rec.previous)
+                ctx.loaded[rec.previous.digest] = self.load_release(rec.name, rec.previous)
             except (EdgefleetError, StateError) as exc:
                 log.error("model=%s cannot reload previous r%s: %s", rec.name, rec.previous.release, exc)
             else:
-                self.host.swap(loaded)
-                rec = self._to(rec, S.ROLLED_BACK, reason=reason, message=message,
-                               active=rec.previous, previous=None, trial_until=None,
-                               failed_digests=failed)
-                assert rec.active is not None
-                self.emit(rec.name, "rolled_back", rec.active.release, bad.release, reason, message)
-                return rec
+                return m.PreviousLoaded(reason, message)
         if self.host.get(rec.name) is None:
-            self.host.swap(self.load_release(rec.name, bad))
-        message += "; no previous release to roll back to, still serving it"
-        rec = self._to(rec, S.FAILED, reason=reason, message=message, trial_until=None,
-                       failed_digests=failed)
-        return rec
+            self.host.swap(self.load_release(rec.name, rec.active))
+        return m.PreviousUnloadable(reason, message)
 
     # -- public operations ----------------------------------------------------------
 
@@ -439,7 +465,10 @@ class Installer:
                     # Activation writes the record, then anti-rollback: finish the second write.
                     self.store.raise_highest(name, rec.active.release, rec.active.digest)
                 try:
-                    if rec.state == S.TRIAL and rec.active is not None and self._resume_trial(rec):
+                    if rec.state == S.TRIAL and rec.active is not None:
+                        # The restart is counted and persisted BEFORE the release is loaded
+                        # again: one that crashes the process cannot loop forever.
+                        self._run(rec, m.Restarted(self.trial_max_restarts, self.trial_seconds))
                         continue
                 except (EdgefleetError, StateError) as exc:
                     log.error("model=%s recovery from trial failed: %s", name, exc)
@@ -448,33 +477,6 @@ class Installer:
                 if rec.state in lc.IN_PROGRESS:
                     pending.append(name)
         return pending
-
-    def _resume_trial(self, rec: ModelRecord) -> bool:
-        """A start that finds a trial: go on with it (up to trial_max_restarts), else roll back.
-
-        The restart is counted and persisted BEFORE the new release is loaded again, so a
-        release that crashes the process while loading or serving cannot loop forever.
-        """
-        assert rec.active is not None
-        if rec.trial_restarts >= self.trial_max_restarts:
-            self._rollback(rec, "runtime_crash",
-                           f"the agent stopped while r{rec.active.release} was on trial "
-                           f"({rec.trial_restarts + 1} time(s), trial_max_restarts "
-                           f"{self.trial_max_restarts})")
-            return True
-        rec = msgspec.structs.replace(
-            rec, trial_restarts=rec.trial_restarts + 1, trial_until=self.clock() + self.trial_seconds,
-            message=f"trial restarted after the agent stopped ({rec.trial_restarts + 1} of "
-                    f"{self.trial_max_restarts})", updated=self.clock(),
-        )
-        self.store.save(rec)
-        try:
-            self.host.swap(self.load_release(rec.name, rec.active))
-        except (EdgefleetError, StateError) as exc:
-            self._rollback(rec, "load", f"r{rec.active.release} cannot be loaded again: {exc}")
-            return True
-        log.warning("model=%s r%s: %s", rec.name, rec.active.release, rec.message)
-        return True
 
     def _load_active(self, rec: ModelRecord) -> None:
         """Never serve none: load active, else previous."""
@@ -489,10 +491,7 @@ class Installer:
             if ref is rec.previous:
                 log.warning("model=%s serving previous r%s: the active one failed to load",
                             rec.name, ref.release)
-                self.store.save(msgspec.structs.replace(
-                    rec, active=ref, previous=None,
-                    message=f"active r{rec.active.release if rec.active else '?'} failed to load",
-                ))
+                self._run(rec, m.ActiveUnloadable())
             return
         if rec.active is not None:
             log.error("model=%s: no release of it can be loaded", rec.name)
@@ -505,12 +504,13 @@ class Installer:
                 return rec
             try:
                 if rec.target.bundle_path:
-                    return self._drive(rec, FileSource(Path(rec.target.bundle_path)), trial=False)
+                    return self._drive(rec, None, _Drive(FileSource(Path(rec.target.bundle_path)),
+                                                         trial=False))
                 if self.fetcher is None:
                     raise DownloadError("no fleet connection to resume the download")
                 if (waiting := self._waiting(rec, rec.target)) is not None:
                     return waiting
-                return self._drive(rec, FleetSource(self.fetcher, rec.target), trial=True)
+                return self._drive(rec, None, _Drive(FleetSource(self.fetcher, rec.target)))
             except WaitingForWindow:
                 return self._waiting(self.store.load(name) or rec, rec.target) or rec
             except Cancelled:
@@ -520,22 +520,18 @@ class Installer:
                 return self.store.load(name)
 
     def install_file(self, path: Path, *, trial: bool = False) -> ModelRecord:
-        """Install a single-file bundle; raise the refusal (EdgefleetError with its code)."""
+        """Install a single-file bundle; raise the refusal (EdgefleetError with its code).
+
+        The signatures are verified once, here (the model's name comes from the manifest);
+        FETCH then checks name, digest and release policy on that verified manifest.
+        """
         source = FileSource(path)
         with self._lock:
             vm = self.verify_signed(source.envelope(), offline=True)
             name = vm.manifest.name
             rec = self.store.load(name) or ModelRecord(name=name)
             target = Target(vm.manifest.release, vm.digest, bundle_path=str(Path(path).resolve()))
-            if rec.state in (S.TRIAL, *lc.IN_PROGRESS) and rec.target and rec.target.digest != vm.digest:
-                self._supersede(rec)
-            rec = self._to(rec, S.DOWNLOADING, target=target)
-            try:
-                vm = self._verify(name, vm.digest, vm.envelope, offline=True)
-            except EdgefleetError as exc:
-                self._fail(rec, exc)
-                raise
-            rec = self._drive(rec, source, trial=trial, verified=vm)
+            rec = self._drive(rec, m.NewTarget(target), _Drive(source, trial=trial, verified=vm))
             self.gc()
             return rec
 
@@ -552,14 +548,7 @@ class Installer:
         message = f"r{target.release} {reason}"
         if rec.message != message:
             log.info("model=%s: %s", rec.name, message)
-            rec = msgspec.structs.replace(rec, message=message)
-            self.store.save(rec)
-        return rec
-
-    def _supersede(self, rec: ModelRecord) -> None:
-        assert rec.target is not None
-        self.emit(rec.name, "failed", rec.target.release, rec.active.release if rec.active else None,
-                  "superseded", "the fleet desires another release")
+        return self._run(rec, m.Waiting(message))
 
     def apply_target(self, name: str, target: Target) -> ModelRecord:
         """Make ``target`` (desired by the fleet) the model's release. Failures are recorded."""
@@ -568,10 +557,7 @@ class Installer:
             if rec.active is not None and rec.active.digest == target.digest:
                 return rec
             if rec.target is not None and rec.target.digest == target.digest and rec.state in lc.IN_PROGRESS:
-                if rec.target.activation_window != target.activation_window:
-                    rec = msgspec.structs.replace(rec, target=msgspec.structs.replace(
-                        rec.target, activation_window=target.activation_window))
-                    self.store.save(rec)
+                rec = self._run(rec, m.WindowChanged(target.activation_window))
                 return self.resume(name) or rec
             if target.digest in rec.failed_digests:
                 log.debug("model=%s r%s failed here before; waiting for another release",
@@ -584,12 +570,8 @@ class Installer:
                 raise RuntimeError("apply_target needs a fetcher")
             if (waiting := self._waiting(rec, target)) is not None:
                 return waiting
-            if rec.state in (S.TRIAL, *lc.IN_PROGRESS) and rec.target is not None:
-                self._supersede(rec)
-            rec = self._to(rec, S.DOWNLOADING, target=target, attempts=rec.attempts if same else 0,
-                           reason="superseded" if rec.state in lc.IN_PROGRESS else None)
             try:
-                rec = self._drive(rec, FleetSource(self.fetcher, target), trial=True)
+                return self._drive(rec, m.NewTarget(target), _Drive(FleetSource(self.fetcher, target)))
             except WaitingForWindow:
                 return self._waiting(self.store.load(name) or rec, target) or rec
             except Cancelled:
@@ -597,7 +579,6 @@ class Installer:
             except EdgefleetError as exc:
                 log.warning("model=%s r%s refused: %s: %s", name, target.release, _reason(exc), exc)
                 return self.store.load(name) or rec
-            return rec
 
     def check_trials(self) -> float | None:
         """Commit or roll back trials whose time is up; return seconds to the next deadline."""
@@ -623,11 +604,9 @@ class Installer:
         rate = errors / total if total else 0.0
         figures = f"error rate {rate:.3f} ({errors}/{total} inferences), bound {self.trial_max_error_rate}"
         if total >= self.trial_min_inferences and total > 0 and rate > self.trial_max_error_rate:
-            rec = self._rollback(rec, "trial_errors", figures)
+            rec = self._run(rec, m.TrialFailed(ReasonCode.TRIAL_ERRORS, figures))
         else:
-            rec = self._to(rec, S.COMMITTED, message=figures, trial_until=None)
-            self.emit(rec.name, "committed", rec.active.release if rec.active else 0,
-                      rec.previous.release if rec.previous else None, None, figures)
+            rec = self._run(rec, m.TrialHealthy(figures))
         self.gc()
         return rec
 
@@ -659,9 +638,8 @@ class Installer:
 
     # -- activation windows and update locks ----------------------------------------------
 
-    def _activation_waiting(self, rec: ModelRecord) -> ModelRecord | None:
-        """A staged fleet release outside its window or under an update lock: note why in the
-        record's message (``edgefleet-agent status``, health ``waiting``) and return it."""
+    def _activation_wait_message(self, rec: ModelRecord) -> str | None:
+        """Why a staged fleet release may not be activated now (window, update lock), or None."""
         if self.gate is None or rec.target is None:
             return None
         reason = self.gate.waiting_for(rec.target.activation_window)
@@ -670,9 +648,7 @@ class Installer:
         message = f"r{rec.target.release} staged, {reason}"
         if rec.message != message:
             log.info("model=%s: %s", rec.name, message)
-            rec = msgspec.structs.replace(rec, message=message)
-            self.store.save(rec)
-        return rec
+        return message
 
     def resume_staged(self) -> float | None:
         """Activate the staged releases now allowed; return seconds to the next moment one may be."""
@@ -693,11 +669,14 @@ class Installer:
             with self._lock:
                 current = self.store.load(name)
                 if current is not None and current.state == S.STAGED:
-                    self._activation_waiting(current)
+                    message = self._activation_wait_message(current)
+                    if message is not None:
+                        self._run(current, m.Waiting(message))
             wake = self.gate.wake_in(rec.target.activation_window)
             if wake is not None:
                 next_in = wake if next_in is None else min(next_in, wake)
         return next_in
+
 
     def held_releases(self) -> dict[str, list[int]]:
         """Per model, the releases whose envelope and files are kept on the device (active,
