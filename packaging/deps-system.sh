@@ -27,6 +27,10 @@ need_tool nft nftables                 # HIL packet loss where the kernel has no
 need_tool ssh openssh-client           # HIL --mode ssh: the harness side
 need_tool ssh-keygen openssh-client
 need_tool sshd openssh-server          # HIL --mode ssh test: a real device reached over SSH
+need_tool qemu-aarch64-static qemu-user-static  # make test-arm64: emulated aarch64 (binfmt_misc)
+need_tool debootstrap debootstrap      # make test-arm64: the arm64 Debian root
+need_tool readelf binutils             # ELF architecture of every file in a cross-built .deb
+need_tool file file
 need_tool python3 python3
 need_py venv python3-venv
 need_py ensurepip python3-venv
