@@ -8,11 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from fleet.app import broker_url, create_app
 from fleet.db.engine import describe
 from fleet.logs import configure as configure_logs
 from fleet.settings import Settings
+from fleet.startup import check_can_listen, check_database_url, database_unreachable
 from shared.bundle.keyring import atomic_write, init_keyring
 from shared.randomtoken import random_token
 
@@ -61,8 +63,16 @@ def resolve(settings: Settings) -> Settings:
 def serve(settings: Settings) -> None:
     roles = ",".join(settings.roles) if len(settings.roles) < 3 else "all"
     configure_logs(settings.log_format, role=roles if roles != "all" else "")
+    check_database_url(settings.resolved_database_url())
+    check_can_listen(settings.host, settings.port, "the fleet API", "--port")
+    if settings.mqtt_url is None:
+        check_can_listen(settings.embedded_mqtt_host, settings.embedded_mqtt_port, "the embedded MQTT broker",
+                         "--mqtt-port (or pass an external broker with --mqtt-url)")
     settings = resolve(settings)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except (OperationalError, InterfaceError) as exc:
+        raise database_unreachable(describe(settings.resolved_database_url()), exc) from exc
     broker = settings.mqtt_url or f"embedded broker at {broker_url(settings)}"
     log.info(
         "edgefleet fleet (%s) on http://%s:%d (database %s, MQTT %s, keys %s, data %s)",

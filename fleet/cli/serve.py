@@ -20,6 +20,8 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         "each, only one controller acts at a time (the others wait to take over)")
     p.add_argument("--log-format", choices=("text", "json"), default=None,
                    help="log lines as text (default) or one JSON object per line (env EDGEFLEET_LOG_FORMAT)")
+    p.add_argument("--debug", action="store_true",
+                   help="on a start-up failure, show the traceback beside the one-line error")
     p.add_argument("--retention-days", type=float, default=None, metavar="D",
                    help="delete raw health reports older than D days (default 30; hourly rollups stay)")
     p.add_argument("--shared-subscription", choices=("auto", "on", "off"), default="auto",
@@ -165,5 +167,12 @@ def run(args: argparse.Namespace) -> int:
         from fleet.server import serve
     except ImportError as exc:
         raise CliError(f"the fleet server cannot be loaded ({exc}); install 'edgefleet[fleet]'") from None
-    result = serve(settings)
+    from fleet.startup import StartError
+
+    try:
+        result = serve(settings)
+    except StartError as exc:
+        if getattr(args, "debug", False):
+            raise
+        raise CliError(str(exc)) from None
     return int(result) if isinstance(result, int) else 0
