@@ -240,3 +240,27 @@ def test_interrupted_install_resumes(tmp_path: Path, keyring: Keyring, bundles: 
     done = fresh.installer.resume("clf")
     assert done is not None and done.state == S.COMMITTED and fresh.host.get("clf").release == 2  # type: ignore[union-attr]
     assert fresh.kinds() == ["smoke_passed", "activated", "committed"]
+
+
+def test_install_file_verifies_the_signatures_once_then_once_more_when_rechecking(
+    rig: Rig, bundles: Bundles
+) -> None:
+    """One verification at intake (the name comes from it; policy is checked on its result),
+    one when VERIFYING re-checks the stored envelope; no third (it used to run twice at intake)."""
+    calls: list[int] = []
+    real = rig.trust.verify_manifest
+
+    def counted(envelope: bytes, **kw: object) -> object:
+        calls.append(len(envelope))
+        return real(envelope, **kw)  # type: ignore[arg-type]
+
+    rig.trust.verify_manifest = counted  # type: ignore[method-assign]
+    rec = rig.installer.install_file(bundles.build(1))
+    assert rec.state == S.COMMITTED
+    assert len(calls) == 2
+    # a refusal by policy after the signatures verified is recorded, and costs one verification
+    calls.clear()
+    with pytest.raises(RollbackError):
+        rig.installer.install_file(bundles.build(1, seed=3))
+    assert len(calls) == 1
+    assert rig.installer.store.load("clf").reason == "rollback"  # type: ignore[union-attr]
