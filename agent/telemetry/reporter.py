@@ -57,6 +57,7 @@ from agent.telemetry.spool import DEFAULT_MAX_BYTES, SPOOL_DIR, Spool
 from shared.errors import EdgefleetError
 from shared.fsutil import atomic_write
 from shared.telemetry import messages, topics
+from shared.telemetry.content import content_type
 
 if TYPE_CHECKING:  # paho and psutil load with the first Reporter (~30 ms, ~2.4 MB): an agent
     import paho.mqtt.client as mqtt  # without telemetry never imports them
@@ -247,7 +248,8 @@ class Reporter:
         client.max_inflight_messages_set(self.window)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.will_set(self.topic("status"), self._will, qos=1, retain=True)
+        client.will_set(self.topic("status"), self._will, qos=1, retain=True,
+                        properties=self._properties(self._will, will=True))
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_socket_open = self._on_socket_open
@@ -273,6 +275,18 @@ class Reporter:
     @property
     def version(self) -> str:
         return "5" if self.mqtt5 else "3.1.1"
+
+    def _properties(self, payload: bytes, *, will: bool = False) -> Any:
+        """The MQTT 5 ``content-type`` of ``payload`` (docs/asyncapi.json); None on 3.1.1,
+        which has no properties. paho's client module has loaded these modules already."""
+        if not self.mqtt5:
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.WILLMESSAGE if will else PacketTypes.PUBLISH)
+        props.ContentType = content_type(payload)
+        return props
 
     def use_login(self, username: str, password: str | None) -> None:
         """Log in with a new broker password from now on (re-enrollment, rotation), without a
@@ -381,7 +395,9 @@ class Reporter:
 
     def _publish(self, kind: str, message: messages.Message, *, retain: bool = False) -> None:
         """Status only: straight to paho (retained state, not spooled)."""
-        self.client.publish(self.topic(kind), messages.encode(message), qos=1, retain=retain)
+        payload = messages.encode(message)
+        self.client.publish(self.topic(kind), payload, qos=1, retain=retain,
+                            properties=self._properties(payload))
 
     def _spool(self, kind: str, build: Callable[[int], messages.Message]) -> messages.Message:
         """Number, encode and store one message; the sender takes it from there."""
@@ -537,7 +553,8 @@ class Reporter:
 
         for token, kind, payload in self.spool.take(self.window):
             try:
-                info = self.client.publish(self.topic(kind), payload, qos=1)
+                info = self.client.publish(self.topic(kind), payload, qos=1,
+                                           properties=self._properties(payload))
             except (ValueError, RuntimeError) as exc:
                 log.error("mqtt publish of a spooled %s message failed: %s", kind, exc)
                 self.spool.rewind(token)
@@ -583,10 +600,11 @@ class Reporter:
         if self._sender is not None:
             self._sender.join(timeout)
         if self.connected.is_set():
-            info = self.client.publish(self.topic("status"), messages.encode(messages.Status(
+            death = messages.encode(messages.Status(
                 v=messages.VERSION, device_id=self.device_id, online=False, ts=time.time(),
-                agent_version=__version__, seq=self.seq.next(), session=self.seq.session)),
-                qos=1, retain=True)
+                agent_version=__version__, seq=self.seq.next(), session=self.seq.session))
+            info = self.client.publish(self.topic("status"), death, qos=1, retain=True,
+                                       properties=self._properties(death))
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
         self.client.disconnect()
