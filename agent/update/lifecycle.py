@@ -1,8 +1,8 @@
 """The per-model update lifecycle: states, the one table of legal transitions, the record.
 
-Pure: no I/O. The installer does the work of each state and asks this module
-whether the next state is allowed; the store persists the record after every step,
-so after a restart the record is the truth.
+Pure: no I/O. The machine (agent.update.machine) decides every change of the record
+and moves states only through ``transition`` below; the installer runs its effects and
+the store persists the record after every step, so after a restart the record is the truth.
 
                      new target (desired by the fleet, or a local bundle file)
     IDLE / COMMITTED / ROLLED_BACK / FAILED ─────────────────────┐
