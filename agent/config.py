@@ -210,9 +210,18 @@ class _Table:
         self.used.add(key)
         if key not in self.data:
             if required:
+                misspelt = _close_match(key, [k for k in self.data if k not in self.used])
+                if misspelt is not None:  # named like any other unknown key
+                    raise ConfigError(f"unknown key {self._key(misspelt)} = {self.data[misspelt]!r} "
+                                      f"(did you mean {self._key(key)}?)")
                 raise ConfigError(f"{self._key(key)} is required")
             return default
         value = self.data[key]
+        if isinstance(value, str) and value in PLACEHOLDERS:
+            raise ConfigError(
+                f"{self._key(key)} = {value!r} is the placeholder of the shipped config; set the "
+                "real value (see /usr/share/doc/edgefleet-agent/install.md)"
+            )
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # TOML booleans are not numbers; ints are accepted where floats are expected.
         ok = not isinstance(value, bool) and isinstance(value, kinds)
@@ -233,10 +242,24 @@ class _Table:
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise ConfigError(
-                f"unknown key {self._key(unknown[0])} = {self.data[unknown[0]]!r} "
-                f"(known keys: {', '.join(sorted(self.used))})"
-            )
+            meant = _close_match(unknown[0], sorted(self.used - set(self.data)))
+            hint = (f"did you mean {self._key(meant)}?" if meant
+                    else f"known keys: {', '.join(sorted(self.used))}")
+            raise ConfigError(f"unknown key {self._key(unknown[0])} = {self.data[unknown[0]]!r} ({hint})")
+
+
+# Values of the shipped agent.toml that must be replaced before the agent runs
+PLACEHOLDERS = frozenset({"CHANGE-ME", "https://fleet.example.com", "mqtts://broker.example.com:8883"})
+
+
+def _close_match(word: str, candidates: list[str]) -> str | None:
+    """The candidate ``word`` is most likely a misspelling of (error path only: difflib loads late)."""
+    if not candidates:
+        return None
+    import difflib
+
+    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def _check_http_url(key: str, value: str, schemes: tuple[str, ...]) -> str:

@@ -24,6 +24,7 @@ JSON inputs are decoded by agent.api.json_inputs (docs/agent-api.md, "Limits").
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -40,7 +41,7 @@ from agent.api import locks as lock_routes
 from agent.api.connections import Connection, ConnectionLimits, ConnectionServer
 from agent.api.http1 import RequestHandler
 from agent.api.json_inputs import JsonInputError, decode_inputs
-from agent.errors import InferenceError, InputError, UnknownModelError
+from agent.errors import ConfigError, InferenceError, InputError, UnknownModelError
 from agent.runtime.batching import RequestTimeout
 from agent.runtime.host import LoadedModel, ModelHost
 from agent.update.locks import LockError, LockTable
@@ -466,10 +467,20 @@ class _Handler(RequestHandler):
 
 def _listen_tcp(address: tuple[str, int], backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    return socket.create_server(address, family=family, backlog=backlog)
+    try:
+        return socket.create_server(address, family=family, backlog=backlog)
+    except OSError as exc:
+        where = f"api.listen = {address[0]}:{address[1]}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"{where}: the address is already in use (another agent running?); "
+                              "stop it or choose another port") from None
+        raise ConfigError(f"{where}: cannot listen: {exc.strerror or exc}") from None
 
 
 def _listen_unix(path: Path, backlog: int) -> socket.socket:
+    if not path.parent.is_dir():
+        raise ConfigError(f"api.unix_socket = {str(path)!r}: directory {path.parent} does not exist "
+                          "(the systemd unit's RuntimeDirectory= makes /run/edgefleet; else create it)")
     if path.is_socket():
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -477,6 +488,9 @@ def _listen_unix(path: Path, backlog: int) -> socket.socket:
         sock.bind(str(path))
         os.chmod(path, 0o660)
         sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"api.unix_socket = {str(path)!r}: cannot listen: {exc.strerror or exc}") from None
     except BaseException:
         sock.close()
         raise
