@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hil.evidence import parse_netem_stats, parse_nft_counters
+
 BRIDGE = "hil0"
 SUBNET = "10.213.0"
 GATEWAY = f"{SUBNET}.1"
@@ -154,16 +156,27 @@ class NetLab:
             n = round(percent)
             rules = (
                 "table inet hil {\n"
-                f"  chain in {{ type filter hook input priority 0; tcp sport {{ {ports} }} "
-                f"numgen random mod 100 < {n} drop; }}\n"
-                f"  chain out {{ type filter hook output priority 0; tcp dport {{ {ports} }} "
-                f"numgen random mod 100 < {n} drop; }}\n"
+                f"  chain in {{ type filter hook input priority 0; tcp sport {{ {ports} }} counter; "
+                f"tcp sport {{ {ports} }} numgen random mod 100 < {n} counter drop; }}\n"
+                f"  chain out {{ type filter hook output priority 0; tcp dport {{ {ports} }} counter; "
+                f"tcp dport {{ {ports} }} numgen random mod 100 < {n} counter drop; }}\n"
                 "}\n"
             )
             subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True, check=True,
                            capture_output=True)
             return f"nftables: drop {n}% of packets to and from the fleet and the broker (ports {ports})"
         raise LabError("loss needs tc netem or nftables: " + (self.caps.reasons.get("nft") or ""))
+
+    def loss_stats(self, device: str) -> dict[str, object]:
+        """What the loss in effect did so far: packets it saw and packets it dropped."""
+        ns = self.ns[device]
+        if self.caps.netem:
+            text = _run("ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", "hild").stdout
+            seen, dropped = parse_netem_stats(text)
+            return {"mechanism": "netem", "packets": seen, "dropped": dropped}
+        text = _run("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "hil").stdout
+        seen, dropped = parse_nft_counters(text)
+        return {"mechanism": "nftables", "packets": seen, "dropped": dropped}
 
     def loss_clear(self, device: str) -> str:
         ns = self.ns[device]

@@ -26,6 +26,7 @@ from typing import Any
 
 from fleet.demo.processes import ManagedProcess, free_port, wait_until
 from fleet.demo.scenario import MODEL
+from hil.evidence import parse_netem_stats, parse_nft_counters
 from hil.lab import Capabilities, LabError
 from hil.runner import DeviceRun, HilFleet, HilRun, agent_toml
 from hil.scenario import Fault, Scenario, ScenarioError
@@ -214,9 +215,9 @@ class SshRun(HilRun):
         ok, out = dev.remote.run(dev.remote.cmd.ssh_argv(dev.remote.cmd.alive_line()))
         return ok and out.strip() == "up"
 
-    def _do(self, action: str, device: str, fault: Fault) -> str:
+    def _do(self, action: str, device: str, fault: Fault, evidence: dict[str, Any]) -> str:
         if action in ("broker_stop", "broker_start"):
-            return super()._do(action, device, fault)
+            return super()._do(action, device, fault, evidence)
         dev = self.devices[device]
         assert isinstance(dev, SshDeviceRun) and dev.remote is not None and self.fleet and self.broker
         remote, c = dev.remote, dev.remote.cmd
@@ -230,6 +231,16 @@ class SshRun(HilRun):
         if action == "power_cut":
             out = run(c.power_cut(), "SIGKILL over ssh (power cut)")
             dev.agent_up = False
+            dev.cut_at = time.monotonic()
+            ok, polled = remote.run(c.poll(MODEL))  # the state file as the cut left it
+            head, _, tail = f"\n{polled}".rpartition("\n@@")
+            try:
+                st = json.loads(head) if ok and head.strip() else {}
+            except ValueError:
+                st = {}
+            evidence.update({"state_at_cut": st.get("state"),
+                             "active_release": (st.get("active") or {}).get("release"),
+                             "survivors": "the agent still runs" if tail.strip() == "up" else None})
             return out
         if action == "power_on":
             if self._alive(dev):
@@ -240,10 +251,13 @@ class SshRun(HilRun):
         if action == "disk_full":
             return run(c.fill_disk(), "disk filled")
         if action == "loss":
-            return run(c.loss(float(fault.value or 0), (self.fleet.fleet_port, self.broker.port)), "loss")
+            out = run(c.loss(float(fault.value or 0), (self.fleet.fleet_port, self.broker.port)), "loss")
+            self.loss_entries[device] = evidence
+            return out
         if action == "delay":
             return run(c.delay(float(fault.value or 0)), f"netem delay {fault.value} ms")
         if action in ("loss_clear", "delay_clear"):
+            self._read_loss(device)
             return run(c.clear_impairments(), "impairments cleared")
         if action in ("link_down", "offline"):
             if fault.duration_s is None:
@@ -258,6 +272,21 @@ class SshRun(HilRun):
                 raise LabError(f"{device} did not come back after its link cut: {exc}") from None
             return "link back (the device restored it); reachable over ssh"
         raise LabError(f"unknown action {action}")
+
+    def _loss_stats(self, device: str) -> dict[str, Any]:
+        remote = self.remotes[device]
+        ok, out = remote.run(remote.cmd.loss_stats())
+        if not ok:
+            raise LabError(f"loss counters of {device}: {out or 'no output'}")
+        tc, _, nft = out.partition("@@")
+        if "netem" in tc:
+            seen, dropped = parse_netem_stats(tc)
+            return {"mechanism": "netem", "packets": seen, "dropped": dropped}
+        seen, dropped = parse_nft_counters(nft)
+        return {"mechanism": "nftables", "packets": seen, "dropped": dropped}
+
+    def _spool_end(self, dev: DeviceRun) -> tuple[int, int] | None:
+        return None  # the spool is on the device: not read over ssh (the report says so)
 
     def _agent_view(self, dev: DeviceRun) -> dict[str, Any]:
         view = super()._agent_view(dev)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleet.demo.scenario import MODEL
+from hil.evidence import judge
 
 if TYPE_CHECKING:
     from hil.runner import HilRun
@@ -85,6 +86,18 @@ def build_report(run: HilRun, result: dict[str, Any], error: str | None) -> dict
         checks.append({"check": f"serving {sc.expect.serving}", "ok": not bad_serving,
                        "detail": f"healthy {sorted(healthy)}, new {sorted(fresh)}"
                        + (f"; wrong: {', '.join(bad_serving)}" if bad_serving else "")})
+    # every fault the scenario names must have fired where it says (hil.evidence)
+    for entry in run.faults_log:
+        if not entry.get("primary"):
+            continue
+        fired, detail = judge(entry, devices.get(entry["device"] or ""))
+        entry["fired"] = fired
+        where = f" {entry['device']}" if entry["device"] else ""
+        asked = entry.get("asked") or {}
+        when = f" in {asked['when_state']}" if asked.get("when_state") else ""
+        checks.append({"check": f"fault fired: {entry['action']}{where}{when}", "ok": fired,
+                       "detail": detail})
+        verdict &= fired
     unreachable: dict[str, str] = getattr(run, "unreachable", {})
     if unreachable:
         checks.append({"check": "devices reachable", "ok": False,

@@ -5,8 +5,13 @@ Returns the report (hil.report) with a verdict."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +24,12 @@ from fleet.bundles.build import build_bundle
 from fleet.demo.models import golden_inputs, write_classifier
 from fleet.demo.processes import ManagedProcess, free_port, python_module, wait_until
 from fleet.demo.scenario import MODEL, TERMINAL, DemoConfig, DemoFleet, gates
+from hil.evidence import SpoolPosition, records_since, spool_cursor, spool_end
 from hil.lab import GATEWAY, Capabilities, LabError, MosquittoBroker, NetLab, TmpfsDisk, probe
 from hil.scenario import UNDO, Fault, Scenario, ScenarioError, resolve_devices
 from shared.bundle.keyring import load_keyring
 
-STATE_ORDER = ["idle", "downloading", "verifying", "staged", "smoke_testing", "trial", "committed"]
+CUT_POLL_S = 0.002  # how often a power cut waiting for a state reads the device's state file
 
 
 @dataclass
@@ -37,6 +43,7 @@ class DeviceRun:
     events: list[dict[str, Any]] = field(default_factory=list)
     last_state: tuple[str, int | None] | None = None
     seen_states: set[str] = field(default_factory=set)
+    cut_at: float | None = None  # monotonic time of the last power cut, while it is off
 
     def read_state(self) -> dict[str, Any] | None:
         try:
@@ -72,6 +79,19 @@ def agent_toml(device: str, *, state_dir: str, trust_root: str, fleet_url: str, 
         f"retry_failed_max_s = 4.0\n"
         f"disk_margin_mb = 2.0\n"
     )
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
 
 
 class HilFleet(DemoFleet):
@@ -120,6 +140,10 @@ class HilRun:
         self.fleet: HilFleet | None = None
         self.pending: list[tuple[Fault, str]] = []  # (fault, device or "") not applied yet
         self.undo: list[tuple[float, str, str, Fault]] = []  # (due, action, device, fault)
+        self.lock = threading.RLock()  # the cut watcher applies faults from its own thread
+        self.outage: dict[str, Any] | None = None  # the broker_stop entry's evidence while it lasts
+        self.outage_over = False
+        self.loss_entries: dict[str, dict[str, Any]] = {}  # device -> its loss entry (counters read later)
 
     def say(self, text: str) -> None:
         self.narrate(f"[{time.monotonic() - self.t0:6.1f}s] {text}")
@@ -177,12 +201,20 @@ class HilRun:
 
     # -- faults -----------------------------------------------------------------------
     def _apply(self, action: str, device: str, fault: Fault, note: str = "") -> None:
+        with self.lock:
+            self._apply_locked(action, device, fault, note)
+
+    def _apply_locked(self, action: str, device: str, fault: Fault, note: str) -> None:
         now = time.monotonic()
-        entry: dict[str, Any] = {"t": round(now - self.t0, 2), "action": action, "device": device or None}
+        entry: dict[str, Any] = {"t": round(now - self.t0, 2), "action": action, "device": device or None,
+                                 "primary": action == fault.action, "evidence": {}}
+        if entry["primary"]:  # what the scenario asked, for the judgement of the evidence
+            entry["asked"] = {"when_state": fault.when_state, "value": fault.value,
+                              "after_rollout": fault.after_rollout}
         if note:
             entry["trigger"] = note
         try:
-            entry["result"] = self._do(action, device, fault)
+            entry["result"] = self._do(action, device, fault, entry["evidence"])
         except LabError as exc:
             entry["skipped"] = str(exc)
             self.skipped.append({"what": f"{action} {device}".strip(), "why": str(exc)})
@@ -194,24 +226,34 @@ class HilRun:
         if fault.duration_s is not None and action in UNDO and "skipped" not in entry:
             self.undo.append((now + fault.duration_s, UNDO[action], device, fault))
 
-    def _do(self, action: str, device: str, fault: Fault) -> str:
+    def _do(self, action: str, device: str, fault: Fault, evidence: dict[str, Any]) -> str:
         dev = self.devices.get(device)
-        if action in ("broker_stop", "broker_start"):
+        if action == "broker_stop":
+            return self._broker_stop(evidence)
+        if action == "broker_start":
             assert self.broker is not None
-            return self.broker.stop() if action == "broker_stop" else self.broker.start()
+            self.outage_over = True
+            return self.broker.start()
         assert dev is not None
         if action == "power_cut":
-            dev.proc.kill()
-            return "SIGKILL (power cut)"
+            return self._power_cut(dev, evidence)
         if action == "power_on":
             if dev.proc.alive():
                 return "already running"
+            if dev.cut_at is not None:
+                evidence["off_s"] = round(time.monotonic() - dev.cut_at, 2)
+                evidence["off_through_rollout_end"] = (self.rollout_end is not None
+                                                       and dev.cut_at < self.rollout_end)
+            dev.cut_at = None
             dev.proc.start()
             return "agent started again (power on)"
         if action == "disk_full":
             if dev.disk is None:
                 raise LabError(f"no tmpfs state_dir: {self.caps.reasons.get('tmpfs', 'not mounted')}")
-            return dev.disk.fill()
+            result = dev.disk.fill()
+            st = os.statvfs(dev.disk.path)
+            evidence["free_kib"] = st.f_bavail * st.f_frsize // 1024
+            return result
         if self.net is None:
             raise LabError(f"{action} needs a network namespace per device ({self.why_process})")
         if action in ("link_down", "offline"):
@@ -219,40 +261,120 @@ class HilRun:
         if action in ("link_up", "online"):
             return self.net.link(device, up=True)
         if action == "loss":
-            return self.net.loss(device, float(fault.value or 0))
+            result = self.net.loss(device, float(fault.value or 0))
+            self.loss_entries[device] = evidence
+            return result
         if action in ("loss_clear", "delay_clear"):
+            self._read_loss(device)
             return self.net.loss_clear(device)
         if action == "delay":
             return self.net.delay(device, float(fault.value or 0))
         raise LabError(f"unknown action {action}")
 
+    def _power_cut(self, dev: DeviceRun, evidence: dict[str, Any]) -> str:
+        """SIGKILL to the agent's whole process group (it runs in its own session), then the
+        state file as the cut left it: the state the device was in when its power went."""
+        proc = dev.proc.proc
+        if proc is None or proc.poll() is not None:
+            raise LabError("the agent was not running")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        dev.cut_at = time.monotonic()
+        deadline = time.monotonic() + 2
+        while (survivors := group_members(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        st = dev.read_state() or {}
+        evidence.update({"state_at_cut": st.get("state"),
+                         "active_release": (st.get("active") or {}).get("release"),
+                         "target_release": (st.get("target") or {}).get("release"),
+                         "survivors": survivors or None})
+        return f"SIGKILL to the agent's process group (power cut) in state {st.get('state')}"
+
+    def _broker_stop(self, evidence: dict[str, Any]) -> str:
+        assert self.broker is not None
+        result = self.broker.stop()
+        with socket.socket() as s:
+            s.settimeout(1)
+            evidence["port_closed"] = s.connect_ex(("127.0.0.1", self.broker.port)) != 0
+        evidence["spools"] = {d: {"start": self._spool_end(dev), "spooled": None, "end": None,
+                                  "cursor_after": None} for d, dev in self.devices.items()}
+        self.outage, self.outage_over = evidence, False
+        return result
+
+    def _watch_spools(self) -> None:
+        """While the broker is down: how many records each device's spool took since the stop."""
+        if self.outage is None or self.outage_over:
+            return
+        for device, dev in self.devices.items():
+            figures = self.outage["spools"][device]
+            if figures["start"] is not None:
+                figures["spooled"] = self._records_since(dev, figures["start"])
+                figures["end"] = self._spool_end(dev)
+
+    def _spools_after_outage(self) -> None:
+        if self.outage is None:
+            return
+        for device, dev in self.devices.items():
+            self.outage["spools"][device]["cursor_after"] = self._spool_cursor(dev)
+
+    # the spool on the device's disk (hil.evidence); SshRun has no local disk to read
+    def _spool_end(self, dev: DeviceRun) -> SpoolPosition | None:
+        return spool_end(dev.home / "state")
+
+    def _spool_cursor(self, dev: DeviceRun) -> SpoolPosition | None:
+        return spool_cursor(dev.home / "state")
+
+    def _records_since(self, dev: DeviceRun, start: SpoolPosition) -> int:
+        return records_since(dev.home / "state", start)
+
+    def _read_loss(self, device: str) -> None:
+        """The loss counters of a device, read before its loss is cleared."""
+        evidence = self.loss_entries.pop(device, None)
+        if evidence is None:
+            return
+        try:
+            evidence.update(self._loss_stats(device))
+        except LabError as exc:
+            evidence["error"] = str(exc)
+
+    def _loss_stats(self, device: str) -> dict[str, Any]:
+        assert self.net is not None
+        return self.net.loss_stats(device)
+
+    def _watch_cuts(self, stop: threading.Event) -> None:
+        """Power cuts that wait for a state: read each such device's state file every
+        CUT_POLL_S and cut the moment it shows the state, so the cut lands in it."""
+        while not stop.is_set():
+            with self.lock:
+                waiting = [(f, d) for f, d in self.pending if f.when_state is not None]
+            if not waiting:
+                return
+            for item in waiting:
+                fault, device = item
+                st = self.devices[device].read_state() or {}
+                if st.get("state") == fault.when_state:
+                    with self.lock:
+                        if item in self.pending:
+                            self.pending.remove(item)
+                            self._apply(fault.action, device, fault, f"state file showed {fault.when_state}")
+            time.sleep(CUT_POLL_S)
+
     def _tick_faults(self) -> None:
         now = time.monotonic()
-        for item in list(self.pending):
-            fault, device = item
-            base = self.rollout_end if fault.after_rollout else self.rollout_t0
-            if base is None:
-                continue
-            fire = False
-            note = ""
-            if fault.when_state is not None:
-                dev = self.devices[device]
-                target = STATE_ORDER.index(fault.when_state)
-                current = dev.last_state[0] if dev.last_state else ""
-                if current == fault.when_state:
-                    fire, note = True, f"in state {current}"
-                elif current in STATE_ORDER[target + 1:-1]:
-                    # the state went by between two polls: cut in the next one, and say so
-                    fire, note = True, f"{fault.when_state} not caught; cut in state {current}"
-            elif fault.at_s is not None and now - base >= fault.at_s:
-                fire = True
-            if fire:
-                self.pending.remove(item)
-                self._apply(fault.action, device, fault, note)
-        for item in sorted(self.undo):
-            if item[0] <= now:
-                self.undo.remove(item)
-                self._apply(item[1], item[2], item[3])
+        with self.lock:
+            for item in list(self.pending):
+                fault, device = item
+                base = self.rollout_end if fault.after_rollout else self.rollout_t0
+                if base is None or fault.when_state is not None:  # the cut watcher fires those
+                    continue
+                if fault.at_s is not None and now - base >= fault.at_s:
+                    self.pending.remove(item)
+                    self._apply(fault.action, device, fault)
+            for item in sorted(self.undo):
+                if item[0] <= now:
+                    self.undo.remove(item)
+                    self._apply(item[1], item[2], item[3])
 
     def _poll_devices(self) -> None:
         for dev in self.devices.values():
@@ -310,10 +432,9 @@ class HilRun:
                 targets = [""] if fault.action.startswith("broker") else resolve_devices(
                     fault.devices, ids, self.sc.canary)
                 self.pending += [(fault, d) for d in targets]
-            spec = {"name": self.sc.name, "bundle_id": v_new["id"], "selector": {"site": "lab"},
-                    "stages": self.sc.rollout["stages"],
-                    "gates": {**gates(30), **self.sc.rollout["gates"]},
-                    "on_gate_failure": self.sc.rollout["on_gate_failure"]}
+            # every rollout key of the scenario, on_inconclusive and its extensions included
+            spec = {**self.sc.rollout, "name": self.sc.name, "bundle_id": v_new["id"],
+                    "selector": {"site": "lab"}, "gates": {**gates(30), **self.sc.rollout["gates"]}}
             created = fleet.check(fleet.http.post("/api/v1/rollouts", json=spec))
             rid = created["id"]
             self._poll_devices()
@@ -322,9 +443,14 @@ class HilRun:
             deadline = self.rollout_t0 + self.sc.timeout_s
             status = created
             last_poll = 0.0
+            stop_watch = threading.Event()
+            watcher = threading.Thread(target=self._watch_cuts, args=(stop_watch,), name="hil-cut-watcher",
+                                       daemon=True)
+            watcher.start()
             while time.monotonic() < deadline:
                 self._poll_devices()
                 self._tick_faults()
+                self._watch_spools()
                 if time.monotonic() - last_poll > 0.5:
                     last_poll = time.monotonic()
                     try:
@@ -337,15 +463,24 @@ class HilRun:
                 if self.rollout_end is not None and not self.pending and not self.undo:
                     break
                 time.sleep(0.1)
+            stop_watch.set()
+            watcher.join(5)
             if self.rollout_end is None:
                 self.say(f"rollout {rid} still {status['state']} after {self.sc.timeout_s:.0f}s")
             # Undo what is still in effect, bring every device back, then let them converge.
+            for device in list(self.loss_entries):  # a loss kept to the end: its counters now
+                self._read_loss(device)
             for _, action, device, fault in sorted(self.undo):
                 self._apply(action, device, fault)
             self.undo.clear()
             for fault, device in self.pending:
-                self.skipped.append({"what": f"{fault.action} {device}".strip(),
-                                     "why": "its trigger never came before the end"})
+                why = (f"the device's state file never showed {fault.when_state}" if fault.when_state
+                       else "its time never came before the end")
+                self.skipped.append({"what": f"{fault.action} {device}".strip(), "why": why})
+                self.faults_log.append({"t": None, "action": fault.action, "device": device or None,
+                                        "primary": True, "evidence": {}, "skipped": why,
+                                        "asked": {"when_state": fault.when_state, "value": fault.value,
+                                                  "after_rollout": fault.after_rollout}})
             self.pending.clear()
             for dev in self.devices.values():
                 if not self._alive(dev):
@@ -353,6 +488,7 @@ class HilRun:
             result = {"rollout": fleet.check(fleet.http.get(f"/api/v1/rollouts/{rid}")),
                       "first_rollout_id": first["id"], "bundles": {"r1": v1, "new": v_new}}
             result["converged"] = self._settle(fleet, timeout=30)
+            self._spools_after_outage()
             result["rollout"] = fleet.check(fleet.http.get(f"/api/v1/rollouts/{rid}"))
             listed = fleet.check(fleet.http.get("/api/v1/devices"))
             result["fleet_devices"] = {d["device_id"]: d for d in listed}

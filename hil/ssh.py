@@ -276,11 +276,17 @@ class SshCommands:
         ps = ", ".join(str(p) for p in ports)
         n = round(percent)
         rules = (f"table inet hil {{\n  chain in {{ type filter hook input priority 0; tcp sport {{ {ps} }} "
-                 f"numgen random mod 100 < {n} drop; }}\n  chain out {{ type filter hook output priority 0; "
-                 f"tcp dport {{ {ps} }} numgen random mod 100 < {n} drop; }}\n}}")
+                 f"counter; tcp sport {{ {ps} }} numgen random mod 100 < {n} counter drop; }}\n"
+                 f"  chain out {{ type filter hook output priority 0; tcp dport {{ {ps} }} counter; "
+                 f"tcp dport {{ {ps} }} numgen random mod 100 < {n} counter drop; }}\n}}")
         return self._root(f"if {netem} 2>/dev/null; then echo 'netem loss {percent:g}%'; else "
                           f"nft delete table inet hil 2>/dev/null; echo {shlex.quote(rules)} | nft -f - && "
                           f"echo 'nftables: drop {n}% of packets to and from ports {ps} (no netem)'; fi")
+
+    def loss_stats(self) -> list[str]:
+        """netem's statistics, a line ``@@``, then the nftables loss table with its counters."""
+        return self._root(f"tc -s qdisc show dev {shlex.quote(self.dev.interface)}; echo @@; "
+                          "nft list table inet hil 2>/dev/null; true")
 
     def delay(self, ms: float) -> list[str]:
         return self._sudo("tc", "qdisc", "replace", "dev", self.dev.interface, "root", "netem", "delay",
