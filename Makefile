@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint install clean bench bench-quick soak deps-system deb hil typecheck
+.PHONY: demo test lint install clean bench bench-quick soak deps-system deb hil hil-ci typecheck
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgefleet needs Python 3.11 or newer: run make with PY=python3.11 (or newer)")'
@@ -71,6 +71,12 @@ deb: deps-system
 # Every HIL scenario (root: network namespaces; else plain processes), reports in hil-report/.
 hil: $(STAMP) deps-system
 	$(BIN)/python -m hil run hil/scenarios/*.toml --report hil-report $(HIL_ARGS)
+
+# Every HIL scenario as a test on emulated devices (needs root: namespaces, nftables or netem,
+# tmpfs), each failing unless its faults fired where it says (hil/evidence.py); CI runs it after
+# `make test`. Some two minutes.
+hil-ci: $(STAMP) deps-system
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/hil/every_scenario.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(AGENT_VENV) demo-run .pytest_cache
