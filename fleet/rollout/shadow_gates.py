@@ -5,13 +5,18 @@ Each device's report is a claim (fleet.rollout.evidence): one with negative, inc
 non-finite or implausible figures is refused; a device weighs its samples capped at the
 largest other device's; agreement is the weighted mean of per-device agreement after
 setting aside the ``trim_devices`` highest and lowest; the worst-device gates (abs error,
-cosine) judge the worst device after setting aside the ``trim_devices`` worst."""
+cosine) judge the worst device after setting aside the ``trim_devices`` worst.
+
+Agreement is judged on evidence, not its point estimate: its Wilson bounds on the effective
+sample (fleet.rollout.bounds) pass it, fail it, or leave it undecided (WAIT), and the
+figures carry the effective sample and the devices' spread."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
 
+from fleet.rollout.bounds import CONFIDENCE, samples_to_decide, share_evidence
 from fleet.rollout.evidence import capped_weights, shadow_refusal, trim_count, trimmed_mean
 from fleet.rollout.gates import (
     GateInput,
@@ -89,28 +94,57 @@ def _over(samples: int, devices: int) -> str:
 
 
 def agreement_gate(inp: GateInput) -> GateResult | None:
-    """Share of sampled requests on which the candidate agrees with the serving release."""
+    """Share of sampled requests on which the candidate agrees with the serving release,
+    judged by its Wilson bounds on the effective sample (fleet.rollout.bounds): PASS when
+    the lower bound clears ``min_agreement``, FAIL when the upper bound misses it, else WAIT
+    with the sample the observed share needs to decide."""
     g = inp.gates
     if g.min_agreement is None:
         return None
     reports, samples, devices, figures = _shadow_sample(inp)
     sampled = [f for f in reports if f.samples]
     weights = capped_weights({f.device_id: f.samples for f in sampled})
-    trimmed = trimmed_mean({f.device_id: f.agreed / f.samples for f in sampled}, weights, g.trim_devices)
+    shares = {f.device_id: f.agreed / f.samples for f in sampled}
+    trimmed = trimmed_mean(shares, weights, g.trim_devices)
     agreement = trimmed.value
+    kept = set(trimmed.kept)
+    evidence = share_evidence({d: v for d, v in shares.items() if d in kept},
+                              {f.device_id: f.samples for f in sampled},
+                              {d: float(w) for d, w in weights.items()})
+    lower, upper = evidence.interval()
+    spread = max(shares.values()) - min(shares.values()) if shares else 0.0  # every device's
     figures |= {"agreement": round(agreement, 6), "min_agreement": g.min_agreement,
+                "lower_bound": round(lower, 6), "upper_bound": round(upper, 6),
+                "confidence": CONFIDENCE, "effective_samples": round(evidence.effective, 1),
+                "device_spread": round(spread, 4),
                 "per_device": {f.device_id: round(f.agreed / f.samples, 4) for f in sampled[:20]},
                 **trimmed.figures()}
     common = {"observed": round(agreement, 6), "threshold": g.min_agreement, "figures": figures}
     waiting = _shadow_wait(inp, "min_agreement", "shadow agreement", samples, devices, common)
     if waiting is not None:
         return waiting
-    status, op = (GateStatus.FAIL, "<") if agreement < g.min_agreement else (GateStatus.PASS, ">=")
+    pct = f"{CONFIDENCE:.0%}"
+    effective = f"effective sample {evidence.effective:.0f}, device spread {spread:.2f}"
     errors = f", {figures['errors']} candidate errors" if figures["errors"] else ""
+    if upper < g.min_agreement:
+        status, op, bound = GateStatus.FAIL, "<", f"{pct} upper bound {upper:.3f}"
+    elif lower >= g.min_agreement:
+        status, op, bound = GateStatus.PASS, ">=", f"{pct} lower bound {lower:.3f}"
+    else:
+        design = samples / evidence.effective if evidence.effective > 0 else 1.0
+        need = max(samples + 1, samples_to_decide(agreement, g.min_agreement, design=design))
+        figures["samples_to_decide"] = need
+        return GateResult(
+            "min_agreement", GateStatus.WAIT,
+            f"shadow agreement {agreement:.2f} undecided against {g.min_agreement}: {pct} bounds "
+            f"{lower:.3f}-{upper:.3f} {_over(samples, devices)} ({effective}); about {need} "
+            f"samples decide",
+            sample=samples, min_sample=need, unit="samples", **common,
+        )
     return GateResult(
         "min_agreement", status,
         f"shadow agreement {agreement:.2f} {op} {g.min_agreement} {_over(samples, devices)} "
-        f"(r{inp.target} vs the serving release{errors})",
+        f"(r{inp.target} vs the serving release{errors}; {bound}, {effective})",
         sample=samples, min_sample=max(g.min_shadow_samples, 1), unit="samples", **common,
     )
 

@@ -65,7 +65,7 @@ def test_a_candidate_that_differs_on_live_traffic_is_stopped_in_shadow(rig: Rig)
     assert status["state"] == "rolled_back", status["reason"]
     reason = status["reason"]
     assert reason.startswith("stage shadow: shadow agreement "), reason
-    assert "< 0.95 over" in reason and "on 2 devices (r2 vs the serving release)" in reason, reason
+    assert "< 0.95 over" in reason and "on 2 devices (r2 vs the serving release;" in reason, reason
     assert "(gate min_agreement)" in reason
     # No device switched: none was assigned r2, none activated it, all still serve r1.
     assert {d["status"] for d in status["devices"]} == {"pending"}, status["devices"]

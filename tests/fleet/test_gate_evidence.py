@@ -287,7 +287,9 @@ def test_a_fake_shadow_device_does_not_outvote_real_disagreement() -> None:
 
 
 def test_one_shadow_device_cannot_fail_three() -> None:
-    figures = [shadow("d0"), shadow("d1"), shadow("d2", 200, 0, max_abs_error=9.0)]
+    # 400 samples each: after d2 and one agreeing device are set aside, the one device kept
+    # must carry enough evidence alone (99 % Wilson lower bound 0.987 >= 0.98)
+    figures = [shadow("d0", 400), shadow("d1", 400), shadow("d2", 400, 0, max_abs_error=9.0)]
     d = shadow_run(figures, 3)
     assert d.verdict is Verdict.ADVANCE, d.message
     # two devices with the problem still fail it

@@ -147,7 +147,7 @@ def test_shadow_figures_are_ingested_and_a_disagreeing_candidate_is_stopped(rig:
     assert status["state"] == "rolled_back"
     assert status["reason"].startswith(
         "stage shadow: shadow agreement 0.28 < 0.95 over 80 samples on 2 devices "
-        "(r2 vs the serving release) at ")
+        "(r2 vs the serving release; 99% upper bound 0.403, effective sample 80, device spread 0.05) at ")
     assert status["reason"].endswith("(gate min_agreement)")
     assert {m["status"] for m in status["devices"]} == {"pending"}
     assert next(m for m in status["devices"] if m["device_id"] == "d1")["shadow"]["agreed"] == 10
@@ -174,8 +174,9 @@ def test_pause_takes_the_candidate_back_and_resume_restarts_the_shadow(rig: Rig)
 
 def test_an_agreeing_candidate_passes_then_the_next_stage_switches(rig: Rig) -> None:
     rid = start(rig)
-    rig.health("d1", 3, fig(40, 40))
-    rig.health("d2", 3, fig(40, 40))
+    # 2 x 60 agreeing samples: the 99 % Wilson lower bound (0.957) clears 0.95 (2 x 40 would not)
+    rig.health("d1", 3, fig(60, 60))
+    rig.health("d2", 3, fig(60, 60))
     d = rig.ctrl.tick(rig.at(10))[rid]
     assert d.verdict.value == "wait" and d.message == "stage shadow: bake 9 s of 30 s"
     d = rig.ctrl.tick(rig.at(40))[rid]

@@ -101,7 +101,8 @@ def test_low_agreement_fails_with_its_figures() -> None:
     assert d.verdict is Verdict.FAIL and d.gate == "min_agreement"
     # each device weighs its samples capped at the largest other device's: 200 + 200
     assert d.message == ("stage shadow: shadow agreement 0.40 < 0.98 over 400 samples on 2 devices "
-                         "(r12 vs the serving release)")
+                         "(r12 vs the serving release; 99% upper bound 0.458, effective sample 400, "
+                         "device spread 0.00)")
     g = gate(d, "min_agreement")
     assert (g.observed, g.threshold, g.sample, g.min_sample, g.unit) == (0.4, 0.98, 400, 100, "samples")
     assert g.figures["per_device"] == {"d0": 0.4, "d1": 0.4}
