@@ -65,7 +65,7 @@ from shared.bundle.envelope import Envelope
 from shared.bundle.manifest import FileRef, Manifest, parse_manifest, payload_digest
 from shared.bundle.trust import TrustRoot, VerifiedManifest, check_release_policy
 from shared.errors import EdgefleetError, ExpiredError, HashMismatchError, MalformedDocumentError
-from shared.telemetry.vocabulary import RETRYABLE_REASONS, ReasonCode
+from shared.telemetry.vocabulary import RETRYABLE_REASONS, EventKind, ReasonCode
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,11 @@ class _Drive:
     redownloads: int = 0
     loaded: dict[str, LoadedModel] = field(default_factory=dict)
     record: ModelRecord | None = None
+    # A shadow candidate's record (agent.update.shadow_stage): kept in memory, never gated,
+    # never swapped in nor raising the floor; ``shadow`` serves the loaded candidate beside
+    # the active release, and only the events the fleet counts for a shadow are published.
+    shadow: Callable[[LoadedModel], None] | None = None
+    shadow_note: str = ""
 
 
 class Installer:
@@ -279,6 +284,9 @@ class Installer:
         return rec
 
     def _perform(self, rec: ModelRecord, effect: m.Effect, ctx: _Drive) -> m.Event | None:
+        if ctx.shadow is not None and not isinstance(effect, m.Do):
+            self._perform_shadow(rec, effect, ctx)
+            return None
         if isinstance(effect, m.Persist):
             self.store.save(effect.record)
         elif isinstance(effect, m.Emit):
@@ -295,6 +303,25 @@ class Installer:
             assert isinstance(effect, m.Do)
             return self._work(rec, effect, ctx)
         return None
+
+    def _perform_shadow(self, rec: ModelRecord, effect: m.Effect, ctx: _Drive) -> None:
+        """A shadow candidate's effects: its record stays in memory (ctx.record), it serves
+        beside the active release instead of being swapped in, the floor never moves, and of
+        its events the fleet sees verified, failed and, once it runs, staged."""
+        if isinstance(effect, m.Swap):
+            loaded = ctx.loaded.pop(effect.release.digest)
+            assert ctx.shadow is not None
+            ctx.shadow(loaded)
+        elif isinstance(effect, m.Emit):
+            message = {
+                EventKind.VERIFIED: f"shadow candidate, {effect.message}",
+                EventKind.FAILED: f"shadow: {effect.message}",
+                EventKind.ACTIVATED: ctx.shadow_note,
+            }.get(effect.kind)
+            if message is not None:
+                kind = EventKind.STAGED if effect.kind == EventKind.ACTIVATED else effect.kind
+                self.emit(rec.name, str(kind), effect.release, effect.from_release,
+                          None if effect.reason is None else str(effect.reason), message)
 
     def _work(self, rec: ModelRecord, do: m.Do, ctx: _Drive) -> m.Event | None:
         work = do.work
@@ -403,6 +430,8 @@ class Installer:
         ]
         if vm is None or damaged:
             what = "its envelope is missing" if vm is None else f"{len(damaged)} file(s) missing or damaged"
+            if ctx.shadow is not None:  # a candidate is staged again at the next pull
+                raise HashMismatchError(f"{rec.name} r{target.release}: {what} right after download")
             if ctx.redownloads > 0:
                 raise DownloadError(f"{rec.name} r{target.release}: {what} right after download")
             ctx.redownloads += 1
@@ -412,7 +441,7 @@ class Installer:
 
     def _await_activation(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
         """AWAIT_ACTIVATION: a fleet release waits for its window and for update locks."""
-        if ctx.trial and (message := self._activation_wait_message(rec)) is not None:
+        if ctx.trial and ctx.shadow is None and (message := self._activation_wait_message(rec)) is not None:
             return m.Waiting(message)  # staged; activated at the first allowed moment
         return m.ActivationAllowed()
 
@@ -534,6 +563,17 @@ class Installer:
             rec = self._drive(rec, m.NewTarget(target), _Drive(source, trial=trial, verified=vm))
             self.gc()
             return rec
+
+    def stage_shadow(self, rec: ModelRecord, target: Target, *,
+                     serve: Callable[[LoadedModel], None], note: str) -> ModelRecord:
+        """Run a shadow candidate's own record (active: the serving release) through the
+        machine up to TRIAL, where ``serve`` runs it beside the serving release; raise the
+        refusal (recorded as the candidate's ``failed`` event) like ``install_file``."""
+        if self.fetcher is None:
+            raise DownloadError("no fleet connection to fetch the shadow candidate")
+        with self._lock:
+            ctx = _Drive(FleetSource(self.fetcher, target), shadow=serve, shadow_note=note)
+            return self._drive(rec, m.NewTarget(target), ctx)
 
     def _waiting(self, rec: ModelRecord, target: Target) -> ModelRecord | None:
         """On a metered link outside its window: note why in the record's message (shown by

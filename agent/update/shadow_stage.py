@@ -1,7 +1,8 @@
 """Staging a candidate release for shadow evaluation (docs/rollouts.md "Shadow stages").
 
 The fleet's desired state may name, per model, a candidate to run *beside* the serving
-release. The candidate goes through the same checks as an update — envelope verified
+release. The candidate is a second record in the same update machine (agent.update.machine,
+run by ``Installer.stage_shadow``): it goes through the same steps and checks as an update — envelope verified
 before any big byte (signatures, scope, expiry, agent version, anti-rollback), files
 fetched length-capped and hash-checked, re-hashed in place, loaded in a new session and
 smoke-tested on its golden vectors — but it never becomes active: the model's record, its
@@ -9,6 +10,9 @@ state and the anti-rollback floor are left alone, and the active release keeps s
 ``agent.runtime.shadow.ShadowRunner`` then runs it on a sample of live requests.
 
 Rules:
+- the candidate's record lives in memory (``ShadowStager.records``); its effects never
+  swap it in nor raise the floor, and of its events the fleet sees ``verified``, ``failed``
+  and, once it runs beside the serving release, ``staged``;
 - nothing persisted but the verified envelope and blobs (kept by the garbage collection
   while the candidate is shadowed); after a restart the next desired-state pull stages it
   again, reusing the placed files;
@@ -27,13 +31,13 @@ import time
 
 import msgspec
 
+from agent.runtime.host import LoadedModel
 from agent.runtime.shadow import ShadowPolicy, ShadowRunner
 from agent.update import lifecycle as lc
 from agent.update.fetch import Cancelled
 from agent.update.installer import RETRYABLE, Installer, _reason
-from agent.update.lifecycle import Target
-from agent.update.sources import FleetSource
-from shared.errors import EdgefleetError, HashMismatchError
+from agent.update.lifecycle import ModelRecord, ReleaseRef, Target
+from shared.errors import EdgefleetError
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +52,12 @@ class ShadowStager:
         self.installer = installer
         # digest -> (reason, when): refusals, so a bad candidate is not fetched at every poll
         self._failed: dict[str, tuple[str, float]] = {}
+        # model -> the candidate's own record in the update machine (in memory, never persisted)
+        self.records: dict[str, ModelRecord] = {}
 
     def sync(self, wanted: dict[str, ShadowTarget]) -> None:
         """Make the shadowed candidates those of ``wanted`` (model -> candidate)."""
         inst = self.installer
-        host = inst.host
         for name in list(inst.shadow_refs):
             if name not in wanted:
                 self.drop(name, "the fleet no longer asks for it")
@@ -61,13 +66,13 @@ class ShadowStager:
                 self.apply(name, want)
             except Exception:
                 log.exception("model=%s: staging shadow r%s failed", name, want.target.release)
-                inst.shadow_refs.pop(name, None)
-                host.clear_shadow(name)
+                self._forget(name)
 
     def drop(self, name: str, why: str) -> None:
         inst = self.installer
         ref = inst.shadow_refs.pop(name, None)
         runner = inst.host.clear_shadow(name)
+        self.records.pop(name, None)
         if ref is not None or runner is not None:
             log.info("model=%s: shadow r%s stopped: %s", name, ref.release if ref else "?", why)
             inst.gc()
@@ -98,49 +103,32 @@ class ShadowStager:
                 return
         if inst.fetcher is None or inst.fetcher.waiting_reason() is not None:
             return  # no fleet, or a metered link outside its window: try at a later pull
-        self._stage(name, target, want.policy, active.release)
+        self._stage(name, target, want.policy, active)
 
-    def _stage(self, name: str, target: Target, policy: ShadowPolicy, from_release: int) -> None:
+    def _stage(self, name: str, target: Target, policy: ShadowPolicy, active: ReleaseRef) -> None:
+        """Run the candidate's own record through the update machine (agent.update.machine):
+        the same verify -> fetch -> re-check -> smoke steps, kept in memory, served beside
+        ``active`` instead of replacing it."""
         inst = self.installer
-        assert inst.fetcher is not None
-        source = FleetSource(inst.fetcher, target)
-        with inst._lock:
-            inst.shadow_refs[name] = target  # the gc keeps its files from now on
-            try:
-                vm = inst._verify(name, target.digest, source.envelope())
-                inst.blobs.save_envelope(name, vm.manifest.release, vm.digest, vm.envelope)
-                inst.emit(name, "verified", target.release, from_release, None,
-                          f"shadow candidate, signed by delegation {vm.delegation}")
-                inst.blobs.ensure_dirs()
-                files = list(vm.manifest.files.values())
-                inst.check_space(files)
-                source.fetch_blobs(vm, inst.blobs)
-                damaged = [ref for ref in files if not inst.blobs.verify_placed(ref)]
-                if damaged:
-                    raise HashMismatchError(
-                        f"{name} r{target.release}: {len(damaged)} file(s) damaged right after download")
-                loaded = inst._load(vm.manifest, vm.digest)
-                inst.smoke_test(loaded)
-            except Cancelled:  # stopping, or the metered window ended
-                inst.shadow_refs.pop(name, None)
-                inst.host.clear_shadow(name)
-                return
-            except EdgefleetError as exc:
-                inst.shadow_refs.pop(name, None)
-                inst.host.clear_shadow(name)
-                reason = _reason(exc)
-                self._failed[target.digest] = (reason, time.time())
-                log.warning("model=%s shadow r%s refused: %s: %s", name, target.release, reason, exc)
-                inst.emit(name, "failed", target.release, from_release, reason, f"shadow: {exc}")
-                return
-            except OSError as exc:
-                inst.shadow_refs.pop(name, None)
-                inst.host.clear_shadow(name)
-                self._failed[target.digest] = ("download", time.time())
-                inst.emit(name, "failed", target.release, from_release, "download",
-                          f"shadow: I/O error while staging: {exc}")
-                return
-        inst.host.set_shadow(name, ShadowRunner(loaded, policy))
-        inst.emit(name, "staged", target.release, from_release, None,
-                  f"shadow: r{target.release} runs beside r{from_release} on "
-                  f"{policy.sample_rate:g} of requests (CPU budget {policy.max_busy_fraction:g})")
+        note = (f"shadow: r{target.release} runs beside r{active.release} on "
+                f"{policy.sample_rate:g} of requests (CPU budget {policy.max_busy_fraction:g})")
+
+        def serve(loaded: LoadedModel) -> None:
+            inst.host.set_shadow(name, ShadowRunner(loaded, policy))
+
+        inst.shadow_refs[name] = target  # the gc keeps its files from now on
+        try:
+            self.records[name] = inst.stage_shadow(
+                ModelRecord(name=name, active=active), target, serve=serve, note=note)
+        except Cancelled:  # stopping, or the metered window ended
+            self._forget(name)
+        except EdgefleetError as exc:  # the machine emitted the candidate's failed event
+            self._forget(name)
+            reason = _reason(exc)
+            self._failed[target.digest] = (reason, time.time())
+            log.warning("model=%s shadow r%s refused: %s: %s", name, target.release, reason, exc)
+
+    def _forget(self, name: str) -> None:
+        self.installer.shadow_refs.pop(name, None)
+        self.installer.host.clear_shadow(name)
+        self.records.pop(name, None)
