@@ -8,6 +8,7 @@ per-device credentials and ACLs.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import socket
@@ -38,6 +39,34 @@ def _check_port_free(host: str, port: int) -> None:
             raise BrokerStartError(f"cannot start the embedded MQTT broker on {host}:{port}: {exc}") from None
 
 
+# True while the broker answers a SUBSCRIBE: the only time a retained message is due
+_SUBSCRIBING: contextvars.ContextVar[bool] = contextvars.ContextVar("subscribing", default=False)
+
+
+def _broker_class() -> type:
+    """amqtt's Broker with its retained-message delivery made MQTT's (and Mosquitto's).
+
+    amqtt 0.12 sends, to every client that connects, the retained messages matching any
+    filter any client holds (a device subscribed only to its own topics got every retained
+    ``/desired``), and again on each later connect. Retained messages are due once, when a
+    client subscribes, and only those its new filter matches."""
+    from amqtt.broker import Broker
+
+    class FilteredRetainBroker(Broker):  # type: ignore[misc]
+        async def _handle_subscription(self, *args: Any, **kwargs: Any) -> None:
+            token = _SUBSCRIBING.set(True)
+            try:
+                await super()._handle_subscription(*args, **kwargs)
+            finally:
+                _SUBSCRIBING.reset(token)
+
+        async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
+            if _SUBSCRIBING.get():
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return FilteredRetainBroker
+
+
 class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
         self.host = host
@@ -61,7 +90,7 @@ class EmbeddedBroker:
         if self._thread is not None:
             raise BrokerStartError("the embedded broker is already running")
         _check_port_free(self.host, self.port)
-        from amqtt.broker import Broker
+        Broker = _broker_class()
 
         loop = asyncio.new_event_loop()
         started: Future[None] = Future()
