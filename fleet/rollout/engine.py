@@ -94,6 +94,11 @@ class TransitionError(EdgefleetError):
 
 
 STAGE_MODES = ("switch", "shadow")
+# A stage's default deadline: its bake time plus this many silent_after_s (15 min by default):
+# a device that is heard from but never gets there (a download that never ends, a hostile
+# device reporting progress forever) holds the stage no longer than that.
+DEADLINE_SILENCES = 3
+WINDOW_WAIT_S = 86_400.0
 ON_INCONCLUSIVE = ("pause", "extend", "fail")
 
 
@@ -110,6 +115,10 @@ class StageSpec(msgspec.Struct, forbid_unknown_fields=True):
     # the device's shadow worker (fraction of wall time)
     shadow_sample_rate: float = 0.1
     shadow_max_busy_fraction: float = 0.25
+    # By then every device reached the target (or a gate counts it) or the stage fails, naming
+    # the devices it still waits for (fleet.rollout.stalls). None: bake_seconds plus
+    # DEADLINE_SILENCES times the rollout's silent_after_s (see stage_deadline).
+    deadline_seconds: float | None = None
 
 
 class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -129,6 +138,16 @@ class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True):
 
     def gates_of(self, stage_index: int) -> Gates:
         return self.stages[stage_index].gates or self.gates
+
+    def stage_deadline(self, stage_index: int, *, window_wait: bool = False) -> float:
+        """Seconds from a stage's start by which its devices must have reached the target;
+        ``window_wait``: a device waits for its activation window or an update lock, which
+        adds a day to the default (a daily window comes round once in that time)."""
+        stage = self.stages[stage_index]
+        if stage.deadline_seconds is not None:
+            return stage.deadline_seconds
+        wait = WINDOW_WAIT_S if window_wait else 0.0
+        return stage.bake_seconds + DEADLINE_SILENCES * self.silent_after_s + wait
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -198,6 +217,12 @@ def validate_spec(spec: RolloutSpec) -> RolloutSpec:
                     f"stage {stage.name!r} runs in shadow: set min_agreement, max_abs_error or "
                     "min_cosine (a shadow stage without a shadow gate proves nothing)",
                 )
+        deadline = stage.deadline_seconds
+        if deadline is not None and (deadline <= 0 or deadline < stage.bake_seconds):
+            raise SpecError(
+                f"{where}.deadline_seconds",
+                f"{deadline:g} must be > 0 and at least the stage's bake_seconds ({stage.bake_seconds:g})",
+            )
         for name in ("shadow_sample_rate", "shadow_max_busy_fraction"):
             value = getattr(stage, name)
             if not 0 < value <= 1:
