@@ -76,6 +76,7 @@ import msgspec
 from agent.errors import ConfigError
 from agent.telemetry.connection import PROTOCOLS as MQTT_PROTOCOLS
 from agent.update.window import UpdateWindow
+from shared.mqtturl import BadMqttUrl, parse_mqtt_url
 from shared.telemetry.messages import ENCODINGS
 from shared.telemetry.topics import DEVICE_ID_RE
 
@@ -273,6 +274,22 @@ def _check_http_url(key: str, value: str, schemes: tuple[str, ...]) -> str:
     return value.rstrip("/")
 
 
+def _check_mqtt_url(value: str) -> str:
+    """``value`` on the broker URL grammar of shared.mqtturl (the fleet reads the same)."""
+    try:
+        parse_mqtt_url(value)
+    except BadMqttUrl as exc:
+        raise ConfigError(f"mqtt.url = {value!r} {exc.problem}") from None
+    return value.rstrip("/")
+
+
+def _is_tls_url(value: str) -> bool:
+    try:
+        return parse_mqtt_url(value).tls
+    except BadMqttUrl:
+        return False  # refused with its reason by _check_mqtt_url
+
+
 def _check_listen(value: str) -> str:
     if value == "":
         return value
@@ -299,7 +316,7 @@ def _fleet_certificate(value: str, mqtt: dict[str, Any], has_fleet: bool) -> boo
         if mqtt.get(key):
             raise ConfigError(f'mqtt.{key} and mqtt.certificate = "fleet" exclude each other')
     url = mqtt.get("url")
-    if url and not str(url).startswith("mqtts:"):
+    if url and not _is_tls_url(str(url)):
         raise ConfigError(f'mqtt.certificate = "fleet" needs a TLS URL, but mqtt.url = {url!r}')
     return True
 
@@ -351,7 +368,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
             return file
 
         mqtt = MqttConfig(
-            url=None if not url else _check_http_url("mqtt.url", url, ("mqtt", "mqtts")),
+            url=None if not url else _check_mqtt_url(url),
             health_interval_s=t.positive("health_interval_s", float, 60.0),
             keepalive_s=t.positive("keepalive_s", int, 300),
             spool_max_bytes=t.positive("spool_max_bytes", int, 8 * 1024 * 1024),
@@ -368,7 +385,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
                               + ", ".join(f'"{p}"' for p in MQTT_PROTOCOLS))
         if mqtt.key_file is not None and mqtt.cert_file is None:
             raise ConfigError(f"mqtt.key_file = {str(mqtt.key_file)!r} needs mqtt.cert_file")
-        if mqtt.url and not mqtt.url.startswith("mqtts:"):
+        if mqtt.url and not parse_mqtt_url(mqtt.url).tls:
             for key in ("ca_file", "cert_file", "key_file", "tls_insecure"):
                 if t.data.get(key):
                     raise ConfigError(f"mqtt.{key} = {t.data[key]!r} needs a TLS URL, but "

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import unquote, urlsplit
 
 import msgspec
+
+from shared.mqtturl import MqttUrl
+from shared.mqtturl import parse_mqtt_url as parse_mqtt_url  # re-exported: the reporter, tests
 
 if TYPE_CHECKING:  # ssl (~4.5 MB) loads when TLS or a connection error needs it, not with the
     import ssl  # config, which imports this module for PROTOCOLS
@@ -26,17 +28,8 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 UNSUPPORTED_PROTOCOL_VERSION = 0x84
 
 
-class BrokerAddress(msgspec.Struct, frozen=True):
-    host: str
-    port: int
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-
-    @property
-    def url(self) -> str:
-        """The URL without credentials, for logs."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+# the broker's address and login, as shared.mqtturl reads it (one grammar with the fleet's)
+BrokerAddress = MqttUrl
 
 
 class TlsOptions(msgspec.Struct, frozen=True):
@@ -56,20 +49,6 @@ class TlsOptions(msgspec.Struct, frozen=True):
         if self.insecure:
             ctx.check_hostname = False
         return ctx
-
-
-def parse_mqtt_url(url: str) -> BrokerAddress:
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ValueError(f"MQTT URL {url!r} must be mqtt://host[:port] or mqtts://host[:port]")
-    tls = parts.scheme == "mqtts"
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ValueError(f"MQTT URL {url!r} has a bad port") from None
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
-    return BrokerAddress(parts.hostname, port, tls, user, password)
 
 
 def describe_connect_error(exc: BaseException | None, address: BrokerAddress,

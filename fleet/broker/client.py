@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 
+from shared import mqtturl
 from shared.errors import MalformedDocumentError
 
 if TYPE_CHECKING:
@@ -42,18 +42,9 @@ class MqttTarget:
 
 
 def parse_mqtt_url(url: str) -> MqttTarget:
-    """``mqtt://[user:pass@]host[:1883]`` or ``mqtts://host[:8883]``."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-        raise MalformedDocumentError(f"MQTT URL {url!r} must look like mqtt://host:port")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise MalformedDocumentError(f"MQTT URL {url!r} has an invalid port") from None
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
-    return MqttTarget(parts.hostname, port, tls, user, password)
+    """The target of a broker URL (the grammar of ``shared.mqtturl``, shared with the agent)."""
+    u = mqtturl.parse_mqtt_url(url)
+    return MqttTarget(u.host, u.port, u.tls, u.username, u.password)
 
 
 def target_from_settings(settings: Settings, url: str) -> MqttTarget:
