@@ -1,4 +1,5 @@
-"""When a staged release may be activated: inside its activation window, with no update lock.
+"""When a staged release may be activated (inside its activation window, with no update lock),
+and whether a release on trial is committed or rolled back (``judge_trial``, pure).
 
 Rules:
 - download, verification and staging happen at any time (a metered link has its own
@@ -15,11 +16,14 @@ the ``waiting`` field of health telemetry. Pure but for the clock and the lock t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from agent.update.locks import LockTable
 from agent.update.window import UpdateWindow
+from shared.telemetry.vocabulary import ReasonCode
 
 
 class ActivationGate:
@@ -75,3 +79,89 @@ class ActivationGate:
             now = self.locks.clock()
             times.extend(x.remaining(now) for x in self.locks.held())
         return min(times) if times else None
+
+
+# -- the trial's judgement ---------------------------------------------------------------------
+#
+# When a release's trial time is up the device judges it on its own figures, with or without
+# the fleet: its error rate against ``trial_max_error_rate`` (``trial_errors``), then its p95
+# latency against the previous release's on this same device (``trial_latency``). Latency is
+# judged on evidence, as the fleet's gates are: distribution-free bounds on each p95 from the
+# order statistics of the recorded latencies, one-sided at 99 % (TRIAL_CONFIDENCE_Z); the release
+# fails only when the *lower* bound of its p95 passes ``max_latency_ratio`` times the *upper*
+# bound of the previous release's, and with at least ``min_latency_samples`` on each side.
+# A trial without the previous release's latencies (a first install, a restart in trial) is
+# not judged on latency.
+
+TRIAL_CONFIDENCE_Z = 2.326  # one-sided 99 %
+TRIAL_QUANTILE = 0.95
+
+
+@dataclass(frozen=True)
+class TrialLimits:
+    max_error_rate: float = 0.5
+    min_inferences: int = 0
+    max_latency_ratio: float | None = 2.0  # None: latency is not judged
+    min_latency_samples: int = 20
+
+
+@dataclass(frozen=True)
+class TrialFigures:
+    """What the device measured: the trial's counts and latencies (seconds) and the
+    previous release's latencies just before the switch."""
+
+    inferences: int
+    errors: int
+    latencies: Sequence[float] = ()
+    previous_latencies: Sequence[float] = ()
+
+
+@dataclass(frozen=True)
+class TrialJudgement:
+    """``reason`` None: commit; else the reason code the trial rolls back with."""
+
+    reason: ReasonCode | None
+    message: str
+
+
+def quantile_bounds(values: Sequence[float], q: float = TRIAL_QUANTILE,
+                    z: float = TRIAL_CONFIDENCE_Z) -> tuple[float, float]:
+    """(lower, upper) distribution-free bounds of the ``q`` quantile: order statistics whose
+    ranks are the binomial count's normal bounds (clamped to the smallest and largest value)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    centre, spread = n * q, z * math.sqrt(n * q * (1 - q))
+    lo = min(n - 1, max(0, math.floor(centre - spread) - 1))
+    hi = min(n - 1, max(0, math.ceil(centre + spread) - 1))
+    return ordered[lo], ordered[hi]
+
+
+def judge_trial(f: TrialFigures, limits: TrialLimits) -> TrialJudgement:
+    """Commit, or roll back with ``trial_errors`` or ``trial_latency``; the message carries
+    the figures either way."""
+    rate = f.errors / f.inferences if f.inferences else 0.0
+    errors = f"error rate {rate:.3f} ({f.errors}/{f.inferences} inferences), bound {limits.max_error_rate}"
+    if f.inferences >= limits.min_inferences and f.inferences > 0 and rate > limits.max_error_rate:
+        return TrialJudgement(ReasonCode.TRIAL_ERRORS, errors)
+    ratio = limits.max_latency_ratio
+    n_new, n_old = len(f.latencies), len(f.previous_latencies)
+    if ratio is None:
+        return TrialJudgement(None, errors)
+    if min(n_new, n_old) < max(limits.min_latency_samples, 1):
+        return TrialJudgement(None, f"{errors}; latency not judged ({n_new} trial and {n_old} previous "
+                                    f"samples, needs {limits.min_latency_samples} each)")
+    new_p95 = _p95_ms(f.latencies)
+    old_p95 = _p95_ms(f.previous_latencies)
+    new_low, _ = quantile_bounds(f.latencies)
+    _, old_high = quantile_bounds(f.previous_latencies)
+    latency = (f"p95 {new_p95:.2f} ms vs {old_p95:.2f} ms on the previous release "
+               f"(99% bounds: trial >= {new_low * 1000:.2f} ms, previous <= {old_high * 1000:.2f} ms; "
+               f"{n_new} and {n_old} samples), bound x{ratio:g}")
+    if new_low > ratio * old_high:
+        return TrialJudgement(ReasonCode.TRIAL_LATENCY, latency)
+    return TrialJudgement(None, f"{errors}; {latency}")
+
+
+def _p95_ms(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(TRIAL_QUANTILE * len(ordered)) - 1)] * 1000.0

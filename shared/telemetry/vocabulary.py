@@ -54,6 +54,7 @@ class ReasonCode(StrEnum):
     LOAD = "load"  # the runtime could not load the model
     SMOKE_TEST = "smoke_test"  # golden vectors did not match
     TRIAL_ERRORS = "trial_errors"  # error rate during the trial window past the local bound
+    TRIAL_LATENCY = "trial_latency"  # p95 in trial past the local bound x the previous release's
     RUNTIME_CRASH = "runtime_crash"  # the process died while the release was on trial
     SUPERSEDED = "superseded"  # the fleet asked for another release mid-update
 
