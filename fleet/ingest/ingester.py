@@ -62,13 +62,14 @@ from fleet.ingest.claims_store import ClaimRow, Tally
 from fleet.ingest.rollup import Window, add_windows
 from shared.errors import EdgefleetError
 from shared.telemetry import messages, topics
+from shared.telemetry.vocabulary import EventKind
 
 log = logging.getLogger(__name__)
 
 KINDS = ("status", "health", "event")
 # Events that say which release a device now serves (after a local rollback: the one it
 # went back to, ``release``; the release it left is ``from_release``).
-SERVING_KINDS = frozenset({"activated", "committed", "rolled_back"})
+SERVING_KINDS = frozenset({EventKind.ACTIVATED, EventKind.COMMITTED, EventKind.ROLLED_BACK})
 # Per model in ``Device.models``: the seq and ts of the latest event applied (an Event message or
 # a health message's ``last_event``); older or repeated events never move the serving state back.
 EVENT_MARK = ("event_seq", "event_ts")

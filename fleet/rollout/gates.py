@@ -34,7 +34,7 @@ from fleet.rollout.evidence import (
     trimmed_mean,
 )
 from shared.errors import EdgefleetError
-from shared.telemetry.vocabulary import EventKind, UpdateState
+from shared.telemetry.vocabulary import EventKind, ReasonCode, UpdateState
 
 
 class SpecError(EdgefleetError):
@@ -229,13 +229,13 @@ class DeviceProgress:
 def is_local_rollback(e: InstallEvent, target: int) -> bool:
     """The agent reports a rollback with ``release`` = what it serves again and
     ``from_release`` = the release it left."""
-    if e.kind != "rolled_back":
+    if e.kind != EventKind.ROLLED_BACK:
         return False
     return e.from_release == target if e.from_release is not None else e.release == target
 
 
 def is_install_failure(e: InstallEvent, target: int) -> bool:
-    return e.kind == "failed" and e.release == target and e.reason != "superseded"
+    return e.kind == EventKind.FAILED and e.release == target and e.reason != ReasonCode.SUPERSEDED
 
 
 def device_progress(
@@ -252,7 +252,7 @@ def device_progress(
         if is_local_rollback(e, target):
             progress, reason = Progress.ROLLED_BACK, e.reason
             detail = f"rolled back to r{e.release}" + (f" ({e.reason})" if e.reason else "")
-        elif e.release == target and e.kind in _EVENT_PROGRESS and e.reason != "superseded":
+        elif e.release == target and e.kind in _EVENT_PROGRESS and e.reason != ReasonCode.SUPERSEDED:
             progress = _EVENT_PROGRESS[e.kind]
             reason = e.reason if progress is Progress.FAILED else None
             detail = f"failed ({e.reason})" if progress is Progress.FAILED else ""
@@ -630,8 +630,9 @@ def _count_gate(
 # Failures the agent retries by itself (after its Fetcher's own attempts) with nothing wrong
 # in the release: once the device got past them (verified the files, or further) they no
 # longer count. Any other failure counts for good.
-RETRIED_REASONS = frozenset({"download", "disk_full"})
-_PAST_DOWNLOAD = frozenset({"verified", "staged", "smoke_passed", "activated", "committed"})
+RETRIED_REASONS = frozenset({ReasonCode.DOWNLOAD, ReasonCode.DISK_FULL})
+_PAST_DOWNLOAD = frozenset({EventKind.VERIFIED, EventKind.STAGED, EventKind.SMOKE_PASSED,
+                            EventKind.ACTIVATED, EventKind.COMMITTED})
 
 
 def install_failures_gate(inp: GateInput) -> GateResult | None:
