@@ -71,6 +71,12 @@ def validate_inputs(manifest: Manifest, inputs: Mapping[str, np.ndarray]) -> dic
                     f"(shape {spec.shape})"
                 )
         out[spec.name] = arr
+    for name, value in (manifest.fixed_inputs or {}).items():
+        if out[name] != value:
+            raise InputError(
+                f"input {name!r} is {out[name].item()!r}; release {manifest.release} of "
+                f"{manifest.name} was built for {name} = {value!r} only (--fix-input)"
+            )
     return out
 
 

@@ -146,5 +146,5 @@ class LiteRtBackend:
             slots.append(_Slot(it))
         check_signature(manifest, list(slots[0].inputs), list(slots[0].outputs), "LiteRT")
         session = LiteRtSession(slots, [s.name for s in manifest.outputs])
-        warm_up(session, manifest)
+        warm_up(session, manifest, model_path)
         return session

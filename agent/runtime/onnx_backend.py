@@ -65,5 +65,5 @@ class OnnxBackend:
         check_signature(manifest, [i.name for i in session.get_inputs()],
                         [o.name for o in session.get_outputs()], "onnxruntime")
         wrapped = OnnxSession(session, [s.name for s in manifest.outputs])
-        warm_up(wrapped, manifest)
+        warm_up(wrapped, manifest, model_path)
         return wrapped

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fleet.bundles.quantize import MODES, Sample, check_bound, compare, quantize
+from fleet.bundles.quantize import MODES, QuantizationError, Sample, check_bound, compare, quantize
 from fleet.bundles.runners import open_model, tflite_quantization
+from fleet.bundles.specialise import fixed_arrays, specialise
 from shared.bundle.archive import write_bundle
 from shared.bundle.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_MIN_CHUNKED_FILE, choose_chunk_size, hash_chunks
 from shared.bundle.keyring import Keyring, sign_manifest
@@ -25,6 +27,8 @@ from shared.bundle.manifest import SCHEMA, FileRef, Manifest, Quantization, Tens
 from shared.bundle.trust import TrustRoot, VerifiedManifest
 from shared.errors import MalformedDocumentError
 from shared.timeutil import format_ts, in_days, utcnow
+
+log = logging.getLogger(__name__)
 
 ONNX_MEDIA_TYPE = "application/vnd.onnx"
 TFLITE_MEDIA_TYPE = "application/vnd.tflite"
@@ -105,6 +109,7 @@ def build_bundle(
     validation: list[Sample] | None = None,
     max_error: float = 0.05,
     min_argmax_agreement: float | None = None,
+    fixed_inputs: dict[str, str] | None = None,
     signing_keys: list[Ed25519PrivateKey] | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-3,
@@ -120,6 +125,9 @@ def build_bundle(
     With ``quantization`` "dynamic" or "static" the bundled model is the int8 one, measured
     against the float model on ``validation`` (else ``calibration``, else the golden inputs);
     past ``max_error`` (relative L2 error) the build refuses with AccuracyBoundError.
+    ``fixed_inputs`` (name -> value of a scalar input, ``--fix-input sr=16000``) specialises
+    an ONNX graph on those values (fleet.bundles.specialise) before quantizing; the manifest
+    records them and the device refuses other values.
     ``signing_keys`` picks a delegation's keys (default: the keyring's "online" ones).
     A model file of at least ``chunk_min_bytes`` lists the SHA-256 of its ``chunk_size`` chunks
     so that devices fetch only the chunks they lack; ``chunk_size=None`` leaves chunks out
@@ -144,29 +152,66 @@ def build_bundle(
 
     calibration = [cast(x, "calibration samples") for x in calibration or []]
     validation = [cast(x, "validation samples") for x in validation or []]
+    if quantization == "static" and not calibration:
+        raise QuantizationError("static quantization needs a calibration set (--calibration FILE.npz)")
+    fixed = fixed_arrays(fixed_inputs, inputs) if fixed_inputs else {}
+    if fixed and float_runner.runtime == "litert":
+        raise MalformedDocumentError(
+            "--fix-input specialises ONNX graphs; TFLite models are taken as converted"
+        )
     if golden_inputs is not None:
         feeds = cast(golden_inputs, "golden inputs")
     elif validation:
         feeds = validation[0]
+    elif calibration:
+        feeds = calibration[0]
     else:
-        feeds = sample_inputs(inputs)
+        feeds = {**sample_inputs(inputs), **fixed}
+        try:
+            float_runner.run(feeds)
+        except Exception as exc:
+            made = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+            raise MalformedDocumentError(
+                f"the model fails on inputs made from its signature ({made}; dynamic axes set to "
+                f"4 for the first, 1 after): {exc}. Give inputs it accepts with --golden FILE.npz "
+                "(one feed keyed by input name) or --validation FILE.npz"
+            ) from None
+    for what, group in (("golden inputs", [feeds]), ("calibration samples", calibration),
+                        ("validation samples", validation)):
+        for sample in group:
+            for fixed_name, value in fixed.items():
+                if not np.array_equal(sample[fixed_name], value):
+                    raise MalformedDocumentError(
+                        f"{what}: input {fixed_name!r} is {np.asarray(sample[fixed_name]).tolist()!r} "
+                        "but the build "
+                        f"fixes it to {value.item()!r} (--fix-input); give samples at that value"
+                    )
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         tmpdir = Path(tmp)
         quant = (
             tflite_quantization(model_path) if float_runner.runtime == "litert" else Quantization(mode="none")
         )
+        source_path = model_path
+        if fixed:
+            specialised = tmpdir / "model.fixed.onnx"
+            folded = specialise(model_path, specialised, fixed)
+            log.info("specialised on %s: %s", fixed_inputs, folded)
+            model_path = specialised
+            float_runner = open_model(model_path)
         runner = float_runner
         if quantization != "none":
             int8_path = tmpdir / "model.int8.onnx"
             quantize(model_path, int8_path, quantization, calibration)
             agreement = compare(
-                model_path, int8_path, validation or calibration or [feeds],
+                source_path, int8_path, validation or calibration or [feeds],
                 class_scores=_class_score_output(outputs),
             )
             check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement)
             figures = agreement.as_manifest()
-            figures["size_ratio"] = int8_path.stat().st_size / model_path.stat().st_size
+            for out_name, per in agreement.per_output.items():
+                figures.update({f"output.{out_name}.{k}": v for k, v in per.as_manifest().items()})
+            figures["size_ratio"] = int8_path.stat().st_size / source_path.stat().st_size
             quant = Quantization(mode=quantization, weight_dtype="int8", agreement=figures)
             model_path = int8_path
             runner = open_model(model_path)
@@ -205,6 +250,7 @@ def build_bundle(
             files=files,
             golden_tolerance=Tolerance(atol=atol, rtol=rtol),
             description=description,
+            fixed_inputs={k: v.item() for k, v in fixed.items()} or None,
         ).validate()
         envelope = sign_manifest(manifest, signing_keys or keyring.signing_keys)
         write_bundle(Path(out), envelope, {files[r].sha256: p for r, p in paths.items()})

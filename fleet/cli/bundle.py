@@ -134,6 +134,7 @@ def build(args: argparse.Namespace) -> int:
         raise CliError("--quantize static needs --calibration FILE.npz (representative inputs)")
     from fleet.bundles.quantize import load_samples
     from fleet.bundles.runners import open_model
+    from fleet.bundles.specialise import parse_fixed_inputs
 
     inputs = open_model(model).inputs if (args.calibration or args.validation) else []
     calibration = load_samples(Path(args.calibration), inputs, "calibration") if args.calibration else None
@@ -153,6 +154,7 @@ def build(args: argparse.Namespace) -> int:
         validation=validation,
         signing_keys=signing,
         max_error=args.max_error,
+        fixed_inputs=parse_fixed_inputs(args.fix_input) if args.fix_input else None,
         atol=args.atol,
         rtol=args.rtol,
         expires_days=args.expires_days,
@@ -167,6 +169,13 @@ def build(args: argparse.Namespace) -> int:
     print(f"  size     {human_size(out.stat().st_size)} ({out.stat().st_size} bytes)")
     if m.quantization.mode != "none":
         print(f"  quant    {m.quantization.mode} {m.quantization.weight_dtype or ''}".rstrip())
+        figures = m.quantization.agreement
+        if "rel_l2_error" in figures:
+            print(f"  accuracy worst relative error {figures['rel_l2_error']:.4f} "
+                  f"(bound {args.max_error:g}), "
+                  f"size {figures.get('size_ratio', 1.0):.0%} of the float model")
+    if m.fixed_inputs:
+        print("  fixed    " + ", ".join(f"{k}={v}" for k, v in m.fixed_inputs.items()))
     print(f"  expires  {m.expires}")
     return 0
 

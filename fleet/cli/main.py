@@ -260,7 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "  edgefleet bundle build model.onnx --name detector --version 1.2.0 \\\n"
                     "      --keys ./keys -o detector.bundle\n"
                     "  edgefleet bundle build model.onnx --name detector --version 1.3.0 --release 13 \\\n"
-                    "      --golden golden.npz --atol 1e-3 --quantize dynamic --keys ./keys -o d13.bundle\n")
+                    "      --golden golden.npz --atol 1e-3 --quantize dynamic --keys ./keys -o d13.bundle\n"
+                    "  edgefleet bundle build silero_vad.onnx --name vad --version 6.2.3 \\\n"
+                    "      --validation vad.npz --quantize dynamic --fix-input sr=16000 \\\n"
+                    "      --keys ./keys -o vad.bundle\n\n"
+                    "samples files (--golden, --calibration, --validation) are .npz keyed by input name:\n"
+                    "  every array at its input's own rank is ONE feed, exactly as the model takes it\n"
+                    "  (a stateful model: input [1, 512], state [2, 1, 128], sr as a 0-d array); when\n"
+                    "  every input's first axis is a dynamic batch axis, each of its rows is a sample;\n"
+                    "  every array with one more leading axis stacks samples on it (input [N, 1, 512],\n"
+                    "  state [N, 2, 1, 128], sr [N]). --golden takes one feed.\n")
     p.add_argument("model", metavar="MODEL", help="ONNX model file")
     p.add_argument("--name", required=True, help="model name: lowercase letters, digits, '.', '_', '-'")
     p.add_argument("--version", required=True, metavar="LABEL", help="human version label, e.g. 1.2.0")
@@ -277,15 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not ask the fleet even when EDGEFLEET_URL is set (the ledger only)")
     p.add_argument("--golden", metavar="FILE.npz",
                    help="golden inputs: arrays keyed by input name, or a bundle golden.npz with in.<name>\n"
-                        "(default: generated from the model signature)")
+                        "(default: the first validation/calibration sample, else made from the signature;\n"
+                        "a model with dynamic axes or scalar inputs usually needs it)")
     p.add_argument("--atol", type=_non_negative_float, default=1e-4, help="golden absolute tolerance (1e-4)")
     p.add_argument("--rtol", type=_non_negative_float, default=1e-3, help="golden relative tolerance (1e-3)")
     p.add_argument("--quantize", choices=("none", "dynamic", "static"), default="none",
                    help="int8 quantization; the build refuses past --max-error (default none)")
     p.add_argument("--calibration", metavar="FILE.npz",
-                   help="calibration inputs keyed by input name; each row of the first axis is a sample")
+                   help="calibration inputs keyed by input name (samples files: see below)")
     p.add_argument("--max-error", type=_non_negative_float, default=0.05, metavar="E",
-                   help="largest relative L2 error of the quantized model (default 0.05)")
+                   help="largest relative L2 error of the quantized model, per output and per channel\n"
+                        "along its feature axis: the worst decides (default 0.05)")
+    p.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix a scalar input for this deployment (e.g. sr=16000): the graph is\n"
+                        "specialised on it (If nodes folded to the taken branch) before quantizing;\n"
+                        "recorded in the manifest, devices refuse other values (repeatable)")
     p.add_argument("--expires-days", type=_positive_float, default=90.0, metavar="D",
                    help="days until the manifest expires (default 90)")
     p.add_argument("--min-agent-version", default="0.1.0", metavar="X.Y.Z",
@@ -295,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delegation", default="online", metavar="NAME",
                    help="sign with this delegation's keys (default: online)")
     p.add_argument("--validation", metavar="FILE.npz",
-                   help="inputs the quantized model is measured on against the float one (rows on\n"
-                        "the batch axis, or samples stacked on a new first axis)")
+                   help="inputs the quantized model is measured on against the float one\n"
+                        "(samples files: see below)")
     p.add_argument("-o", "--out", required=True, metavar="OUT.bundle", help="bundle file to write")
 
     p = _sub(bundle_cmds, "inspect", "fleet.cli.bundle:inspect", "show a bundle's manifest",

@@ -69,7 +69,10 @@ class Quantization(msgspec.Struct, forbid_unknown_fields=True):
     agreement: dict[str, float] = {}
 
 
-class Manifest(msgspec.Struct, forbid_unknown_fields=True):
+class Manifest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """``omit_defaults``: optional fields left at their defaults are not encoded, so a
+    manifest that does not use a newer field stays readable by agents that predate it."""
+
     schema: str
     name: str
     release: int
@@ -85,6 +88,9 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     golden_tolerance: Tolerance
     reissue_of: int | None = None
     description: str = ""
+    # scalar inputs the model was specialised on at build (``--fix-input sr=16000``): the
+    # device refuses any other value (agents that predate the field refuse the manifest)
+    fixed_inputs: dict[str, int | float] | None = None
 
     def validate(self) -> Manifest:
         """Check what types alone cannot; raise MalformedDocumentError naming the field."""
@@ -116,6 +122,14 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
                 for dim in spec.shape:
                     if isinstance(dim, int) and dim < 0:
                         raise MalformedDocumentError(f"{kind} {spec.name!r} has dimension {dim}")
+        scalars = {s.name for s in self.inputs if not s.shape}
+        for name, value in (self.fixed_inputs or {}).items():
+            if name not in scalars:
+                raise MalformedDocumentError(
+                    f"fixed input {name!r} is not a scalar input of the model ({sorted(scalars)})"
+                )
+            if isinstance(value, bool):
+                raise MalformedDocumentError(f"fixed input {name!r} has value {value!r}, not a number")
         for role in REQUIRED_FILES:
             if role not in self.files:
                 raise MalformedDocumentError(f"manifest lists no {role!r} file")

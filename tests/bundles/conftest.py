@@ -12,6 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 WHEELS = {
@@ -58,3 +59,43 @@ def rapidocr_models() -> Path:
 @pytest.fixture(scope="session")
 def silero_models() -> Path:
     return fetch_models("silero-vad==6.2.3", WHEELS["silero-vad==6.2.3"])
+
+
+VAD_CHUNK = 512  # samples of 16 kHz audio per call
+VAD_CONTEXT = 64  # silero VAD 5+ takes each chunk with the previous chunk's last 64 samples
+
+
+def voiced_audio(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
+    """Speech-like audio: a gliding 120 Hz harmonic voice in syllables, then silence, in noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    phase = 2 * np.pi * np.cumsum(120 + 20 * np.sin(2 * np.pi * 0.5 * t)) / sr
+    voice = sum(np.sin(k * phase) / k for k in range(1, 30))
+    syllables = (np.sin(2 * np.pi * 3 * t) > -0.3) & (t % 2.0 < 1.2)
+    return (0.3 * voice * syllables + 0.005 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def vad_chunks(audio: np.ndarray) -> list[np.ndarray]:
+    """The [1, 576] inputs a streaming caller sends: each 512-sample chunk after its context."""
+    context = np.zeros((1, VAD_CONTEXT), np.float32)
+    chunks = []
+    for start in range(0, audio.size - VAD_CHUNK + 1, VAD_CHUNK):
+        x = np.concatenate([context, audio[None, start:start + VAD_CHUNK]], axis=1)
+        context = x[:, -VAD_CONTEXT:]
+        chunks.append(x)
+    return chunks
+
+
+def vad_stream(model: Path, chunks: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Run the raw onnxruntime session over ``chunks``, carrying the state; return the feeds
+    (input, the state before the chunk, sr) each with the outputs it gave (out.*)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    state = np.zeros((2, 1, 128), np.float32)
+    steps = []
+    for x in chunks:
+        feed = {"input": x, "state": state, "sr": np.array(16000, np.int64)}
+        prob, state = session.run(None, feed)
+        steps.append({**feed, "out.output": prob, "out.stateN": state})
+    return steps
