@@ -1,8 +1,11 @@
 """Thread-safe inference counters: a health window and totals, with latency quantiles,
 and (when the release has a baseline) input drift scores.
 
-Cheap on the hot path: one lock, two integer increments and a bounded deque append; with
+Cheap on the hot path: one lock, two integer increments and two bounded deque appends; with
 drift, a copy of at most DRIFT_SAMPLE values per input per request.
+
+Besides the health window's latencies, the latest RECENT_LATENCIES are kept across windows:
+the trial of the next release compares its own with them (agent.update.gating.judge_trial).
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ class MetricsSnapshot(msgspec.Struct, frozen=True):
     drift_inputs: dict[str, float] | None = None  # PSI per input with enough values
 
 
+RECENT_LATENCIES = 512
+
+
 class Metrics:
     def __init__(self, max_samples: int = 4096) -> None:
         self._lock = threading.Lock()
         self._samples: deque[float] = deque(maxlen=max_samples)
+        self._recent: deque[float] = deque(maxlen=RECENT_LATENCIES)  # never reset by a window
         self._window = 0
         self._window_errors = 0
         self._total = 0
@@ -52,6 +59,7 @@ class Metrics:
                 self._total_errors += 1
             else:
                 self._samples.append(latency_s)
+                self._recent.append(latency_s)
 
     def snapshot(self, *, reset_window: bool = False) -> MetricsSnapshot:
         with self._lock:
@@ -74,6 +82,11 @@ class Metrics:
     def totals(self) -> tuple[int, int]:
         with self._lock:
             return self._total, self._total_errors
+
+    def recent_latencies(self) -> list[float]:
+        """The latest RECENT_LATENCIES latencies of successful requests, in seconds."""
+        with self._lock:
+            return list(self._recent)
 
 
 # -- drift: live inputs against the bundle's baseline ----------------------------------------
