@@ -222,12 +222,29 @@ class Reporter:
             self._process.cpu_percent(None)  # the first call only starts the measurement
         psutil.cpu_percent(None)
 
-        will = messages.Status(v=messages.VERSION, device_id=self.device_id, online=False,
-                               ts=time.time(), agent_version=__version__, seq=self.seq.next(),
-                               session=self.seq.session)
-        self.will_seq = will.seq
-        self._will = messages.encode(will)
+        self.will_seq = self.seq.next()
+        # Birth/death pairing (shared.telemetry.messages.Status.bd_seq): each connection's
+        # number and the time its CONNECT was made; the birth carries both, the will both
+        # with its time just after.
+        self.bd_seq = 0
+        self._connect_ts = time.time()
+        self._will = self._arm_will()
         self.client = self._new_client()
+
+    def _arm_will(self) -> bytes:
+        """A new connection's number and time, and the last will that closes it."""
+        self.bd_seq += 1
+        self._connect_ts = time.time()
+        will = messages.Status(v=messages.VERSION, device_id=self.device_id, online=False,
+                               ts=self._connect_ts + messages.WILL_AFTER_BIRTH_S,
+                               agent_version=__version__, seq=self.will_seq, session=self.seq.session,
+                               bd_seq=self.bd_seq)
+        return messages.encode(will)
+
+    def _on_pre_connect(self, client: mqtt.Client, _userdata: object) -> None:
+        self._will = self._arm_will()
+        client.will_set(self.topic("status"), self._will, qos=1, retain=True,
+                        properties=self._properties(self._will, will=True))
 
     def _new_client(self) -> mqtt.Client:
         """A paho client for the current protocol version; the same settings on both."""
@@ -250,6 +267,7 @@ class Reporter:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.will_set(self.topic("status"), self._will, qos=1, retain=True,
                         properties=self._properties(self._will, will=True))
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_socket_open = self._on_socket_open
@@ -321,8 +339,9 @@ class Reporter:
         self.last_error = None
         log.info("mqtt connected to %s", self.address.url)
         self._publish("status", messages.Status(
-            v=messages.VERSION, device_id=self.device_id, online=True, ts=time.time(),
-            agent_version=__version__, seq=self.seq.next(), session=self.seq.session), retain=True)
+            v=messages.VERSION, device_id=self.device_id, online=True, ts=self._connect_ts,
+            agent_version=__version__, seq=self.seq.next(), session=self.seq.session,
+            bd_seq=self.bd_seq), retain=True)
         client.subscribe(self.topic("desired"), qos=1)
         self.connected.set()
         self._wake()
@@ -601,8 +620,10 @@ class Reporter:
             self._sender.join(timeout)
         if self.connected.is_set():
             death = messages.encode(messages.Status(
-                v=messages.VERSION, device_id=self.device_id, online=False, ts=time.time(),
-                agent_version=__version__, seq=self.seq.next(), session=self.seq.session))
+                v=messages.VERSION, device_id=self.device_id, online=False,
+                ts=max(time.time(), self._connect_ts + messages.WILL_AFTER_BIRTH_S),
+                agent_version=__version__, seq=self.seq.next(), session=self.seq.session,
+                bd_seq=self.bd_seq))
             info = self.client.publish(self.topic("status"), death, qos=1, retain=True,
                                        properties=self._properties(death))
             with contextlib.suppress(RuntimeError, ValueError):

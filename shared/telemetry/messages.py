@@ -131,6 +131,22 @@ class Status(msgspec.Struct):
     agent_version: str = ""
     seq: int = 0
     session: str = ""
+    # Birth and death pair like Sparkplug's bdSeq: each MQTT connection of the agent has its
+    # number, carried by its birth and by the last will it registered at CONNECT (0: an older
+    # agent). The will's ts is after its birth's, so "newest ts wins" never keeps a dead
+    # device online; status_supersedes says how a reader orders two statuses.
+    bd_seq: int = 0
+
+
+# How far after its birth a connection's last will is stamped (both are made at CONNECT)
+WILL_AFTER_BIRTH_S = 0.001
+
+
+def status_supersedes(new: Status, old: Status) -> bool:
+    """Whether ``new`` replaces ``old`` as a device's state: the later ts wins; at the same ts
+    a death wins over a birth. A will registered before its birth is stamped after it, and
+    a later connection's birth is stamped after that (its CONNECT came later)."""
+    return (new.ts, not new.online) >= (old.ts, not old.online)
 
 
 class Event(msgspec.Struct):
