@@ -40,6 +40,7 @@ from fleet.api.schemas import (
     UNAUTHORIZED,
 )
 from fleet.api.trust import newest_root_version
+from fleet.db.device_models import read_models, stored_models
 from fleet.db.engine import session_scope
 from fleet.db.models import Assignment, Bundle, Device, DeviceClaim, Rollout, as_utc, now_utc
 from fleet.errors import NotFoundError
@@ -103,6 +104,7 @@ def device_json(
     assignments = by_device.get(device.id, [])
     last_seen = as_utc(device.last_seen)
     silent = last_seen is None or datetime.now(UTC) - last_seen > timedelta(seconds=silence_after_s)
+    models = read_models(device.models)
     return {
         "device_id": device.id,
         "labels": device.labels,
@@ -111,13 +113,11 @@ def device_json(
         "enrolled_at": format_ts(as_utc(device.enrolled_at)) if device.enrolled_at else None,  # type: ignore[arg-type]
         "agent_version": device.agent_version,
         "generation": device.generation,
-        "models": device.models,
+        "models": stored_models(models),
         # per model, the releases whose files the device keeps (a rollback to them downloads
         # nothing) and what a staged release waits for, as its last health report said
-        "held": {m: e.get("held") for m, e in sorted(device.models.items())
-                 if isinstance(e, dict) and e.get("held") is not None},
-        "waiting": {m: e.get("waiting") for m, e in sorted(device.models.items())
-                    if isinstance(e, dict) and e.get("waiting")},
+        "held": {m: e.held for m, e in sorted(models.items()) if e.held is not None},
+        "waiting": {m: e.waiting for m, e in sorted(models.items()) if e.waiting},
         "assigned": {
             a.model: {
                 "bundle_id": a.bundle_id,

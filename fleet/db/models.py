@@ -29,7 +29,8 @@ class Device(SQLModel, table=True):
     last_seen: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     online: bool = False
     agent_version: str = ""
-    # per model: {"release", "version", "state"} as the device last reported
+    # per model as the device last reported it: fleet.db.device_models.ReportedModel, encoded
+    # (read_models / stored_models; the column is JSON, its declared type lives there)
     models: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     last_health: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     # bumped on every change of the device's desired state

@@ -24,7 +24,7 @@ When the broker says it has no shared subscriptions (CONNACK), all are plain.
 Events can still be lost between the broker and us: Mosquitto does not keep a shared
 subscription over its own restart, so what is published before we subscribe again goes
 nowhere. Every health message repeats each model's latest event (``last_event``); one whose
-seq is above the latest applied to that model (``Device.models[m]["event_seq"]``) is stored
+seq is above the latest applied to that model (``Device.models[m].event_seq``) is stored
 as the event would have been (``_newer_event`` says what "above" means). An event already
 applied (the same seq) is not stored twice, and an older one never moves the serving state back.
 """
@@ -53,6 +53,7 @@ from sqlmodel import Session
 
 from fleet import metrics
 from fleet.broker.client import MqttTarget, make_client
+from fleet.db.device_models import ReportedModel, ReportedShadow, read_models, stored_models
 from fleet.db.engine import session_scope
 from fleet.db.models import Device, DeviceEvent, HealthReport
 from fleet.ingest import claims_store
@@ -70,9 +71,9 @@ KINDS = ("status", "health", "event")
 # Events that say which release a device now serves (after a local rollback: the one it
 # went back to, ``release``; the release it left is ``from_release``).
 SERVING_KINDS = frozenset({EventKind.ACTIVATED, EventKind.COMMITTED, EventKind.ROLLED_BACK})
-# Per model in ``Device.models``: the seq and ts of the latest event applied (an Event message or
+# Per model in ``Device.models`` (fleet.db.device_models.ReportedModel): the seq and ts of the
+# latest event applied (an Event message or
 # a health message's ``last_event``); older or repeated events never move the serving state back.
-EVENT_MARK = ("event_seq", "event_ts")
 EVENT_TS_SLACK_S = 0.001
 REFUSAL_LOG_EVERY_S = 60.0  # per device: one log line for its refusals, not one per message
 # The broker hands a dead ingester's persistent session its share of the stream until the
@@ -134,20 +135,21 @@ class Item:
 
 
 @dataclass
-class DeviceState:
+class DeviceRow:
     """The telemetry columns of one device row, merged over a batch in message order."""
 
     id: str
     last_seen: datetime | None
     online: bool
     agent_version: str
-    models: dict[str, Any]
+    models: dict[str, ReportedModel]
     last_health: messages.Health | None = None  # the batch's latest health message, if any
     touched: bool = False
 
     def params(self) -> dict[str, Any]:
         """The bind parameters of its row in the batch's UPDATE."""
-        out = {"b_id": self.id, **{f"b_{f}": getattr(self, f) for f in STATE_FIELDS}}
+        out = {"b_id": self.id, **{f"b_{f}": getattr(self, f) for f in STATE_FIELDS if f != "models"},
+               "b_models": stored_models(self.models)}
         if self.last_health is not None:
             out["b_last_health"] = msgspec.to_builtins(self.last_health)
         return out
@@ -360,7 +362,7 @@ class Ingester:
         with session_scope(self.engine) as session:
             session.autoflush = False
             devices = {
-                r.id: DeviceState(r.id, r.last_seen, r.online, r.agent_version, r.models)
+                r.id: DeviceRow(r.id, r.last_seen, r.online, r.agent_version, read_models(r.models))
                 for r in session.execute(select(*_STATE_COLUMNS).where(DEVICE.c.id.in_(ids)))
             }
             claim_rows = claims_store.lock_rows(session, set(devices))
@@ -388,7 +390,7 @@ class Ingester:
             claims_store.write_rows(session, claim_rows)
         return written, unknown, duplicates
 
-    def _apply(self, device: DeviceState, item: Item, rows: BatchRows) -> None:
+    def _apply(self, device: DeviceRow, item: Item, rows: BatchRows) -> None:
         """Merge one message into its device's state and add the rows it stores (no I/O)."""
         msg = item.message
         device.touched = True
@@ -402,7 +404,7 @@ class Ingester:
             device.online = True
             models = dict(device.models)
             for m in msg.models:
-                prev = models.get(m.name) or {}
+                prev = models.get(m.name) or ReportedModel()
                 ev = m.last_event
                 if ev is not None and _newer_event(prev, ev.seq, ev.ts):
                     # An event that reached the broker but not us (docs/telemetry.md "Recovering
@@ -410,16 +412,17 @@ class Ingester:
                     # this health's own (read by the agent after the event, so never older).
                     rows.events.append(_event_row(
                         device.id, item, m.name, ev, f"recovered from health seq {msg.seq}"))
-                    prev = {**prev, "event_seq": ev.seq, "event_ts": ev.ts}
-                models[m.name] = {"release": m.release, "version": m.version, "state": m.state,
-                                  # update windows and locks: what it waits for, what it keeps
-                                  **({"waiting": m.waiting} if m.waiting else {}),
-                                  **({"held": list(m.held)} if m.held is not None else {}),
-                                  # shadow evaluation: the candidate's latest (cumulative) figures,
-                                  # read by the rollout's shadow gates (fleet.rollout.controller)
-                                  **_shadow(m, item.received_at),
-                                  # the latest event applied (kept across health messages)
-                                  **{k: prev[k] for k in EVENT_MARK if k in prev}}
+                    prev = msgspec.structs.replace(prev, event_seq=ev.seq, event_ts=ev.ts)
+                models[m.name] = ReportedModel(
+                    release=m.release, version=m.version, state=m.state,
+                    # update windows and locks: what it waits for, what it keeps
+                    waiting=m.waiting or None,
+                    held=list(m.held) if m.held is not None else None,
+                    # shadow evaluation: the candidate's latest (cumulative) figures,
+                    # read by the rollout's shadow gates (fleet.rollout.controller)
+                    shadow=_shadow(m, item.received_at),
+                    # the latest event applied (kept across health messages)
+                    event_seq=prev.event_seq, event_ts=prev.event_ts)
                 rows.health.append(_health_row(device.id, item, msg, m))
                 rows.windows.append(
                     Window(
@@ -437,14 +440,14 @@ class Ingester:
             device.last_health = msg
         elif isinstance(msg, messages.Event):
             device.online = True
-            entry = dict(device.models.get(msg.model) or {})
+            entry = device.models.get(msg.model) or ReportedModel()
             if _newer_event(entry, msg.seq, msg.ts):
                 if msg.kind in SERVING_KINDS:
-                    entry.update({"release": msg.release, "state": msg.kind})
-                    entry.pop("waiting", None)
-                entry.update({"event_seq": msg.seq, "event_ts": msg.ts})
+                    entry = msgspec.structs.replace(entry, release=msg.release, state=msg.kind,
+                                                    waiting=None)
+                entry = msgspec.structs.replace(entry, event_seq=msg.seq, event_ts=msg.ts)
                 device.models = {**device.models, msg.model: entry}
-            elif msg.seq == entry.get("event_seq"):
+            elif msg.seq == entry.event_seq:
                 return  # stored already: a redelivery, or recovered from a health message first
             # else an older event arriving late: stored, but the serving state stays
             rows.events.append(_event_row(device.id, item, msg.model, msg, msg.message[:2000]))
@@ -619,19 +622,19 @@ def _insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> 
             copy.write_row([row[n] for n in names])
 
 
-def _newer_event(entry: dict[str, Any], seq: int, ts: float) -> bool:
+def _newer_event(entry: ReportedModel, seq: int, ts: float) -> bool:
     """Whether an event (or a health message's ``last_event``) is newer than the latest one
     applied to this model entry (``event_seq``, ``event_ts``). The agent keeps its seq counter
     across restarts and takes seq and ts together, so on one install a higher seq is newer.
     A device whose state directory was wiped counts again from 0: a seq not higher but a ts
     later (by more than EVENT_TS_SLACK_S, float round trips through the database) is such a
     new install's. (Cost: after the device's clock stepped back, a late older event could pass.)"""
-    last_seq, last_ts = entry.get("event_seq"), entry.get("event_ts")
-    if not isinstance(last_seq, int):
+    last_seq, last_ts = entry.event_seq, entry.event_ts
+    if last_seq is None:
         return True
     if seq > last_seq:
         return True
-    return isinstance(last_ts, int | float) and ts > last_ts + EVENT_TS_SLACK_S
+    return last_ts is not None and ts > last_ts + EVENT_TS_SLACK_S
 
 
 def _event_row(
@@ -677,12 +680,12 @@ def _drift(m: messages.ModelHealth) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _shadow(m: messages.ModelHealth, received_at: datetime) -> dict[str, Any]:
-    """``{"shadow": {...figures, "received_at"}}`` when the agent evaluates a candidate."""
+def _shadow(m: messages.ModelHealth, received_at: datetime) -> ReportedShadow | None:
+    """The candidate's figures and when they came, when the agent evaluates one."""
     shadow = getattr(m, "shadow", None)
     if shadow is None:
-        return {}
-    return {"shadow": {**msgspec.to_builtins(shadow), "received_at": received_at.timestamp()}}
+        return None
+    return ReportedShadow(**msgspec.structs.asdict(shadow), received_at=received_at.timestamp())
 
 
 def _aware(ts: datetime) -> datetime:

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
+from fleet.db.device_models import ReportedModel, read_model
 from fleet.db.models import Bundle, Device, DeviceEvent, HealthReport, Rollout, RolloutDevice, as_utc
 from fleet.rollout import engine as eng
 
@@ -40,14 +41,14 @@ def gate_inputs(
     states = []
     for m in members:
         d = devices.get(m.device_id)
-        entry = (d.models.get(rollout.model) or {}) if d else {}
+        entry = read_model(d.models, rollout.model) if d else ReportedModel()
         states.append(
             eng.DeviceState(
                 m.device_id,
                 m.stage,
-                release=entry.get("release"),
-                state=entry.get("state"),
-                waiting=entry.get("waiting"),
+                release=entry.release,
+                state=entry.state,
+                waiting=entry.waiting,
                 online=d.online if d else None,
                 last_seen=ts(d.last_seen) if d else None,
                 assigned_at=ts(m.assigned_at),
@@ -142,30 +143,25 @@ def shadow_figures(
     devices: Iterable[Device], model: str, release: int, since: float
 ) -> list[eng.ShadowFigures]:
     """Each device's latest shadow report of ``release`` (the ingester keeps it in
-    ``Device.models[model]["shadow"]``) received since ``since``."""
+    ``Device.models[model].shadow``) received since ``since``."""
     out = []
     for d in devices:
-        sh = (d.models.get(model) or {}).get("shadow")
-        if not isinstance(sh, dict) or sh.get("release") != release:
+        sh = read_model(d.models, model).shadow  # typed: an unreadable entry reads as none
+        if sh is None or sh.release != release or sh.received_at < since:
             continue
-        if float(sh.get("received_at") or 0.0) < since:
-            continue
-        try:
-            out.append(
-                eng.ShadowFigures(
-                    d.id,
-                    int(sh["release"]),
-                    samples=int(sh.get("samples") or 0),
-                    agreed=int(sh.get("agreed") or 0),
-                    errors=int(sh.get("errors") or 0),
-                    dropped=int(sh.get("dropped_queue") or 0) + int(sh.get("dropped_budget") or 0),
-                    max_abs_error=sh.get("max_abs_error"),
-                    cosine_min=sh.get("cosine_min"),
-                    candidate_p95_ms=sh.get("candidate_p95_ms"),
-                    current_p95_ms=sh.get("current_p95_ms"),
-                    metric=str(sh.get("metric") or "argmax"),
-                )
+        out.append(
+            eng.ShadowFigures(
+                d.id,
+                sh.release,
+                samples=sh.samples,
+                agreed=sh.agreed,
+                errors=sh.errors,
+                dropped=sh.dropped_queue + sh.dropped_budget,
+                max_abs_error=sh.max_abs_error,
+                cosine_min=sh.cosine_min,
+                candidate_p95_ms=sh.candidate_p95_ms,
+                current_p95_ms=sh.current_p95_ms,
+                metric=sh.metric or "argmax",
             )
-        except (KeyError, TypeError, ValueError):
-            log.warning("device %s: unreadable shadow figures %r", d.id, sh)
+        )
     return out

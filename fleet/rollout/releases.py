@@ -19,6 +19,7 @@ from datetime import datetime
 
 from sqlmodel import Session, col, func, select
 
+from fleet.db.device_models import read_model
 from fleet.db.models import Assignment, Bundle, Device, DeviceEvent
 from fleet.errors import ConflictError
 from fleet.rollout.stalls import Refusal
@@ -81,10 +82,9 @@ def accepted_releases(session: Session, model: str, device_ids: Sequence[str]) -
             best[device_id] = candidate
 
     for d in session.exec(select(Device).where(col(Device.id).in_(ids))):
-        entry = d.models.get(model) if isinstance(d.models, dict) else None
-        release = entry.get("release") if isinstance(entry, dict) else None
-        if isinstance(release, int) and not isinstance(release, bool) and release > 0:
-            offer(d.id, Accepted(release, entry.get("version") or None, "reported"))
+        entry = read_model(d.models, model)
+        if entry.release is not None and entry.release > 0:
+            offer(d.id, Accepted(entry.release, entry.version or None, "reported"))
     for device_id, release, version in session.exec(
         select(Assignment.device_id, Bundle.release, Bundle.version)
         .join(Bundle, col(Bundle.id) == col(Assignment.bundle_id))

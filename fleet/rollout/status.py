@@ -6,8 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from sqlmodel import Session, col, select
 
+from fleet.db.device_models import read_model
 from fleet.db.models import Bundle, Device, GateEvaluation, Rollout, RolloutDevice, RolloutEvent, as_utc
 from fleet.rollout import engine as eng
 from fleet.rollout.assignments import load_spec
@@ -135,7 +137,8 @@ def rollout_status(session: Session, rollout: Rollout, *, events: bool = True) -
                 if m.device_id in device_rows
                 else None,
                 "previous_bundle_id": m.previous_bundle_id,
-                "shadow": (device_rows[m.device_id].models.get(rollout.model) or {}).get("shadow")
+                "shadow": msgspec.to_builtins(
+                    read_model(device_rows[m.device_id].models, rollout.model).shadow)
                 if m.device_id in device_rows
                 else None,
             }
