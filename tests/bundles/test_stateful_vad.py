@@ -22,15 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.api.server import ApiServer
-from agent.runtime.host import ModelHost
-from agent.runtime.onnx_backend import OnnxBackend
-from agent.update.blobs import BlobStore
-from agent.update.installer import Installer
-from agent.update.store import StateStore
-from shared.bundle.keyring import load_keyring
-
-from .conftest import vad_chunks, vad_stream, voiced_audio
+from .conftest import Device, vad_chunks, vad_stream, voiced_audio
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNKS = 100
@@ -55,23 +47,6 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def steps(silero_models: Path) -> list[dict[str, np.ndarray]]:
     """100 chunks of speech-like audio streamed through the float model (feeds and outputs)."""
     return vad_stream(silero_models / "silero_vad.onnx", vad_chunks(voiced_audio(3.5))[:CHUNKS])
-
-
-class Device:
-    def __init__(self, state_dir: Path, keys: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.host = ModelHost()
-        self.blobs = BlobStore(state_dir)
-        self.installer = Installer(
-            store=StateStore(state_dir), blobs=self.blobs, host=self.host,
-            trust_root=load_keyring(keys).trust_root(), backend=OnnxBackend(), emit=lambda *e: None,
-        )
-        self.server = ApiServer(self.host, listen=("127.0.0.1", 0), unix_socket=str(state_dir / "api.sock"))
-
-    def model_file(self, name: str) -> Path:
-        loaded = self.host.get(name)
-        assert loaded is not None
-        return self.blobs.path(loaded.manifest.files["model"].sha256)
 
 
 @pytest.fixture
