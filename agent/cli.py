@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show each model's lifecycle state and releases",
                         description="Print lifecycle state, active/previous release and last reason.")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("doctor", help="check config, trust root, disk, fleet, broker, clock: ok/FAIL and the fix",
+                   description="One line per check, each failure with its fix; exit 0 when all pass. "
+                   "Safe while the agent runs (it then leaves the broker login to the agent).")
     return p
 
 
@@ -274,6 +277,11 @@ def _release_text(ref: ReleaseRef | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        from agent.doctor import doctor
+
+        path = args.config or default_config_path()
+        return doctor(lambda: load_config(path), path, print)
     try:
         config = _config(args.config)
         if args.command == "run":
