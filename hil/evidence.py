@@ -84,6 +84,23 @@ def records_since(state_dir: Path, start: SpoolPosition) -> int:
     return n
 
 
+def parse_spool_listing(text: str) -> tuple[SpoolPosition | None, list[tuple[int, int]]]:
+    """(cursor, [(segment id, size)] oldest first) from ``SshCommands.spool_listing``'s output."""
+    head, _, tail = text.partition("@@")
+    cursor = None
+    try:
+        doc = json.loads(head)
+        cursor = int(doc["segment"]), int(doc["offset"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    segments = []
+    for line in tail.splitlines():
+        name, _, size = line.strip().partition(" ")
+        if name.endswith(".seg") and name[:-4].isdigit() and size.isdigit():
+            segments.append((int(name[:-4]), int(size)))
+    return cursor, sorted(segments)
+
+
 def count_records(data: bytes, offset: int = 0) -> tuple[int, int]:
     """(records, bytes) of whole spool records in ``data`` from ``offset``."""
     n = 0
@@ -167,7 +184,7 @@ def _broker_stop(ev: dict[str, Any]) -> tuple[bool, str]:
         return False, "the broker's port still took connections after the stop"
     spools: dict[str, dict[str, Any]] = ev.get("spools", {})
     if not spools or all(s.get("start") is None for s in spools.values()):
-        return False, "no device's spool could be read during the outage (ssh mode reads none)"
+        return False, "no device's spool could be read when the broker stopped"
     figures = ", ".join(f"{d} {s.get('spooled')}" for d, s in sorted(spools.items()))
     quiet = sorted(d for d, s in spools.items() if (s.get("spooled") or 0) < MIN_SPOOL_GROWTH)
     if quiet:

@@ -13,6 +13,7 @@ verdict fails); with none reachable the report says so and nothing starts.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -26,7 +27,13 @@ from typing import Any
 
 from fleet.demo.processes import ManagedProcess, free_port, wait_until
 from fleet.demo.scenario import MODEL
-from hil.evidence import parse_netem_stats, parse_nft_counters
+from hil.evidence import (
+    SpoolPosition,
+    count_records,
+    parse_netem_stats,
+    parse_nft_counters,
+    parse_spool_listing,
+)
 from hil.lab import Capabilities, LabError
 from hil.runner import DeviceRun, HilFleet, HilRun, agent_toml
 from hil.scenario import Fault, Scenario, ScenarioError
@@ -232,8 +239,13 @@ class SshRun(HilRun):
             out = run(c.power_cut(), "SIGKILL over ssh (power cut)")
             dev.agent_up = False
             dev.cut_at = time.monotonic()
-            ok, polled = remote.run(c.poll(MODEL))  # the state file as the cut left it
-            head, _, tail = f"\n{polled}".rpartition("\n@@")
+            deadline = time.monotonic() + 3  # the state file as the cut left it, once all is dead
+            while True:
+                ok, polled = remote.run(c.poll(MODEL))
+                head, _, tail = f"\n{polled}".rpartition("\n@@")
+                if tail.strip() != "up" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
             try:
                 st = json.loads(head) if ok and head.strip() else {}
             except ValueError:
@@ -285,8 +297,30 @@ class SshRun(HilRun):
         seen, dropped = parse_nft_counters(nft)
         return {"mechanism": "nftables", "packets": seen, "dropped": dropped}
 
-    def _spool_end(self, dev: DeviceRun) -> tuple[int, int] | None:
-        return None  # the spool is on the device: not read over ssh (the report says so)
+    # the spool on the device, read over ssh (hil.evidence has the format)
+    def _spool_listing(self, dev: DeviceRun) -> tuple[SpoolPosition | None, list[tuple[int, int]]]:
+        assert isinstance(dev, SshDeviceRun) and dev.remote is not None
+        ok, out = dev.remote.run(dev.remote.cmd.spool_listing())
+        return parse_spool_listing(out) if ok else (None, [])
+
+    def _spool_end(self, dev: DeviceRun) -> SpoolPosition | None:
+        segments = self._spool_listing(dev)[1]
+        return segments[-1] if segments else None
+
+    def _spool_cursor(self, dev: DeviceRun) -> SpoolPosition | None:
+        return self._spool_listing(dev)[0]
+
+    def _records_since(self, dev: DeviceRun, start: SpoolPosition) -> int:
+        assert isinstance(dev, SshDeviceRun) and dev.remote is not None
+        n = 0
+        for seg, _size in self._spool_listing(dev)[1]:
+            if seg < start[0]:
+                continue
+            ok, out = dev.remote.run(dev.remote.cmd.spool_tail(seg, start[1] if seg == start[0] else 0))
+            if ok:
+                with contextlib.suppress(ValueError):
+                    n += count_records(base64.b64decode(out.strip()))[0]
+        return n
 
     def _agent_view(self, dev: DeviceRun) -> dict[str, Any]:
         view = super()._agent_view(dev)

@@ -141,8 +141,7 @@ class HilRun:
         self.pending: list[tuple[Fault, str]] = []  # (fault, device or "") not applied yet
         self.undo: list[tuple[float, str, str, Fault]] = []  # (due, action, device, fault)
         self.lock = threading.RLock()  # the cut watcher applies faults from its own thread
-        self.outage: dict[str, Any] | None = None  # the broker_stop entry's evidence while it lasts
-        self.outage_over = False
+        self.outage: dict[str, Any] | None = None  # the broker_stop entry's evidence
         self.loss_entries: dict[str, dict[str, Any]] = {}  # device -> its loss entry (counters read later)
 
     def say(self, text: str) -> None:
@@ -232,7 +231,7 @@ class HilRun:
             return self._broker_stop(evidence)
         if action == "broker_start":
             assert self.broker is not None
-            self.outage_over = True
+            self._spools_at_outage_end()
             return self.broker.start()
         assert dev is not None
         if action == "power_cut":
@@ -299,12 +298,13 @@ class HilRun:
             evidence["port_closed"] = s.connect_ex(("127.0.0.1", self.broker.port)) != 0
         evidence["spools"] = {d: {"start": self._spool_end(dev), "spooled": None, "end": None,
                                   "cursor_after": None} for d, dev in self.devices.items()}
-        self.outage, self.outage_over = evidence, False
+        self.outage = evidence
         return result
 
-    def _watch_spools(self) -> None:
-        """While the broker is down: how many records each device's spool took since the stop."""
-        if self.outage is None or self.outage_over:
+    def _spools_at_outage_end(self) -> None:
+        """Just before the broker comes back: the records each device's spool took since the stop
+        (a segment holding one of them is kept until the broker acknowledged it, so all are there)."""
+        if self.outage is None:
             return
         for device, dev in self.devices.items():
             figures = self.outage["spools"][device]
@@ -450,7 +450,6 @@ class HilRun:
             while time.monotonic() < deadline:
                 self._poll_devices()
                 self._tick_faults()
-                self._watch_spools()
                 if time.monotonic() - last_poll > 0.5:
                     last_poll = time.monotonic()
                     try:
@@ -468,8 +467,6 @@ class HilRun:
             if self.rollout_end is None:
                 self.say(f"rollout {rid} still {status['state']} after {self.sc.timeout_s:.0f}s")
             # Undo what is still in effect, bring every device back, then let them converge.
-            for device in list(self.loss_entries):  # a loss kept to the end: its counters now
-                self._read_loss(device)
             for _, action, device, fault in sorted(self.undo):
                 self._apply(action, device, fault)
             self.undo.clear()
@@ -489,6 +486,8 @@ class HilRun:
                       "first_rollout_id": first["id"], "bundles": {"r1": v1, "new": v_new}}
             result["converged"] = self._settle(fleet, timeout=30)
             self._spools_after_outage()
+            for device in list(self.loss_entries):  # a loss kept to the end: its counters now
+                self._read_loss(device)
             result["rollout"] = fleet.check(fleet.http.get(f"/api/v1/rollouts/{rid}"))
             listed = fleet.check(fleet.http.get("/api/v1/devices"))
             result["fleet_devices"] = {d["device_id"]: d for d in listed}

@@ -261,6 +261,17 @@ class SshCommands:
     def status(self) -> list[str]:
         return self._root(f"{self.dev.agent_command} --config {shlex.quote(self.dev.config)} status --json")
 
+    def spool_listing(self) -> list[str]:
+        """The telemetry spool's cursor.json, a line ``@@``, then each segment's name and size."""
+        d = shlex.quote(f"{self.dev.state_dir.rstrip('/')}/telemetry_spool")
+        return self._root(f"cd {d} 2>/dev/null || exit 0; cat cursor.json 2>/dev/null; echo; echo @@; "
+                          'for f in *.seg; do [ -e "$f" ] && echo "$f $(stat -c %s "$f")"; done; true')
+
+    def spool_tail(self, segment: int, offset: int) -> list[str]:
+        """One spool segment from ``offset`` on, in base64."""
+        f = shlex.quote(f"{self.dev.state_dir.rstrip('/')}/telemetry_spool/{segment:016d}.seg")
+        return self._root(f"tail -c +{offset + 1} {f} | base64 -w0")
+
     def logs(self, since_epoch: int, lines: int = 400) -> list[str]:
         if self.dev.start == "systemd":
             return self._sudo("journalctl", "--no-pager", "-o", "short-iso", "-u", self.dev.unit,

@@ -3,6 +3,8 @@ counters of nftables and netem as the tools print them, and the judgement of eac
 
 from __future__ import annotations
 
+import base64
+import subprocess
 from pathlib import Path
 
 from agent.telemetry.spool import Spool
@@ -11,10 +13,12 @@ from hil.evidence import (
     judge,
     parse_netem_stats,
     parse_nft_counters,
+    parse_spool_listing,
     records_since,
     spool_cursor,
     spool_end,
 )
+from hil.ssh import InventoryDevice, SshCommands
 
 
 def test_the_spool_readers_follow_the_agents_own_spool(tmp_path: Path) -> None:
@@ -32,6 +36,31 @@ def test_the_spool_readers_follow_the_agents_own_spool(tmp_path: Path) -> None:
     spool.sync()
     cursor = spool_cursor(tmp_path)
     assert cursor is not None and cursor >= end
+    spool.close()
+
+
+def test_the_ssh_spool_commands_read_the_same_spool(tmp_path: Path) -> None:
+    """The shell lines ssh mode runs on a device, run here as root would run them there."""
+    cmd = SshCommands(InventoryDevice(id="x", host="h", user="root", state_dir=str(tmp_path)))
+
+    def on_device(argv: list[str]) -> str:
+        return subprocess.run(["sh", "-c", argv[-1]], capture_output=True, text=True, check=True).stdout
+
+    assert parse_spool_listing(on_device(cmd.spool_listing())) == (None, [])  # no spool yet
+    spool = Spool(tmp_path / "telemetry_spool", max_bytes=64 * 1024, segment_bytes=600, cursor_sync_s=0)
+    spool.append("event", b"first")
+    for token, _kind, _payload in spool.take(1):
+        spool.ack(token)
+    spool.sync()
+    start = spool_end(tmp_path)
+    for i in range(9):
+        spool.append("health", b"y" * (50 + i))
+    cursor, segments = parse_spool_listing(on_device(cmd.spool_listing()))
+    assert cursor == spool_cursor(tmp_path) and segments[-1] == spool_end(tmp_path)
+    assert start is not None
+    tails = [on_device(cmd.spool_tail(seg, start[1] if seg == start[0] else 0))
+             for seg, _ in segments if seg >= start[0]]
+    assert sum(count_records(base64.b64decode(t))[0] for t in tails) == records_since(tmp_path, start) == 9
     spool.close()
 
 
@@ -123,7 +152,7 @@ def test_a_broker_outage_counts_when_every_spool_held_it() -> None:
     assert not judge(_entry("broker_stop", {"port_closed": False, "spools": spools}), None)[0]
     unread = {"dev-01": {"start": None, "spooled": None, "end": None, "cursor_after": None}}
     ok, detail = judge(_entry("broker_stop", {"port_closed": True, "spools": unread}), None)
-    assert not ok and "ssh mode reads none" in detail
+    assert not ok and "no device's spool could be read" in detail
 
 
 def test_a_late_device_counts_when_it_stayed_off_through_the_rollouts_end() -> None:

@@ -22,7 +22,7 @@ from hil.ssh import parse_inventory_file
 
 SSHD = "/usr/sbin/sshd"
 AGENT = str(Path(sys.executable).parent / "edgefleet-agent")
-SCENARIO = {  # bad-canary-under-loss on two devices, plus a power cut of the second one
+SCENARIO = {  # bad-canary-under-loss on two devices, plus a power cut of the second one and a broker outage
     "name": "bad canary under loss over ssh", "devices": 2, "canary": ["dev-01"], "release": "faulty",
     "timeout_s": 60,
     "rollout": {"stages": [{"name": "canary", "selector": {"ring": "canary"}, "min_devices": 1,
@@ -31,7 +31,8 @@ SCENARIO = {  # bad-canary-under-loss on two devices, plus a power cut of the se
                 "gates": {"max_error_rate": 0.05, "min_inferences": 30, "max_install_failures": 0},
                 "on_inconclusive": "extend", "extend_seconds": 5, "max_extensions": 8},
     "faults": [{"action": "loss", "devices": "all", "value": 20, "at_s": 0},
-               {"action": "power_cut", "devices": ["dev-02"], "at_s": 0.5, "duration_s": 2}],
+               {"action": "power_cut", "devices": ["dev-02"], "at_s": 0.5, "duration_s": 2},
+               {"action": "broker_stop", "at_s": 1.0, "duration_s": 4}],
     "expect": {"rollout": ["rolled_back"], "serving": "healthy", "views_match": True},
 }
 
@@ -40,7 +41,8 @@ def test_scenario_devices_map_onto_the_inventory_in_order() -> None:
     sc = parse_scenario(SCENARIO)
     mapped, dropped = map_scenario(sc, ["cam-a", "cam-b", "cam-c"], ["cam-a", "cam-c"])
     assert mapped.device_ids() == ["cam-a", "cam-c"] and mapped.canary == ("cam-a",)
-    assert [f.action for f in mapped.faults] == ["loss"] and dropped == ["power_cut cam-b: unreachable"]
+    assert [f.action for f in mapped.faults] == ["loss", "broker_stop"]
+    assert dropped == ["power_cut cam-b: unreachable"]
 
 
 def test_unreachable_devices_and_missing_ssh_are_reported_not_raised(tmp_path: Path) -> None:
@@ -146,6 +148,13 @@ def test_bad_canary_over_ssh_for_real(ssh_lab: tuple[Path, list[str]], tmp_path:
     assert len(loss) == 2 and all("loss" in f["result"] or "drop 20%" in f["result"] for f in loss)
     md = (out / "report.md").read_text()
     assert "mode: **ssh**" in md and "agent status (ssh)" in md
+    # every fault proved over ssh: the loss counters, the state file at the cut, the spools
+    fired = {c["check"]: c for c in report["checks"] if c["check"].startswith("fault fired")}
+    assert sorted(fired) == ["fault fired: broker_stop", "fault fired: loss cam-a", "fault fired: loss cam-b",
+                             "fault fired: power_cut cam-b"], fired
+    assert "nftables" in fired["fault fired: loss cam-a"]["detail"]
+    assert "state file at the cut" in fired["fault fired: power_cut cam-b"]["detail"]
+    assert "records spooled while the broker was down" in fired["fault fired: broker_stop"]["detail"]
 
 
 def _toml(data: dict) -> str:
