@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,12 +165,15 @@ def rollout_create(args: argparse.Namespace) -> int:
         spec["reissue"] = True
     with _client(args) as client:
         rollout = client.create_rollout(spec)
+        warnings = list(rollout.get("warnings") or [])  # only the create answer carries them
         rid = rollout.get("id")
         if args.start and rid is not None:
-            rollout = client.rollout_action(int(rid), "start")
+            rollout = {**client.rollout_action(int(rid), "start"), "warnings": warnings}
     if args.json:
         print_json(rollout)
         return 0
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     started = "started" if args.start else f"created; start it with 'edgefleet rollout start {rid}'"
     print(f"rollout {rid} '{rollout.get('name', spec.get('name', ''))}' {started} "
           f"(state {rollout.get('state', '?')}): {rollout.get('model', '?')} r{rollout.get('release', '?')} "
