@@ -36,7 +36,7 @@ from fleet.identity.store import write_current_crl
 from fleet.ingest import rollup
 from fleet.ingest.budget import Budget
 from fleet.ingest.claims import Bounds
-from fleet.ingest.ingester import Ingester
+from fleet.ingest.ingester import MAX_SESSION_EXPIRY_S, Ingester
 from fleet.metrics import RETENTION_DELETED, MetricsMiddleware
 from fleet.registry.blobs import BlobStore
 from fleet.rollout.controller import RolloutController
@@ -70,8 +70,16 @@ def create_app(settings: Settings) -> Litestar:
     # fleet (operator actions such as start assign devices there).
     wants_publisher = settings.run_controller or (settings.run_api and settings.mqtt_url is not None)
     publisher = MqttPublisher(target) if wants_publisher else None
+    # Shared subscriptions: a dead ingester's devices go unheard for up to the session expiry
+    # (capped like the ingester's) plus a health interval; shorter silent_after_s are refused.
+    silence_floor = (
+        (float(min(settings.mqtt_session_expiry_s, MAX_SESSION_EXPIRY_S)), settings.device_health_interval_s)
+        if settings.shared_subscription() and settings.mqtt_session_expiry_s > 0
+        else None
+    )
     controller = RolloutController(
-        engine, keys_dir=settings.keys_dir, publisher=publisher, interval_s=settings.controller_interval_s
+        engine, keys_dir=settings.keys_dir, publisher=publisher, interval_s=settings.controller_interval_s,
+        silence_floor=silence_floor,
     )
 
     def retention() -> None:

@@ -27,6 +27,7 @@ ENV_FIELDS: dict[str, type] = {
     "mqtt_shared_subscription": bool,
     "mqtt_share_group": str,
     "mqtt_session_expiry_s": int,
+    "device_health_interval_s": float,
     "ingest_messages_per_min": float,
     "ingest_bytes_per_min": float,
     "ingest_rows_per_min": float,
@@ -140,6 +141,10 @@ class Settings:
     # died: at most fleet.ingest.ingester.MAX_SESSION_EXPIRY_S (120 s), well under a
     # rollout's silent_after_s (300 s by default) less a health interval (docs/telemetry.md).
     mqtt_session_expiry_s: int = 60
+    # The devices' health interval (agent.toml [telemetry] health_interval_s; the agent's
+    # default): with shared subscriptions, a rollout's silent_after_s must be at least the
+    # session expiry plus this, or a dead ingester's devices count as silent (refused at create).
+    device_health_interval_s: float = 60.0
     # Each device's telemetry budget at each ingester (fleet.ingest.budget; 0 turns one off):
     # past it, messages are dropped, counted and the device flagged. The bursts cover a
     # spool flushing after an outage (20 000 messages, 8 MiB, 50 000 rows).

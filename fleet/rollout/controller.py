@@ -83,8 +83,12 @@ class RolloutController:
         keys_dir: Path | None = None,
         publisher: Publisher | None = None,
         interval_s: float = 1.0,
+        silence_floor: tuple[float, float] | None = None,
     ) -> None:
         self.engine = engine
+        # (ingester session expiry, device health interval) when ingesters share a subscription:
+        # a spec's silent_after_s must cover both (engine.check_silence_floor)
+        self.silence_floor = silence_floor
         self.keys_dir = keys_dir
         self.publisher = publisher
         self.interval_s = interval_s
@@ -200,6 +204,9 @@ class RolloutController:
             if not isinstance(reissue, bool):
                 raise eng.SpecError("reissue", f"{reissue!r} must be true or false")
         spec = eng.parse_spec(data)
+        if self.silence_floor is not None:
+            expiry, interval = self.silence_floor
+            eng.check_silence_floor(spec, session_expiry_s=expiry, health_interval_s=interval)
         with self._lock, session_scope(self.engine) as session:
             bundle = session.get(Bundle, spec.bundle_id)
             if bundle is None:

@@ -251,6 +251,22 @@ def validate_spec(spec: RolloutSpec) -> RolloutSpec:
     return spec
 
 
+def check_silence_floor(spec: RolloutSpec, *, session_expiry_s: float, health_interval_s: float) -> None:
+    """With shared subscriptions the broker keeps handing a dead ingester's session its share of
+    the devices' telemetry until the session expires; a device then goes unheard for up to the
+    expiry plus one health interval. A ``silent_after_s`` shorter than that counts healthy
+    devices silent (and rolls a release back) when an ingester dies: SpecError."""
+    floor = session_expiry_s + health_interval_s
+    if spec.silent_after_s < floor:
+        raise SpecError(
+            "silent_after_s",
+            f"{spec.silent_after_s:g} s is shorter than the ingesters' session expiry "
+            f"({session_expiry_s:g} s, mqtt_session_expiry_s) plus the devices' health interval "
+            f"({health_interval_s:g} s, device_health_interval_s): devices would count as silent "
+            f"whenever an ingester dies; set at least {floor:g}",
+        )
+
+
 def spec_to_json(spec: RolloutSpec) -> dict[str, Any]:
     return msgspec.to_builtins(spec)  # type: ignore[no-any-return]
 

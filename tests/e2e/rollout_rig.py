@@ -116,6 +116,9 @@ def running_rig(
         keys_dir=keyring.directory, admin_token=ADMIN, enrollment_token=ENROLL,
         mqtt_url=mosquitto.url if mosquitto is not None else None, embedded_mqtt_port=embedded_port,
         controller_interval_s=0.25,
+        # the agents' health interval below and a short ingester session, so rollouts may use a
+        # silent_after_s of seconds (the fleet refuses one under their sum)
+        mqtt_session_expiry_s=2, device_health_interval_s=0.5,
     )
     app = create_app(settings)
     port = free_port()
