@@ -142,7 +142,8 @@ def cmd_trust(config: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(config: AgentConfig, level: str, log_format: str | None = None) -> int:
+def cmd_run(config: AgentConfig, level: str, log_format: str | None = None,
+            config_path: Path | None = None) -> int:
     from agent.main import Agent, setup_logging
     from shared.bundle import sigcheck
     from shared.logformat import LogFormatError, log_format_from
@@ -154,7 +155,9 @@ def cmd_run(config: AgentConfig, level: str, log_format: str | None = None) -> i
     # The resident agent checks signatures in a child process, so that cryptography's
     # OpenSSL (~7.6 MB RSS) is never loaded into it (shared/bundle/sigcheck.py).
     sigcheck.use_child_process(True)
-    return Agent(config).run()
+    agent = Agent(config)
+    agent.config_path = config_path
+    return agent.run()
 
 
 def cmd_install(config: AgentConfig, bundle: Path) -> int:
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args.config)
         if args.command == "run":
-            return cmd_run(config, args.log_level, args.log_format)
+            return cmd_run(config, args.log_level, args.log_format, args.config or default_config_path())
         if args.command == "install":
             return cmd_install(config, args.bundle)
         if args.command == "predict":

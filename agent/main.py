@@ -127,6 +127,7 @@ class Agent:
     def __init__(self, config: AgentConfig, *, backend: Backend | None = None,
                  http: httpx.Client | None = None) -> None:
         self.config = config
+        self.config_path: Path | None = None  # the file it came from, for SIGHUP's comparison
         self.store = StateStore(config.state_dir)
         self.blobs = BlobStore(config.state_dir)
         rt = config.runtime
@@ -328,6 +329,30 @@ class Agent:
 
     # -- desired state ----------------------------------------------------------------
 
+    def hangup(self) -> None:
+        """SIGHUP (``systemctl reload``): pull the desired state now; compare the config file
+        with the running config and name what a restart would change."""
+        self.request_sync()
+        if self.config_path is None:
+            log.info("SIGHUP: pulling the desired state now")
+            return
+        from agent.config import load_config
+
+        try:
+            fresh = load_config(self.config_path)
+        except ConfigError as exc:
+            log.warning("SIGHUP: %s is not valid (%s); the agent keeps running on the config it "
+                        "started with", self.config_path, exc)
+            return
+        changed = [f for f in self.config.__struct_fields__
+                   if getattr(fresh, f) != getattr(self.config, f)]
+        if changed:
+            log.warning("SIGHUP: %s changed (%s); the config is read at start only: restart the agent "
+                        "(systemctl restart edgefleet-agent) to apply it", self.config_path,
+                        ", ".join(changed))
+        else:
+            log.info("SIGHUP: pulling the desired state now; %s unchanged", self.config_path)
+
     def request_sync(self) -> None:
         """Pull the desired state now (called on an MQTT notice)."""
         self._sync.set()
@@ -504,8 +529,14 @@ class Agent:
             log.info("received %s; stopping", signal.Signals(signum).name)
             stop.set()
 
+        def _hangup(signum: int, frame: FrameType | None) -> None:
+            # Nothing is reloaded in place (the config is read once; its changes need a
+            # restart): SIGHUP pulls the desired state now and says whether the config changed.
+            threading.Thread(target=self.hangup, name="sighup", daemon=True).start()
+
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
+        signal.signal(signal.SIGHUP, _hangup)
         self.start()
         try:
             interval = sdnotify.watchdog_interval()
