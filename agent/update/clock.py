@@ -30,6 +30,7 @@ import msgspec
 
 from agent.update.locks import current_boot_id
 from shared.fsutil import atomic_write
+from shared.timeutil import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,9 @@ def _as_ts(value: float | str | None) -> float | None:
     if isinstance(value, int | float):
         ts = float(value)
     else:
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+        parsed = parse_time(value)
+        if parsed is None:
             return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
         ts = parsed.timestamp()
     # Sane UNIX seconds only (2000 .. 2200).
     if not math.isfinite(ts) or not 946684800.0 <= ts <= 7258118400.0:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import EdgefleetError
+from shared.timeutil import parse_time
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -50,19 +51,6 @@ def human_size(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
-
-
-def parse_time(value: Any) -> datetime | None:
-    """Accept epoch seconds or an ISO 8601 string; None when absent or unreadable."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC)
-    try:
-        ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def ago(value: Any, *, now: datetime | None = None) -> str:

@@ -3,22 +3,17 @@ SQLAlchemy's JSON type (JSON on PostgreSQL, TEXT on SQLite)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from shared.timeutil import as_utc as as_utc  # re-exported: the fleet imports it from here
+from shared.timeutil import utcnow
 
-def now_utc() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(ts: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    if ts is None:
-        return None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+# the time helpers of shared.timeutil, under the names the fleet's modules import from here
+now_utc = utcnow
 
 
 class Device(SQLModel, table=True):

@@ -22,6 +22,7 @@ from sqlmodel import Session, col
 
 from fleet.db.engine import session_scope
 from fleet.db.models import HealthReport, HealthRollup
+from shared.timeutil import format_ts
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _totals(rows: Iterable[Any]) -> list[dict[str, Any]]:
 def _iso(ts: datetime | None) -> str | None:
     if ts is None:
         return None
-    return hour_of(ts).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_ts(hour_of(ts))
 
 
 def _columns() -> list[Any]:

@@ -3,18 +3,17 @@ members, events) as the API, the CLI and the dashboard show it."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 from sqlmodel import Session, col, select
 
 from fleet.db.device_models import read_model
-from fleet.db.models import Bundle, Device, GateEvaluation, Rollout, RolloutDevice, RolloutEvent, as_utc
+from fleet.db.models import Bundle, Device, GateEvaluation, Rollout, RolloutDevice, RolloutEvent
 from fleet.rollout import engine as eng
 from fleet.rollout.assignments import load_spec
-from shared.errors import EdgefleetError
-from shared.timeutil import format_ts, parse_ts
+from shared.timeutil import format_time as format_time  # re-exported: the controller
+from shared.timeutil import parse_time as parse_time  # re-exported: the controller
 
 GATE_HISTORY_LIMIT = 500
 
@@ -159,15 +158,3 @@ def rollout_status(session: Session, rollout: Rollout, *, events: bool = True) -
     return out
 
 
-def parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return parse_ts(value)
-    except EdgefleetError:
-        return None
-
-
-def format_time(ts: datetime | None) -> str | None:
-    ts = as_utc(ts)
-    return format_ts(ts.astimezone(UTC)) if ts else None
