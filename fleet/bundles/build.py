@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fleet.bundles.quantize import MODES, QuantizationError, Sample, check_bound, compare, quantize
+from fleet.bundles.quantize import (
+    MODES,
+    QuantizationError,
+    Sample,
+    check_bound,
+    compare,
+    parse_class_scores,
+    quantize,
+)
 from fleet.bundles.runners import open_model, tflite_quantization
 from fleet.bundles.specialise import fixed_arrays, specialise
 from shared.bundle.archive import write_bundle
@@ -109,6 +117,7 @@ def build_bundle(
     validation: list[Sample] | None = None,
     max_error: float = 0.05,
     min_argmax_agreement: float | None = None,
+    class_scores: str | None = None,
     fixed_inputs: dict[str, str] | None = None,
     signing_keys: list[Ed25519PrivateKey] | None = None,
     atol: float = 1e-4,
@@ -124,7 +133,10 @@ def build_bundle(
     TFLite models are taken as converted: their quantization is read and recorded.
     With ``quantization`` "dynamic" or "static" the bundled model is the int8 one, measured
     against the float model on ``validation`` (else ``calibration``, else the golden inputs);
-    past ``max_error`` (relative L2 error) the build refuses with AccuracyBoundError.
+    past ``max_error`` (relative L2 error, worst channel of any output) or below
+    ``min_argmax_agreement`` (top-1 agreement over the class axis: ``class_scores``
+    "OUTPUT[:AXIS[:FIRST]]", else the last axis of the first output with a fixed one)
+    the build refuses with AccuracyBoundError.
     ``fixed_inputs`` (name -> value of a scalar input, ``--fix-input sr=16000``) specialises
     an ONNX graph on those values (fleet.bundles.specialise) before quantizing; the manifest
     records them and the device refuses other values.
@@ -154,6 +166,7 @@ def build_bundle(
     validation = [cast(x, "validation samples") for x in validation or []]
     if quantization == "static" and not calibration:
         raise QuantizationError("static quantization needs a calibration set (--calibration FILE.npz)")
+    layout = parse_class_scores(class_scores, outputs) if class_scores else _class_score_output(outputs)
     fixed = fixed_arrays(fixed_inputs, inputs) if fixed_inputs else {}
     if fixed and float_runner.runtime == "litert":
         raise MalformedDocumentError(
@@ -205,7 +218,7 @@ def build_bundle(
             quantize(model_path, int8_path, quantization, calibration)
             agreement = compare(
                 source_path, int8_path, validation or calibration or [feeds],
-                class_scores=_class_score_output(outputs),
+                class_scores=layout,
             )
             check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement)
             figures = agreement.as_manifest()

@@ -51,6 +51,50 @@ class AccuracyBoundError(QuantizationError):
     code = "accuracy_bound"
 
 
+@dataclass(frozen=True)
+class ClassScores:
+    """Where an output holds class scores: its index, the class axis, and the first class
+    channel on that axis (a detector's [.., 4 box + 18 classes] row: ``first=4``)."""
+
+    output: int
+    axis: int = -1
+    first: int = 0
+
+    def top1(self, f: np.ndarray, q: np.ndarray) -> tuple[int, int]:
+        """(rows where both models pick the same class, rows)."""
+        axis = self.axis % f.ndim
+        index = [slice(None)] * f.ndim
+        index[axis] = slice(self.first, None)
+        fs, qs = f[tuple(index)], q[tuple(index)]
+        if fs.shape[axis] < 2:
+            return 0, 0
+        same = fs.argmax(axis) == qs.argmax(axis)
+        return int(same.sum()), int(same.size)
+
+
+def parse_class_scores(text: str, outputs: list[TensorSpec]) -> ClassScores:
+    """``OUTPUT[:AXIS[:FIRST]]`` (``--class-scores det:2:4``) against the model's outputs."""
+    parts = text.split(":")
+    names = [o.name for o in outputs]
+    if parts[0] not in names or len(parts) > 3:
+        raise MalformedDocumentError(
+            f"--class-scores {text!r} must read OUTPUT[:AXIS[:FIRST]] with OUTPUT one of {names}"
+        )
+    spec = outputs[names.index(parts[0])]
+    try:
+        axis = int(parts[1]) if len(parts) > 1 else -1
+        first = int(parts[2]) if len(parts) > 2 else 0
+    except ValueError:
+        raise MalformedDocumentError(f"--class-scores {text!r}: AXIS and FIRST are integers") from None
+    rank = len(spec.shape)
+    if not -rank <= axis < rank or first < 0:
+        raise MalformedDocumentError(
+            f"--class-scores {text!r}: output {spec.name!r} has rank {rank} (shape {spec.shape}); "
+            f"axis {axis} / first class {first} do not fit"
+        )
+    return ClassScores(names.index(parts[0]), axis, first)
+
+
 @dataclass
 class OutputAgreement:
     """One output's figures. The relative error is measured per channel along the feature
@@ -79,7 +123,7 @@ class Agreement:
     # near-zero outputs (an empty detection map) do not turn a tiny absolute error into a huge one
     rel_l2_error: float
     cosine: float  # worst output
-    argmax_agreement: float | None  # for class-score outputs (last axis > 1)
+    argmax_agreement: float | None  # top-1 agreement over the class axis (ClassScores)
     per_output: dict[str, OutputAgreement] = field(default_factory=dict)
 
     def as_manifest(self) -> dict[str, float]:
@@ -333,14 +377,16 @@ class _OutputSums:
 
 
 def compare(
-    float_model: Path, quant_model: Path, samples: list[Sample], *, class_scores: int | None = 0
+    float_model: Path, quant_model: Path, samples: list[Sample], *,
+    class_scores: ClassScores | int | None = 0,
 ) -> Agreement:
     """Run both models on every sample and measure how far the quantized one strays.
 
     Each output is measured per channel along its feature axis (``feature_axis``); the
-    worst channel of the worst output decides. ``class_scores`` is the index of the output
-    holding class scores on its last axis (its top-1 agreement is measured), or None.
+    worst channel of the worst output decides. ``class_scores`` says where class scores are
+    (an output index: on its last axis), whose top-1 agreement is measured; None: nowhere.
     """
+    layout = ClassScores(class_scores) if isinstance(class_scores, int) else class_scores
     if not samples:
         raise QuantizationError("the validation set is empty")
     f_sess, q_sess = _session(float_model), _session(quant_model)
@@ -362,9 +408,9 @@ def compare(
                 )
             sums_i = sums.setdefault(i, _OutputSums(axes[i] if axes[i] < f64.ndim else -1))
             sums_i.add(f64, q64)
-            if i == class_scores and f64.ndim >= 2 and f64.shape[-1] > 1:
-                agree += int((f64.argmax(-1) == q64.argmax(-1)).sum())
-                total += int(np.prod(f64.shape[:-1]))
+            if layout is not None and i == layout.output and f64.ndim >= 1:
+                same, rows = layout.top1(f64, q64)
+                agree, total = agree + same, total + rows
     if not sums:
         raise QuantizationError("every output of the validation runs is empty")
     per_output = {names[i]: s.figures() for i, s in sums.items()}

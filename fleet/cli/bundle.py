@@ -155,6 +155,8 @@ def build(args: argparse.Namespace) -> int:
         signing_keys=signing,
         max_error=args.max_error,
         fixed_inputs=parse_fixed_inputs(args.fix_input) if args.fix_input else None,
+        class_scores=args.class_scores,
+        min_argmax_agreement=args.min_argmax_agreement,
         atol=args.atol,
         rtol=args.rtol,
         expires_days=args.expires_days,

@@ -301,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix a scalar input for this deployment (e.g. sr=16000): the graph is\n"
                         "specialised on it (If nodes folded to the taken branch) before quantizing;\n"
                         "recorded in the manifest, devices refuse other values (repeatable)")
+    p.add_argument("--class-scores", metavar="OUTPUT[:AXIS[:FIRST]]",
+                   help="where class scores are, for the top-1 agreement of the quantized model:\n"
+                        "the output, its class axis (default -1) and first class channel (default 0;\n"
+                        "4 for a detector row of 4 box coordinates then the classes)")
+    p.add_argument("--min-argmax-agreement", type=_non_negative_float, metavar="F",
+                   help="refuse a quantized model whose top-1 agreement over the class axis is below F")
     p.add_argument("--expires-days", type=_positive_float, default=90.0, metavar="D",
                    help="days until the manifest expires (default 90)")
     p.add_argument("--min-agent-version", default="0.1.0", metavar="X.Y.Z",

@@ -143,3 +143,45 @@ def test_a_collapse_of_class_scores_beside_coordinates_is_refused_with_its_figur
     # measured over the whole tensor, as before, the coordinates hide it: under the 0.05 bound
     assert worst["tensor_rel_l2_error"] < 0.05
     assert not (tmp_path / "det.bundle").exists()
+
+
+def test_top1_agreement_over_the_class_channels_the_build_is_told(keyring: Keyring, tmp_path: Path) -> None:
+    write_detector(tmp_path / "det.onnx")
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.standard_normal((1, 64, 16)).astype(np.float32)} for _ in range(8)]
+    with pytest.raises(AccuracyBoundError, match=r"agrees on the top class for \d+\.\d+% of outputs, below"
+                       ) as err:
+        build_bundle(tmp_path / "det.onnx", name="det", version="1", release=1, keyring=keyring,
+                     out=tmp_path / "det.bundle", quantization="static", calibration=samples,
+                     validation=samples, max_error=10.0, class_scores="det:2:4", min_argmax_agreement=0.9)
+    assert err.value.details["argmax_agreement"] < 0.5  # type: ignore[operator]
+    unknown = r"OUTPUT\[:AXIS\[:FIRST\]\] with OUTPUT one of \['det'\]"
+    with pytest.raises(MalformedDocumentError, match=unknown):
+        build_bundle(tmp_path / "det.onnx", name="det", version="1", release=1, keyring=keyring,
+                     out=tmp_path / "det.bundle", quantization="static", calibration=samples,
+                     class_scores="scores:2")
+
+
+def test_cli_flags_reach_the_build(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    env["PYTHONPATH"] = str(repo)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fleet.cli.main", *args], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("keys", "init", str(tmp_path / "keys")).returncode == 0
+    write_detector(tmp_path / "det.onnx")
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((8, 1, 64, 16)).astype(np.float32))
+    done = cli("bundle", "build", str(tmp_path / "det.onnx"), "--name", "det", "--version", "1", "--offline",
+               "--quantize", "static", "--calibration", str(tmp_path / "cal.npz"), "--max-error", "10",
+               "--class-scores", "det:2:4", "--min-argmax-agreement", "0.9",
+               "--keys", str(tmp_path / "keys"), "-o", str(tmp_path / "det.bundle"))
+    assert done.returncode != 0 and "agrees on the top class" in done.stderr, done.stderr
+    assert "\n" not in done.stderr.strip()  # one line
