@@ -200,3 +200,24 @@ def test_too_few_samples_is_inconclusive_and_pauses(rig: Rig) -> None:
     # d1's 10 samples weigh no more than the largest other device's 5 (rollout gate policy)
     assert status["reason"].startswith("stage shadow: inconclusive: gate min_agreement has 10 of 50 samples")
     assert "shadow" not in rig.desired("d1")[MODEL]
+
+
+def test_create_warns_when_a_shadow_stage_cannot_catch_the_slice_its_gate_implies(rig: Rig) -> None:
+    """d1 and d2 reported 20 inferences in the last hour (10 in each encoding): at 0.3 of
+    their requests over a 30 s bake the stage gathers a fraction of a sample, far from the
+    103 that 0.95 needs."""
+    candidate = rig.bundle(2)
+    body = {"name": "r2 shadow", "bundle_id": candidate, "selector": {"site": "lab"},
+            "stages": [SHADOW, ALL], "gates": GATES}
+    r = rig.client.post("/api/v1/rollouts", json=body, headers=admin())
+    assert r.status_code == 201, r.text
+    (warning,) = r.json()["warnings"]
+    assert warning.startswith("stage 'shadow': min_agreement 0.95 implies catching a 5% slice, but 2 of 2 "
+                              "devices weighed x 0.00556 requests/s x sample rate 0.3 x bake 30 s = about "
+                              "0 samples catch no disagreement at all"), warning
+    assert "the stage needs about 103 (raise bake_seconds, shadow_sample_rate or devices)" in warning
+    # a rollout without a shadow stage has nothing to warn about; GET carries no warnings
+    r = rig.client.post("/api/v1/rollouts", json={**body, "name": "switch", "stages": [ALL],
+                                                  "gates": {"max_error_rate": 0.1}}, headers=admin())
+    assert r.status_code == 201 and r.json()["warnings"] == [], r.text
+    assert "warnings" not in rig.status(int(r.json()["id"]))
