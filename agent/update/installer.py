@@ -55,7 +55,7 @@ from agent.update import lifecycle as lc
 from agent.update import machine as m
 from agent.update.blobs import BlobStore, disk_full
 from agent.update.fetch import Cancelled, Fetcher, WaitingForWindow
-from agent.update.gating import ActivationGate
+from agent.update.gating import ActivationGate, TrialFigures, TrialLimits, judge_trial
 from agent.update.lifecycle import ModelRecord, ReleaseRef, Target, UpdateState
 from agent.update.smoke import run_golden
 from agent.update.sources import BundleSource, FileSource, FleetSource
@@ -126,6 +126,7 @@ class Installer:
         gate: ActivationGate | None = None,
         expiry_now: Callable[[], datetime] | None = None,
         offline_expiry_grace_s: float = 0.0,
+        trial_max_latency_ratio: float | None = 2.0,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -135,6 +136,9 @@ class Installer:
         self.trial_seconds = trial_seconds
         self.trial_max_error_rate = trial_max_error_rate
         self.trial_min_inferences = trial_min_inferences
+        self.trial_max_latency_ratio = trial_max_latency_ratio
+        # latencies of the release a trial replaced, per model (judge_trial: trial_latency)
+        self._replaced_latencies: dict[str, list[float]] = {}
         self.fetcher = fetcher
         self._emit = emit
         self.agent_version = agent_version
@@ -298,7 +302,8 @@ class Installer:
             self.store.raise_highest(rec.name, effect.release, effect.digest)
         elif isinstance(effect, m.Swap):
             loaded = ctx.loaded.pop(effect.release.digest, None)
-            self.host.swap(loaded or self.load_release(rec.name, effect.release))
+            old = self.host.swap(loaded or self.load_release(rec.name, effect.release))
+            self._replaced_latencies[rec.name] = old.metrics.recent_latencies() if old is not None else []
         else:
             assert isinstance(effect, m.Do)
             return self._work(rec, effect, ctx)
@@ -638,15 +643,17 @@ class Installer:
     def _judge_trial(self, rec: ModelRecord) -> ModelRecord:
         assert rec.active is not None
         loaded = self.host.get(rec.name)
-        total = errors = 0
+        previous = self._replaced_latencies.pop(rec.name, [])
+        figures = TrialFigures(0, 0, previous_latencies=previous)
         if loaded is not None and loaded.digest == rec.active.digest:
             total, errors = loaded.metrics.totals()
-        rate = errors / total if total else 0.0
-        figures = f"error rate {rate:.3f} ({errors}/{total} inferences), bound {self.trial_max_error_rate}"
-        if total >= self.trial_min_inferences and total > 0 and rate > self.trial_max_error_rate:
-            rec = self._run(rec, m.TrialFailed(ReasonCode.TRIAL_ERRORS, figures))
+            figures = TrialFigures(total, errors, loaded.metrics.recent_latencies(), previous)
+        judged = judge_trial(figures, TrialLimits(self.trial_max_error_rate, self.trial_min_inferences,
+                                                  self.trial_max_latency_ratio))
+        if judged.reason is not None:
+            rec = self._run(rec, m.TrialFailed(judged.reason, judged.message))
         else:
-            rec = self._run(rec, m.TrialHealthy(figures))
+            rec = self._run(rec, m.TrialHealthy(judged.message))
         self.gc()
         return rec
 
