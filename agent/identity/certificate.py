@@ -27,6 +27,7 @@ import msgspec
 
 from agent.errors import AuthError, DownloadError, StateError
 from shared import strictjson
+from shared.contract.certificates import CertificateAnswer, CertificateRequest
 from shared.errors import EdgefleetError
 from shared.fsutil import atomic_write
 
@@ -42,17 +43,6 @@ META_FILE = "certificate.json"
 KEYGEN_TIMEOUT_S = 60.0
 RETRY_S = 60.0  # after a failed request, ask again no sooner than this
 MAX_ANSWER_BYTES = 64 * 1024
-
-
-class CertificateAnswer(msgspec.Struct):
-    device_id: str
-    serial: str
-    certificate: str
-    ca_certificate: str
-    not_after_ts: float
-    renew_after_ts: float
-    not_after: str = ""
-    renew_after: str = ""
 
 
 class CertificateMeta(msgspec.Struct, frozen=True):
@@ -185,10 +175,10 @@ class DeviceCertificate:
         import httpx
 
         url = f"{self.fleet.url}/api/v1/devices/{self.fleet.device_id}/certificate"
+        body = msgspec.to_builtins(CertificateRequest(csr.decode()))
         for attempt in (1, 2):
             try:
-                r: httpx.Response = self.fleet.http.post(url, json={"csr": csr.decode()},
-                                                         headers=self.fleet.auth_headers())
+                r: httpx.Response = self.fleet.http.post(url, json=body, headers=self.fleet.auth_headers())
             except httpx.HTTPError as exc:
                 raise CertificateError(f"POST {url} failed: {exc}") from None
             if r.status_code == 401 and attempt == 1:

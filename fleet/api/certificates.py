@@ -22,7 +22,6 @@ import datetime as dt
 import logging
 from typing import Any
 
-import msgspec
 from litestar import Controller, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import ServiceUnavailableException
@@ -37,27 +36,13 @@ from fleet.db.models import Device, DeviceCertificate, as_utc, now_utc
 from fleet.errors import NotFoundError
 from fleet.identity.ca import MAX_CSR_BYTES, DeviceCA, DeviceCAError
 from fleet.identity.store import device_ca, publish_revocation, record_issued, revoke_device_certificates
+from shared.contract.certificates import CertificateAnswer, CertificateRequest
 from shared.timeutil import format_ts
 
 log = logging.getLogger(__name__)
 
 # A device renews once this fraction of its certificate's lifetime has passed.
 RENEW_AT_FRACTION = 2 / 3
-
-
-class CertificateRequest(msgspec.Struct, forbid_unknown_fields=True):
-    csr: str  # PEM, "-----BEGIN CERTIFICATE REQUEST-----"
-
-
-class CertificateResponse(msgspec.Struct):
-    device_id: str
-    serial: str
-    certificate: str  # PEM
-    ca_certificate: str  # PEM, the device CA (the broker's cafile for devices)
-    not_after: str
-    renew_after: str
-    not_after_ts: float
-    renew_after_ts: float
 
 
 def certificate_json(row: DeviceCertificate) -> dict[str, Any]:
@@ -96,7 +81,7 @@ class CertificateController(Controller):
         responses={**DEVICE_RESPONSES, **BAD_REQUEST},
     )
     def sign(self, device_id: FromPath[str], data: JSONBody[CertificateRequest],
-             state: State) -> CertificateResponse:
+             state: State) -> CertificateAnswer:
         ctx: AppContext = state.ctx
         settings = ctx.settings
         ca = _device_ca(ctx)
@@ -110,7 +95,7 @@ class CertificateController(Controller):
         with session_scope(ctx.engine) as session:
             record_issued(session, issued)
         renew = issued.not_before + (issued.not_after - issued.not_before) * RENEW_AT_FRACTION
-        return CertificateResponse(
+        return CertificateAnswer(
             device_id=device_id, serial=format(issued.serial, "x"), certificate=issued.pem.decode(),
             ca_certificate=ca.cert_pem.decode(), not_after=format_ts(issued.not_after),
             renew_after=format_ts(renew), not_after_ts=issued.not_after.timestamp(),
