@@ -22,6 +22,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from shared.bundle.archive import read_envelope
+from shared.bundle.keyring import load_keyring
+
 from .conftest import Device, vad_chunks, vad_stream, voiced_audio
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,19 +111,29 @@ def test_unquantized_vad_builds_from_one_feed_installs_and_streams(
     assert_same_stream(stream_through_api(device, chunks), raw_stream(model, chunks))
 
 
-def test_int8_vad_specialised_on_sr_is_smaller_within_bound_and_streams(
-    silero_models: Path, keys: Path, steps: list[dict[str, np.ndarray]], device: Device, tmp_path: Path
-) -> None:
-    model = silero_models / "silero_vad.onnx"
-    samples = tmp_path / "stream.npz"  # 25 feeds stacked on a new first axis (sr: shape [25])
+@pytest.fixture(scope="module")
+def int8_bundle(silero_models: Path, keys: Path, steps: list[dict[str, np.ndarray]],
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``bundle build --quantize dynamic --fix-input sr=16000`` on 25 streamed feeds."""
+    tmp = tmp_path_factory.mktemp("vad-int8")
+    samples = tmp / "stream.npz"  # 25 feeds stacked on a new first axis (sr: shape [25])
     every4 = steps[::4]
     np.savez(samples, **{k: np.stack([s[k] for s in every4]) for k in ("input", "state", "sr")})
-    out = tmp_path / "vad-int8.bundle"
-    built = cli("bundle", "build", str(model), "--name", "vad", "--version", "6.2.3-int8", "--offline",
-                "--validation", str(samples), "--quantize", "dynamic", "--fix-input", "sr=16000",
-                "--keys", str(keys), "-o", str(out))
+    out = tmp / "vad-int8.bundle"
+    built = cli("bundle", "build", str(silero_models / "silero_vad.onnx"), "--name", "vad",
+                "--version", "6.2.3-int8", "--offline", "--validation", str(samples),
+                "--quantize", "dynamic", "--fix-input", "sr=16000", "--keys", str(keys), "-o", str(out))
     assert built.returncode == 0, built.stderr
-    assert "fixed    sr=16000" in built.stdout
+    assert "fixed    sr=16000" in built.stdout and "quant    dynamic int8" in built.stdout
+    return out
+
+
+def test_int8_vad_specialised_on_sr_is_smaller_within_bound_and_streams(
+    silero_models: Path, int8_bundle: Path, steps: list[dict[str, np.ndarray]], device: Device
+) -> None:
+    model = silero_models / "silero_vad.onnx"
+    out = int8_bundle
+    every4 = steps[::4]
     record = device.installer.install_file(out)
     loaded = device.host.get("vad")
     assert loaded is not None, record
@@ -151,6 +164,41 @@ def test_int8_vad_specialised_on_sr_is_smaller_within_bound_and_streams(
         "input": chunks[0].tolist(), "state": np.zeros((2, 1, 128)).tolist(), "sr": 8000}})
     assert r.status_code == 400, r.text
     assert "sr" in r.json()["detail"] and "16000" in r.json()["detail"]
+
+
+def test_int8_vad_streams_through_the_agents_predict_command(
+    int8_bundle: Path, keys: Path, steps: list[dict[str, np.ndarray]], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``edgefleet-agent install`` then ``predict`` chunk by chunk, the state carried in the
+    .npz files; the same as the raw runtime on the bundled int8 model."""
+    from agent.cli import main
+
+    trust = load_keyring(keys).root_path
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "state"\ntrust_root = "{trust}"\n')
+    assert main(["--config", str(cfg), "install", str(int8_bundle)]) == 0
+    chunks = [s["input"] for s in steps[:5]]
+    state = np.zeros((2, 1, 128), np.float32)
+    got = []
+    for i, x in enumerate(chunks):
+        src, dest = tmp_path / f"in{i}.npz", tmp_path / f"out{i}.npz"
+        np.savez(src, input=x, state=state, sr=np.array(16000, np.int64))
+        assert main(["--config", str(cfg), "predict", "vad", "-i", str(src), "-o", str(dest)]) == 0
+        with np.load(dest) as out:
+            got.append({k: out[k] for k in out.files})
+        state = got[-1]["stateN"]
+    manifest = load_keyring(keys).trust_root().verify_manifest(read_envelope(int8_bundle)).manifest
+    model_blob = next((tmp_path / "state").rglob(manifest.files["model"].sha256))  # as installed
+    want = raw_stream(model_blob, chunks)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g["output"], w["output"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g["stateN"], w["stateN"], rtol=1e-5, atol=1e-6)
+    np.savez(tmp_path / "bad.npz", input=chunks[0], state=state, sr=np.array(8000, np.int64))
+    capsys.readouterr()
+    bad = ["predict", "vad", "-i", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "x.npz")]
+    assert main(["--config", str(cfg), *bad]) != 0
+    assert "built for sr = 16000 only" in capsys.readouterr().err
 
 
 def test_int8_specialised_graph_has_no_top_level_branch_on_sr(silero_models: Path, tmp_path: Path) -> None:
