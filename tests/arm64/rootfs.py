@@ -1,7 +1,12 @@
 """An emulated aarch64 Debian root for the arm64 tests: Debian's qemu-user-static registered
 through binfmt_misc, a root made with ``debootstrap --arch=arm64``, cached between runs under
 ~/.cache/edgefleet/arm64-rootfs/<key> (the key hashes everything that makes the root), and a
-chroot with /proc, /sys and /dev bind-mounted that is always unmounted afterwards.
+chroot with /proc and /dev mounted that is always unmounted afterwards.
+
+The host's /sys is not mounted: it describes the host's x86 CPUs (cache levels, clusters), and
+onnxruntime's cpuinfo, built for aarch64, crashes (SIGSEGV in import onnxruntime, 1.32 under
+Debian 12's qemu 7.2) parsing it. Without /sys it falls back to /proc and runs correctly. A
+real arm64 board has its own /sys; this is a property of the emulation, not of the device.
 
 ``python tests/arm64/rootfs.py`` builds (or finds) the cached root and prints its path.
 """
@@ -25,7 +30,7 @@ RECIPE_VERSION = "1"  # bump when the way the root is made changes
 CACHE = Path(os.environ.get("EDGEFLEET_ARM64_CACHE", Path.home() / ".cache/edgefleet/arm64-rootfs"))
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 QEMU_PACKAGE = "qemu-user-static"
-MOUNTS = ("proc", "sys", "dev")
+MOUNTS = ("proc", "dev")
 
 
 class EmulationUnavailable(RuntimeError):
@@ -119,8 +124,8 @@ def _unmount_all(root: Path) -> None:
 
 @contextmanager
 def mounted(root: Path) -> Iterator[Path]:
-    """/proc, /sys and /dev of the host inside ``root`` (onnxruntime reads /proc/cpuinfo and
-    /sys; the agent /dev/urandom), unmounted on the way out, even after a failure."""
+    """/proc and /dev inside ``root`` (onnxruntime reads /proc/cpuinfo, the agent /dev/urandom;
+    /sys is left out, see the module's doc), unmounted on the way out, even after a failure."""
     _unmount_all(root)  # a run killed before its cleanup
     try:
         for name in MOUNTS:
@@ -136,9 +141,10 @@ def mounted(root: Path) -> Iterator[Path]:
         _unmount_all(root)
 
 
-def chroot_argv(root: Path, *argv: str) -> list[str]:
-    """A command run as root inside ``root`` with a clean environment."""
-    return ["chroot", str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+def chroot_argv(root: Path, *argv: str, user: str | None = None) -> list[str]:
+    """A command run inside ``root`` (as ``user``, default root) with a clean environment."""
+    who = [f"--userspec={user}:{user}"] if user else []
+    return ["chroot", *who, str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG=C.UTF-8", "HOME=/root", *argv]
 
 
