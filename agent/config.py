@@ -48,6 +48,7 @@ An unknown key or a bad value raises ConfigError naming the key and the value.
     trial_seconds = 10.0
     trial_max_error_rate = 0.5
     trial_min_inferences = 0
+    trial_max_latency_ratio = 2.0  # trial p95 / the previous release's on the device; 0: off
     trial_max_restarts = 0         # starts tolerated in TRIAL (power cuts) before rolling back
     disk_margin_mb = 16.0          # free space kept beyond the missing blobs of a release
     download_attempts = 5          # tries per blob per install pass (backoff with full jitter)
@@ -159,6 +160,7 @@ class UpdateConfig(msgspec.Struct, frozen=True):
     trial_seconds: float = 10.0
     trial_max_error_rate: float = 0.5
     trial_min_inferences: int = 0
+    trial_max_latency_ratio: float = 2.0  # 0: latency is not judged (agent.update.gating)
     trial_max_restarts: int = 0
     disk_margin_mb: float = 16.0
     download_attempts: int = 5
@@ -435,6 +437,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
             trial_seconds=t.positive("trial_seconds", float, 10.0, allow_zero=True),
             trial_max_error_rate=t.positive("trial_max_error_rate", float, 0.5, allow_zero=True),
             trial_min_inferences=t.positive("trial_min_inferences", int, 0, allow_zero=True),
+            trial_max_latency_ratio=t.positive("trial_max_latency_ratio", float, 2.0, allow_zero=True),
             trial_max_restarts=t.positive("trial_max_restarts", int, 0, allow_zero=True),
             disk_margin_mb=t.positive("disk_margin_mb", float, 16.0, allow_zero=True),
             download_attempts=t.positive("download_attempts", int, 5),

@@ -183,6 +183,7 @@ class Agent:
             trial_seconds=config.update.trial_seconds,
             trial_max_error_rate=config.update.trial_max_error_rate,
             trial_min_inferences=config.update.trial_min_inferences,
+            trial_max_latency_ratio=config.update.trial_max_latency_ratio or None,
             trial_max_restarts=config.update.trial_max_restarts,
             disk_margin_bytes=int(config.update.disk_margin_mb * (1 << 20)),
             retry_failed_s=config.update.retry_failed_s, retry_failed_max_s=config.update.retry_failed_max_s,

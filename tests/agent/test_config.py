@@ -57,6 +57,13 @@ def test_api_limits() -> None:
     assert (api.idle_timeout_s, api.head_timeout_s, api.io_timeout_s) == (5.0, 2.0, 3.0)
 
 
+def test_trial_latency_ratio_default_and_off() -> None:
+    base = {"state_dir": "/s", "trust_root": "/r.json"}
+    assert parse_config(base).update.trial_max_latency_ratio == 2.0
+    off = parse_config({**base, "update": {"trial_max_latency_ratio": 0}})
+    assert off.update.trial_max_latency_ratio == 0  # agent.main passes None: not judged
+
+
 def test_offline_minimum() -> None:
     cfg = parse_config({"state_dir": "/s", "trust_root": "/r.json"})
     assert cfg.fleet is None and cfg.device_id is None and not cfg.mqtt_enabled
@@ -78,6 +85,7 @@ def test_offline_minimum() -> None:
         ({"api": {"max_body_bytes": 1 << 30}}, "api.max_inflight_bytes = 134217728 must be at least"),
         ({"runtime": {"intra_op_threads": True}}, "runtime.intra_op_threads = True"),
         ({"update": {"trial_max_error_rate": 1.5}}, "update.trial_max_error_rate = 1.5"),
+        ({"update": {"trial_max_latency_ratio": -1.0}}, "update.trial_max_latency_ratio = -1.0 must be >= 0"),
         ({"device_id": "a/b"}, "device_id = 'a/b'"),
         ({"fleet": {"url": "http://f"}}, "device_id is required"),
         ({"device_id": "d", "fleet": {"url": "ftp://f"}}, "fleet.url = 'ftp://f'"),
