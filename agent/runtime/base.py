@@ -72,19 +72,21 @@ def golden_feeds(model_path: Path, manifest: Manifest) -> dict[str, np.ndarray] 
         ) from None
 
 
-def warm_up(session: Session, manifest: Manifest, model_path: Path) -> None:
+def warm_up(session: Session, manifest: Manifest, model_path: Path) -> dict[str, np.ndarray] | None:
     """One run on the bundle's own golden inputs so the first request does not pay for setup.
 
     Nothing is made up from the signature: a model with dynamic axes or scalar inputs may
     not run on invented shapes. Without its golden file beside it (a model loaded outside
     the blob store) there is no warm-up; the smoke test runs the golden vectors anyway.
+    Returns the golden inputs (the batching probe takes its rows from them), or None.
     """
     feeds = golden_feeds(model_path, manifest)
     if feeds is None:
-        return
+        return None
     try:
         session.run(feeds)
     except Exception as exc:
         raise LoadError(
             f"{manifest.name} r{manifest.release}: warm-up run on its golden inputs failed: {exc}"
         ) from None
+    return feeds

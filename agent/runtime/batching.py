@@ -83,7 +83,24 @@ def batch_axis_reason(manifest: Manifest) -> str | None:
     return None
 
 
-def _probe_rows(manifest: Manifest) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _golden_rows(golden: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """Two rows from the bundle's golden inputs: its first two rows, or its first row and
+    that row reversed along its last axis; None when an input has no row."""
+    if any(v.ndim == 0 or v.shape[0] < 1 for v in golden.values()):
+        return None
+    a = {k: v[0:1] for k, v in golden.items()}
+    if all(v.shape[0] >= 2 for v in golden.values()):
+        return a, {k: v[1:2] for k, v in golden.items()}
+    return a, {k: np.ascontiguousarray(v[..., ::-1]) for k, v in a.items()}
+
+
+def _probe_rows(manifest: Manifest, golden: dict[str, np.ndarray] | None = None,
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Two rows to probe with: from the golden inputs when the session has them (a model
+    with dynamic height and width may not run on invented 1x1 rows), else made up."""
+    rows = _golden_rows(golden) if golden else None
+    if rows is not None:
+        return rows
     a, b = {}, {}
     for spec in manifest.inputs:
         shape = concrete_shape(spec)
@@ -95,7 +112,7 @@ def _probe_rows(manifest: Manifest) -> tuple[dict[str, np.ndarray], dict[str, np
 
 def probe_batching(session: Session, manifest: Manifest) -> str | None:
     """Run two rows apart and together; return why they may not be merged, or None."""
-    a, b = _probe_rows(manifest)
+    a, b = _probe_rows(manifest, getattr(session, "golden", None))
     try:
         out_a, out_b = session.run(a), session.run(b)
         merged = session.run({k: np.concatenate([a[k], b[k]]) for k in a})

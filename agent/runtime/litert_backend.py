@@ -106,6 +106,7 @@ class LiteRtSession:
             self._free.put(slot)
         self.size = len(slots)
         self._outputs = output_names
+        self.golden: dict[str, np.ndarray] | None = None  # the bundle's golden inputs (batching probe)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         slot = self._free.get()
@@ -146,5 +147,5 @@ class LiteRtBackend:
             slots.append(_Slot(it))
         check_signature(manifest, list(slots[0].inputs), list(slots[0].outputs), "LiteRT")
         session = LiteRtSession(slots, [s.name for s in manifest.outputs])
-        warm_up(session, manifest, model_path)
+        session.golden = warm_up(session, manifest, model_path)
         return session

@@ -19,6 +19,7 @@ class OnnxSession:
     def __init__(self, session: Any, output_names: list[str]) -> None:
         self._session = session
         self._outputs = output_names
+        self.golden: dict[str, np.ndarray] | None = None  # the bundle's golden inputs (batching probe)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self._session.run(self._outputs, inputs)
@@ -65,5 +66,5 @@ class OnnxBackend:
         check_signature(manifest, [i.name for i in session.get_inputs()],
                         [o.name for o in session.get_outputs()], "onnxruntime")
         wrapped = OnnxSession(session, [s.name for s in manifest.outputs])
-        warm_up(wrapped, manifest, model_path)
+        wrapped.golden = warm_up(wrapped, manifest, model_path)
         return wrapped

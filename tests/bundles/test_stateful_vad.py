@@ -210,3 +210,32 @@ def test_int8_specialised_graph_has_no_top_level_branch_on_sr(silero_models: Pat
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input", "state", "sr"]
     assert sorted(o.op_type for o in __import__("onnx").load(str(out)).graph.node).count("LSTM") == 1
+
+
+def test_warm_up_and_batching_probe_run_on_the_golden_rows(
+    keys: Path, device: Device, tmp_path: Path
+) -> None:
+    """A model that fails on inputs made from its signature (a reflect Pad of 2 on a dynamic
+    axis set to 1, as silero's STFT and YOLO's Concat do) installs (warm-up on its golden
+    inputs) and batches (the probe's rows come from the golden inputs too)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fleet.bundles.build import build_bundle
+
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")], "reflect",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "m"])],
+        [numpy_helper.from_array(np.array([0, 2, 0, 2], np.int64), "pads")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "pad.onnx"))
+    golden = {"x": np.random.default_rng(0).random((1, 8), dtype=np.float32)}
+    build_bundle(tmp_path / "pad.onnx", name="pad", version="1", release=1, keyring=load_keyring(keys),
+                 out=tmp_path / "pad.bundle", golden_inputs=golden)
+    device.installer.install_file(tmp_path / "pad.bundle")
+    scheduler = device.host.scheduler("pad")
+    assert scheduler is not None
+    assert scheduler.unbatched_reason is None, scheduler.unbatched_reason
+    assert scheduler.max_rows > 1
