@@ -141,11 +141,16 @@ def parse_netem_stats(text: str) -> tuple[int, int]:
     return sent + dropped, dropped
 
 
-def _power_cut(ev: dict[str, Any], when_state: str | None) -> tuple[bool, str]:
+def _power_cut(ev: dict[str, Any], when_state: str | None, t: float | None,
+               device: dict[str, Any]) -> tuple[bool, str]:
     if ev.get("survivors"):
         return False, f"processes still running after SIGKILL: {ev['survivors']}"
     state = ev.get("state_at_cut")
     where = f"state file at the cut: {state} r{ev.get('active_release')}"
+    after = [e for e in device.get("events", []) if "state" in e and t is not None and e["t"] > t]
+    if after:  # what the device did about it, once its power came back
+        steps = [f"{e['state']} r{e['active_release']}" for e in after]
+        where += "; then " + " -> ".join(steps)
     if when_state is not None and state != when_state:
         return False, f"meant for {when_state}, landed in {state} ({where})"
     return True, where
@@ -209,7 +214,7 @@ def judge(entry: dict[str, Any], device: dict[str, Any] | None) -> tuple[bool, s
     ev = entry.get("evidence") or {}
     action = entry["action"]
     if action == "power_cut":
-        return _power_cut(ev, asked.get("when_state"))
+        return _power_cut(ev, asked.get("when_state"), entry.get("t"), device or {})
     if action == "disk_full":
         return _disk_full(ev, device or {})
     if action == "loss":

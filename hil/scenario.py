@@ -16,7 +16,8 @@
                                       # broker_stop, broker_start, disk_full, offline, online
     devices = ["dev-01"]              # or "half", "all", "canary"
     at_s = 0.0                        # seconds after the rollout started ...
-    when_state = "downloading"        # ... or as soon as the device's update state is this
+    when_state = "downloading"        # ... or the moment the device's state file shows this state
+                                      # (power_cut: the cut must land in it, or the scenario fails)
     value = 20.0                      # loss %, delay ms
     duration_s = 3.0                  # undo after this long (power_on, link_up, broker_start, ...)
     [expect]

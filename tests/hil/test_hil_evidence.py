@@ -105,6 +105,13 @@ def test_a_power_cut_counts_only_in_the_state_it_names() -> None:
     ok, detail = judge(_entry("power_cut", {"state_at_cut": "downloading", "active_release": 1},
                               when_state="downloading"), None)
     assert ok and "downloading r1" in detail
+    device = {"events": [{"t": 0.5, "state": "downloading", "active_release": 1},
+                         {"t": 1.0, "action": "power_cut"},
+                         {"t": 2.5, "state": "verifying", "active_release": 1},
+                         {"t": 4.0, "state": "committed", "active_release": 3}]}
+    ok, detail = judge(_entry("power_cut", {"state_at_cut": "downloading", "active_release": 1},
+                              when_state="downloading"), device)
+    assert ok and detail == "state file at the cut: downloading r1; then verifying r1 -> committed r3"
     ok, detail = judge(_entry("power_cut", {"state_at_cut": "verifying", "active_release": 1},
                               when_state="downloading"), None)
     assert not ok and detail.startswith("meant for downloading, landed in verifying")
