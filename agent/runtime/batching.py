@@ -110,9 +110,18 @@ def _probe_rows(manifest: Manifest, golden: dict[str, np.ndarray] | None = None,
     return a, b
 
 
+def _take_golden(session: Session) -> dict[str, np.ndarray] | None:
+    """The golden inputs the warm-up left on the session, dropped from it: a detector's
+    golden image is megabytes the device need not keep once merging is decided."""
+    golden = getattr(session, "golden", None)
+    if golden is not None:
+        session.golden = None  # type: ignore[attr-defined]
+    return golden
+
+
 def probe_batching(session: Session, manifest: Manifest) -> str | None:
     """Run two rows apart and together; return why they may not be merged, or None."""
-    a, b = _probe_rows(manifest, getattr(session, "golden", None))
+    a, b = _probe_rows(manifest, _take_golden(session))
     try:
         out_a, out_b = session.run(a), session.run(b)
         merged = session.run({k: np.concatenate([a[k], b[k]]) for k in a})
@@ -159,6 +168,7 @@ class ModelScheduler:
             # not a daemon: a runtime still running at interpreter exit aborts the process
             threading.Thread(target=self._probe, name=f"probe-{model.name}").start()
         else:
+            _take_golden(model.session)  # no probe: nothing needs them
             self._log_unbatched()
             self._probed.set()
         self._cond = threading.Condition()
