@@ -37,7 +37,7 @@ from fleet.errors import NotFoundError
 from fleet.identity.ca import MAX_CSR_BYTES, DeviceCA, DeviceCAError
 from fleet.identity.store import device_ca, publish_revocation, record_issued, revoke_device_certificates
 from shared.contract.certificates import CertificateAnswer, CertificateRequest
-from shared.timeutil import format_ts
+from shared.timeutil import format_time, format_ts
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def certificate_json(row: DeviceCertificate) -> dict[str, Any]:
     return {
         "serial": row.serial,
         "fingerprint_sha256": row.fingerprint,
-        "issued_at": format_ts(as_utc(row.issued_at)),  # type: ignore[arg-type]
-        "not_after": format_ts(as_utc(row.not_after)),  # type: ignore[arg-type]
+        "issued_at": format_time(row.issued_at),
+        "not_after": format_time(row.not_after),
         "revoked_at": format_ts(revoked) if revoked else None,
     }
 

@@ -50,7 +50,7 @@ from fleet.rollout.shadow import shadow_entries
 from shared.contract.desired import DesiredEntry, DesiredState, stable_part
 from shared.contract.enrollment import EnrollRequest, EnrollResponse
 from shared.errors import MalformedDocumentError
-from shared.timeutil import format_ts
+from shared.timeutil import format_time, format_ts
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _assignments_of(
         if bundle_ids
         else {}
     )
-    return by_device, bundles  # type: ignore[return-value]
+    return by_device, {i: b for i, b in bundles.items() if i is not None}
 
 
 def device_json(
@@ -110,7 +110,7 @@ def device_json(
         "labels": device.labels,
         "online": device.online and not silent,
         "last_seen": format_ts(last_seen) if last_seen else None,
-        "enrolled_at": format_ts(as_utc(device.enrolled_at)) if device.enrolled_at else None,  # type: ignore[arg-type]
+        "enrolled_at": format_time(device.enrolled_at),
         "agent_version": device.agent_version,
         "generation": device.generation,
         "models": stored_models(models),
@@ -297,10 +297,11 @@ class DeviceController(Controller):
                         name=b.name,
                         release=b.release,
                         digest=b.digest,
-                        bundle_id=b.id,
-                        envelope_url=f"{base}/api/v1/bundles/{b.id}/envelope",
+                        bundle_id=a.bundle_id,
+                        envelope_url=f"{base}/api/v1/bundles/{a.bundle_id}/envelope",
                         blob_url=f"{base}/api/v1/blobs/{{sha256}}",
-                        activation_window=windows.get((a.rollout_id, b.id)) if a.rollout_id else None,
+                        activation_window=windows.get((a.rollout_id, a.bundle_id))
+                        if a.rollout_id is not None else None,
                         shadow=shadows.get(b.name),
                     )
                     for a, b in rows
@@ -380,8 +381,8 @@ class DeviceController(Controller):
         with session_scope(ctx.engine) as session:
             device = _get_device(session, device_id)
             cut_off(ctx, device)
-            session.exec(sql_delete(Assignment).where(col(Assignment.device_id) == device_id))  # type: ignore[call-overload]
-            session.exec(sql_delete(DeviceClaim).where(col(DeviceClaim.device_id) == device_id))  # type: ignore[call-overload]
+            session.exec(sql_delete(Assignment).where(col(Assignment.device_id) == device_id))
+            session.exec(sql_delete(DeviceClaim).where(col(DeviceClaim.device_id) == device_id))
             session.delete(device)
         log.warning("device %s deleted", device_id)
         return {"device_id": device_id, "deleted": True}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, Table, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from shared.timeutil import as_utc as as_utc  # re-exported: the fleet imports it from here
@@ -14,6 +14,11 @@ from shared.timeutil import utcnow
 
 # the time helpers of shared.timeutil, under the names the fleet's modules import from here
 now_utc = utcnow
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """A model's Core table (SQLModel does not declare ``__table__`` to type checkers)."""
+    return SQLModel.metadata.tables[str(model.__tablename__)]
 
 
 class Device(SQLModel, table=True):

@@ -17,10 +17,10 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
-from fleet.db.models import DeviceClaim, as_utc
+from fleet.db.models import DeviceClaim, as_utc, table_of
 from fleet.ingest.claims import SeqWindow
 
-CLAIM = DeviceClaim.__table__  # type: ignore[attr-defined]
+CLAIM = table_of(DeviceClaim)
 CAUSES = ("malformed", "duplicate", "over_budget", "db_refused")
 REASON_MAX = 300
 _WINDOW = ("session", "seq_high", "seq_missing", "last_ts")

@@ -55,7 +55,7 @@ from fleet import metrics
 from fleet.broker.client import MqttTarget, make_client
 from fleet.db.device_models import ReportedModel, ReportedShadow, read_models, stored_models
 from fleet.db.engine import session_scope
-from fleet.db.models import Device, DeviceEvent, HealthReport
+from fleet.db.models import Device, DeviceEvent, HealthReport, table_of
 from fleet.ingest import claims_store
 from fleet.ingest.budget import Budget, BudgetExceeded, DeviceBudgets
 from fleet.ingest.claims import DEFAULT_BOUNDS, Bounds, ClaimRefused, check
@@ -82,9 +82,9 @@ REFUSAL_LOG_EVERY_S = 60.0  # per device: one log line for its refusals, not one
 # less a health interval (60 s), so an ingester's death never makes a device count as silent.
 MAX_SESSION_EXPIRY_S = 120
 
-DEVICE = Device.__table__  # type: ignore[attr-defined]
-HEALTH = HealthReport.__table__  # type: ignore[attr-defined]
-EVENT = DeviceEvent.__table__  # type: ignore[attr-defined]
+DEVICE = table_of(Device)
+HEALTH = table_of(HealthReport)
+EVENT = table_of(DeviceEvent)
 # The device columns telemetry merges: a batch reads them once and writes them once, with
 # ``last_health`` (replaced, never merged, so not read) when the batch has a health message.
 STATE_FIELDS = ("last_seen", "online", "agent_version", "models")

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col
 
 from fleet.db.engine import session_scope
-from fleet.db.models import HealthReport, HealthRollup
+from fleet.db.models import HealthReport, HealthRollup, table_of
 from shared.timeutil import format_ts
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _upsert(dialect: str) -> Any:
     if stmt is not None:
         return stmt
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    table = HealthRollup.__table__  # type: ignore[attr-defined]
+    table = table_of(HealthRollup)
     greatest = func.greatest if dialect == "postgresql" else func.max
     base = insert(table)
     ex = base.excluded

@@ -187,6 +187,13 @@ def _successor(
     return envelope
 
 
+def _as_list(value: object) -> list[object]:
+    """A delegation's list field (its entries are built here as lists)."""
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
 def _current_delegations(root: TrustRoot) -> tuple[list[dict[str, object]], dict[str, dict[str, str]]]:
     delegations = [
         {"name": d.name, "keyids": list(d.keyids), "threshold": d.threshold,
@@ -249,7 +256,7 @@ def delegate(
         extra[key_id(pub)] = {"scheme": "ed25519", "public": raw_public(pub).hex()}
     delegations.append({"name": name, "keyids": [key_id(k.public_key()) for k in new_keys],
                         "threshold": threshold, "models": list(models), "expires": in_days(expires_days)})
-    used = {kid for d in delegations for kid in d["keyids"]}  # type: ignore[attr-defined]
+    used = {str(kid) for d in delegations for kid in _as_list(d["keyids"])}
     extra = {kid: v for kid, v in extra.items() if kid in used}
     root_days_left = (parse_ts(root.payload.expires) - utcnow()).total_seconds() / 86400
     envelope = _successor(ring, root_keys=ring.root_keys, root_threshold=root.payload.root.threshold,

@@ -213,8 +213,12 @@ def _layout(
     """(the field names in order, and per field holding Structs: (name, Struct type, list of
     them)); resolving the type hints is slow, so once per class."""
     fields = msgspec.structs.fields(cls)
-    nested = ((f.name, *_nested_struct(f.type)) for f in fields)
-    return tuple(f.name for f in fields), tuple(n for n in nested if n[1] is not None)  # type: ignore[misc]
+    nested = []
+    for f in fields:
+        inner, many = _nested_struct(f.type)
+        if inner is not None:
+            nested.append((f.name, inner, many))
+    return tuple(f.name for f in fields), tuple(nested)
 
 
 def _named(cls: type[msgspec.Struct], value: Any) -> Any:
