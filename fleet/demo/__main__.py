@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 from fleet.demo.scenario import DemoConfig, run_demo
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.agents < 2:
         parser.error("--agents must be at least 2 (a canary and the rest)")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    # SIGTERM ends the demo like Ctrl-C: its children (own sessions) are stopped, never orphaned
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run_demo(DemoConfig(workdir=workdir, agents=args.agents, mqtt_url=args.mqtt_url),
                           keep_running=args.keep_running)

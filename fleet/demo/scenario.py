@@ -61,6 +61,8 @@ class DemoFleet:
         self.enroll_token = random_token(24)
         self.fleet_port = free_port()
         self.fleet_url = f"http://127.0.0.1:{self.fleet_port}"
+        self.mqtt_port = None if cfg.mqtt_url else free_port()  # the embedded broker's
+        self.admin_token_file = self.work / "fleet" / "admin.token"
         self.fleet: ManagedProcess | None = None
         self.agents: dict[str, ManagedProcess] = {}
         self.agent_api: dict[str, str] = {}
@@ -94,13 +96,21 @@ class DemoFleet:
         argv = python_module(
             "fleet.cli.main", "serve", "--host", "127.0.0.1", "--port", str(self.fleet_port),
             "--data-dir", str(self.work / "fleet"), "--keys", str(self.work / "keys"),
-            f"--admin-token={self.admin_token}", f"--enrollment-token={self.enroll_token}",
+            "--admin-token-file", str(self.admin_token_file),
+            "--enrollment-token-file", str(self.work / "fleet" / "enroll.token"),
         )
+        # The tokens as files (0600), not options everyone sees in ps; the operator's CLI
+        # and the dashboard read the admin token from its file when --keep-running
+        for path, token in ((self.admin_token_file, self.admin_token),
+                            (self.work / "fleet" / "enroll.token", self.enroll_token)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(token + "\n")
+            path.chmod(0o600)
         env = {}
         if self.cfg.mqtt_url:
             argv += ["--mqtt-url", self.cfg.mqtt_url]
         else:
-            env["EDGEFLEET_EMBEDDED_MQTT_PORT"] = str(free_port())
+            env["EDGEFLEET_EMBEDDED_MQTT_PORT"] = str(self.mqtt_port)
         self.fleet = ManagedProcess("fleet", argv, self.work / "logs" / "fleet.log", env).start()
         try:
             wait_until(lambda: self.http.get("/healthz").status_code == 200, timeout=60, what="the fleet")
@@ -251,6 +261,23 @@ def staged_spec(bundle_id: int, bake_seconds: float) -> dict[str, Any]:
     }
 
 
+def wait_for_stop(demo: DemoFleet) -> None:
+    """--keep-running: say where everything is, then wait for Ctrl-C or SIGTERM (both arrive
+    as KeyboardInterrupt, see fleet.demo.__main__); the caller stops every child."""
+    broker = demo.cfg.mqtt_url or f"mqtt://127.0.0.1:{demo.mqtt_port} (embedded)"
+    demo.say("demo", "keeping it running; Ctrl-C or SIGTERM stops the fleet and every agent")
+    demo.say("demo", f"dashboard: {demo.fleet_url}/dashboard")
+    demo.say("demo", f"admin token file: {demo.admin_token_file}")
+    demo.say("demo", f"broker: {broker}")
+    demo.say("demo", f"CLI: EDGEFLEET_URL={demo.fleet_url} EDGEFLEET_TOKEN=$(cat {demo.admin_token_file}) "
+             "edgefleet device list")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        demo.say("demo", "stopping the agents and the fleet")
+
+
 def run_demo(cfg: DemoConfig, *, keep_running: bool = False) -> DemoResult:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     demo = DemoFleet(cfg)
@@ -279,9 +306,7 @@ def run_demo(cfg: DemoConfig, *, keep_running: bool = False) -> DemoResult:
                      f"({gen.stats.not_ready} before any model was installed); answered by release "
                      f"{dict(sorted(gen.stats.releases.items()))}")
         if keep_running:
-            demo.say("demo", f"keeping it running: fleet at {demo.fleet_url}, Ctrl-C to stop")
-            while True:
-                time.sleep(3600)
+            wait_for_stop(demo)
         return DemoResult(first, second, serving, healthy, {"v1": v1, "v2": v2})
     finally:
         demo.stop()
