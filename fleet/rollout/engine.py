@@ -24,7 +24,11 @@ Rules:
   (switch) stage activates the target on its devices. Shadow stages come first and the
   last stage switches.
 
-The rollout lifecycle (one place; the controller and the API use ``transition``):
+Every stage ends by its deadline (``RolloutSpec.stage_deadline``; judged in
+``fleet.rollout.stalls``). A decision becomes actions in ``fleet.rollout.actions.plan``.
+
+The rollout lifecycle (one place, ``TRANSITIONS``; the controller changes a state only through
+``transition``; ``state_diagram`` draws it for docs/architecture.md):
 
     created --start--> running --(last stage passes)--> succeeded
                         |  ^

@@ -1,4 +1,8 @@
-"""rollout machine: stage deadlines and actions
+"""rollout machine: no schema change
+
+Reserved for the rollout machine (verdicts as actions, stage deadlines); it needs no column:
+a stage's deadline is in the spec (JSON, ``deadline_seconds``) and counts from the stored
+``stage_started_at``, and actions are applied in the tick that plans them, never stored.
 
 Revision ID: 0009
 Revises: 0008
