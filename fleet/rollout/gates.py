@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from fleet.rollout.bounds import CONFIDENCE, share_evidence
 from fleet.rollout.evidence import (
     MAX_LISTED,
     DeviceEvidence,
@@ -418,6 +419,13 @@ def error_rate_gate(inp: GateInput) -> GateResult | None:
     rates = {d: e.errors / e.inferences for d, e in reporting_ev.items()}
     trimmed = trimmed_mean(rates, weights, g.trim_devices)
     rate = trimmed.value
+    # the evidence behind the rate (fleet.rollout.bounds), shown beside it; the decision is
+    # still the rate against the bound (see docs/rollouts.md "Agreement is judged on evidence")
+    kept = set(trimmed.kept)
+    evidence = share_evidence({d: r for d, r in rates.items() if d in kept},
+                              {d: e.inferences for d, e in reporting_ev.items()},
+                              {d: float(w) for d, w in weights.items()})
+    lower, upper = evidence.interval()
     inferences = sum(e.inferences for e in reporting_ev.values())
     errors = sum(e.errors for e in reporting_ev.values())
     sample = sum(weights.values())
@@ -435,6 +443,11 @@ def error_rate_gate(inp: GateInput) -> GateResult | None:
             for d in listed
         },
         **trimmed.figures(),
+        "lower_bound": round(lower, 6),
+        "upper_bound": round(upper, 6),
+        "confidence": CONFIDENCE,
+        "effective_inferences": round(evidence.effective, 1),
+        "device_spread": round(max(rates.values()) - min(rates.values()), 6) if rates else 0.0,
         "refused": refused_figures(inp.evidence),
         "max_error_rate": g.max_error_rate,
         "min_inferences": g.min_inferences,

@@ -354,3 +354,15 @@ def test_idle_devices_count_as_reporting_and_silent_ones_are_not_waited_for() ->
     d = evaluate_stage(spec(max_silent_devices=None), 0, TARGET, [device("real0"), silent],
                        real(1, 600, 180), [], now=T0 + 1000, stage_started_at=T0)
     assert d.verdict is Verdict.FAIL and d.gate == "max_error_rate"
+
+
+def test_the_error_rate_states_its_evidence() -> None:
+    """Beside the rate: its 99 % Wilson bounds on the effective sample of the devices kept,
+    and the devices' spread (fleet.rollout.bounds)."""
+    health = real(2, 300, 0) + real(1, 300, 30, prefix="bad")
+    g = error_gate(run(spec(), [*names(2), "bad0"], health))
+    f = g.figures
+    # one device kept of three (trim 1): its 300 inferences without an error
+    assert (f["effective_inferences"], f["lower_bound"], f["confidence"]) == (300.0, 0.0, 0.99)
+    assert f["upper_bound"] == pytest.approx(5.4119 / (300 + 5.4119), abs=1e-4)
+    assert f["device_spread"] == pytest.approx(0.1)
