@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint install clean bench bench-quick soak deps-system deb hil hil-ci typecheck test-models
+.PHONY: demo test lint install clean bench bench-quick soak deps-system deb hil hil-ci test-arm64 typecheck test-models
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgefleet needs Python 3.11 or newer: run make with PY=python3.11 (or newer)")'
@@ -65,8 +65,16 @@ soak: $(STAMP) $(AGENT_STAMP)
 	PYTHONPATH=. $(BIN)/python -m bench.b_soak --duration $$(( $(SOAK_MINUTES) * 60 )) $(SOAK_ARGS)
 
 # The agent's .deb (dist/edgefleet-agent_*.deb): its own virtualenv in /opt/edgefleet.
+# ARCH=arm64 (or amd64) builds for that device architecture from any host, with the
+# target's wheels (docs/install.md, "Building for a device architecture"); default: this machine's.
 deb: deps-system
-	packaging/deb/build.sh --out dist $(DEB_ARGS)
+	packaging/deb/build.sh --out dist $(if $(ARCH),--arch $(ARCH)) $(DEB_ARGS)
+
+# The arm64 agent on emulated aarch64 (qemu-user through binfmt_misc, a debootstrapped Debian 12
+# root cached in ~/.cache/edgefleet/arm64-rootfs): cross-built .deb, install, predict, telemetry,
+# rollback. Needs root and network; a few minutes with the root cached, some 8 more to make it.
+test-arm64: $(STAMP) deps-system
+	EDGEFLEET_TEST_ARM64=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/arm64 $(PYTEST_ARGS)
 
 # Every HIL scenario (root: network namespaces; else plain processes), reports in hil-report/.
 hil: $(STAMP) deps-system
