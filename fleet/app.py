@@ -69,7 +69,8 @@ def create_app(settings: Settings) -> Litestar:
     # The controller publishes desired-state notices; so does an API process of a split
     # fleet (operator actions such as start assign devices there).
     wants_publisher = settings.run_controller or (settings.run_api and settings.mqtt_url is not None)
-    publisher = MqttPublisher(target) if wants_publisher else None
+    # MQTT 5 (each notice with its content-type) on an external broker; amqtt speaks 3.1.1
+    publisher = MqttPublisher(target, mqtt5=settings.mqtt_url is not None) if wants_publisher else None
     # Shared subscriptions: a dead ingester's devices go unheard for up to the session expiry
     # (capped like the ingester's) plus a health interval; shorter silent_after_s are refused.
     silence_floor = (

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from shared import mqtturl
 from shared.errors import MalformedDocumentError
+from shared.telemetry.content import content_type
 
 if TYPE_CHECKING:
     from fleet.settings import Settings
@@ -109,9 +112,12 @@ class Publisher(Protocol):
 class MqttPublisher:
     """A connected client that publishes; paho queues messages while disconnected."""
 
-    def __init__(self, target: MqttTarget) -> None:
+    def __init__(self, target: MqttTarget, *, mqtt5: bool = False) -> None:
+        """``mqtt5``: speak MQTT 5 and set each message's content-type (docs/asyncapi.json);
+        the fleet's embedded broker (amqtt) speaks 3.1.1 only."""
         self.target = target
-        self.client = make_client(target, "edgefleet-fleet-pub")
+        self.mqtt5 = mqtt5
+        self.client = make_client(target, "edgefleet-fleet-pub", mqtt5=mqtt5)
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -136,7 +142,11 @@ class MqttPublisher:
         self.client.loop_stop()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        props = None
+        if self.mqtt5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = content_type(payload)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
 
