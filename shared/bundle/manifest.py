@@ -128,7 +128,7 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
                 raise MalformedDocumentError(
                     f"fixed input {name!r} is not a scalar input of the model ({sorted(scalars)})"
                 )
-            if isinstance(value, bool):
+            if isinstance(value, bool):  # a Manifest built in code (decoding refuses booleans)
                 raise MalformedDocumentError(f"fixed input {name!r} has value {value!r}, not a number")
         for role in REQUIRED_FILES:
             if role not in self.files:
