@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,23 @@ REPO = Path(__file__).resolve().parents[2]
 
 if not os.environ.get("EDGEFLEET_TEST_ARM64"):
     collect_ignore_glob = ["test_*.py"]
+
+
+FIGURES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def report_figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Add a line to the "arm64 figures" section printed at the end of the run."""
+    return request.config.stash.setdefault(FIGURES, []).append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    figures = config.stash.get(FIGURES, [])
+    if figures:
+        terminalreporter.section("arm64 figures")
+        for line in figures:
+            terminalreporter.write_line(line)
 
 
 @dataclass

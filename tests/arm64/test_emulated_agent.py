@@ -8,9 +8,8 @@ computes, reports health over MQTT, and a faulty release is rolled back by the f
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,7 +290,8 @@ def _mlp(path: Path, width: int = 512, layers: int = 4) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_quantized_vs_float_under_emulation(arm64_root: Path, tmp_path: Path) -> None:
+def test_quantized_vs_float_under_emulation(arm64_root: Path, tmp_path: Path,
+                                            report_figure: Callable[[str], None]) -> None:
     """The int8 (dynamic) and float MLP on the device's onnxruntime: int8 agrees with float, and
     the latency ratio is recorded, labelled what it is: emulated, not a speed figure (qemu-user
     translates NEON/dot-product code; no VNNI on arm64; a real board's ratio differs)."""
@@ -311,8 +311,5 @@ def test_quantized_vs_float_under_emulation(arm64_root: Path, tmp_path: Path) ->
     figure = {"label": "emulated, not a speed figure", "machine": "aarch64 under qemu-user",
               "model": "MLP 4x512x512, batch 8", "float_ms": round(got["float"]["ms"], 3),
               "int8_ms": round(got["int8"]["ms"], 3), "int8_over_float": round(ratio, 3)}
-    print(json.dumps(figure))
-    report = os.environ.get("EDGEFLEET_ARM64_REPORT")
-    if report:
-        Path(report).write_text(json.dumps(figure, indent=1) + "\n")
+    report_figure(f"int8/float latency ratio on aarch64: {json.dumps(figure)}")
     assert ratio > 0
