@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from litestar.connection import ASGIConnection
@@ -31,6 +32,9 @@ from fleet.db.models import ApiToken, Assignment, Bundle, Device, now_utc
 from fleet.metrics import record_denied
 from fleet.rollout.shadow import shadow_bundles
 from shared.randomtoken import random_token
+
+# any connection a guard sees (HTTP or websocket, whatever its handler, user, auth and state)
+Connection = ASGIConnection[Any, Any, Any, Any]
 
 SCOPES = ("read", "deploy", "admin")
 TOKEN_PREFIX = "eft_"
@@ -75,7 +79,7 @@ class Operator:
         return "admin" in self.scopes or scope in self.scopes
 
 
-def bearer(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
+def bearer(connection: Connection) -> str | None:
     header = connection.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -83,8 +87,9 @@ def bearer(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
     return token.strip()
 
 
-def ctx_of(connection: ASGIConnection) -> AppContext:  # type: ignore[type-arg]
-    return connection.app.state.ctx  # type: ignore[no-any-return]
+def ctx_of(connection: Connection) -> AppContext:
+    ctx: AppContext = connection.app.state.ctx
+    return ctx
 
 
 def _device_for(ctx: AppContext, token: str) -> str | None:
@@ -132,11 +137,11 @@ async def operator_by_token(ctx: AppContext, token: str) -> Operator | None:
     return await anyio.to_thread.run_sync(_token_operator, ctx, token)
 
 
-def required_scope(connection: ASGIConnection, handler: BaseRouteHandler) -> str:  # type: ignore[type-arg]
+def required_scope(connection: Connection, handler: BaseRouteHandler) -> str:
     scope = handler.opt.get("scope")
     if scope:
         return str(scope)
-    return "read" if connection.method in ("GET", "HEAD") else "deploy"
+    return "read" if connection.scope.get("method") in ("GET", "HEAD") else "deploy"
 
 
 def _unauthorized(detail: str, reason: str) -> NotAuthorizedException:
@@ -150,7 +155,7 @@ def _forbidden(detail: str, reason: str) -> PermissionDeniedException:
 
 
 async def authenticate_operator(
-    connection: ASGIConnection, scope: str  # type: ignore[type-arg]
+    connection: Connection, scope: str
 ) -> Operator:
     ctx = ctx_of(connection)
     token = bearer(connection)
@@ -182,11 +187,11 @@ async def authenticate_operator(
     return operator
 
 
-async def operator_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+async def operator_guard(connection: Connection, handler: BaseRouteHandler) -> None:
     await authenticate_operator(connection, required_scope(connection, handler))
 
 
-async def device_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+async def device_guard(connection: Connection, _: BaseRouteHandler) -> None:
     """The device named in the path, with its own credential."""
     ctx = ctx_of(connection)
     token = bearer(connection)
@@ -227,7 +232,7 @@ def device_may_read_blob(ctx: AppContext, device_id: str, sha256: str) -> bool:
     return any(sha256 in (f or {}).values() for f in files)
 
 
-async def bundle_reader_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+async def bundle_reader_guard(connection: Connection, handler: BaseRouteHandler) -> None:
     """Operators with ``read``; devices only for bundles (and their blobs) assigned to them."""
     ctx = ctx_of(connection)
     token = bearer(connection)
