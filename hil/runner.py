@@ -142,6 +142,7 @@ class HilRun:
         self.undo: list[tuple[float, str, str, Fault]] = []  # (due, action, device, fault)
         self.lock = threading.RLock()  # the cut watcher applies faults from its own thread
         self.outage: dict[str, Any] | None = None  # the broker_stop entry's evidence
+        self.stop_watch = threading.Event()  # ends the cut watcher (also on an error: _teardown)
         self.loss_entries: dict[str, dict[str, Any]] = {}  # device -> its loss entry (counters read later)
 
     def say(self, text: str) -> None:
@@ -423,6 +424,8 @@ class HilRun:
                 "name": "r1 everywhere", "bundle_id": v1["id"], "selector": {"site": "lab"},
                 "stages": [{"name": "all", "percent": 100, "bake_seconds": 0}],
                 "gates": gates(5), "on_gate_failure": "rollback",
+                # a loaded machine may gather the sample slowly: wait for it rather than pause
+                "on_inconclusive": "extend", "extend_seconds": 5, "max_extensions": 12,
             }, timeout=90)
             if first["state"] != "succeeded":
                 raise RuntimeError(f"the first rollout (r1) did not succeed: {first.get('reason')}")
@@ -443,9 +446,8 @@ class HilRun:
             deadline = self.rollout_t0 + self.sc.timeout_s
             status = created
             last_poll = 0.0
-            stop_watch = threading.Event()
-            watcher = threading.Thread(target=self._watch_cuts, args=(stop_watch,), name="hil-cut-watcher",
-                                       daemon=True)
+            watcher = threading.Thread(target=self._watch_cuts, args=(self.stop_watch,),
+                                       name="hil-cut-watcher", daemon=True)
             watcher.start()
             while time.monotonic() < deadline:
                 self._poll_devices()
@@ -462,7 +464,7 @@ class HilRun:
                 if self.rollout_end is not None and not self.pending and not self.undo:
                     break
                 time.sleep(0.1)
-            stop_watch.set()
+            self.stop_watch.set()
             watcher.join(5)
             if self.rollout_end is None:
                 self.say(f"rollout {rid} still {status['state']} after {self.sc.timeout_s:.0f}s")
@@ -535,6 +537,7 @@ class HilRun:
             return False
 
     def _teardown(self) -> None:
+        self.stop_watch.set()
         if self.fleet is not None:
             self.fleet.stop()
         for dev in self.devices.values():
