@@ -12,6 +12,7 @@ from urllib.parse import quote
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
 from sqlmodel import Session, col, select
 from sqlmodel import delete as sql_delete
@@ -267,7 +268,9 @@ class DeviceController(Controller):
     @get(
         "/{device_id:str}/desired",
         guards=[device_guard],
-        responses=DEVICE_RESPONSES,
+        responses={**DEVICE_RESPONSES,
+                   200: ResponseSpec(DesiredState, description="The desired state (shared.contract.desired)"),
+                   304: ResponseSpec(None, description="Unchanged since the ETag in If-None-Match")},
         sync_to_thread=True,
         summary="The releases this device should run",
         description="Answers with an ETag; a request whose If-None-Match holds it gets 304 Not Modified "
