@@ -18,7 +18,7 @@ from shared.errors import EdgefleetError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 UPLOAD_CHUNK = 1 << 20
-ROLLOUT_ACTIONS = ("start", "pause", "resume", "abort", "rollback")
+ROLLOUT_ACTIONS = ("start", "pause", "resume", "approve", "abort", "rollback")
 TERMINAL_STATES = frozenset({"succeeded", "rolled_back", "aborted", "failed"})
 
 
@@ -197,7 +197,7 @@ class FleetClient:
         return self.request("GET", f"/api/v1/rollouts/{rollout_id}")
 
     def rollout_action(self, rollout_id: int, action: str) -> dict[str, Any]:
-        """One of start, pause, resume, abort, rollback; returns the rollout afterwards."""
+        """One of start, pause, resume, approve, abort, rollback; returns the rollout afterwards."""
         if action not in ROLLOUT_ACTIONS:
             raise ValueError(f"unknown rollout action {action!r}; one of {ROLLOUT_ACTIONS}")
         return self.request("POST", f"/api/v1/rollouts/{rollout_id}/{action}")

@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_options(p)
 
+    p = _sub(commands, "completion", "fleet.cli.completion:run", "print the shell completion script",
+             epilog="examples:\n  edgefleet completion bash > /etc/bash_completion.d/edgefleet\n"
+                    "  source <(edgefleet completion bash)\n")
+    p.add_argument("shell", choices=("bash",), help="the shell (zsh: autoload bashcompinit first)")
+
     # -- db -------------------------------------------------------------------------
     db = commands.add_parser("db", help="the fleet database schema (migrations)",
                              description="The fleet database schema, managed by Alembic migrations.")
@@ -485,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("start", "start a created rollout"),
         ("pause", "pause a running rollout (devices keep what they have)"),
         ("resume", "resume a paused rollout"),
+        ("approve", "approve the stage that passed and waits for approval; it goes on to the next"),
         ("abort", "abort: stop assigning; devices keep what they have"),
         ("rollback", "roll back: re-issue each device's previous release under a higher number"),
     ):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from fleet.cli.client import TERMINAL_STATES, FleetClient, default_token, default_url
 from fleet.cli.output import CliError, ago, console, figure, human_size, labels_text, print_json
+from shared.timeutil import parse_time
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -108,6 +109,18 @@ def _releases(device: dict[str, Any]) -> str:
     return str(models)
 
 
+def when(value: Any) -> str:
+    """"3m ago" on a terminal; the absolute UTC time in pipes and logs (a relative time read
+    later, or by a script, is wrong)."""
+    if sys.stdout.isatty():
+        return ago(value)
+    ts = parse_time(value)
+    return ts.strftime("%Y-%m-%dT%H:%M:%SZ") if ts is not None else ago(value)
+
+
+_when_text = when
+
+
 def device_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -127,7 +140,7 @@ def device_list(args: argparse.Namespace) -> int:
             labels_text(d.get("labels")),
             f"[red]{status}[/]" if status and status != "active"
             else "[green]yes[/]" if d.get("online") else "[red]no[/]",
-            ago(d.get("last_seen")),
+            when(d.get("last_seen")),
             _releases(d),
         )
     console().print(table)
@@ -172,6 +185,11 @@ def rollout_create(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rollout)
         return 0
+    if not rollout.get("devices"):
+        selector = spec.get("selector") or {}
+        which = ", ".join(f"{k}={v}" for k, v in sorted(selector.items())) if selector else "every device"
+        warnings.append(f"the rollout matches no device ({which}): no device is enrolled with those "
+                        "labels yet; 'edgefleet device list' shows the labels devices have")
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     started = "started" if args.start else f"created; start it with 'edgefleet rollout start {rid}'"
@@ -273,7 +291,7 @@ def _event_text(ev: Any) -> str:
     what = _get(ev, "message", "kind", "state", default="")
     kind = ev.get("kind")
     prefix = f"{kind}: " if kind and ev.get("message") and not str(what).startswith(str(kind)) else ""
-    return f"{ago(when) if when is not None else '':>9}  {prefix}{what}"
+    return f"{_when_text(when) if when is not None else '':>9}  {prefix}{what}"
 
 
 def _latest_gates(r: dict[str, Any]) -> Any:

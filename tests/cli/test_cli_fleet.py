@@ -221,3 +221,27 @@ def test_device_certificate_commands(fleet: str, cli) -> None:  # type: ignore[n
     assert r.code == 0 and json.loads(r.out)[0]["revoked_at"]
     r = cli("device", "revoke-certificates", "nobody", env=env)
     assert r.code != 0 and "not enrolled" in r.err
+
+
+def test_rollout_approve_and_a_rollout_that_matches_no_device(fleet: str, built, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                              cli) -> None:
+    listed = json.loads(cli("bundle", "list", "--json", env=_env(fleet)).out)
+    if not listed:
+        assert cli("bundle", "upload", str(built.bundle), env=_env(fleet)).code == 0
+        listed = json.loads(cli("bundle", "list", "--json", env=_env(fleet)).out)
+    spec = tmp_path / "nowhere.toml"
+    spec.write_text(f'name = "nowhere"\nbundle_id = {listed[0]["id"]}\n[selector]\nsite = "nowhere"\n'
+                    '[[stages]]\nname = "all"\npercent = 100\nbake_seconds = 0\n')
+    r = cli("rollout", "create", str(spec), env=_env(fleet))
+    assert r.code == 0, r.err
+    assert "warning: the rollout matches no device (site=nowhere)" in r.err
+    rid = int(r.out.split()[1])
+    # approve reaches the fleet: a created rollout has no stage waiting for approval
+    cli("rollout", "approve", str(rid), env=_env(fleet)).assert_clean_error("HTTP 409")
+
+
+def test_times_are_absolute_in_pipes(capsys: pytest.CaptureFixture[str]) -> None:
+    from fleet.cli.operator import when
+
+    assert when(1_800_000_000) == "2027-01-15T08:00:00Z"  # stdout is not a terminal here
+    assert when(None) == "never"

@@ -43,7 +43,7 @@ def test_device_list_table(cli, stub_fleet) -> None:
     assert r.code == 0, r.err
     assert "devices (2, 1 online)" in r.out
     assert "edge-01" in r.out and "ring=canary, site=lab" in r.out and "detector r7 committed" in r.out
-    assert "never" in r.out and "d ago" in r.out
+    assert "never" in r.out and "2020-01-01T00:00:00Z" in r.out  # piped: absolute, not "d ago"
     assert stub_fleet.requests[0]["headers"]["Authorization"] == "Bearer op-token"
 
 
