@@ -41,6 +41,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
@@ -93,17 +94,17 @@ def encode_record(kind: str, payload: bytes) -> bytes:
     return HEADER.pack(MAGIC, code, len(payload), crc) + payload
 
 
-def _read_record(fh: object, offset: int, limit: int) -> tuple[str, bytes, int] | None:
+def _read_record(fh: BinaryIO, offset: int, limit: int) -> tuple[str, bytes, int] | None:
     """The record at ``offset`` (kind, payload, end), or None when it is torn or corrupt."""
-    fh.seek(offset)  # type: ignore[attr-defined]
-    head = fh.read(HEADER.size)  # type: ignore[attr-defined]
+    fh.seek(offset)
+    head = fh.read(HEADER.size)
     if len(head) < HEADER.size or offset + HEADER.size > limit:
         return None
     magic, code, length, crc = HEADER.unpack(head)
     end = offset + HEADER.size + length
     if magic != MAGIC or code not in KIND_NAMES or length > MAX_RECORD_BYTES or end > limit:
         return None
-    payload = fh.read(length)  # type: ignore[attr-defined]
+    payload = fh.read(length)
     if len(payload) != length or zlib.crc32(payload, zlib.crc32(bytes([code]))) != crc:
         return None
     return KIND_NAMES[code], payload, end
@@ -153,7 +154,7 @@ class Spool:
         self._pending = 0
         self._cursor_dirty = False
         self._last_cursor = clock()
-        self._reader: tuple[int, object] | None = None
+        self._reader: tuple[int, BinaryIO] | None = None
         self._last_drop_log: float | None = None
         self.dropped: dict[str, int] = {"health": 0, "event": 0, "torn": 0}
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -474,7 +475,7 @@ class Spool:
             return sid, offset, rec[0], rec[1], rec[2]
         return None
 
-    def _reader_for(self, seg: _Segment) -> object:
+    def _reader_for(self, seg: _Segment) -> BinaryIO:
         if self._reader is None or self._reader[0] != seg.id:
             self._close_reader()
             self._reader = (seg.id, open(seg.path, "rb"))  # noqa: SIM115 - kept open across calls
@@ -483,7 +484,7 @@ class Spool:
     def _close_reader(self) -> None:
         if self._reader is not None:
             with contextlib.suppress(OSError):
-                self._reader[1].close()  # type: ignore[attr-defined]
+                self._reader[1].close()
             self._reader = None
 
     def ack(self, token: int) -> None:
@@ -586,7 +587,7 @@ def read_all(directory: Path) -> list[tuple[str, bytes]]:
     """Every stored record in order (kind, payload), from the head on; for tools and tests."""
     spool = Spool(directory, max_bytes=1 << 40)
     try:
-        out = []
+        out: list[tuple[str, bytes]] = []
         while True:
             batch = spool.take(1 << 30)
             if not batch:
