@@ -8,7 +8,11 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from .conftest import REPO, ArmDeb
+
+pytestmark = pytest.mark.timeout(900)  # the cross build fetches ~60 MB of wheels
 
 
 def test_control_fields_are_arm64_and_bookworm(arm64_deb: ArmDeb) -> None:
