@@ -115,7 +115,7 @@ def refresh_from_db(engine: Any, silence_after_s: float) -> None:
     with Session(engine) as session:
         DEVICES.set(session.exec(select(func.count()).select_from(Device)).one())
         online = select(func.count()).select_from(Device).where(
-            Device.online == True, Device.last_seen >= cutoff  # type: ignore[arg-type,operator]  # noqa: E712
+            col(Device.online), col(Device.last_seen) >= cutoff
         )
         DEVICES_ONLINE.set(session.exec(online).one())
         counts = dict(session.exec(select(Rollout.state, func.count()).group_by(Rollout.state)).all())
@@ -131,13 +131,13 @@ def refresh_from_db(engine: Any, silence_after_s: float) -> None:
 
 def set_device_refused(engine: Any) -> None:
     """``edgefleet_device_telemetry_refused`` from the DeviceClaim rows with any refusal."""
-    from sqlmodel import Session, select
+    from sqlmodel import Session, col, select
 
     from fleet.db.models import DeviceClaim
     from fleet.ingest.claims_store import CAUSES
 
     c = DeviceClaim
-    total = c.malformed + c.duplicate + c.over_budget + c.db_refused  # type: ignore[operator]
+    total = col(c.malformed) + col(c.duplicate) + col(c.over_budget) + col(c.db_refused)
     with Session(engine) as session:
         rows = session.exec(
             select(c).where(total > 0).order_by(total.desc()).limit(DEVICE_REFUSED_SERIES)

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine, Result
 from sqlmodel import Session, col
 
 from fleet.db.engine import session_scope
@@ -128,6 +128,11 @@ def _iso(ts: datetime | None) -> str | None:
     return format_ts(hour_of(ts))
 
 
+def _rowcount(result: Result[Any]) -> int:
+    """Rows a DELETE touched (a DML statement's result is a CursorResult)."""
+    return int(result.rowcount or 0) if isinstance(result, CursorResult) else 0
+
+
 def _columns() -> list[Any]:
     t = HealthRollup
     return [
@@ -146,7 +151,7 @@ def per_release(session: Session, model: str | None = None) -> list[dict[str, An
     """Totals per model and release over every device that reported it."""
     stmt = select(*_columns(), func.count(func.distinct(HealthRollup.device_id)).label("devices"))
     if model:
-        stmt = stmt.where(HealthRollup.model == model)
+        stmt = stmt.where(col(HealthRollup.model) == model)
     stmt = stmt.group_by(col(HealthRollup.model), col(HealthRollup.release)).order_by(
         col(HealthRollup.model), col(HealthRollup.release)
     )
@@ -157,7 +162,7 @@ def per_device(session: Session, device_id: str) -> list[dict[str, Any]]:
     """Totals per model and release of one device."""
     stmt = (
         select(*_columns())
-        .where(HealthRollup.device_id == device_id)
+        .where(col(HealthRollup.device_id) == device_id)
         .group_by(col(HealthRollup.model), col(HealthRollup.release))
         .order_by(col(HealthRollup.model), col(HealthRollup.release))
     )
@@ -172,16 +177,17 @@ def trim(engine: Engine, retention_days: float, rollup_retention_days: float,
     cutoff = now - timedelta(days=retention_days)
     while True:
         with session_scope(engine) as session:
-            ids = select(HealthReport.id).where(col(HealthReport.received_at) < cutoff).limit(DELETE_CHUNK)
+            old = col(HealthReport.received_at) < cutoff
+            ids = select(col(HealthReport.id)).where(old).limit(DELETE_CHUNK)
             result = session.execute(delete(HealthReport).where(col(HealthReport.id).in_(ids)))
-            n = int(result.rowcount or 0)  # type: ignore[attr-defined]
+            n = _rowcount(result)
         deleted["healthreport"] += n
         if n < DELETE_CHUNK:
             break
     with session_scope(engine) as session:
         rollup_cutoff = now - timedelta(days=rollup_retention_days)
         result = session.execute(delete(HealthRollup).where(col(HealthRollup.hour) < rollup_cutoff))
-        deleted["healthrollup"] = int(result.rowcount or 0)  # type: ignore[attr-defined]
+        deleted["healthrollup"] = _rowcount(result)
     if any(deleted.values()):
         log.info("retention: deleted %(healthreport)d health reports and %(healthrollup)d rollups", deleted)
     return deleted
