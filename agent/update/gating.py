@@ -89,7 +89,9 @@ class ActivationGate:
 # judged on evidence, as the fleet's gates are: distribution-free bounds on each p95 from the
 # order statistics of the recorded latencies, one-sided at 99 % (TRIAL_CONFIDENCE_Z); the release
 # fails only when the *lower* bound of its p95 passes ``max_latency_ratio`` times the *upper*
-# bound of the previous release's, and with at least ``min_latency_samples`` on each side.
+# bound of the previous release's, by at least ``min_latency_delta_ms`` (a model served in
+# microseconds is not rolled back for a busy CPU during its trial), and with at least
+# ``min_latency_samples`` on each side.
 # A trial without the previous release's latencies (a first install, a restart in trial) is
 # not judged on latency.
 
@@ -103,6 +105,7 @@ class TrialLimits:
     min_inferences: int = 0
     max_latency_ratio: float | None = 2.0  # None: latency is not judged
     min_latency_samples: int = 20
+    min_latency_delta_ms: float = 2.0  # slower by less than this is never judged slower
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def judge_trial(f: TrialFigures, limits: TrialLimits) -> TrialJudgement:
     latency = (f"p95 {new_p95:.2f} ms vs {old_p95:.2f} ms on the previous release "
                f"(99% bounds: trial >= {new_low * 1000:.2f} ms, previous <= {old_high * 1000:.2f} ms; "
                f"{n_new} and {n_old} samples), bound x{ratio:g}")
-    if new_low > ratio * old_high:
+    if new_low > ratio * old_high and (new_low - old_high) * 1000 >= limits.min_latency_delta_ms:
         return TrialJudgement(ReasonCode.TRIAL_LATENCY, latency)
     return TrialJudgement(None, f"{errors}; {latency}")
 

@@ -64,6 +64,13 @@ def test_a_few_slow_outliers_on_a_small_sample_are_not_enough() -> None:
     assert j.reason is None, j.message
 
 
+def test_a_fast_model_on_a_busy_cpu_is_not_judged_slower() -> None:
+    """0.05 ms to 0.5 ms: ten times slower, but by less than min_latency_delta_ms (2 ms)."""
+    f = TrialFigures(200, 0, latencies(0.5, 200, 1), latencies(0.05, 200, 2))
+    assert judge_trial(f, LIMITS).reason is None
+    assert judge_trial(f, TrialLimits(min_latency_delta_ms=0.1)).reason is ReasonCode.TRIAL_LATENCY
+
+
 def test_quantile_bounds_bracket_the_quantile() -> None:
     for n in (1, 5, 20, 100, 1000):
         values = [i / n for i in range(n)]

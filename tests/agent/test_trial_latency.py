@@ -19,7 +19,7 @@ from .conftest import Bundles, make_rig
 X = np.full((1, 4), 0.5, dtype=np.float32)
 
 
-def write_slow_classifier(path: Path, *, width: int = 768, rounds: int = 6) -> None:
+def write_slow_classifier(path: Path, *, width: int = 1024, rounds: int = 40) -> None:
     """The demo classifier (seed 0, same outputs to the bit) plus work that depends on the
     input and is multiplied by zero: ``rounds`` matrix products of ``width`` x ``width``."""
     write_classifier(path, seed=0)
@@ -59,7 +59,7 @@ def test_a_correct_but_slow_release_rolls_back_with_trial_latency(
     now = [1000.0]
     rig = make_rig(tmp_path / "s", keyring, trial_seconds=5, clock=lambda: now[0])
     rig.installer.install_file(bundles.build(1))
-    fast = [rig.predict(X) for _ in range(100)]  # the serving release's latencies on this device
+    fast = [rig.predict(X) for _ in range(400)]  # the serving release's latencies on this device
     rig.installer.install_file(slow, trial=True)
     assert rig.host.get("clf").release == 2  # type: ignore[union-attr]
     for _ in range(100):
