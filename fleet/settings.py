@@ -71,7 +71,7 @@ def _parse_env(key: str, text: str, kind: type) -> object:
         value = kind(text)
     except ValueError:
         raise SettingsError(f"{key}={text!r} is not a {kind.__name__}") from None
-    if value < 0:  # type: ignore[operator]
+    if isinstance(value, int | float) and value < 0:
         raise SettingsError(f"{key}={text!r} must not be negative")
     return value
 

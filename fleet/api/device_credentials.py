@@ -90,6 +90,7 @@ def cut_off(ctx: AppContext, device: Device) -> None:
             ) from None
     session = object_session(device)
     if session is not None:  # its certificates too: CRL and broker once the caller commits
+        # object_session() is typed as SQLAlchemy's Session; the fleet's are all sqlmodel's
         revoke_with_device(session, ctx.settings, ctx.engine, device.id)  # type: ignore[arg-type]
     device.credential_hash = "revoked"  # never the SHA-256 of anything
     device.previous_credential_hash = None

@@ -16,6 +16,7 @@ from litestar import Controller, delete, get, post
 from litestar.datastructures import State
 from litestar.params import FromPath, JSONBody
 from sqlalchemy import update
+from sqlalchemy.engine import CursorResult
 from sqlmodel import Session, col, select
 
 from fleet.api.auth import constant_time_equal, credential_hash, operator_guard
@@ -82,8 +83,8 @@ def accept_enrollment_token(session: Session, ctx: AppContext, token: str, now: 
         stmt = update(EnrollmentToken).where(col(EnrollmentToken.id) == row.id)
         if row.max_uses is not None:
             stmt = stmt.where(col(EnrollmentToken.uses) < row.max_uses)
-        done = session.execute(stmt.values(uses=EnrollmentToken.uses + 1))  # type: ignore[call-overload]
-        if done.rowcount != 1:
+        done = session.execute(stmt.values(uses=EnrollmentToken.uses + 1))
+        if not isinstance(done, CursorResult) or done.rowcount != 1:
             raise EnrollmentTokenRefused(f"enrollment token {row.id} is used up ({row.max_uses} enrollments)",
                                          token_id=row.id, max_uses=row.max_uses)
     return row.id

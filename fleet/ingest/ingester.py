@@ -617,7 +617,9 @@ def _insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> 
     copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
         sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, names))
     )
-    with conn.connection.driver_connection.cursor() as cur, cur.copy(copy_sql) as copy:  # type: ignore[union-attr]
+    driver = conn.connection.driver_connection
+    assert driver is not None  # a checked-out pool connection holds its DB-API connection
+    with driver.cursor() as cur, cur.copy(copy_sql) as copy:
         for row in rows:
             copy.write_row([row[n] for n in names])
 
