@@ -117,7 +117,8 @@ class AgentClient:
         path = f"/v1/models/{quote(name, safe='')}/predict"
         if binary:
             buf = io.BytesIO()
-            np.savez(buf, **{k: np.asarray(v) for k, v in inputs.items()})  # type: ignore[arg-type]
+            arrays = {k: np.asarray(v) for k, v in inputs.items()}
+            np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **arrays as its allow_pickle: bool
             response = self._request("POST", path, content=buf.getvalue(),
                                      headers={"Content-Type": NPZ, "Accept": NPZ})
         else:

@@ -30,6 +30,7 @@ import os
 import secrets
 import shlex
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from shared.randomtoken import random_token
@@ -110,7 +111,7 @@ class BrokerPasswordFile:
         self.reload()
 
     @contextlib.contextmanager
-    def _locked(self):  # type: ignore[no-untyped-def]
+    def _locked(self) -> Iterator[None]:
         lock = self.path.with_name(f".{self.path.name}.lock")
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
