@@ -128,6 +128,23 @@ def test_rollout_create_and_start(cli, stub_fleet, tmp_path: Path, suffix: str) 
     assert [q["path"] for q in stub_fleet.requests] == ["/api/v1/rollouts", "/api/v1/rollouts/3/start"]
 
 
+def test_rollout_create_prints_the_fleet_s_warnings(cli, stub_fleet, tmp_path: Path) -> None:
+    """The create answer's warnings (fleet.rollout.capacity) go to stderr; the rollout is
+    created and started all the same, and --json keeps them after --start."""
+    warning = ("stage 'shadow': min_agreement 0.95 implies catching a 5% slice, but 1 of 3 devices "
+               "weighed x 1 requests/s x sample rate 0.1 x bake 600 s = about 60 samples ...")
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"name": "r7", "bundle_id": 2, "stages": [{"name": "all"}]}))
+    stub_fleet.route("POST", "/api/v1/rollouts", (201, _with(state="created", warnings=[warning])))
+    stub_fleet.route("POST", "/api/v1/rollouts/3/start", (200, _with(state="running")))
+    r = cli("rollout", "create", str(path), "--start", env=_env(stub_fleet))
+    assert r.code == 0, r.err
+    assert f"warning: {warning}" in r.err and "rollout 3" in r.out and "warning" not in r.out
+    r = cli("rollout", "create", str(path), "--start", "--json", env=_env(stub_fleet))
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["warnings"] == [warning] and json.loads(r.out)["state"] == "running"
+
+
 def test_rollout_create_bad_spec(cli, stub_fleet, tmp_path: Path) -> None:
     bad = tmp_path / "spec.toml"
     bad.write_text("name = \n")
