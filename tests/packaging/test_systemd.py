@@ -17,8 +17,9 @@ INSTALL_MD = REPO / "docs" / "install.md"
 
 
 def _copy_with_existing_exec(unit: Path, out_dir: Path, name: str | None = None) -> Path:
-    """The unit with its /opt/edgefleet binary replaced by /bin/true, which exists here."""
-    text = re.sub(r"^ExecStart=/opt/edgefleet/bin/\S+", "ExecStart=/bin/true", unit.read_text(), flags=re.M)
+    """The unit with its /opt/edgefleet(-fleet) binary replaced by /bin/true, which exists here."""
+    text = re.sub(r"^ExecStart=/opt/edgefleet(?:-fleet)?/bin/\S+", "ExecStart=/bin/true", unit.read_text(),
+                  flags=re.M)
     out = out_dir / (name or unit.name)
     out.write_text(text)
     return out
