@@ -28,6 +28,11 @@ class Device(SQLModel, table=True):
     enrolled_at: datetime = Field(default_factory=now_utc, sa_column=Column(DateTime(timezone=True)))
     last_seen: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     online: bool = False
+    # The newest status (birth or death) applied, by the device's clock: a status that does not
+    # supersede it (shared.telemetry.messages.status_supersedes) is not applied, and while the
+    # newest is a death no health or event brings the device online (only its next birth).
+    status_ts: float | None = None
+    status_online: bool | None = None
     agent_version: str = ""
     # per model as the device last reported it: fleet.db.device_models.ReportedModel, encoded
     # (read_models / stored_models; the column is JSON, its declared type lives there)

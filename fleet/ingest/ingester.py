@@ -87,7 +87,7 @@ HEALTH = table_of(HealthReport)
 EVENT = table_of(DeviceEvent)
 # The device columns telemetry merges: a batch reads them once and writes them once, with
 # ``last_health`` (replaced, never merged, so not read) when the batch has a health message.
-STATE_FIELDS = ("last_seen", "online", "agent_version", "models")
+STATE_FIELDS = ("last_seen", "online", "status_ts", "status_online", "agent_version", "models")
 _STATE_COLUMNS = [DEVICE.c.id, *(DEVICE.c[f] for f in STATE_FIELDS)]
 
 
@@ -141,6 +141,8 @@ class DeviceRow:
     id: str
     last_seen: datetime | None
     online: bool
+    status_ts: float | None
+    status_online: bool | None
     agent_version: str
     models: dict[str, ReportedModel]
     last_health: messages.Health | None = None  # the batch's latest health message, if any
@@ -362,7 +364,8 @@ class Ingester:
         with session_scope(self.engine) as session:
             session.autoflush = False
             devices = {
-                r.id: DeviceRow(r.id, r.last_seen, r.online, r.agent_version, read_models(r.models))
+                r.id: DeviceRow(r.id, r.last_seen, r.online, r.status_ts, r.status_online, r.agent_version,
+                                read_models(r.models))
                 for r in session.execute(select(*_STATE_COLUMNS).where(DEVICE.c.id.in_(ids)))
             }
             claim_rows = claims_store.lock_rows(session, set(devices))
@@ -397,11 +400,13 @@ class Ingester:
         if device.last_seen is None or _aware(device.last_seen) < item.received_at:
             device.last_seen = item.received_at
         if isinstance(msg, messages.Status):
-            device.online = msg.online
+            if _status_applies(device, msg):
+                device.online = msg.online
+                device.status_ts, device.status_online = msg.ts, msg.online
             if msg.agent_version:
                 device.agent_version = msg.agent_version
         elif isinstance(msg, messages.Health):
-            device.online = True
+            device.online = device.status_online is not False
             models = dict(device.models)
             for m in msg.models:
                 prev = models.get(m.name) or ReportedModel()
@@ -439,7 +444,7 @@ class Ingester:
             device.models = models
             device.last_health = msg
         elif isinstance(msg, messages.Event):
-            device.online = True
+            device.online = device.status_online is not False
             entry = device.models.get(msg.model) or ReportedModel()
             if _newer_event(entry, msg.seq, msg.ts):
                 if msg.kind in SERVING_KINDS:
@@ -622,6 +627,15 @@ def _insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> 
     with driver.cursor() as cur, cur.copy(copy_sql) as copy:
         for row in rows:
             copy.write_row([row[n] for n in names])
+
+
+def _status_applies(device: DeviceRow, msg: messages.Status) -> bool:
+    """Newest wins (messages.status_supersedes): a birth and the death that closes it are
+    applied in their order, not their arrival's. Agents without birth/death numbers (bd_seq
+    0: their will is stamped before their birth) are applied as they arrive."""
+    if msg.bd_seq == 0 or device.status_ts is None or device.status_online is None:
+        return True
+    return (msg.ts, not msg.online) >= (device.status_ts, not device.status_online)
 
 
 def _newer_event(entry: ReportedModel, seq: int, ts: float) -> bool:
