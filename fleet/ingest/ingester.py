@@ -341,7 +341,7 @@ class Ingester:
             self._give_back(tallies)
             raise
         for item in unknown:
-            log.warning("ingester: %s from unknown device %r", item.kind, item.device_id)
+            log.warning("ingester: %s from unknown or revoked device %r", item.kind, item.device_id)
             self.stats.reject("unknown_device")
         for _ in duplicates:
             self.stats.reject("duplicate")
@@ -366,7 +366,11 @@ class Ingester:
             devices = {
                 r.id: DeviceRow(r.id, r.last_seen, r.online, r.status_ts, r.status_online, r.agent_version,
                                 read_models(r.models))
-                for r in session.execute(select(*_STATE_COLUMNS).where(DEVICE.c.id.in_(ids)))
+                # A revoked device's claims are no one's: on a broker the fleet does not manage
+                # (the embedded one) it may still publish, so they are refused here too.
+                for r in session.execute(
+                    select(*_STATE_COLUMNS).where(DEVICE.c.id.in_(ids), DEVICE.c.revoked_at.is_(None))
+                )
             }
             claim_rows = claims_store.lock_rows(session, set(devices))
             for device_id, tally in tallies.items():

@@ -214,6 +214,23 @@ def test_messages_of_unknown_devices_are_not_counted_on_any_row(client: TestClie
     assert msgspec.json.decode(r.content)  # a JSON error, not a 500
 
 
+def test_a_revoked_device_reports_nothing_even_where_the_broker_lets_it_publish(
+    client: TestClient[Any],
+) -> None:
+    """The embedded broker is anonymous: a revoked device can still publish there, and the
+    ingester refuses its reports as it does an unknown device's."""
+    enroll(client, "gone")
+    ing = ingester(client)
+    assert send(ing, health("gone", 1))
+    write_queued(ing)
+    assert stored(client, "gone")[0] == 1
+    assert client.post("/api/v1/devices/gone/revoke", headers=admin()).status_code == 200
+    assert send(ing, health("gone", 2))
+    write_queued(ing)
+    assert stored(client, "gone")[0] == 1
+    assert ing.stats.rejected["unknown_device"] == 1
+
+
 def test_budgets_and_bounds_come_from_the_settings(settings: Any, monkeypatch: Any) -> None:
     import dataclasses
 
