@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint install clean bench bench-quick soak deps-system deb hil hil-ci test-arm64 typecheck test-models
+.PHONY: demo test test-long lint install clean bench bench-quick soak deps-system deb hil hil-ci test-arm64 typecheck test-models
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgefleet needs Python 3.11 or newer: run make with PY=python3.11 (or newer)")'
@@ -27,7 +27,12 @@ deps-system:
 test: $(STAMP) deps-system
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m 'not long' $(PYTEST_ARGS)
+
+# The slowest end-to-end tests (power cuts at every step, the demo against Mosquitto, the
+# dashboard in Chromium, an ingester killed mid-rollout, ...): marked `long`, run by CI.
+test-long: $(STAMP) deps-system
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m long $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

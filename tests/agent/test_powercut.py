@@ -263,6 +263,7 @@ retry_failed_s = 0.5
 """)
 
 
+@pytest.mark.long
 def test_power_cut_at_every_step_serves_a_valid_model_and_converges(
     tmp_path: Path, keyring: Keyring, bundles: Bundles, fleet: RangeFleet
 ) -> None:

@@ -60,6 +60,7 @@ def _faulty_rollout(demo: DemoFleet) -> tuple[dict[str, Any], int]:
     return v1, int(second["id"])
 
 
+@pytest.mark.long
 def test_dashboard_shows_the_rollback(demo: DemoFleet, chromium: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 

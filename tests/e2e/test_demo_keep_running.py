@@ -36,6 +36,7 @@ def _processes_under(workdir: Path) -> list[int]:
     return found
 
 
+@pytest.mark.long
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_keep_running_prints_where_things_are_and_sigterm_stops_every_child(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ def _assert_rolled_back_at_canary(result, lines: list[str]) -> None:  # type: ig
     assert any("rolled back" in line or "rollback" in line for line in lines)
 
 
+@pytest.mark.long
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_demo_against_mosquitto(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]

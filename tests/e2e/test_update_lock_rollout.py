@@ -81,6 +81,7 @@ def _staged_waiting(rig: Rig) -> bool:
                 and rec.message.startswith(f"r2 staged, {LOCK_WAIT}"))
 
 
+@pytest.mark.long
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_a_release_waits_for_an_update_lock_and_activates_when_it_is_released(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import paho.mqtt.client as mqtt
 from fleet_support import ADMIN, ENROLL, admin, enroll, free_port, make_bundle, upload
 from litestar.testing import TestClient
@@ -70,6 +71,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.mark.long
 def test_killing_an_ingester_mid_rollout_marks_no_device_silent(
     client: TestClient[Any], keyring: Any, mosquitto: Any, tmp_path: Path
 ) -> None:

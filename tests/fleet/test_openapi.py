@@ -57,6 +57,7 @@ def fuzz_app(tmp_path: Path, keyring: Keyring) -> Any:
     return create_app(s)
 
 
+@pytest.mark.long
 def test_schemathesis_finds_no_server_error(fuzz_app: Any) -> None:
     # (no lifespan needed: this app runs neither broker, ingester nor controller)
     schema = schemathesis.openapi.from_asgi("/schema/openapi.json", fuzz_app)

@@ -122,6 +122,7 @@ def ssh_lab(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
         net.close()
 
 
+@pytest.mark.long
 @pytest.mark.e2e
 def test_bad_canary_over_ssh_for_real(ssh_lab: tuple[Path, list[str]], tmp_path: Path) -> None:
     inventory, _ = ssh_lab
