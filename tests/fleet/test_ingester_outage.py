@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import paho.mqtt.client as mqtt
+import pytest
 from fleet_support import ADMIN, ENROLL, admin, enroll, free_port, make_bundle, upload
 from litestar.testing import TestClient
 
