@@ -144,7 +144,8 @@ def cmd_trust(config: AgentConfig, args: argparse.Namespace) -> int:
 
 def cmd_run(config: AgentConfig, level: str, log_format: str | None = None,
             config_path: Path | None = None) -> int:
-    from agent.main import Agent, setup_logging
+    from agent.logsetup import setup_logging
+    from agent.main import Agent
     from shared.bundle import sigcheck
     from shared.logformat import LogFormatError, log_format_from
 

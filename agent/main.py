@@ -1,5 +1,6 @@
 """The agent assembled in one place: config -> state -> model host -> installer -> API ->
-reporter -> desired-state loop. A test builds the same parts with other settings.
+telemetry link -> desired-state loop. A test builds the same parts with other settings
+(logging: agent/logsetup.py; the MQTT session and its login: agent/telemetry/link.py).
 
 Threads: the API serves requests in its own threads; one update worker polls the
 desired state (every poll_interval_s, and at once on an MQTT notice), installs, and
@@ -11,16 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
-
-import msgspec
 
 from agent import __version__, sdnotify
 from agent.api.connections import ConnectionLimits
@@ -32,8 +29,8 @@ from agent.runtime.batching import BatchPolicy
 from agent.runtime.host import ModelHost
 from agent.runtime.registry import default_backends
 from agent.runtime.shadow import ShadowPolicy
-from agent.telemetry.connection import TlsOptions, mqtt_tls
 from agent.telemetry.drift import BaselineAttacher
+from agent.telemetry.link import TelemetryLink
 from agent.telemetry.reporter import Reporter
 from agent.update.blobs import BlobStore
 from agent.update.clock import TrustedClock
@@ -51,7 +48,7 @@ from shared.errors import EdgefleetError
 if TYPE_CHECKING:  # imported by a fleet-connected agent only (an offline one never talks HTTP)
     import httpx
 
-    from agent.fleet_client import Credential, FleetClient
+    from agent.fleet_client import FleetClient
     from agent.identity.certificate import DeviceCertificate
 
 log = logging.getLogger("agent")
@@ -59,52 +56,6 @@ log = logging.getLogger("agent")
 # After the fleet served a trust root this agent refused, ask again for the same version
 # only after this long (a download failure is retried at the next poll).
 ROOT_RETRY_S = 600.0
-# After the broker refused the device's login, the agent fetches new credentials with its
-# API credential (its broker password may have been reset); at most once in this period,
-# and not within it after any credential change (a rotation's own reconnect race).
-LOGIN_HEAL_QUIET_S = 60.0
-
-
-class _JournalFilter(logging.Filter):
-    _PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.priority = self._PRIORITY.get(record.levelname, 6)
-        return True
-
-
-def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
-    """One line per record on stderr, text or JSON (``--log-format``); under systemd, with a
-    <priority> prefix that journald takes as the line's priority."""
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        from shared.logformat import JsonFormatter
-
-        formatter: logging.Formatter = JsonFormatter("agent")
-    elif os.environ.get("JOURNAL_STREAM"):
-        formatter = logging.Formatter("%(name)s: %(message)s")  # journald stamps the time
-    else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.addFilter(_JournalFilter())
-        formatter = _PriorityPrefix(formatter)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
-
-
-class _PriorityPrefix(logging.Formatter):
-    """``<6>`` before the line another formatter made: journald's priority of a stream line."""
-
-    def __init__(self, inner: logging.Formatter) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{getattr(record, 'priority', 6)}>" + self.inner.format(record)
 
 
 def load_trust_root(path: Path, state_dir: Path | None = None) -> TrustRoot:
@@ -164,9 +115,11 @@ class Agent:
                 from agent.identity.certificate import DeviceCertificate
 
                 self.certificate = DeviceCertificate(self.fleet, config.state_dir)
-            self.fleet.on_change(self._credential_changed)
             fetcher = Fetcher(client, self.fleet.auth_headers, cancel=self._stop,
                               policy=DownloadPolicy.from_config(config.update))
+        self.link = TelemetryLink(config, host=self.host, states=self.states,
+                                  on_desired=self.request_sync, model_details=self.model_details,
+                                  wake=self._wake.set, fleet=self.fleet, certificate=self.certificate)
         # Expiry checks use the best time the agent has; activation waits for the maintenance
         # window and for the update locks of local applications (docs/agent-lifecycle.md).
         self.clock = TrustedClock(config.state_dir)
@@ -177,7 +130,7 @@ class Agent:
                               local_now=self.clock.local_now, wall_now=self.clock.now_ts)
         self.installer = Installer(
             store=self.store, blobs=self.blobs, host=self.host, trust_root=self.trust_root,
-            backend=self.backend, fetcher=fetcher, emit=self._emit,
+            backend=self.backend, fetcher=fetcher, emit=self.link.emit,
             gate=gate, expiry_now=self.clock.now,
             offline_expiry_grace_s=config.update.offline_expiry_grace_s,
             trial_seconds=config.update.trial_seconds,
@@ -190,25 +143,11 @@ class Agent:
         )
         self.shadows = ShadowStager(self.installer)
         self.api: ApiServer | None = None
-        self.reporter: Reporter | None = None
-        self._events: list[tuple[str, str, int, int | None, str | None, str]] = []
-        self._events_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._started = False
         self._root_refused: tuple[int, float] | None = None  # (version, retry after: monotonic)
-        self._login_refused = threading.Event()  # set by the reporter's network thread
-        self._credentials_at: float | None = None  # monotonic: last credential change or heal
 
-    # -- events -----------------------------------------------------------------------
-
-    def _emit(self, model: str, kind: str, release: int, from_release: int | None,
-              reason: str | None, message: str) -> None:
-        with self._events_lock:
-            if self.reporter is None:
-                self._events.append((model, kind, release, from_release, reason, message))
-                del self._events[:-100]
-                return
-        self.reporter.event(model, kind, release, from_release, reason, message)
+    # -- state -----------------------------------------------------------------------
 
     def states(self) -> dict[str, str]:
         try:
@@ -216,117 +155,20 @@ class Agent:
         except StateError:
             return {}
 
-    # -- telemetry --------------------------------------------------------------------
+    # -- telemetry (agent/telemetry/link.py) ---------------------------------------------
+
+    @property
+    def reporter(self) -> Reporter | None:
+        return self.link.reporter
 
     def _start_reporter(self) -> bool:
-        """Start MQTT once its URL is known (config, else the fleet's enrollment answer)."""
-        if self.reporter is not None or self.config.device_id is None:
-            return True
-        if not self.config.mqtt_enabled and self.fleet is None:
-            return True
-        url = self.config.mqtt.url
-        username = password = None
-        protocol = self.config.mqtt.protocol
-        if self.fleet is not None:
-            try:
-                cred = self.fleet.credential()
-            except (EdgefleetError, StateError) as exc:
-                log.warning("not enrolled yet (%s); telemetry starts after enrollment", exc)
-                return False
-            url = url or cred.mqtt_url
-            # The broker user is the device id; its password the one enrollment handed out
-            # (None from a fleet that does not manage the broker: the API credential is never
-            # sent to the broker).
-            username, password = cred.device_id, cred.broker_password
-            if protocol == "auto" and url == cred.mqtt_url and cred.mqtt_protocol:
-                protocol = cred.mqtt_protocol  # the fleet's word for its own broker
-        if not url:
-            log.warning("no MQTT URL in the config nor from the fleet; telemetry is off")
-            return True
-        tls = mqtt_tls(self.config.mqtt)
-        if self.certificate is not None and not url.startswith("mqtts:"):
-            # never a silent fallback to a login without the certificate
-            log.error('mqtt.certificate = "fleet" needs an mqtts:// broker, but the MQTT URL is %s; '
-                      "telemetry is off", url.split("@")[-1])
-            return True
-        if self.certificate is not None:
-            try:
-                self.certificate.ensure()
-            except (EdgefleetError, StateError) as exc:
-                log.warning("no device certificate yet (%s); telemetry starts once the fleet signed one",
-                            exc)
-                return False
-            tls = self._certificate_tls()
-        reporter = Reporter(
-            device_id=self.config.device_id, mqtt_url=url, state_dir=self.config.state_dir,
-            host=self.host, states=self.states, on_desired=self.request_sync,
-            model_details=self.model_details,
-            health_interval_s=self.config.mqtt.health_interval_s,
-            keepalive_s=self.config.mqtt.keepalive_s, username=username, password=password,
-            protocol=protocol, tls=tls,
-            spool_max_bytes=self.config.mqtt.spool_max_bytes, encoding=self.config.mqtt.encoding,
-        )
-        if self.fleet is not None and password is not None:
-            reporter.on_login_refused = self._on_login_refused
-        reporter.start()
-        with self._events_lock:
-            self.reporter = reporter
-            pending, self._events = self._events, []
-        for ev in pending:
-            reporter.event(*ev)
-        return True
-
-    def _certificate_tls(self) -> TlsOptions:
-        """The [mqtt] TLS options with the device certificate in use."""
-        assert self.certificate is not None
-        files = self.certificate.files()
-        tls = mqtt_tls(self.config.mqtt)
-        if files is None:
-            return tls
-        return msgspec.structs.replace(tls, cert_file=files[0], key_file=files[1])
+        return self.link.start()
 
     def renew_certificate(self, now: float | None = None, *, force: bool = False) -> bool:
-        """Renew the device certificate when due (or now with ``force``); the MQTT connection
-        moves to the new one at once (no restart). True when a new certificate is in use."""
-        if self.certificate is None:
-            return False
-        try:
-            renewed = self.certificate.ensure(now, force=force)
-        except (EdgefleetError, StateError) as exc:
-            log.warning("device certificate: %s", exc)
-            return False
-        if renewed and self.reporter is not None:
-            self.reporter.use_tls(self._certificate_tls())
-        return renewed
-
-    def _on_login_refused(self) -> None:
-        self._login_refused.set()
-        self._wake.set()
+        return self.link.renew_certificate(now, force=force)
 
     def heal_login(self) -> bool:
-        """The broker refused the login: fetch new credentials with the API credential (the
-        fleet rewrites the broker password), unless one changed within LOGIN_HEAL_QUIET_S.
-        True when new credentials were fetched."""
-        self._login_refused.clear()
-        changed = self._credentials_at
-        if self.fleet is None or (changed is not None and time.monotonic() - changed < LOGIN_HEAL_QUIET_S):
-            return False
-        self._credentials_at = time.monotonic()
-        log.warning("the broker refused the device's login; fetching new credentials from the fleet")
-        try:
-            self.fleet.rotate()
-        except (EdgefleetError, StateError) as exc:
-            log.warning("new credentials after a refused broker login: %s", exc)
-            return False
-        return True
-
-    def _credential_changed(self, cred: Credential) -> None:
-        """A re-enrollment or rotation: the MQTT login moves to the new broker password at
-        once, like the HTTP client (which reads the credential on every request)."""
-        self._credentials_at = time.monotonic()
-        reporter = self.reporter
-        if reporter is not None and cred.broker_password is not None:
-            reporter.use_login(cred.device_id, cred.broker_password)
+        return self.link.heal_login()
 
     # -- desired state ----------------------------------------------------------------
 
@@ -437,7 +279,7 @@ class Agent:
             elif self.certificate is not None:
                 self.renew_certificate()
             self._wake.clear()
-            if self._login_refused.is_set():
+            if self.link.login_refused:
                 self.heal_login()
             if time.monotonic() >= next_poll or self._sync.is_set():
                 # Offline (no fleet) this only re-arms the timer: without it the loop would
@@ -515,8 +357,7 @@ class Agent:
         self.host.close()
         if self._worker is not None:
             self._worker.join(timeout=10)
-        if self.reporter is not None:
-            self.reporter.stop()
+        self.link.stop()
         if self.http is not None:
             self.http.close()
         self.store.release()
