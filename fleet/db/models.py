@@ -120,7 +120,7 @@ class RolloutDevice(SQLModel, table=True):
     previous_bundle_id: int | None = None
     status: str = "pending"  # pending | assigned | rolled_back | removed
     assigned_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
-    # where the device stands with the target: fleet.rollout.gates.Progress, its reason code
+    # where the device stands with the target: fleet.rollout.progress.Progress, its reason code
     progress: str = "pending"
     reason: str | None = None
     detail: str = ""
@@ -262,3 +262,29 @@ class DeviceCertificate(SQLModel, table=True):
                                 sa_column=Column(DateTime(timezone=True), nullable=False))
     not_after: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class HealthBucket(SQLModel, table=True):
+    """Health of one device, model and release per minute of arrival (``received_at`` floored),
+    added to by the ingester in the transaction that stores each report
+    (fleet.rollout.health_buckets). The rollout gates read sums over the buckets of a stage's
+    window instead of every raw report (docs/deployment.md "Sizing")."""
+
+    __table_args__ = (Index("ix_healthbucket_model_release_minute", "model", "release", "minute"),)
+    device_id: str = Field(primary_key=True, max_length=64)
+    model: str = Field(primary_key=True, max_length=64)
+    release: int = Field(sa_column=Column(BigInteger, primary_key=True))
+    minute: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    reports: int = 0
+    inferences: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    errors: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    # latency and drift as sums and counts of the reports that carry them (their means)
+    p95_sum: float = 0.0
+    p95_count: int = 0
+    drift_sum: float = 0.0
+    drift_count: int = 0
+    # reports a gate would refuse on their own figures (negative, not finite, errors above
+    # inferences): a device with any is read from its raw reports (fleet.rollout.health_reads)
+    suspect: int = 0
+    first_received: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    last_received: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))

@@ -61,6 +61,7 @@ from fleet.ingest.budget import Budget, BudgetExceeded, DeviceBudgets
 from fleet.ingest.claims import DEFAULT_BOUNDS, Bounds, ClaimRefused, check
 from fleet.ingest.claims_store import ClaimRow, Tally
 from fleet.ingest.rollup import Window, add_windows
+from fleet.rollout.health_buckets import add_health
 from shared.errors import EdgefleetError
 from shared.telemetry import messages, topics
 from shared.telemetry.vocabulary import EventKind
@@ -387,6 +388,7 @@ class Ingester:
                 self._apply(device, item, rows)
                 written += 1
             _insert_rows(session, HEALTH, rows.health)
+            add_health(session, rows.health)  # the gates' per-minute sums (fleet.rollout.health_buckets)
             _insert_rows(session, EVENT, rows.events)
             add_windows(session, rows.windows)
             touched = [devices[k] for k in sorted(devices) if devices[k].touched]

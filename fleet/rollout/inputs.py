@@ -13,8 +13,9 @@ from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from fleet.db.device_models import ReportedModel, read_model
-from fleet.db.models import Bundle, Device, DeviceEvent, HealthReport, Rollout, RolloutDevice, as_utc
+from fleet.db.models import Bundle, Device, DeviceEvent, Rollout, RolloutDevice, as_utc
 from fleet.rollout import engine as eng
+from fleet.rollout.health_reads import target_windows, windows_between
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,19 @@ LATENCY_BASELINE_S = 3600.0
 def gate_inputs(
     session: Session, rollout: Rollout, spec: eng.RolloutSpec, bundle: Bundle, now: datetime
 ) -> tuple[list[RolloutDevice], dict[str, Any]]:
-    """The rollout's members and what the engine needs about them, from the database."""
+    """The rollout's members and what the engine needs about them, from the database.
+
+    Health comes from the per-minute buckets (fleet.rollout.health_reads), and every set of
+    devices is a subquery, never a list of ids (PostgreSQL takes at most 65,535 parameters)."""
     stage_index = rollout.current_stage
     members = list(session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)))
-    ids = [m.device_id for m in members if m.stage <= stage_index]
+    in_stage = select(RolloutDevice.device_id).where(
+        RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage <= stage_index
+    )
+    staged = [m for m in members if m.stage <= stage_index]
     devices = (
-        {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))} if ids else {}
+        {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(in_stage)))}
+        if staged else {}
     )
 
     def ts(value: datetime | None) -> float | None:
@@ -60,39 +68,30 @@ def gate_inputs(
     baseline: list[eng.HealthWindow] = []
     events: list[eng.InstallEvent] = []
     target = bundle.release
-    if ids:
-        # In the order received: the gates take a device's windows up to what it could have
-        # served (fleet.rollout.evidence), and refuse a (seq, ts) it already sent.
-        health = [
-            eng.HealthWindow(h.device_id, h.release, h.inferences, h.errors, h.p95_ms, h.drift,
-                             seq=h.seq, ts=h.ts, received_at=ts(h.received_at))
-            for h in session.exec(
-                select(HealthReport)
-                .where(
-                    col(HealthReport.device_id).in_(ids),
-                    HealthReport.model == rollout.model,
-                    HealthReport.release == target,
-                    col(HealthReport.received_at) >= stage_started,
-                )
-                .order_by(col(HealthReport.received_at), col(HealthReport.id))
-            )
-        ]
+    if staged:
+        # The gates take a device's windows up to what it could have served
+        # (fleet.rollout.evidence); the devices whose reports must be judged one by one are
+        # read from their raw reports (health_reads.target_windows).
+        health = target_windows(
+            session, rollout.model, target, in_stage, [s for s in states if s.stage <= stage_index],
+            since=stage_started, now=now.timestamp(),
+            max_device_rate=spec.gates_of(stage_index).max_device_rate,
+        )
         events = [
             eng.InstallEvent(e.device_id, e.release, e.kind, e.reason, e.from_release)
             for e in session.exec(
                 select(DeviceEvent)
                 .where(
-                    col(DeviceEvent.device_id).in_(ids),
+                    col(DeviceEvent.device_id).in_(in_stage),
                     DeviceEvent.model == rollout.model,
-                    or_(DeviceEvent.release == target, DeviceEvent.from_release == target),
+                    or_(col(DeviceEvent.release) == target, col(DeviceEvent.from_release) == target),
                     col(DeviceEvent.received_at) >= started,
                 )
                 .order_by(col(DeviceEvent.received_at), col(DeviceEvent.id))
             )
         ]
         if spec.gates_of(stage_index).max_latency_ratio is not None:
-            in_stage = [m for m in members if m.stage <= stage_index]
-            baseline = previous_release_windows(session, rollout, in_stage)
+            baseline = previous_release_windows(session, rollout, staged)
     shadow: list[eng.ShadowFigures] = []
     if spec.stages[stage_index].mode == "shadow":
         shadow = shadow_figures(devices.values(), rollout.model, target, stage_started.timestamp())
@@ -100,42 +99,39 @@ def gate_inputs(
         "devices": states, "health": health, "events": events, "baseline": baseline, "shadow": shadow,
     }
 
+
 def previous_release_windows(
     session: Session, rollout: Rollout, members: Sequence[RolloutDevice]
 ) -> list[eng.HealthWindow]:
-    """Windows of each device's previous release from before it was told to update."""
+    """Windows of each device's previous release from the LATENCY_BASELINE_S before it was
+    told to update: read per time of assignment (a stage's devices share one), from buckets."""
     previous_ids = {m.previous_bundle_id for m in members if m.previous_bundle_id}
     if not previous_ids:
         return []
     releases = {
         b.id: b.release for b in session.exec(select(Bundle).where(col(Bundle.id).in_(previous_ids)))
     }
-    until = {
-        m.device_id: (as_utc(m.assigned_at), releases.get(m.previous_bundle_id or 0))
-        for m in members
-        if m.assigned_at is not None and m.previous_bundle_id in releases
-    }
-    if not until:
-        return []
-    first = min(t for t, _ in until.values() if t is not None)
-    rows = session.exec(
-        select(HealthReport).where(
-            col(HealthReport.device_id).in_(list(until)),
-            HealthReport.model == rollout.model,
-            col(HealthReport.release).in_(sorted(set(releases.values()))),
-            col(HealthReport.received_at) >= first - timedelta(seconds=LATENCY_BASELINE_S),
-        )
-    )
-    out = []
-    for h in rows:
-        assigned, release = until[h.device_id]
-        received = as_utc(h.received_at)
-        if assigned is None or received is None or h.release != release:
+    release_of: dict[str, int] = {}
+    groups: dict[datetime, set[int]] = {}
+    for m in members:
+        assigned = as_utc(m.assigned_at)
+        release = releases.get(m.previous_bundle_id or 0)
+        if m.assigned_at is None or assigned is None or release is None:
             continue
-        if assigned - timedelta(seconds=LATENCY_BASELINE_S) <= received < assigned:
-            out.append(
-                eng.HealthWindow(h.device_id, h.release, h.inferences, h.errors, h.p95_ms, h.drift)
-            )
+        release_of[m.device_id] = release
+        groups.setdefault(assigned, set()).add(release)
+    out = []
+    for assigned, group_releases in sorted(groups.items()):
+        same_time = select(RolloutDevice.device_id).where(
+            RolloutDevice.rollout_id == rollout.id,
+            RolloutDevice.stage <= rollout.current_stage,
+            RolloutDevice.assigned_at == assigned,
+        )
+        start = assigned - timedelta(seconds=LATENCY_BASELINE_S)
+        out += [
+            w for w in windows_between(session, rollout.model, group_releases, same_time, start, assigned)
+            if release_of.get(w.device_id) == w.release
+        ]
     return out
 
 

@@ -16,6 +16,7 @@ from fleet.broker.client import RecordingPublisher
 from fleet.db.models import Device, DeviceEvent, HealthReport
 from fleet.registry.bundles import manifest_of
 from fleet.rollout.controller import RolloutController
+from fleet.rollout.health_buckets import add_health
 from fleet.settings import Settings
 from shared.bundle.keyring import Keyring
 from shared.telemetry import messages, topics
@@ -45,18 +46,18 @@ def report(
         device.models = {**device.models, model: {"release": release, "version": "x", "state": "committed"}}
         s.add(device)
         if inferences:
-            s.add(
-                HealthReport(
-                    device_id=device_id,
-                    ts=now.timestamp(),
-                    received_at=now,
-                    seq=1,
-                    model=model,
-                    release=release,
-                    inferences=inferences,
-                    errors=errors,
-                )
+            health = HealthReport(
+                device_id=device_id,
+                ts=now.timestamp(),
+                received_at=now,
+                seq=1,
+                model=model,
+                release=release,
+                inferences=inferences,
+                errors=errors,
             )
+            s.add(health)
+            add_health(s, [health.model_dump()])  # the ingester's buckets, as it writes them
         if event:
             s.add(
                 DeviceEvent(

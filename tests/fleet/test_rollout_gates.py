@@ -18,6 +18,7 @@ from fleet.app import create_app
 from fleet.db.models import Device, DeviceEvent, GateEvaluation, HealthReport
 from fleet.ingest.ingester import _drift
 from fleet.rollout.controller import RolloutController
+from fleet.rollout.health_buckets import add_health
 from fleet.settings import Settings
 from shared.bundle.keyring import Keyring
 
@@ -78,19 +79,19 @@ class Fleet:
             s.add(dev)
             if inferences:
                 self.seq += 1
-                s.add(
-                    HealthReport(
-                        device_id=device,
-                        ts=self.at(at).timestamp(),
-                        received_at=self.at(at),
-                        seq=self.seq,
-                        model=MODEL,
-                        release=release,
-                        inferences=inferences,
-                        errors=errors,
-                        **extra,
-                    )
+                report = HealthReport(
+                    device_id=device,
+                    ts=self.at(at).timestamp(),
+                    received_at=self.at(at),
+                    seq=self.seq,
+                    model=MODEL,
+                    release=release,
+                    inferences=inferences,
+                    errors=errors,
+                    **extra,
                 )
+                s.add(report)
+                add_health(s, [report.model_dump()])  # the ingester's buckets, as it writes them
             s.commit()
 
     def event(self, device: str, kind: str, release: int, at: float, **extra: Any) -> None:
