@@ -19,20 +19,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, update
+from sqlalchemy import select as core_select
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from fleet.broker.client import Publisher
 from fleet.db.engine import session_scope
 from fleet.db.models import (
-    Assignment,
     Bundle,
-    Device,
     GateEvaluation,
     Rollout,
     RolloutDevice,
     as_utc,
     now_utc,
+    table_of,
 )
 from fleet.errors import ConflictError, NotFoundError
 from fleet.metrics import record_gate
@@ -41,14 +42,21 @@ from fleet.rollout import actions as act
 from fleet.rollout import engine as eng
 from fleet.rollout.assignments import (
     Notice,
-    bump_generation,
+    assign_set,
     end_shadow,
     load_spec,
     record,
-    rollout_release,
-    set_assignment,
 )
 from fleet.rollout.inputs import gate_inputs
+from fleet.rollout.membership import (
+    LISTED_DEVICES,
+    assign_members,
+    check_conflicts,
+    enter_stage,
+    expire_members,
+    join_new_devices,
+    member_ids,
+)
 from fleet.rollout.releases import (
     accepted_releases,
     latest_failures,
@@ -78,14 +86,15 @@ def set_state(rollout: Rollout, op: str, reason: str | None) -> None:
 class RolloutController:
     def __init__(
         self,
-        engine: Engine,
+        db: Engine,
         *,
         keys_dir: Path | None = None,
         publisher: Publisher | None = None,
         interval_s: float = 1.0,
         silence_floor: tuple[float, float] | None = None,
     ) -> None:
-        self.engine = engine
+        # the database (SQLAlchemy's Engine); ``eng`` is the rollout engine, the pure decisions
+        self.db = db
         # (ingester session expiry, device health interval) when ingesters share a subscription:
         # a spec's silent_after_s must cover both (engine.check_silence_floor)
         self.silence_floor = silence_floor
@@ -124,58 +133,24 @@ class RolloutController:
             raise NotFoundError(f"rollout {rollout_id} does not exist", rollout_id=rollout_id)
         return rollout
 
-    # -- membership ------------------------------------------------------------------
-    def _assign_members(self, session: Session, rollout: Rollout, spec: eng.RolloutSpec) -> dict[str, int]:
-        devices = [(d.id, d.labels) for d in session.exec(select(Device))]
-        stages = eng.assign_stages(rollout.id or 0, spec, devices)
-        for old in session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)):
-            session.delete(old)
-        session.flush()
-        for device_id, stage in stages.items():
-            session.add(RolloutDevice(rollout_id=rollout.id or 0, device_id=device_id, stage=stage))
-        return stages
-
-    def _check_conflicts(self, session: Session, rollout: Rollout, device_ids: Sequence[str]) -> None:
-        if not device_ids:
-            return
-        stmt = (
-            select(RolloutDevice.device_id, Rollout.id, Rollout.name, Rollout.state)
-            .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
-            .where(col(Rollout.state).in_([s.value for s in eng.ACTIVE_STATES]))
-            .where(Rollout.id != rollout.id)
-            .where(col(RolloutDevice.device_id).in_(list(device_ids)))
-        )
-        clash = session.exec(stmt).all()
-        if clash:
-            by_rollout: dict[int, list[str]] = {}
-            for device_id, rid, _name, _state in clash:
-                by_rollout.setdefault(rid, []).append(device_id)
-            rid, ids = next(iter(by_rollout.items()))
-            raise ConflictError(
-                f"{len(clash)} of the rollout's devices are already in another active rollout: "
-                f"rollout {rid} holds {', '.join(sorted(ids)[:5])}"
-                + ("…" if len(ids) > 5 else "")
-                + "; finish, abort or roll back that rollout first",
-                rollouts=sorted(by_rollout),
-            )
-
+    # -- releases --------------------------------------------------------------------
     def _check_releases(
-        self, session: Session, rollout: Rollout, bundle: Bundle, device_ids: Sequence[str], *, reissue: bool
+        self, session: Session, rollout: Rollout, bundle: Bundle, devices: int, *, reissue: bool
     ) -> Bundle:
         """The bundle to roll out: ``bundle`` when its release is above what every device
         accepted; with ``reissue``, its content re-signed as a new, higher release; else
         ReleaseNotAboveDevicesError naming the devices (before anything is assigned)."""
-        accepted = accepted_releases(session, bundle.name, device_ids)
+        accepted = accepted_releases(session, bundle.name, member_ids(rollout))
         refusing = newer_accepted(bundle.release, accepted)
         if not refusing:
             return bundle
         if not reissue:
             raise refuse_lower_release(bundle.name, bundle.release, bundle.version, refusing,
-                                       devices=len(device_ids))
+                                       devices=devices)
         new = reissue_bundle(session, bundle, self.keyring())
         still = newer_accepted(new.release, accepted)
         if still:
-            raise refuse_lower_release(new.name, new.release, new.version, still, devices=len(device_ids))
+            raise refuse_lower_release(new.name, new.release, new.version, still, devices=devices)
         record(
             session,
             rollout,
@@ -207,7 +182,7 @@ class RolloutController:
         if self.silence_floor is not None:
             expiry, interval = self.silence_floor
             eng.check_silence_floor(spec, session_expiry_s=expiry, health_interval_s=interval)
-        with self._lock, session_scope(self.engine) as session:
+        with self._lock, session_scope(self.db) as session:
             bundle = session.get(Bundle, spec.bundle_id)
             if bundle is None:
                 raise NotFoundError(
@@ -222,9 +197,9 @@ class RolloutController:
             )
             session.add(rollout)
             session.flush()
-            stages = self._assign_members(session, rollout, spec)
-            self._check_conflicts(session, rollout, list(stages))
-            bundle = self._check_releases(session, rollout, bundle, list(stages), reissue=reissue)
+            stages = assign_members(session, rollout, spec)
+            check_conflicts(session, rollout)
+            bundle = self._check_releases(session, rollout, bundle, len(stages), reissue=reissue)
             counts = [sum(1 for s in stages.values() if s == i) for i in range(len(spec.stages))]
             record(
                 session,
@@ -240,20 +215,16 @@ class RolloutController:
     def start(self, rollout_id: int, now: datetime | None = None) -> None:
         now = now or now_utc()
         notices: list[Notice] = []
-        with self._lock, session_scope(self.engine) as session:
+        with self._lock, session_scope(self.db) as session:
             rollout = self._locked_rollout(session, rollout_id)
             eng.transition(rollout.state, "start")  # refuse before any work
             spec = load_spec(rollout)
-            stages = self._assign_members(session, rollout, spec)
-            session.flush()
-            self._check_conflicts(session, rollout, list(stages))
+            # each member remembers the bundle it is assigned now (what a rollback returns it to)
+            stages = assign_members(session, rollout, spec, previous=True)
+            check_conflicts(session, rollout)
             target = session.get(Bundle, rollout.bundle_id)
             assert target is not None
-            self._check_releases(session, rollout, target, list(stages), reissue=False)
-            for rd in session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)):
-                current = session.get(Assignment, (rd.device_id, rollout.model))
-                rd.previous_bundle_id = current.bundle_id if current else None
-                session.add(rd)
+            self._check_releases(session, rollout, target, len(stages), reissue=False)
             set_state(rollout, "start", None)
             rollout.current_stage = 0
             rollout.started_at = rollout.stage_started_at = now
@@ -266,12 +237,12 @@ class RolloutController:
                 "started",
                 f"started: {bundle.name} r{bundle.release} ({bundle.version}) to {len(stages)} devices",
             )
-            notices += self._enter_stage(session, rollout, spec, 0, now=now)
+            notices += enter_stage(session, rollout, spec, 0, now=now)
         self.notify(notices)
 
     def pause(self, rollout_id: int, reason: str = "paused by operator") -> None:
         notices: list[Notice] = []
-        with self._lock, session_scope(self.engine) as session:
+        with self._lock, session_scope(self.db) as session:
             rollout = self._locked_rollout(session, rollout_id)
             set_state(rollout, "pause", reason)
             rollout.updated = now_utc()
@@ -281,7 +252,7 @@ class RolloutController:
 
     def resume(self, rollout_id: int, now: datetime | None = None) -> None:
         now = now or now_utc()
-        with self._lock, session_scope(self.engine) as session:
+        with self._lock, session_scope(self.db) as session:
             rollout = self._locked_rollout(session, rollout_id)
             set_state(rollout, "resume", None)
             # The stage starts over: its bake time and health windows count from now.
@@ -303,7 +274,7 @@ class RolloutController:
         """Let a stage that passed and waits for approval go on (then evaluate at once)."""
         now = now or now_utc()
         notices: list[Notice] = []
-        with self._lock, session_scope(self.engine) as session:
+        with self._lock, session_scope(self.db) as session:
             rollout = self._locked_rollout(session, rollout_id)
             eng.transition(rollout.state, "approve")
             spec = load_spec(rollout)
@@ -329,17 +300,17 @@ class RolloutController:
 
     def abort(self, rollout_id: int) -> None:
         notices: list[Notice] = []
-        with self._lock, session_scope(self.engine) as session:
+        with self._lock, session_scope(self.db) as session:
             rollout = self._locked_rollout(session, rollout_id)
             set_state(rollout, "abort", "aborted by operator; devices keep what they were assigned")
             rollout.updated = now_utc()
-            record(session, rollout, "aborted", rollout.reason)
+            record(session, rollout, "aborted", rollout.reason or "aborted")
             notices += end_shadow(session, rollout)
         self.notify(notices)
 
     def rollback(self, rollout_id: int, reason: str = "rollback requested by operator") -> None:
         notices: list[Notice] = []
-        with self._lock, session_scope(self.engine) as session:
+        with self._lock, session_scope(self.db) as session:
             rollout = self._locked_rollout(session, rollout_id)
             eng.transition(rollout.state, "rollback")
             notices += self._roll_back(session, rollout, reason)
@@ -349,7 +320,7 @@ class RolloutController:
     def tick(self, now: datetime | None = None) -> dict[int, eng.Decision]:
         """Evaluate every running rollout once and apply the decisions."""
         now = now or now_utc()
-        with Session(self.engine) as session:
+        with Session(self.db) as session:
             ids = list(
                 session.exec(select(Rollout.id).where(Rollout.state == eng.RolloutState.RUNNING.value))
             )
@@ -358,7 +329,7 @@ class RolloutController:
             assert rollout_id is not None
             notices: list[Notice] = []
             try:
-                with self._lock, session_scope(self.engine) as session:
+                with self._lock, session_scope(self.db) as session:
                     stmt = (
                         select(Rollout)
                         .where(Rollout.id == rollout_id, Rollout.state == eng.RolloutState.RUNNING.value)
@@ -375,55 +346,14 @@ class RolloutController:
             self.notify(notices)
         return decisions
 
-    def _join_new_devices(self, session: Session, rollout: Rollout, spec: eng.RolloutSpec) -> None:
-        """Devices that enrolled (or matched) after the start join the stage their hash places
-        them in; they are assigned when that stage is current or reached. A device in another
-        active rollout is left alone."""
-        known = select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
-        fresh = session.exec(select(Device).where(col(Device.id).not_in(known))).all()
-        stages = eng.assign_stages(rollout.id or 0, spec, [(d.id, d.labels) for d in fresh])
-        if not stages:
-            return
-        busy = set(
-            session.exec(
-                select(RolloutDevice.device_id)
-                .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
-                .where(col(Rollout.state).in_([s.value for s in eng.ACTIVE_STATES]))
-                .where(Rollout.id != rollout.id)
-                .where(col(RolloutDevice.device_id).in_(list(stages)))
-            )
-        )
-        joined = {d: st for d, st in stages.items() if d not in busy}
-        for device_id, stage in sorted(joined.items()):
-            current = session.get(Assignment, (device_id, rollout.model))
-            session.add(
-                RolloutDevice(
-                    rollout_id=rollout.id or 0,
-                    device_id=device_id,
-                    stage=stage,
-                    previous_bundle_id=current.bundle_id if current else None,
-                )
-            )
-        if joined:
-            session.flush()
-            record(
-                session,
-                rollout,
-                "devices_joined",
-                f"{len(joined)} devices joined after the start: "
-                + ", ".join(f"{d} (stage {spec.stages[st].name})" for d, st in sorted(joined.items())[:10])
-                + ("…" if len(joined) > 10 else ""),
-                devices=joined,
-            )
-
     def _step(self, session: Session, rollout: Rollout, now: datetime, notices: list[Notice]) -> eng.Decision:
         spec = load_spec(rollout)
         bundle = session.get(Bundle, rollout.bundle_id)
         assert bundle is not None
         stage_index = rollout.current_stage
-        self._join_new_devices(session, rollout, spec)
+        join_new_devices(session, rollout, spec)
         # Assign any member of the current stages still pending (joined late, or a crash mid-stage).
-        notices += self._enter_stage(session, rollout, spec, stage_index, record_start=False, now=now)
+        notices += enter_stage(session, rollout, spec, stage_index, record_start=False, now=now)
         members, inputs = gate_inputs(session, rollout, spec, bundle, now)
         stage_started = as_utc(rollout.stage_started_at) or now
         decision = eng.evaluate_stage(
@@ -482,7 +412,7 @@ class RolloutController:
                 rollout.last_evaluation = None
                 rollout.extensions = 0
                 rollout.gate_results = None
-                return self._enter_stage(session, rollout, spec, index, now=now)
+                return enter_stage(session, rollout, spec, index, now=now)
             case act.RollBack(reason, stage):
                 return self._roll_back(session, rollout, reason, stage=stage)
         return []
@@ -582,78 +512,24 @@ class RolloutController:
             )
         rollout.gate_results = out
 
-    def _enter_stage(
-        self,
-        session: Session,
-        rollout: Rollout,
-        spec: eng.RolloutSpec,
-        stage_index: int,
-        *,
-        record_start: bool = True,
-        now: datetime | None = None,
-    ) -> list[Notice]:
-        """Point the pending devices of stages <= stage_index at the target bundle; in a shadow
-        stage, give it to them as a shadow candidate instead (status ``shadow``)."""
-        now = now or now_utc()
-        shadowing = spec.stages[stage_index].mode == "shadow"
-        pending = session.exec(
-            select(RolloutDevice).where(
-                RolloutDevice.rollout_id == rollout.id,
-                RolloutDevice.stage <= stage_index,
-                col(RolloutDevice.status).in_(["pending"] if shadowing else ["pending", "shadow"]),
-            )
-        ).all()
-        notices: list[Notice] = []
-        for rd in pending:
-            if shadowing:
-                notice = bump_generation(session, rd.device_id)
-                rd.status = "shadow"
-            else:
-                notice = set_assignment(session, rd.device_id, rollout.model, rollout.bundle_id, rollout.id)
-                rd.status = "assigned"
-            if notice:
-                notices.append(notice)
-            rd.assigned_at = now
-            rd.progress = eng.Progress.ASSIGNED.value
-            session.add(rd)
-        if record_start:
-            stage = spec.stages[stage_index]
-            total = session.exec(
-                select(RolloutDevice).where(
-                    RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage <= stage_index
-                )
-            ).all()
-            shadow_note = (
-                f"; r{rollout_release(session, rollout)} in shadow on {stage.shadow_sample_rate:g} of "
-                f"requests, CPU budget {stage.shadow_max_busy_fraction:g}"
-                if shadowing
-                else ""
-            )
-            record(
-                session,
-                rollout,
-                "stage_started",
-                f"stage {stage.name} started: {len(pending)} new devices, {len(total)} in all; "
-                f"bake {stage.bake_seconds:g} s{shadow_note}",
-                stage=stage.name,
-                new_devices=sorted(rd.device_id for rd in pending),
-            )
-        return notices
-
     def _roll_back(
         self, session: Session, rollout: Rollout, reason: str, *, stage: str | None = None
     ) -> list[Notice]:
-        """Re-issue each device's previous release as a new, higher release and point it there.
+        """Re-issue each device's previous release as a new, higher release and point it there
+        (set-based: a few statements per previous release, whatever the number of devices).
         Devices in shadow never switched: they only stop shadowing."""
         shadow_notices = end_shadow(session, rollout)
         session.flush()
-        members = session.exec(
-            select(RolloutDevice).where(
-                RolloutDevice.rollout_id == rollout.id, RolloutDevice.status == "assigned"
-            )
-        ).all()
+        rd = table_of(RolloutDevice)
+        groups: dict[int | None, int] = {
+            r[0]: int(r[1]) for r in session.execute(
+                core_select(rd.c.previous_bundle_id, func.count())
+                .where(rd.c.rollout_id == rollout.id, rd.c.status == "assigned")
+                .group_by(rd.c.previous_bundle_id))
+        }
+        members = sum(groups.values())
         keyring: Keyring | None = None
-        if any(rd.previous_bundle_id is not None for rd in members):
+        if any(previous is not None for previous in groups):
             try:
                 keyring = self.keyring()
             except EdgefleetError as exc:
@@ -669,37 +545,41 @@ class RolloutController:
         reissued: dict[int, Bundle] = {}
         notices: list[Notice] = list(shadow_notices)
         removed: list[str] = []
-        for rd in members:
-            if rd.previous_bundle_id is None:
-                notice = set_assignment(session, rd.device_id, rollout.model, None, None)
-                rd.status = "removed"
-                removed.append(rd.device_id)
-            else:
-                if rd.previous_bundle_id not in reissued:
-                    previous = session.get(Bundle, rd.previous_bundle_id)
-                    if previous is None:
-                        continue
-                    assert keyring is not None
-                    new = reissue_bundle(session, previous, keyring)
-                    reissued[rd.previous_bundle_id] = new
-                    record(
-                        session,
-                        rollout,
-                        "reissued",
-                        f"re-issued {previous.name} r{previous.release} ({previous.version}) as "
-                        f"r{new.release} (bundle {new.id}) so devices accept it as newer",
-                        from_bundle=previous.id,
-                        from_release=previous.release,
-                        bundle_id=new.id,
-                        release=new.release,
-                    )
-                notice = set_assignment(
-                    session, rd.device_id, rollout.model, reissued[rd.previous_bundle_id].id, rollout.id
-                )
-                rd.status = "rolled_back"
-            session.add(rd)
-            if notice:
-                notices.append(notice)
+
+        def mark(previous: int | None, status: str) -> None:
+            prev = rd.c.previous_bundle_id
+            cond = prev.is_(None) if previous is None else prev == previous
+            session.execute(update(rd).where(rd.c.rollout_id == rollout.id, rd.c.status == "assigned", cond)
+                            .values(status=status))
+
+        for previous_id in sorted(groups, key=lambda b: (b is not None, b or 0)):
+            group = member_ids(rollout, statuses=["assigned"], previous_bundle_id=previous_id)
+            if previous_id is None:
+                removed = sorted(session.execute(group).scalars())
+                notices += assign_set(session, group, rollout.model, None, None)
+                mark(None, "removed")
+                continue
+            previous = session.get(Bundle, previous_id)
+            if previous is None:
+                continue
+            assert keyring is not None
+            new = reissue_bundle(session, previous, keyring)
+            reissued[previous_id] = new
+            record(
+                session,
+                rollout,
+                "reissued",
+                f"re-issued {previous.name} r{previous.release} ({previous.version}) as "
+                f"r{new.release} (bundle {new.id}) so devices accept it as newer",
+                from_bundle=previous.id,
+                from_release=previous.release,
+                bundle_id=new.id,
+                release=new.release,
+            )
+            assert new.id is not None
+            notices += assign_set(session, group, rollout.model, new.id, rollout.id)
+            mark(previous_id, "rolled_back")
+        expire_members(session)
         set_state(rollout, "rollback", reason)
         rollout.updated = now_utc()
         summary = ", ".join(f"r{b.release}" for b in reissued.values()) or "no re-issue needed"
@@ -710,11 +590,12 @@ class RolloutController:
             session,
             rollout,
             "rolled_back",
-            f"rolled back: {len(members)} devices pointed back ({summary}"
+            f"rolled back: {members} devices pointed back ({summary}"
             + (f"; {len(removed)} devices had no previous release and were unassigned" if removed else "")
             + f"{shadowed}); reason: {reason}",
             reissued={str(k): v.id for k, v in reissued.items()},
-            removed=removed,
+            removed=removed[:LISTED_DEVICES],
+            removed_count=len(removed),
             stage=stage,
         )
         return notices

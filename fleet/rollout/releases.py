@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import Select
 from sqlmodel import Session, col, func, select
 
 from fleet.db.device_models import read_model
@@ -70,21 +72,24 @@ def refuse_lower_release(model: str, target_release: int, target_version: str,
     )
 
 
-def accepted_releases(session: Session, model: str, device_ids: Sequence[str]) -> dict[str, Accepted]:
-    """For each device (that has any), the highest release of ``model`` it has accepted or will."""
-    if not device_ids:
+def accepted_releases(
+    session: Session, model: str, device_ids: Sequence[str] | Select[Any]
+) -> dict[str, Accepted]:
+    """For each device (that has any), the highest release of ``model`` it has accepted or will.
+    ``device_ids``: a list, or a SELECT of ids (a rollout's members: no list of 100,000)."""
+    if not isinstance(device_ids, Select) and not device_ids:
         return {}
-    ids = list(device_ids)
+    ids = device_ids if isinstance(device_ids, Select) else list(device_ids)
     best: dict[str, Accepted] = {}
 
     def offer(device_id: str, candidate: Accepted) -> None:
         if device_id not in best or candidate.release > best[device_id].release:
             best[device_id] = candidate
 
-    for d in session.exec(select(Device).where(col(Device.id).in_(ids))):
-        entry = read_model(d.models, model)
+    for device_id, models in session.exec(select(Device.id, Device.models).where(col(Device.id).in_(ids))):
+        entry = read_model(models, model)
         if entry.release is not None and entry.release > 0:
-            offer(d.id, Accepted(entry.release, entry.version or None, "reported"))
+            offer(device_id, Accepted(entry.release, entry.version or None, "reported"))
     for device_id, release, version in session.exec(
         select(Assignment.device_id, Bundle.release, Bundle.version)
         .join(Bundle, col(Bundle.id) == col(Assignment.bundle_id))
