@@ -378,7 +378,7 @@ class RolloutController:
             spec, stage_index, decision, now=now,
             last_evaluation=rollout.last_evaluation,
             awaiting_approval=rollout.awaiting_approval_since is not None,
-            members=len(members),
+            members=inputs["member_count"],
             target=f"{bundle.name} r{bundle.release} ({bundle.version})",
         )
         for action in actions:

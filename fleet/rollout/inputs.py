@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from fleet.db.device_models import ReportedModel, read_model
 from fleet.db.models import Bundle, Device, DeviceEvent, Rollout, RolloutDevice, as_utc
@@ -27,16 +27,23 @@ LATENCY_BASELINE_S = 3600.0
 def gate_inputs(
     session: Session, rollout: Rollout, spec: eng.RolloutSpec, bundle: Bundle, now: datetime
 ) -> tuple[list[RolloutDevice], dict[str, Any]]:
-    """The rollout's members and what the engine needs about them, from the database.
+    """The members of the stages reached and what the engine needs about them, from the
+    database (``member_count``: all the rollout's members).
 
     Health comes from the per-minute buckets (fleet.rollout.health_reads), and every set of
     devices is a subquery, never a list of ids (PostgreSQL takes at most 65,535 parameters)."""
     stage_index = rollout.current_stage
-    members = list(session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)))
+    # only the members of the stages reached (the engine ignores the others): a canary stage
+    # of a rollout to 100,000 devices reads its few devices, and counts the rest
+    members = list(session.exec(select(RolloutDevice).where(
+        RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage <= stage_index)))
+    member_count = session.exec(
+        select(func.count()).select_from(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)
+    ).one()
     in_stage = select(RolloutDevice.device_id).where(
         RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage <= stage_index
     )
-    staged = [m for m in members if m.stage <= stage_index]
+    staged = members
     devices = (
         {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(in_stage)))}
         if staged else {}
@@ -97,6 +104,7 @@ def gate_inputs(
         shadow = shadow_figures(devices.values(), rollout.model, target, stage_started.timestamp())
     return members, {
         "devices": states, "health": health, "events": events, "baseline": baseline, "shadow": shadow,
+        "member_count": member_count,
     }
 
 
