@@ -1,6 +1,7 @@
 """Health per device, model, release and minute: summed as reports arrive, read by the gates.
 
-The ingester calls ``add_health(session, rows)`` with the ``HealthReport`` rows of its batch,
+The ingester calls ``add_health(session, rows)`` (or ``add_health_rows`` with tuples) with the
+``HealthReport`` rows of its batch,
 in the batch's transaction: the rows are summed per (device, model, release, minute of
 ``received_at``) in Python (``bucket_rows``, pure) and added to their ``HealthBucket`` rows by
 one upsert executemany (sorted keys, so concurrent ingesters never deadlock). The gates then
@@ -19,7 +20,7 @@ Rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,6 +88,11 @@ def add_health(session: Session, reports: Iterable[Mapping[str, Any]]) -> None:
     rows = bucket_rows(reports)
     if rows:
         session.execute(_upsert(session.get_bind().dialect.name), rows)
+
+
+def add_health_rows(session: Session, columns: Sequence[str], reports: Iterable[Sequence[Any]]) -> None:
+    """``add_health`` for reports as tuples in the order of ``columns`` (HealthReport's names)."""
+    add_health(session, (dict(zip(columns, r, strict=True)) for r in reports))
 
 
 _UPSERTS: dict[str, Any] = {}

@@ -2,8 +2,9 @@
 (fleet.rollout.health_buckets) instead of every raw report.
 
 Rules:
-- the minutes wholly inside the window are read as one window per bucket (its sums; latency
-  and drift as the means of its reports), received at the bucket's first report;
+- the minutes wholly inside the window are summed by the database into one window per device
+  (its counts; latency and drift the means of its reports), received at its first report: a
+  tick reads one row per device, whatever the window's length;
 - the partial minute at each edge of the window is read from the raw reports, so the window
   starts and ends where it says, to the microsecond;
 - a device that any bucket marks as one the evidence rules must see report by report is read
@@ -16,13 +17,15 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select
+from sqlalchemy import Select, func
+from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
-from fleet.db.models import HealthBucket, HealthReport, as_utc
+from fleet.db.models import HealthBucket, HealthReport, as_utc, table_of
 from fleet.rollout import engine as eng
 from fleet.rollout.evidence import WINDOW_SLACK_S
 from fleet.rollout.health_buckets import BUCKET_S, minute_of
@@ -57,29 +60,55 @@ def raw_windows(
     ]
 
 
-def _bucket_window(b: HealthBucket) -> eng.HealthWindow:
-    return eng.HealthWindow(
-        b.device_id, b.release, b.inferences, b.errors,
-        p95_ms=b.p95_sum / b.p95_count if b.p95_count else None,
-        drift=b.drift_sum / b.drift_count if b.drift_count else None,
-        received_at=_ts(b.first_received),
-    )
+@dataclass(frozen=True)
+class DeviceSums:
+    """One device's buckets of one release in a span of whole minutes, summed by the database."""
+
+    device_id: str
+    release: int
+    inferences: int
+    errors: int
+    p95_sum: float
+    p95_count: int
+    drift_sum: float
+    drift_count: int
+    suspect: int
+    first_received: datetime
+
+    def window(self) -> eng.HealthWindow:
+        """The sums as one window: latency and drift the means of the device's reports."""
+        return eng.HealthWindow(
+            self.device_id, self.release, self.inferences, self.errors,
+            p95_ms=self.p95_sum / self.p95_count if self.p95_count else None,
+            drift=self.drift_sum / self.drift_count if self.drift_count else None,
+            received_at=_ts(self.first_received),
+        )
 
 
-def _buckets(
+def _sums(
     session: Session, model: str, releases: Collection[int], devices: DeviceFilter,
     first: datetime, end: datetime | None,
-) -> list[HealthBucket]:
-    """Buckets of minutes ``first`` <= minute < ``end`` (both minute starts), by device, minute."""
-    stmt = select(HealthBucket).where(
-        HealthBucket.model == model,
-        col(HealthBucket.release).in_(sorted(releases)),
-        col(HealthBucket.minute) >= first,
-        col(HealthBucket.device_id).in_(devices),
+) -> list[DeviceSums]:
+    """Each device's buckets of minutes ``first`` <= minute < ``end`` summed per release: one
+    row per device whatever the window's length (the database adds the minutes)."""
+    b = table_of(HealthBucket)
+    stmt = (
+        core_select(
+            b.c.device_id, b.c.release, func.sum(b.c.inferences), func.sum(b.c.errors),
+            func.sum(b.c.p95_sum), func.sum(b.c.p95_count), func.sum(b.c.drift_sum),
+            func.sum(b.c.drift_count), func.sum(b.c.suspect), func.min(b.c.first_received),
+        )
+        .where(b.c.model == model, b.c.release.in_(sorted(releases)), b.c.minute >= first,
+               b.c.device_id.in_(devices))
+        .group_by(b.c.device_id, b.c.release)
     )
     if end is not None:
-        stmt = stmt.where(col(HealthBucket.minute) < end)
-    return list(session.exec(stmt.order_by(col(HealthBucket.device_id), col(HealthBucket.minute))))
+        stmt = stmt.where(b.c.minute < end)
+    return [
+        DeviceSums(r[0], int(r[1]), int(r[2]), int(r[3]), float(r[4]), int(r[5]), float(r[6]), int(r[7]),
+                   int(r[8]), r[9] if isinstance(r[9], datetime) else datetime.fromisoformat(str(r[9])))
+        for r in session.execute(stmt)
+    ]
 
 
 def _inner_minutes(start: datetime, end: datetime | None) -> tuple[datetime, datetime | None]:
@@ -101,7 +130,7 @@ def windows_between(
     if last is not None and last <= first:  # within one or two partial minutes: raw only
         return raw_windows(session, model, releases, devices, start, end)
     out = raw_windows(session, model, releases, devices, start, first) if start < first else []
-    out += [_bucket_window(b) for b in _buckets(session, model, releases, devices, first, last)]
+    out += [d.window() for d in _sums(session, model, releases, devices, first, last)]
     if last is not None and end is not None and last < end:
         out += raw_windows(session, model, releases, devices, last, end)
     return out
@@ -115,26 +144,26 @@ def target_windows(
     buckets, and the raw reports of the devices the evidence rules must see one by one."""
     first, _ = _inner_minutes(since, None)
     edge = raw_windows(session, model, [target], devices, since, first) if since < first else []
-    buckets = _buckets(session, model, [target], devices, first, None)
+    sums = _sums(session, model, [target], devices, first, None)
     assigned: Mapping[str, float | None] = {m.device_id: m.assigned_at for m in members}
     start = since.timestamp()
     totals: dict[str, int] = {}
     exact: set[str] = set()
     for w in edge:
         totals[w.device_id] = totals.get(w.device_id, 0) + w.inferences
-    for b in buckets:
-        totals[b.device_id] = totals.get(b.device_id, 0) + b.inferences
-        at = assigned.get(b.device_id)
-        received = _ts(b.first_received)
-        if b.suspect or (at is not None and received is not None and received < at):
-            exact.add(b.device_id)
+    for d in sums:
+        totals[d.device_id] = totals.get(d.device_id, 0) + d.inferences
+        at = assigned.get(d.device_id)
+        received = _ts(d.first_received)
+        if d.suspect or (at is not None and received is not None and received < at):
+            exact.add(d.device_id)
     for device_id, total in totals.items():
         at = assigned.get(device_id)
         ceiling = int(max_device_rate * max(0.0, now - (at if at is not None else start) + WINDOW_SLACK_S))
         if total > ceiling:
             exact.add(device_id)
     out = [w for w in edge if w.device_id not in exact]
-    out += [_bucket_window(b) for b in buckets if b.device_id not in exact]
+    out += [d.window() for d in sums if d.device_id not in exact]
     if exact:
         out += raw_windows(session, model, [target], sorted(exact), since, None)
     return out
