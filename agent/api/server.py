@@ -3,11 +3,12 @@
     GET  /healthz                   200 while the process runs
     GET  /readyz                    200 when a model is loaded, else 503
     GET  /v1/models                 active models with release, version, signature, batching
-    POST /v1/models/{name}/predict  JSON {"inputs": {...}}, application/x-npz (one array per
-                                    input) or application/x-npy (one array, single-input models)
+    POST /v1/models/{name}/predict  raw tensors (application/x-edgefleet-tensors), application/x-npy
+                                    (single-input models), application/x-npz or JSON {"inputs": {...}}
+                                    (the framings: agent.api.codecs)
     GET|POST|DELETE /v1/locks/...   update locks of local applications (agent.api.locks)
 
-The reply has the request's format unless ``Accept`` asks for another one (an x-npy
+The reply has the request's framing unless ``Accept`` asks for another one (an x-npy
 reply needs a single-output model; x-npy requests of several-output models get npz).
 Requests run through the model's scheduler (dynamic batching); one without a result
 within ``request_timeout_s`` is answered 504. Errors are JSON
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import logging
 import os
 import socket
@@ -38,9 +38,25 @@ import msgspec
 import numpy as np
 
 from agent.api import locks as lock_routes
+from agent.api.codecs import (
+    BODY_COST,
+    JSON,
+    NPY,
+    NPZ,
+    TENSORS,
+    TENSORS_HEADER,
+    json_inputs,
+    npy_bytes,
+    npy_inputs,
+    npz_bytes,
+    npz_inputs,
+    reply_format,
+    tensors_inputs,
+    tensors_reply,
+)
 from agent.api.connections import Connection, ConnectionLimits, ConnectionServer
+from agent.api.errors import ApiError
 from agent.api.http1 import RequestHandler
-from agent.api.json_inputs import JsonInputError, decode_inputs
 from agent.errors import ConfigError, InferenceError, InputError, UnknownModelError
 from agent.runtime.batching import RequestTimeout
 from agent.runtime.host import LoadedModel, ModelHost
@@ -48,19 +64,7 @@ from agent.update.locks import LockError, LockTable
 
 log = logging.getLogger(__name__)
 
-NPZ = "application/x-npz"
-NPY = "application/x-npy"
-JSON = "application/json"
-FORMATS = (JSON, NPZ, NPY)
 PREDICT_PREFIX = "/v1/models/"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
 
 
 def _specs(specs: list[Any]) -> list[dict[str, Any]]:
@@ -79,164 +83,6 @@ def describe(model: LoadedModel, max_batch_rows: int = 1) -> dict[str, Any]:
         "outputs": _specs(m.outputs),
         "max_batch_rows": max_batch_rows,
     }
-
-
-def _json_inputs(model: LoadedModel, body: bytes | bytearray) -> dict[str, np.ndarray]:
-    try:
-        return decode_inputs(body, {s.name: s.dtype for s in model.manifest.inputs}, model.name)
-    except JsonInputError as exc:
-        raise ApiError(400, exc.code, exc.detail) from None
-
-
-def _npz_inputs(body: bytes | bytearray, max_bytes: int) -> dict[str, np.ndarray]:
-    import zipfile  # only .npz bodies need it (~1.7 MB): not loaded with the agent
-
-    try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as npz:  # BytesIO copies a bytearray
-            total = sum(info.file_size for info in npz.zip.infolist())
-            if total > max_bytes:
-                raise ApiError(413, "too_large", f"the npz expands to {total} bytes, max {max_bytes}")
-            return {k: npz[k] for k in npz.files}
-    except ApiError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise ApiError(400, "bad_npz", f"the body is not a valid .npz without pickles: {exc}") from None
-
-
-def _npy_inputs(model: LoadedModel, body: bytes | bytearray) -> dict[str, np.ndarray]:
-    names = [s.name for s in model.manifest.inputs]
-    if len(names) != 1:
-        raise ApiError(400, "input", f"{NPY} carries one array but model {model.name} takes inputs "
-                       f"{names}; send {NPZ} with one array per input")
-    return {names[0]: _npy_array(body)}
-
-
-class _SlowPath(Exception):
-    """A .npy header this module does not parse itself (format 3.0): numpy's reader decodes it."""
-
-
-# Parsed .npy headers, keyed by their bytes: an application sends the same header with every
-# request, and parsing it (ast.literal_eval) costs more than the rest of the decode.
-_NPY_HEADERS: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], bool]] = {}
-
-
-def _npy_header(body: bytes | bytearray) -> tuple[np.dtype[Any], tuple[int, ...], bool, int]:
-    """(dtype, shape, fortran_order, data offset) of a .npy body; ValueError when malformed."""
-    if body[:6] != b"\x93NUMPY" or len(body) < 10:
-        raise ValueError("the magic string \\x93NUMPY is missing")
-    major = body[6]
-    if major == 1:
-        start = 10
-        end = start + int.from_bytes(body[8:10], "little")
-    elif major in (2, 3):
-        start = 12
-        end = start + int.from_bytes(body[8:12], "little")
-    else:
-        raise ValueError(f"unknown .npy format version {major}.{body[7]}")
-    key = bytes(body[:end])
-    parsed = _NPY_HEADERS.get(key)
-    if parsed is None:
-        buf = io.BytesIO(key)
-        version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        else:  # 3.0 (utf-8 field names): numpy's reader, not cached
-            raise _SlowPath
-        if dtype.hasobject:
-            raise ValueError("object arrays (pickles) are not allowed")
-        parsed = (dtype, tuple(shape), bool(fortran))
-        if len(_NPY_HEADERS) >= 64:
-            _NPY_HEADERS.clear()
-        _NPY_HEADERS[key] = parsed
-    return (*parsed, end)
-
-
-def _npy_read(body: bytes | bytearray) -> np.ndarray:
-    buf = io.BytesIO(body)
-    arr = np.lib.format.read_array(buf, allow_pickle=False)
-    if buf.tell() != len(body):
-        raise ApiError(400, "bad_npy", f"the body has {len(body) - buf.tell()} bytes after the array")
-    return arr
-
-
-def _npy_array(body: bytes | bytearray) -> np.ndarray:
-    """The array of a .npy body, without copying its data (a read-only view of ``body``)."""
-    try:
-        try:
-            dtype, shape, fortran, offset = _npy_header(body)
-        except _SlowPath:
-            return _npy_read(body)
-        count = 1
-        for dim in shape:
-            count *= dim
-        need = count * dtype.itemsize
-        have = len(body) - offset
-        if have < need:
-            raise ValueError(f"the array needs {need} bytes of data, the body holds {have}")
-        if have > need:
-            raise ApiError(400, "bad_npy", f"the body has {have - need} bytes after the array")
-        arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
-        return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
-    except ApiError:
-        raise
-    except (ValueError, OSError, EOFError, SyntaxError) as exc:
-        raise ApiError(400, "bad_npy", f"the body is not a valid .npy without pickles: {exc}") from None
-
-
-_NPY_OUT_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    """A .npy of ``arr``; the header of a (dtype, shape) is built once (numpy's writer
-    spends more time on it than on the data of a typical output)."""
-    arr = np.asarray(arr)
-    if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
-    key = (arr.dtype.str, arr.shape)
-    header = _NPY_OUT_HEADERS.get(key)
-    if header is None:
-        buf = io.BytesIO()
-        if arr.dtype.hasobject:
-            np.lib.format.write_array(buf, arr, allow_pickle=False)  # raises ValueError
-        try:
-            np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
-        except ValueError:  # a shape too long for a 1.0 header: numpy picks the version
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, arr, allow_pickle=False)
-            return buf.getvalue()
-        header = buf.getvalue()
-        if len(_NPY_OUT_HEADERS) >= 64:
-            _NPY_OUT_HEADERS.clear()
-        _NPY_OUT_HEADERS[key] = header
-    return header + arr.tobytes()
-
-
-def _reply_format(accept: str, request_format: str, n_outputs: int) -> str:
-    """The reply's media type: the first fitting one ``Accept`` lists, else the request's.
-
-    q-values are not weighed; x-npy fits only a model with one output.
-    """
-    default = NPZ if request_format == NPY and n_outputs != 1 else request_format
-    wanted = [part.split(";", 1)[0].strip().lower() for part in accept.split(",") if part.strip()]
-    if not wanted:
-        return default
-    for media in wanted:
-        if media in FORMATS and not (media == NPY and n_outputs != 1):
-            return media
-        if media in ("*/*", "application/*"):
-            return default
-    if NPY in wanted:
-        raise ApiError(406, "not_acceptable", f"{NPY} holds one array and the model has {n_outputs} "
-                       f"outputs; accept {NPZ} or {JSON}")
-    raise ApiError(406, "not_acceptable", f"the reply can be {JSON}, {NPZ} or {NPY}, not {accept!r}")
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
 
 
 class BodyBudget:
@@ -261,10 +107,6 @@ class BodyBudget:
             self.used -= cost
 
 
-# What decoding a body costs beyond its bytes, as a multiple of its size (docs/agent-api.md):
-# .npy is viewed in place, .npz is copied once and expanded (checked after), JSON text is
-# copied twice and parsed into an array (agent.api.json_inputs).
-BODY_COST = {NPY: 1, NPZ: 2, JSON: 5}
 # A JSON reply is built as Python lists (~32 bytes a number) and encoded (~10-20 more): it
 # may hold at most max_json_bytes / this many numbers.
 JSON_REPLY_BYTES_PER_NUMBER = 16
@@ -323,7 +165,7 @@ class _Handler(RequestHandler):
             raise ApiError(411, "length_required", "a Content-Length header is required")
         limit = self.max_body_bytes if limit is None else limit
         if n > limit:
-            hint = f" (api.max_json_bytes); send {NPY} or {NPZ} for large inputs" if media == JSON else ""
+            hint = f" (api.max_json_bytes); send {TENSORS} or {NPY} for large inputs" if media == JSON else ""
             raise ApiError(413, "too_large", f"the body is {n} bytes, max {limit}{hint}")
         cost = n * BODY_COST.get(media, 1)
         if not self.budget.take(cost):
@@ -416,17 +258,21 @@ class _Handler(RequestHandler):
             raise ApiError(404, "unknown_model",
                            f"no active model {name!r}; active: {sorted(self.host.snapshot())}")
         ctype = self.headers.get("Content-Type", JSON).split(";", 1)[0].strip().lower() or JSON
-        if ctype not in FORMATS:
-            raise ApiError(415, "unsupported_media_type", f"send {JSON}, {NPZ} or {NPY}, not {ctype!r}")
+        if ctype not in BODY_COST:
+            raise ApiError(415, "unsupported_media_type",
+                           f"send {TENSORS}, {NPY}, {NPZ} or {JSON}, not {ctype!r}")
         body = self._body(self.max_json_bytes if ctype == JSON else self.max_body_bytes, ctype)
-        if ctype == NPZ:
-            inputs = _npz_inputs(body, self.max_body_bytes)
+        manifest = model.manifest
+        if ctype == TENSORS:
+            inputs = tensors_inputs(body, self.headers.get(TENSORS_HEADER))
         elif ctype == NPY:
-            inputs = _npy_inputs(model, body)
+            inputs = npy_inputs(name, [s.name for s in manifest.inputs], body)
+        elif ctype == NPZ:
+            inputs = npz_inputs(body, self.max_body_bytes)
         else:
-            inputs = _json_inputs(model, body)
-        del body  # the inputs hold what they need (an .npy view keeps its buffer)
-        reply = _reply_format(self.headers.get("Accept", ""), ctype or JSON, len(model.manifest.outputs))
+            inputs = json_inputs(name, {s.name: s.dtype for s in manifest.inputs}, body)
+        del body  # the inputs hold what they need (a view keeps its buffer)
+        reply = reply_format(self.headers.get("Accept", ""), ctype, len(manifest.outputs))
         try:
             used, outputs = self.host.predict(name, inputs, timeout_s=self.request_timeout_s)
         except InputError as exc:
@@ -439,17 +285,21 @@ class _Handler(RequestHandler):
             raise ApiError(504, "timeout", f"{name}: {exc} (api.request_timeout_s); the device is "
                            "busy, retry later or send fewer requests at once") from None
         headers = {"X-Edgefleet-Release": str(used.release)}
-        if reply == NPZ:
-            self._send(200, _npz_bytes(outputs), NPZ, headers)
+        if reply == TENSORS:
+            data, extra = tensors_reply(outputs)
+            self._send(200, data, TENSORS, {**headers, **extra})
         elif reply == NPY:
-            self._send(200, _npy_bytes(next(iter(outputs.values()))), NPY,
+            self._send(200, npy_bytes(next(iter(outputs.values()))), NPY,
                        {**headers, "X-Edgefleet-Output": next(iter(outputs))})
+        elif reply == NPZ:
+            self._send(200, npz_bytes(outputs), NPZ, headers)
         else:
             numbers = sum(int(np.size(v)) for v in outputs.values())
             if numbers > self.max_json_bytes // JSON_REPLY_BYTES_PER_NUMBER:
                 raise ApiError(406, "not_acceptable", f"the outputs hold {numbers} numbers, more than a JSON "
                                f"reply may ({self.max_json_bytes // JSON_REPLY_BYTES_PER_NUMBER}: "
-                               f"api.max_json_bytes / {JSON_REPLY_BYTES_PER_NUMBER}); send Accept: {NPZ}")
+                               f"api.max_json_bytes / {JSON_REPLY_BYTES_PER_NUMBER}); send Accept: "
+                               f"{TENSORS} or {NPZ}")
             self._json(
                 200,
                 {
