@@ -171,7 +171,9 @@ class ModelScheduler:
             _take_golden(model.session)  # no probe: nothing needs them
             self._log_unbatched()
             self._probed.set()
-        self._cond = threading.Condition()
+        # the hot paths take the plain lock (C-level enter/exit), waits go through the condition
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._queue: deque[_Request] = deque()
         self._alive = 0
         self._idle = 0
@@ -229,21 +231,25 @@ class ModelScheduler:
 
         InferenceError: the model failed on this request. RequestTimeout: no result in time.
         """
-        key, rows = self._key(feeds)
-        req = _Request(feeds, key, rows)
-        with self._cond:
+        # Only a batchable model that may wait for companions needs the key to decide.
+        waits = self.policy.max_queue_delay_s > 0 and self._rows_cap() > 1
+        key, rows = self._key(feeds) if waits else (None, 0)
+        with self._lock:
             # A closed scheduler (its model was swapped out) still serves a caller that took
             # the old model before the swap: nothing is dropped.
-            inline = not self._queue and self._running < self.policy.workers and self._may_skip_wait(key)
-            if inline:
+            if not self._queue and self._running < self.policy.workers and key is None:
                 self._running += 1
-                req.state = "running"
+                inline = True
             else:
+                inline = False
+                if not waits:
+                    key, rows = self._key(feeds)
+                req = _Request(feeds, key, rows)
                 done = req.done = threading.Event()
                 self._queue.append(req)
                 self._hand_off()
         if inline:
-            return self._run_inline(req, timeout_s)
+            return self._run_inline(feeds, timeout_s)
         if not done.wait(timeout_s):
             with self._cond:
                 if req.state == "queued":
@@ -258,10 +264,6 @@ class ModelScheduler:
         assert req.outputs is not None
         return req.outputs
 
-    def _may_skip_wait(self, key: tuple[object, ...] | None) -> bool:
-        """Whether a request may run at once rather than wait out ``max_queue_delay_s`` for others."""
-        return key is None or self.policy.max_queue_delay_s <= 0 or self._rows_cap() <= 1
-
     def _hand_off(self) -> None:
         """Make sure a worker will take what is queued (lock held)."""
         if len(self._queue) > self._idle and self._alive < self.policy.workers:
@@ -270,20 +272,25 @@ class ModelScheduler:
         else:
             self._cond.notify()
 
-    def _run_inline(self, req: _Request, timeout_s: float | None) -> dict[str, np.ndarray]:
+    def _run_inline(self, feeds: dict[str, np.ndarray], timeout_s: float | None) -> dict[str, np.ndarray]:
+        """Run in the caller's thread, a run slot already taken: no request object, no event."""
+        m = self.model
+        t0 = time.perf_counter()
         try:
-            self._run_one(req)
+            outputs = m.session.run(feeds)
+        except Exception as exc:
+            m.metrics.record(time.perf_counter() - t0, error=True)
+            raise InferenceError(f"{m.name} r{m.release} failed: {exc}") from None
         finally:
-            with self._cond:
+            with self._lock:
                 self._running -= 1
                 if self._queue:  # what queued up meanwhile: a worker takes it (merged)
                     self._hand_off()
-        if req.error is not None:
-            raise req.error
-        if timeout_s is not None and time.perf_counter() - req.enqueued > timeout_s:
+        latency = time.perf_counter() - t0
+        m.metrics.record(latency)
+        if timeout_s is not None and latency > timeout_s:
             raise RequestTimeout(f"the run did not finish within {timeout_s:g} s", started=True)
-        assert req.outputs is not None
-        return req.outputs
+        return outputs
 
     def close(self) -> None:
         """Finish what is queued, then let the workers exit."""

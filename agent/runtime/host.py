@@ -80,6 +80,38 @@ def validate_inputs(manifest: Manifest, inputs: Mapping[str, np.ndarray]) -> dic
     return out
 
 
+class InputCheck:
+    """``validate_inputs`` compiled once per release: what the signature proves about a
+    request (names, dtypes, ranks, fixed sizes) checked in a few comparisons, and the
+    caller's own dict passed on as the feeds (no copy). Anything unusual (a missing name, a
+    wrong dtype, a fixed input) goes to ``validate_inputs``, which says what is wrong."""
+
+    __slots__ = ("_fixed", "_manifest", "_names", "_specs")
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+        self._names = frozenset(s.name for s in manifest.inputs)
+        self._specs = tuple(
+            (s.name, np.dtype(s.dtype), len(s.shape),
+             tuple((axis, dim) for axis, dim in enumerate(s.shape) if isinstance(dim, int)))
+            for s in manifest.inputs)
+        self._fixed = bool(manifest.fixed_inputs)
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        if self._fixed or len(inputs) != len(self._specs) or type(inputs) is not dict:
+            return validate_inputs(self._manifest, inputs)
+        ndarray = np.ndarray
+        for name, dtype, ndim, fixed in self._specs:
+            arr = inputs.get(name)
+            if type(arr) is not ndarray or arr.dtype != dtype or arr.ndim != ndim:
+                return validate_inputs(self._manifest, inputs)
+            shape = arr.shape
+            for axis, dim in fixed:
+                if shape[axis] != dim:
+                    return validate_inputs(self._manifest, inputs)
+        return inputs
+
+
 class ModelHost:
     def __init__(self, policy: BatchPolicy | None = None, *,
                  on_load: Callable[[LoadedModel], None] | None = None) -> None:
@@ -90,6 +122,9 @@ class ModelHost:
         self._lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
         self._schedulers: dict[str, ModelScheduler] = {}
+        # name -> what a predict needs, replaced whole by a swap: read without the lock (one
+        # dict look-up is atomic), so a request sees the old release or the new one, never a mix
+        self._active: dict[str, tuple[LoadedModel, ModelScheduler, InputCheck]] = {}
         # candidate releases evaluated in shadow beside the active one (agent.runtime.shadow)
         self._shadows: dict[str, ShadowRunner] = {}
 
@@ -118,6 +153,7 @@ class ModelHost:
             old_scheduler = self._schedulers.get(loaded.name)
             self._models[loaded.name] = loaded
             self._schedulers[loaded.name] = scheduler
+            self._active[loaded.name] = (loaded, scheduler, InputCheck(loaded.manifest))
         if old_scheduler is not None:
             old_scheduler.close()
         return old
@@ -126,6 +162,7 @@ class ModelHost:
         with self._lock:
             old_scheduler = self._schedulers.pop(name, None)
             old = self._models.pop(name, None)
+            self._active.pop(name, None)
         if old_scheduler is not None:
             old_scheduler.close()
         return old
@@ -179,14 +216,14 @@ class ModelHost:
         InputError: bad request; InferenceError: runtime; RequestTimeout: no result within
         ``timeout_s`` (None waits as long as it takes).
         """
-        with self._lock:
-            model = self._models.get(name)
-            scheduler = self._schedulers.get(name)
-            shadow = self._shadows.get(name)
-        if model is None or scheduler is None:
+        active = self._active.get(name)
+        if active is None:
             raise UnknownModelError(f"no active model named {name!r}")
-        feeds = validate_inputs(model.manifest, inputs)
-        model.metrics.observe(feeds)  # drift: a subsample of the inputs, when there is a baseline
+        model, scheduler, check = active
+        feeds = check(inputs)
+        if model.metrics.drift is not None:
+            model.metrics.observe(feeds)  # drift: a subsample of the inputs
+        shadow = self._shadows.get(name)
         if shadow is None:
             return model, scheduler.run(feeds, timeout_s)
         t0 = time.perf_counter()
