@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import bindparam, func, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -47,7 +47,7 @@ from fleet.rollout.assignments import (
     load_spec,
     record,
 )
-from fleet.rollout.inputs import gate_inputs
+from fleet.rollout.inputs import Member, gate_inputs
 from fleet.rollout.membership import (
     LISTED_DEVICES,
     assign_members,
@@ -371,7 +371,7 @@ class RolloutController:
             shadow=inputs["shadow"],
         )
         decision = self._judge_stall(session, rollout, spec, bundle, decision, now, stage_started)
-        self._store_progress(session, members, decision)
+        self._store_progress(session, rollout, members, decision)
         self._store_gates(session, rollout, spec, decision, now)
         rollout.updated = now
         actions = act.plan(
@@ -442,16 +442,29 @@ class RolloutController:
         return stalled or decision
 
     def _store_progress(
-        self, session: Session, members: Sequence[RolloutDevice], decision: eng.Decision
+        self, session: Session, rollout: Rollout, members: Sequence[Member], decision: eng.Decision
     ) -> None:
+        """Each assigned member's progress, written where it changed (one executemany)."""
         by_id = {p.device_id: p for p in decision.devices}
+        changed = []
         for m in members:
             p = by_id.get(m.device_id)
             if p is None or m.status not in ("assigned", "shadow"):
                 continue
             if (m.progress, m.reason, m.detail) != (p.progress.value, p.reason, p.detail):
-                m.progress, m.reason, m.detail = p.progress.value, p.reason, p.detail
-                session.add(m)
+                changed.append({"b_rollout": rollout.id, "b_id": m.device_id, "b_progress": p.progress.value,
+                                "b_reason": p.reason, "b_detail": p.detail})
+        if changed:
+            session.flush()
+            rd = table_of(RolloutDevice)
+            session.execute(
+                update(rd)
+                .where(rd.c.rollout_id == bindparam("b_rollout"), rd.c.device_id == bindparam("b_id"))
+                .values(progress=bindparam("b_progress"), reason=bindparam("b_reason"),
+                        detail=bindparam("b_detail")),
+                changed,
+            )
+            expire_members(session)
 
     def _store_gates(
         self, session: Session, rollout: Rollout, spec: eng.RolloutSpec, decision: eng.Decision, now: datetime

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import Select, func
 from sqlalchemy import select as core_select
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from fleet.db.models import HealthBucket, HealthReport, as_utc, table_of
 from fleet.rollout import engine as eng
@@ -45,18 +45,19 @@ def raw_windows(
 ) -> list[eng.HealthWindow]:
     """The raw reports of ``releases`` from ``devices`` received in [start, end), in the
     order received."""
-    stmt = select(HealthReport).where(
-        col(HealthReport.device_id).in_(devices if isinstance(devices, Select) else list(devices)),
-        HealthReport.model == model,
-        col(HealthReport.release).in_(sorted(releases)),
-        col(HealthReport.received_at) >= start,
+    h = table_of(HealthReport)
+    stmt = core_select(h.c.device_id, h.c.release, h.c.inferences, h.c.errors, h.c.p95_ms, h.c.drift,
+                       h.c.seq, h.c.ts, h.c.received_at).where(
+        h.c.device_id.in_(devices if isinstance(devices, Select) else list(devices)),
+        h.c.model == model,
+        h.c.release.in_(sorted(releases)),
+        h.c.received_at >= start,
     )
     if end is not None:
-        stmt = stmt.where(col(HealthReport.received_at) < end)
+        stmt = stmt.where(h.c.received_at < end)
     return [
-        eng.HealthWindow(h.device_id, h.release, h.inferences, h.errors, h.p95_ms, h.drift,
-                         seq=h.seq, ts=h.ts, received_at=_ts(h.received_at))
-        for h in session.exec(stmt.order_by(col(HealthReport.received_at), col(HealthReport.id)))
+        eng.HealthWindow(r[0], r[1], r[2], r[3], r[4], r[5], seq=r[6], ts=r[7], received_at=_ts(r[8]))
+        for r in session.execute(stmt.order_by(h.c.received_at, h.c.id))
     ]
 
 

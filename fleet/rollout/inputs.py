@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import or_
+from sqlalchemy import select as core_select
 from sqlmodel import Session, col, func, select
 
 from fleet.db.device_models import ReportedModel, read_model
-from fleet.db.models import Bundle, Device, DeviceEvent, Rollout, RolloutDevice, as_utc
+from fleet.db.models import Bundle, Device, DeviceEvent, Rollout, RolloutDevice, as_utc, table_of
 from fleet.rollout import engine as eng
 from fleet.rollout.health_reads import target_windows, windows_between
 
@@ -24,19 +25,46 @@ log = logging.getLogger(__name__)
 LATENCY_BASELINE_S = 3600.0
 
 
+class Member(NamedTuple):
+    """A member of the rollout as the controller reads it each tick (RolloutDevice's columns)."""
+
+    device_id: str
+    stage: int
+    status: str
+    assigned_at: datetime | None
+    previous_bundle_id: int | None
+    progress: str
+    reason: str | None
+    detail: str
+
+
+class Heard(NamedTuple):
+    """What the fleet last heard from a device (Device's columns the gates read)."""
+
+    id: str
+    models: dict[str, Any]
+    online: bool
+    last_seen: datetime | None
+
+
 def gate_inputs(
     session: Session, rollout: Rollout, spec: eng.RolloutSpec, bundle: Bundle, now: datetime
-) -> tuple[list[RolloutDevice], dict[str, Any]]:
+) -> tuple[list[Member], dict[str, Any]]:
     """The members of the stages reached and what the engine needs about them, from the
     database (``member_count``: all the rollout's members).
 
     Health comes from the per-minute buckets (fleet.rollout.health_reads), and every set of
     devices is a subquery, never a list of ids (PostgreSQL takes at most 65,535 parameters)."""
     stage_index = rollout.current_stage
+    rd = table_of(RolloutDevice)
     # only the members of the stages reached (the engine ignores the others): a canary stage
-    # of a rollout to 100,000 devices reads its few devices, and counts the rest
-    members = list(session.exec(select(RolloutDevice).where(
-        RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage <= stage_index)))
+    # of a rollout to 100,000 devices reads its few devices, and counts the rest; plain rows,
+    # not ORM objects (building those was most of a large stage's tick)
+    members = [
+        Member(*r) for r in session.execute(
+            core_select(*(rd.c[f] for f in Member._fields))
+            .where(rd.c.rollout_id == rollout.id, rd.c.stage <= stage_index))
+    ]
     member_count = session.exec(
         select(func.count()).select_from(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)
     ).one()
@@ -44,8 +72,10 @@ def gate_inputs(
         RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage <= stage_index
     )
     staged = members
+    d_t = table_of(Device)
     devices = (
-        {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(in_stage)))}
+        {r.id: Heard(*r) for r in session.execute(
+            core_select(*(d_t.c[f] for f in Heard._fields)).where(d_t.c.id.in_(in_stage)))}
         if staged else {}
     )
 
@@ -109,7 +139,7 @@ def gate_inputs(
 
 
 def previous_release_windows(
-    session: Session, rollout: Rollout, members: Sequence[RolloutDevice]
+    session: Session, rollout: Rollout, members: Sequence[Member]
 ) -> list[eng.HealthWindow]:
     """Windows of each device's previous release from the LATENCY_BASELINE_S before it was
     told to update: read per time of assignment (a stage's devices share one), from buckets."""
@@ -144,7 +174,7 @@ def previous_release_windows(
 
 
 def shadow_figures(
-    devices: Iterable[Device], model: str, release: int, since: float
+    devices: Iterable[Heard], model: str, release: int, since: float
 ) -> list[eng.ShadowFigures]:
     """Each device's latest shadow report of ``release`` (the ingester keeps it in
     ``Device.models[model].shadow``) received since ``since``."""
