@@ -39,6 +39,7 @@ from fleet.ingest.claims import Bounds
 from fleet.ingest.ingester import MAX_SESSION_EXPIRY_S, Ingester
 from fleet.metrics import RETENTION_DELETED, MetricsMiddleware
 from fleet.registry.blobs import BlobStore
+from fleet.rollout import health_buckets
 from fleet.rollout.controller import RolloutController
 from fleet.rollout.leader import ControllerLoop, lock_for
 from fleet.settings import Settings
@@ -85,6 +86,7 @@ def create_app(settings: Settings) -> Litestar:
 
     def retention() -> None:
         deleted = rollup.trim(engine, settings.retention_days, settings.rollup_retention_days)
+        deleted["healthbucket"] = health_buckets.trim(engine, settings.retention_days)
         for table, n in deleted.items():
             RETENTION_DELETED.labels(table=table).inc(n)
 

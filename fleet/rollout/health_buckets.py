@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult, Engine
 from sqlmodel import Session
 
-from fleet.db.models import HealthBucket, table_of
+from fleet.db.engine import session_scope
+from fleet.db.models import HealthBucket, as_utc, table_of
 
 BUCKET_S = 60
 
@@ -93,6 +95,24 @@ def add_health(session: Session, reports: Iterable[Mapping[str, Any]]) -> None:
 def add_health_rows(session: Session, columns: Sequence[str], reports: Iterable[Sequence[Any]]) -> None:
     """``add_health`` for reports as tuples in the order of ``columns`` (HealthReport's names)."""
     add_health(session, (dict(zip(columns, r, strict=True)) for r in reports))
+
+
+def trim(engine: Engine, retention_days: float, now: datetime | None = None) -> int:
+    """Delete buckets older than ``retention_days`` (the raw reports' retention), in chunks of
+    minutes; the number deleted."""
+    now = now or datetime.now(UTC)
+    cutoff = now - timedelta(days=retention_days)
+    table = table_of(HealthBucket)
+    total = 0
+    while True:
+        with session_scope(engine) as session:
+            oldest = as_utc(session.execute(select(func.min(table.c.minute))).scalar())
+            if oldest is None or oldest >= cutoff:
+                break
+            until = min(cutoff, oldest + timedelta(hours=1))
+            result = session.execute(delete(table).where(table.c.minute < until))
+            total += int(result.rowcount or 0) if isinstance(result, CursorResult) else 0
+    return total
 
 
 _UPSERTS: dict[str, Any] = {}
