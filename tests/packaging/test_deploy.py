@@ -15,6 +15,7 @@ import yaml
 
 from fleet.cli.main import build_parser
 from fleet.cli.serve import ROLE_CHOICES, parse_roles
+from fleet.settings import Settings
 
 from .conftest import PACKAGING
 
@@ -136,7 +137,7 @@ def test_k8s_broker_config_is_the_tested_one(k8s: dict[tuple[str, str], dict[str
     assert data["edgefleet.acl"].strip() == shipped.strip()
     conf = (PACKAGING / "mosquitto" / "edgefleet-production.conf").read_text()
     expected = (conf.replace("log_dest syslog", "log_dest stdout")
-                .replace("/etc/mosquitto/edgefleet.passwd", "/etc/mosquitto/passwd/edgefleet.passwd")
+                .replace("/etc/mosquitto/edgefleet.passwd", "/etc/mosquitto/devices/edgefleet.passwd")
                 .replace("/etc/mosquitto/edgefleet-services.passwd",
                          "/etc/mosquitto/passwd/edgefleet-services.passwd")
                 .replace("/etc/mosquitto/edgefleet.acl", "/etc/mosquitto/conf/edgefleet.acl"))
@@ -147,3 +148,104 @@ def test_k8s_broker_config_is_the_tested_one(k8s: dict[tuple[str, str], dict[str
     for path in re.findall(files, data["mosquitto.conf"], flags=re.M):
         assert str(Path(path).parent) in mounts, f"{path} is not mounted"
     assert shlex.join(container["args"]).endswith("/etc/mosquitto/conf/mosquitto.conf")
+
+
+def _pod(k8s: dict[tuple[str, str], dict[str, Any]], name: str) -> dict[str, Any]:
+    return k8s[("Deployment", name)]["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def _container(pod: dict[str, Any], name: str, key: str = "containers") -> dict[str, Any]:
+    return next(c for c in pod[key] if c["name"] == name)
+
+
+def _mount_of(path: str, pod: dict[str, Any], container: dict[str, Any]) -> tuple[str, str, bool]:
+    """(claim, mountPath, read-only) of the claim-backed mount holding ``path`` in ``container``."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for m in container["volumeMounts"]:
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            claim = volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName")
+            assert claim, f"{path} is on volume {m['name']}, not a claim both pods can mount"
+            return claim, m["mountPath"], bool(m.get("readOnly"))
+    raise AssertionError(f"{path} is not mounted in {container['name']}")
+
+
+def _devices_password_file(k8s: dict[tuple[str, str], dict[str, Any]]) -> str:
+    conf = k8s[("ConfigMap", "mosquitto")]["data"]["mosquitto.conf"]
+    found = re.findall(r"^password_file (\S+)$", conf.split("listener 8884")[0], re.M)
+    assert len(found) == 1, "the devices' listener has one password_file"
+    return str(found[0])
+
+
+def _fleet_uid() -> int:
+    m = re.search(r"useradd .*--uid (\d+) .*edgefleet-fleet", (DEPLOY / "Dockerfile").read_text())
+    assert m, "the Dockerfile's fleet user has no fixed uid"
+    return int(m.group(1))
+
+
+def test_k8s_the_password_file_the_api_writes_is_the_one_the_broker_reads(
+    k8s: dict[tuple[str, str], dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker_file = _devices_password_file(k8s)
+    mosq_pod = _pod(k8s, "mosquitto")
+    claim, broker_dir, _ro = _mount_of(broker_file, mosq_pod, _container(mosq_pod, "mosquitto"))
+    assert "ReadWriteMany" in k8s[("PersistentVolumeClaim", claim)]["spec"]["accessModes"], (
+        "the API's pods and the broker's may run on different nodes")
+    api_pod = _pod(k8s, "edgefleet-api")
+    api = _container(api_pod, "fleet")
+    env = {e["name"]: e["value"] for e in api.get("env", [])}
+    path = env.get("EDGEFLEET_MQTT_PASSWORD_FILE")
+    assert path, "the API does not write the devices' password file"
+    api_claim, api_dir, api_ro = _mount_of(path, api_pod, api)
+    assert api_claim == claim and not api_ro, f"{path} is not on the broker's claim {claim}, writable"
+    assert Path(path).relative_to(api_dir) == Path(broker_file).relative_to(broker_dir)
+    # the other roles never write it (only the API enrols, rotates and revokes)
+    config = k8s[("ConfigMap", "edgefleet-fleet")]["data"]
+    assert "EDGEFLEET_MQTT_PASSWORD_FILE" not in config
+    # the settings the API process reads (ConfigMap, Secret, its own env)
+    secret = k8s[("Secret", "edgefleet-fleet")]["stringData"]
+    for key, value in {**config, **secret, **env}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("EDGEFLEET_MQTT_RELOAD_COMMAND", raising=False)
+    settings = Settings.from_env()
+    assert str(settings.mqtt_password_file) == path and settings.mqtt_reload_command is None
+
+
+def test_k8s_the_password_file_exists_before_the_broker_starts(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    broker_file = _devices_password_file(k8s)
+    pod = _pod(k8s, "mosquitto")
+    claim, broker_dir, _ro = _mount_of(broker_file, pod, _container(pod, "mosquitto"))
+    init = _container(pod, "passwd-init", "initContainers")
+    (mount,) = init["volumeMounts"]
+    init_dir = mount["mountPath"]
+    assert _mount_of(f"{init_dir}/{Path(broker_file).name}", pod, init)[0] == claim
+    in_init = f"{init_dir}/{Path(broker_file).relative_to(broker_dir)}"
+    script = init["command"][-1]
+    uid = _fleet_uid()
+    assert f"touch {in_init}" in script and f"chown {uid}:{uid} {init_dir} {in_init}" in script
+
+
+def test_k8s_the_broker_reloads_the_file_the_api_writes(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    broker_file = _devices_password_file(k8s)
+    pod = _pod(k8s, "mosquitto")
+    assert pod["shareProcessNamespace"] is True, "the reloader cannot see the broker's process"
+    uid = _fleet_uid()
+    assert pod["securityContext"]["runAsUser"] == uid, "the broker reads the fleet's file as its uid"
+    for kind in ("containers", "initContainers"):
+        for c in pod[kind]:
+            if c["name"] != "passwd-init":
+                assert "runAsUser" not in c.get("securityContext", {}), f"{c['name']}: another uid"
+    assert _pod(k8s, "edgefleet-api")["securityContext"]["runAsUser"] == uid
+    reloader = _container(pod, "reloader")
+    sh, script, watched, process, _interval = reloader["command"]
+    assert sh == "sh" and watched == broker_file and process == "mosquitto"
+    claim, _d, _ro = _mount_of(broker_file, pod, _container(pod, "mosquitto"))
+    assert _mount_of(watched, pod, reloader)[0] == claim
+    conf_mount = next(m for m in reloader["volumeMounts"] if script.startswith(m["mountPath"] + "/"))
+    conf_volume = next(v for v in pod["volumes"] if v["name"] == conf_mount["name"])
+    shipped = k8s[("ConfigMap", conf_volume["configMap"]["name"])]["data"][Path(script).name]
+    assert shipped == (PACKAGING / "mosquitto" / "reload-on-change.sh").read_text()
+    assert _container(pod, "mosquitto")["args"][0] == process
