@@ -42,6 +42,7 @@ An unknown key or a bad value raises ConfigError naming the key and the value.
     [runtime]
     intra_op_threads = 1           # onnxruntime intra-op threads and LiteRT num_threads
     max_batch_size = 8             # rows merged into one run; 1 turns dynamic batching off
+    batching = "auto"              # "auto": merge only models a load-time calibration shows gain; "on"
     max_queue_delay_ms = 0.0       # how long a run waits for more rows; 0: only what queued
     workers = 0                    # runs of one model at once (and LiteRT interpreters); 0: auto
     [update]
@@ -143,6 +144,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True):
     max_batch_size: int = 8
     max_queue_delay_ms: float = 0.0
     workers: int = 0  # 0: auto, see resolved_workers
+    batching: str = "auto"  # "auto" (agent.runtime.batch_gain decides per model) or "on"
 
     @property
     def resolved_workers(self) -> int:
@@ -428,8 +430,12 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
             max_batch_size=t.positive("max_batch_size", int, runtime.max_batch_size),
             max_queue_delay_ms=t.positive("max_queue_delay_ms", float, 0.0, allow_zero=True),
             workers=t.positive("workers", int, 0, allow_zero=True),
+            batching=t.get("batching", str, "auto"),
         )
         t.finish()
+        if runtime.batching not in ("auto", "on"):
+            raise ConfigError(f"runtime.batching = {runtime.batching!r} must be \"auto\" or \"on\" "
+                              "(max_batch_size = 1 turns batching off)")
 
     update = UpdateConfig()
     if (t := _sub(root, "update")) is not None:

@@ -84,7 +84,7 @@ class Agent:
         rt = config.runtime
         self.host = ModelHost(BatchPolicy(max_batch_size=rt.max_batch_size,
                                           max_queue_delay_s=rt.max_queue_delay_ms / 1000.0,
-                                          workers=rt.resolved_workers),
+                                          workers=rt.resolved_workers, auto=rt.batching == "auto"),
                               on_load=BaselineAttacher(self.blobs))
         self.trust_root = load_trust_root(config.trust_root, config.state_dir)
         self.backend = backend or default_backends(threads=rt.intra_op_threads,

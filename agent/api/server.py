@@ -71,7 +71,8 @@ def _specs(specs: list[Any]) -> list[dict[str, Any]]:
     return [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in specs]
 
 
-def describe(model: LoadedModel, max_batch_rows: int = 1) -> dict[str, Any]:
+def describe(model: LoadedModel, max_batch_rows: int = 1,
+             batching: dict[str, Any] | None = None) -> dict[str, Any]:
     m = model.manifest
     return {
         "name": m.name,
@@ -82,6 +83,7 @@ def describe(model: LoadedModel, max_batch_rows: int = 1) -> dict[str, Any]:
         "inputs": _specs(m.inputs),
         "outputs": _specs(m.outputs),
         "max_batch_rows": max_batch_rows,
+        "batching": batching,
     }
 
 
@@ -237,7 +239,7 @@ class _Handler(RequestHandler):
                 self._json(503, {"error": "no_model", "detail": "no model is active yet; install a bundle"})
         elif path == "/v1/models":
             models = self.host.snapshot()
-            self._json(200, {"models": [describe(m, self._batch_rows(n)) for n, m in sorted(models.items())]})
+            self._json(200, {"models": [self._describe(n, m) for n, m in sorted(models.items())]})
         elif path.startswith(PREDICT_PREFIX) and path.endswith("/predict"):
             raise ApiError(405, "method_not_allowed", "predict takes POST")
         else:
@@ -310,9 +312,11 @@ class _Handler(RequestHandler):
                 headers=headers,
             )
 
-    def _batch_rows(self, name: str) -> int:
+    def _describe(self, name: str, model: LoadedModel) -> dict[str, Any]:
         scheduler = self.host.scheduler(name)
-        return 1 if scheduler is None else scheduler.max_rows
+        if scheduler is None:
+            return describe(model)
+        return describe(model, scheduler.max_rows, scheduler.status())
 
 
 def _listen_tcp(address: tuple[str, int], backlog: int) -> socket.socket:

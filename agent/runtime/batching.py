@@ -17,6 +17,10 @@ Every request of an active model goes through that model's scheduler:
   at swap time on a thread of its own, so it does not delay readiness; until it has
   answered, requests run one by one (never merged unverified). ``max_rows`` and
   ``unbatched_reason`` wait for its answer;
+- with ``auto`` (the default), the probe also measures whether merging pays for the model
+  (agent.runtime.batch_gain: a run of one row against a run of several); when it does not
+  (gain under 1.2x: most convolutional and sequence models on a CPU), batching is off for
+  it, and ``status()`` (GET /v1/models) says why, with the figures;
 - a request that finds the queue empty and a run slot free (fewer than ``workers`` runs in
   progress) runs inline, in its caller's thread: no queue, no thread hand-off (~75 us of
   every request on an idle device). Not when it could wait for companions
@@ -36,7 +40,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -44,6 +48,7 @@ import numpy as np
 
 from agent.errors import InferenceError
 from agent.runtime.base import Session, concrete_shape
+from agent.runtime.batch_gain import CALIBRATION_ROWS, Calibration, Run, decide, measure_gain
 from shared.bundle.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -66,6 +71,7 @@ class BatchPolicy(msgspec.Struct, frozen=True):
     max_batch_size: int = 8
     max_queue_delay_s: float = 0.0
     workers: int = 1
+    auto: bool = False  # merge only where the load-time calibration shows a gain (runtime.batching)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.workers < 1 or self.max_queue_delay_s < 0:
@@ -122,6 +128,12 @@ def _take_golden(session: Session) -> dict[str, np.ndarray] | None:
 def probe_batching(session: Session, manifest: Manifest) -> str | None:
     """Run two rows apart and together; return why they may not be merged, or None."""
     a, b = _probe_rows(manifest, _take_golden(session))
+    return rows_independent(session, a, b)
+
+
+def rows_independent(session: Session, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> str | None:
+    """Why rows ``a`` and ``b`` may not be merged (None: run together, they give what they
+    give apart, and the outputs keep the row count)."""
     try:
         out_a, out_b = session.run(a), session.run(b)
         merged = session.run({k: np.concatenate([a[k], b[k]]) for k in a})
@@ -154,10 +166,13 @@ class _Request:
 
 class ModelScheduler:
     def __init__(self, model: LoadedModel, policy: BatchPolicy, *, probe: bool = True,
-                 idle_exit_s: float = IDLE_EXIT_S) -> None:
+                 idle_exit_s: float = IDLE_EXIT_S,
+                 measure: Callable[[Run, dict[str, np.ndarray], int], Calibration] = measure_gain) -> None:
         self.model = model
         self.policy = policy
         self.idle_exit_s = idle_exit_s
+        self._measure = measure
+        self.calibration: Calibration | None = None  # set by the probe when policy.auto
         self._reason: str | None = None
         self._probed = threading.Event()  # set once merging is decided
         if policy.max_batch_size <= 1:
@@ -184,7 +199,17 @@ class ModelScheduler:
 
     def _probe(self) -> None:
         try:
-            self._reason = probe_batching(self.model.session, self.model.manifest)
+            session = self.model.session
+            a, b = _probe_rows(self.model.manifest, _take_golden(session))
+            reason = rows_independent(session, a, b)
+            if reason is None and self.policy.auto:
+                rows = min(self.policy.max_batch_size, CALIBRATION_ROWS)
+                self.calibration = self._measure(session.run, a, rows)
+                reason = decide(self.calibration)
+                if reason is None:
+                    log.info("model=%s r%s batches: %s", self.model.name, self.model.release,
+                             self.calibration.summary())
+            self._reason = reason
         except Exception as exc:  # never leave the event unset
             self._reason = f"the probe failed: {exc}"
         self._log_unbatched()
@@ -199,6 +224,13 @@ class ModelScheduler:
         """Why requests are not merged (None: they are); waits for the probe's answer."""
         self._probed.wait()
         return self._reason
+
+    def status(self) -> dict[str, object]:
+        """Batching as GET /v1/models shows it; waits for the probe's answer."""
+        reason = self.unbatched_reason
+        mode = "off" if self.policy.max_batch_size <= 1 else "auto" if self.policy.auto else "on"
+        return {"mode": mode, "enabled": reason is None, "reason": reason,
+                "calibration": self.calibration.summary() if self.calibration else None}
 
     @unbatched_reason.setter
     def unbatched_reason(self, reason: str | None) -> None:

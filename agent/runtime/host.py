@@ -20,6 +20,7 @@ import numpy as np
 
 from agent.errors import InputError, UnknownModelError
 from agent.runtime.base import Session
+from agent.runtime.batch_gain import Calibration, Run, measure_gain
 from agent.runtime.batching import BatchPolicy, ModelScheduler
 from agent.runtime.metrics import Metrics
 from agent.runtime.shadow import ShadowRunner
@@ -114,8 +115,11 @@ class InputCheck:
 
 class ModelHost:
     def __init__(self, policy: BatchPolicy | None = None, *,
-                 on_load: Callable[[LoadedModel], None] | None = None) -> None:
+                 on_load: Callable[[LoadedModel], None] | None = None,
+                 measure: Callable[[Run, dict[str, np.ndarray], int], Calibration] | None = None) -> None:
         self.policy = policy or BatchPolicy()
+        # how the schedulers time a model for the batching decision (agent.runtime.batch_gain)
+        self.measure = measure or measure_gain
         # Called with each release before it becomes active (agent.telemetry.drift attaches
         # the baseline there); a failing hook is logged, never blocks the swap.
         self.on_load = on_load
@@ -147,7 +151,8 @@ class ModelHost:
                 self.on_load(loaded)
             except Exception:
                 log.exception("on_load hook failed for %s r%s", loaded.name, loaded.release)
-        scheduler = ModelScheduler(loaded, self.policy)  # its batching probe runs in the background
+        # its batching probe (and calibration) runs in the background
+        scheduler = ModelScheduler(loaded, self.policy, measure=self.measure)
         with self._lock:
             old = self._models.get(loaded.name)
             old_scheduler = self._schedulers.get(loaded.name)
