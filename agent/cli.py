@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr_sub.add_parser("show", help="print the current root's version, keys and delegations")
     tr_up = tr_sub.add_parser("update", help="accept newer roots from files (e.g. keys/roots/*.root.json)")
     tr_up.add_argument("files", type=Path, nargs="+", metavar="ROOT.json")
-    st = sub.add_parser("status", help="show each model's lifecycle state and releases",
-                        description="Print lifecycle state, active/previous release and last reason.")
+    st = sub.add_parser("status", help="show each model's lifecycle state and releases, the enrollment, "
+                        "and the fleet and broker connection state",
+                        description="Print lifecycle state, active/previous release and last reason; "
+                        "the enrollment; the fleet (reachable, last contact, last error) and the broker "
+                        "(connected since, last error) as the running agent last saw them.")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("doctor", help="check config, trust root, disk, fleet, broker, clock: ok/FAIL and the fix",
                    description="One line per check, each failure with its fix; exit 0 when all pass. "
@@ -250,13 +253,15 @@ def cmd_score(config: AgentConfig, name: str, input_dir: Path, output_dir: Path,
 
 
 def cmd_status(config: AgentConfig, as_json: bool) -> int:
+    from agent.connection_state import status_document, status_lines
+
     records = StateStore(config.state_dir).load_all()
+    links = status_document(config.state_dir)
     if as_json:
-        print(msgspec.json.encode({"models": list(records.values())}).decode())
+        print(msgspec.json.encode({"models": list(records.values()), **links}).decode())
         return 0
     if not records:
         print(f"no models in {config.state_dir}")
-        return 0
     for name, rec in sorted(records.items()):
         active, previous = _release_text(rec.active), _release_text(rec.previous)
         target = f"r{rec.target.release}" if rec.target else "none"
@@ -268,6 +273,8 @@ def cmd_status(config: AgentConfig, as_json: bool) -> int:
             print(f"  {rec.message}")
         if rec.committed is not None:
             print(f"  last committed {_release_text(rec.committed)} (kept on disk)")
+    for line in status_lines(links):
+        print(line)
     return 0
 
 

@@ -23,6 +23,7 @@ from agent import __version__, sdnotify
 from agent.api.connections import ConnectionLimits
 from agent.api.server import ApiServer
 from agent.config import AgentConfig
+from agent.connection_state import ConnectionState, status_document
 from agent.errors import ConfigError, DownloadError, StateError
 from agent.runtime.base import Backend
 from agent.runtime.batching import BatchPolicy
@@ -117,6 +118,9 @@ class Agent:
                 self.certificate = DeviceCertificate(self.fleet, config.state_dir)
             fetcher = Fetcher(client, self.fleet.auth_headers, cancel=self._stop,
                               policy=DownloadPolicy.from_config(config.update))
+        # what `status` and GET /v1/status show of the fleet and broker links
+        self.connection = ConnectionState(config.state_dir,
+                                          fleet_url=config.fleet.url if config.fleet else None)
         self.link = TelemetryLink(config, host=self.host, states=self.states,
                                   on_desired=self.request_sync, model_details=self.model_details,
                                   wake=self._wake.set, fleet=self.fleet, certificate=self.certificate)
@@ -169,6 +173,17 @@ class Agent:
 
     def heal_login(self) -> bool:
         return self.link.heal_login()
+
+    def _broker_probe(self) -> tuple[str | None, tuple[bool, str | None] | None]:
+        r = self.link.reporter
+        return (None, None) if r is None else (r.address.url, (r.connected.is_set(), r.last_error))
+
+    def status(self) -> dict[str, object]:
+        """GET /v1/status: the document of `edgefleet-agent status --json`, live."""
+        import msgspec
+
+        return {"models": msgspec.to_builtins(list(self.store.load_all().values())),
+                **status_document(self.config.state_dir, self.connection)}
 
     # -- desired state ----------------------------------------------------------------
 
@@ -288,10 +303,13 @@ class Agent:
                 if self.fleet is not None:
                     try:
                         self.sync_once()
+                        self.connection.fleet_ok()
                     except (EdgefleetError, StateError) as exc:
                         log.warning("desired-state pull failed: %s", exc)
-                    except Exception:
+                        self.connection.fleet_failed(exc)
+                    except Exception as exc:
                         log.exception("desired-state pull failed")
+                        self.connection.fleet_failed(exc)
                 next_poll = time.monotonic() + poll
             try:
                 trial_in = self.installer.check_trials()
@@ -330,8 +348,9 @@ class Agent:
                                      idle_timeout_s=api.idle_timeout_s, head_timeout_s=api.head_timeout_s,
                                      io_timeout_s=api.io_timeout_s),
                                  locks=self.locks,
-                                 update_waiting=self.installer.waiting)
+                                 update_waiting=self.installer.waiting, status=self.status)
             self.api.start()
+            self.connection.start_monitor(self._broker_probe)
         except BaseException:
             self.store.release()
             raise
@@ -358,6 +377,7 @@ class Agent:
         if self._worker is not None:
             self._worker.join(timeout=10)
         self.link.stop()
+        self.connection.stop()
         if self.http is not None:
             self.http.close()
         self.store.release()

@@ -124,6 +124,7 @@ class _Handler(RequestHandler):
     request_timeout_s: float | None
     locks: LockTable | None = None
     update_waiting: Callable[[], dict[str, str]] | None = None
+    agent_status: Callable[[], dict[str, Any]] | None = None  # GET /v1/status (the agent assembles it)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -237,6 +238,8 @@ class _Handler(RequestHandler):
                 self._json(200, {"status": "ready", "models": sorted(models)})
             else:
                 self._json(503, {"error": "no_model", "detail": "no model is active yet; install a bundle"})
+        elif path == "/v1/status" and self.agent_status is not None:
+            self._json(200, self.agent_status())  # models, enrollment, fleet and broker links
         elif path == "/v1/models":
             models = self.host.snapshot()
             self._json(200, {"models": [self._describe(n, m) for n, m in sorted(models.items())]})
@@ -380,14 +383,16 @@ class ApiServer:
                  max_body_bytes: int = 64 * 1024 * 1024, max_json_bytes: int = 8 * 1024 * 1024,
                  max_inflight_bytes: int = 128 * 1024 * 1024, request_timeout_s: float | None = 30.0,
                  limits: ConnectionLimits | None = None, locks: LockTable | None = None,
-                 update_waiting: Callable[[], dict[str, str]] | None = None) -> None:
+                 update_waiting: Callable[[], dict[str, str]] | None = None,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.budget = BodyBudget(max_inflight_bytes)
         handler = type("Handler", (_Handler,), {"host": host, "max_body_bytes": max_body_bytes,
                                                 "max_json_bytes": min(max_json_bytes, max_body_bytes),
                                                 "budget": self.budget,
                                                 "request_timeout_s": request_timeout_s, "locks": locks,
                                                 "update_waiting": staticmethod(update_waiting)
-                                                if update_waiting else None})
+                                                if update_waiting else None,
+                                                "agent_status": staticmethod(status) if status else None})
         self.limits = _within_open_files(limits or ConnectionLimits())
         listeners: list[socket.socket] = []
         self.tcp_address: tuple[str, int] | None = None
