@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"agent config (TOML); default ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log verbosity on stderr (default INFO)")
-    p.add_argument("--log-format", choices=["text", "json"], default=None,
-                   help="log lines as text (default) or one JSON object per line (env EDGEFLEET_LOG_FORMAT)")
+    p.add_argument("--log-format", choices=["text", "json", "journal"], default=None,
+                   help="log lines as text (default), one JSON object per line (env EDGEFLEET_LOG_FORMAT), "
+                   "or entries with fields to the systemd journal (text under systemd does this too)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the agent until SIGTERM (what the systemd unit starts)",
                    description="Serve the local API, follow the fleet's desired state, report telemetry.")
@@ -153,7 +154,8 @@ def cmd_run(config: AgentConfig, level: str, log_format: str | None = None,
     from shared.logformat import LogFormatError, log_format_from
 
     try:
-        setup_logging(level, log_format_from(log_format))
+        chosen = "journal" if log_format == "journal" else log_format_from(log_format)
+        setup_logging(level, chosen, device_id=config.device_id)
     except LogFormatError as exc:
         raise CliError(str(exc)) from None
     # The resident agent checks signatures in a child process, so that cryptography's

@@ -1,6 +1,9 @@
 """The agent's log lines: one per record on stderr, text or JSON (``--log-format``); under
-systemd (JOURNAL_STREAM set) with a ``<priority>`` prefix that journald takes as the line's
-priority, and without a time stamp (journald stamps it)."""
+systemd (JOURNAL_STREAM naming stderr) in text format, or with ``--log-format journal``, each
+record goes to the journal through its native protocol with structured fields
+(agent/journald.py: PRIORITY, DEVICE_ID, EVENT, RELEASE, ...); a record it cannot send, and
+every line when the journal is not used, goes to stderr, under systemd with a ``<priority>``
+prefix that journald takes as the line's priority and without a time stamp."""
 
 from __future__ import annotations
 
@@ -28,22 +31,29 @@ class _PriorityPrefix(logging.Formatter):
         return f"<{getattr(record, 'priority', 6)}>" + self.inner.format(record)
 
 
-def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
-    """One line per record on stderr, text or JSON (``--log-format``); under systemd, with a
-    <priority> prefix that journald takes as the line's priority."""
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str = "INFO", log_format: str = "text", device_id: str | None = None) -> None:
+    """One record per line on stderr, text or JSON (``--log-format``), or to the journal with
+    fields (``journal``, or text under systemd); see the module's docstring."""
+    from agent.journald import JournalHandler, journal_stream_is_stderr
+
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM"))
     if log_format == "json":
         from shared.logformat import JsonFormatter
 
         formatter: logging.Formatter = JsonFormatter("agent")
-    elif os.environ.get("JOURNAL_STREAM"):
+    elif under_systemd or log_format == "journal":
         formatter = logging.Formatter("%(name)s: %(message)s")  # journald stamps the time
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if os.environ.get("JOURNAL_STREAM"):
+    if under_systemd or log_format == "journal":
         handler.addFilter(_JournalFilter())
         formatter = _PriorityPrefix(formatter)
     handler.setFormatter(formatter)
+    if log_format == "journal" or (log_format == "text" and journal_stream_is_stderr()):
+        journal = JournalHandler(device_id=device_id, fallback=handler)
+        journal.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler = journal
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
