@@ -5,6 +5,7 @@ protocol and through AgentClient, and clear 400s for malformed framing."""
 from __future__ import annotations
 
 import io
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from agent.client import AgentClient, AgentError
 from agent.runtime.batching import BatchPolicy
 from fleet.bundles.build import build_bundle
 
+from ..waiting import wait_for
 from .conftest import Bundles, Rig
 
 TENSORS = "application/x-edgefleet-tensors"
@@ -232,3 +234,31 @@ def test_client_reports_refusals_with_the_server_code(client: AgentClient) -> No
 def test_unknown_media_type_names_the_framings(http: httpx.Client) -> None:
     r = http.post("/v1/models/clf/predict", content=b"x", headers={"Content-Type": "text/csv"})
     assert r.status_code == 415 and TENSORS in r.json()["detail"]
+
+
+def test_back_to_back_and_closed_while_the_worker_lingers(server: ApiServer) -> None:
+    """A worker waits briefly for the connection's next request: back-to-back requests are
+    served on it, a head split across packets still completes, and a client that closes
+    meanwhile is closed on the agent's side too."""
+    body, headers = tensors_body({"x": np.ones((1, 4), np.float32)})
+    head = ("POST /v1/models/clf/predict HTTP/1.1\r\nHost: a\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(server.unix_path))
+    reader = sock.makefile("rb")
+    for i in range(3):
+        if i == 1:  # the head in two writes
+            sock.sendall(head[:20])
+            sock.sendall(head[20:] + body)
+        else:
+            sock.sendall(head + body)
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        length = 0
+        while (line := reader.readline()) != b"\r\n":
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        assert len(reader.read(length)) == 12
+    reader.close()
+    sock.close()
+    wait_for(lambda: server.connections.open_connections == 0, 10, "the agent to close the connection")
