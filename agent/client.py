@@ -39,6 +39,8 @@ from agent.api.codecs import (
     NPZ,
     TENSORS,
     TENSORS_HEADER,
+    npy_bytes,
+    npy_header,
     tensor_header,
     tensor_layout,
     wire_arrays,
@@ -290,9 +292,10 @@ class AgentClient:
         elif media == NPY:
             if len(inputs) != 1:
                 raise ValueError(f"framing npy carries one array, got {len(inputs)} inputs")
-            buf = io.BytesIO()
-            np.save(buf, np.asarray(next(iter(inputs.values()))), allow_pickle=False)
-            response = self._request("POST", path, [buf.getvalue()], {"Content-Type": NPY})
+            (arr,) = wire_arrays(inputs).values()
+            header = npy_header(arr)  # the header, then the array's own bytes: no copy
+            body = [npy_bytes(arr)] if header is None else [header, arr.reshape(-1).view(np.uint8)]
+            response = self._request("POST", path, body, {"Content-Type": NPY})
         elif media == NPZ:
             buf = io.BytesIO()
             np.savez(buf, **{k: np.asarray(v) for k, v in inputs.items()})  # type: ignore[arg-type]

@@ -262,12 +262,10 @@ def npy_inputs(model_name: str, input_names: list[str], body: bytes | bytearray)
 _NPY_OUT_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    """A .npy of ``arr``; the header of a (dtype, shape) is built once (numpy's writer
-    spends more time on it than on the data of a typical output)."""
-    arr = np.asarray(arr)
-    if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
+def npy_header(arr: np.ndarray) -> bytes | None:
+    """The .npy header of a C-contiguous ``arr`` (built once per dtype and shape: numpy's
+    writer spends more time on it than on the data of a typical output); None when the
+    shape needs a header version numpy picks itself."""
     key = (arr.dtype.str, arr.shape)
     header = _NPY_OUT_HEADERS.get(key)
     if header is None:
@@ -276,14 +274,25 @@ def npy_bytes(arr: np.ndarray) -> bytes:
             np.lib.format.write_array(buf, arr, allow_pickle=False)  # raises ValueError
         try:
             np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
-        except ValueError:  # a shape too long for a 1.0 header: numpy picks the version
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, arr, allow_pickle=False)
-            return buf.getvalue()
+        except ValueError:  # a shape too long for a 1.0 header
+            return None
         header = buf.getvalue()
         if len(_NPY_OUT_HEADERS) >= 64:
             _NPY_OUT_HEADERS.clear()
         _NPY_OUT_HEADERS[key] = header
+    return header
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """A .npy of ``arr``."""
+    arr = np.asarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    header = npy_header(arr)
+    if header is None:
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, arr, allow_pickle=False)
+        return buf.getvalue()
     return header + arr.tobytes()
 
 
