@@ -13,6 +13,11 @@ other work on the device); ``decide`` is pure: the figures in, the reason to sta
 
     gain = rows x single_s / batched_s     (throughput of merged runs over one-by-one runs)
     gain >= MIN_GAIN  -> merge;  else  -> batching off, with the figures in the reason
+
+Once merging is on, ``LiveGain`` keeps watching in service: the time per row of runs of one
+request against that of merged runs (moving averages). When merged runs prove no cheaper
+per row than single ones over at least LIVE_MIN_RUNS of each, batching is turned off too
+(never back on: a release's runs do not get cheaper by themselves).
 """
 
 from __future__ import annotations
@@ -56,6 +61,38 @@ def decide(calibration: Calibration, min_gain: float = MIN_GAIN) -> str | None:
     return (f"batching does not pay for this model: {calibration.rows} rows in one run take "
             f"{per_row_ms:.3f} ms a row against {calibration.single_s * 1000:.3f} ms alone "
             f"(gain {gain:.2f}x, below {min_gain:g}x); runtime.batching = \"on\" forces it")
+
+
+LIVE_MIN_RUNS = 32  # runs of each kind seen in service before the live figures are trusted
+LIVE_ALPHA = 0.1  # weight of the newest run in the moving averages
+
+
+class LiveGain:
+    """Seconds per row of single-request runs and of merged runs seen in service, as moving
+    averages. Called from several workers: a lost update only delays the verdict."""
+
+    __slots__ = ("batched", "n_batched", "n_single", "single")
+
+    def __init__(self) -> None:
+        self.single = self.batched = 0.0
+        self.n_single = self.n_batched = 0
+
+    def note(self, seconds: float, rows: int, merged: bool) -> None:
+        per_row = seconds / max(rows, 1)
+        if merged:
+            old, self.n_batched = self.batched, self.n_batched + 1
+            self.batched = per_row if self.n_batched == 1 else old + LIVE_ALPHA * (per_row - old)
+        else:
+            old, self.n_single = self.single, self.n_single + 1
+            self.single = per_row if self.n_single == 1 else old + LIVE_ALPHA * (per_row - old)
+
+    def verdict(self) -> str | None:
+        """Why merging should stop (None: keep it, or too few runs yet to say)."""
+        if self.n_single < LIVE_MIN_RUNS or self.n_batched < LIVE_MIN_RUNS or self.batched < self.single:
+            return None
+        return (f"batching did not pay in service: merged runs took {self.batched * 1000:.3f} ms a row "
+                f"against {self.single * 1000:.3f} ms a row alone (moving averages over "
+                f"{self.n_batched} merged and {self.n_single} single runs)")
 
 
 Run = Callable[[dict[str, np.ndarray]], object]

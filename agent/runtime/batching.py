@@ -48,7 +48,7 @@ import numpy as np
 
 from agent.errors import InferenceError
 from agent.runtime.base import Session, concrete_shape
-from agent.runtime.batch_gain import CALIBRATION_ROWS, Calibration, Run, decide, measure_gain
+from agent.runtime.batch_gain import CALIBRATION_ROWS, Calibration, LiveGain, Run, decide, measure_gain
 from shared.bundle.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -173,6 +173,7 @@ class ModelScheduler:
         self.idle_exit_s = idle_exit_s
         self._measure = measure
         self.calibration: Calibration | None = None  # set by the probe when policy.auto
+        self.live = LiveGain() if policy.auto else None  # run times in service (auto only)
         self._reason: str | None = None
         self._probed = threading.Event()  # set once merging is decided
         if policy.max_batch_size <= 1:
@@ -320,6 +321,9 @@ class ModelScheduler:
                     self._hand_off()
         latency = time.perf_counter() - t0
         m.metrics.record(latency)
+        if self.live is not None and self._rows_cap() > 1:
+            first = next(iter(feeds.values()))
+            self.live.note(latency, first.shape[0] if first.ndim else 1, merged=False)
         if timeout_s is not None and latency > timeout_s:
             raise RequestTimeout(f"the run did not finish within {timeout_s:g} s", started=True)
         return outputs
@@ -411,8 +415,11 @@ class ModelScheduler:
             req.done.set()
 
     def _run_one(self, req: _Request) -> None:
+        t0 = time.perf_counter()
         try:
             outputs = self.model.session.run(req.feeds)
+            if self.live is not None and req.rows and self._rows_cap() > 1:
+                self.live.note(time.perf_counter() - t0, req.rows, merged=False)
         except Exception as exc:
             self._finish(req, None, exc)
             return
@@ -425,6 +432,7 @@ class ModelScheduler:
         names = list(batch[0].feeds)
         merged = {k: np.concatenate([r.feeds[k] for r in batch]) for k in names}
         total = sum(r.rows for r in batch)
+        t0 = time.perf_counter()
         try:
             outputs = self.model.session.run(merged)
         except Exception as exc:
@@ -443,6 +451,13 @@ class ModelScheduler:
                 self._run_one(r)
             return
         self.batches += 1
+        if self.live is not None:
+            self.live.note(time.perf_counter() - t0, total, merged=True)
+            reason = self.live.verdict()
+            if reason is not None and self._reason is None:
+                self.unbatched_reason = reason
+                log.warning("model=%s r%s: %s; batching off for it", self.model.name,
+                            self.model.release, reason)
         start = 0
         for r in batch:
             self._finish(r, {k: v[start : start + r.rows] for k, v in outputs.items()}, None)

@@ -16,7 +16,7 @@ import pytest
 from agent.api.server import ApiServer
 from agent.config import AgentConfig
 from agent.errors import ConfigError
-from agent.runtime.batch_gain import Calibration, Run, decide, measure_gain
+from agent.runtime.batch_gain import LIVE_MIN_RUNS, Calibration, LiveGain, Run, decide, measure_gain
 from agent.runtime.batching import BatchPolicy
 from agent.runtime.host import ModelHost
 from agent.runtime.onnx_backend import OnnxBackend
@@ -149,3 +149,26 @@ def test_config(make_config: Callable[..., AgentConfig]) -> None:
     assert make_config(runtime={"batching": "on"}).runtime.batching == "on"
     with pytest.raises(ConfigError, match=r"runtime\.batching"):
         make_config(runtime={"batching": "always"})
+
+
+def test_live_figures_turn_batching_off_only_when_merging_does_not_pay() -> None:
+    live = LiveGain()
+    assert live.verdict() is None
+    for _ in range(LIVE_MIN_RUNS):
+        live.note(0.0244, 1, merged=False)  # rec: 24.4 ms a row alone
+        live.note(8 * 0.0353, 8, merged=True)  # 35.3 ms a row in eights
+    reason = live.verdict()
+    assert reason is not None and "35.300 ms a row against 24.400 ms a row alone" in reason
+    mlp = LiveGain()
+    for _ in range(LIVE_MIN_RUNS):
+        mlp.note(0.00339, 1, merged=False)
+        mlp.note(8 * 0.00089, 8, merged=True)
+    assert mlp.verdict() is None
+    few = LiveGain()
+    for _ in range(LIVE_MIN_RUNS - 1):
+        few.note(0.001, 1, merged=False)
+        few.note(1.0, 2, merged=True)
+    assert few.verdict() is None  # too few runs to say
+    few.note(0.001, 1, merged=False)
+    few.note(1.0, 2, merged=True)
+    assert few.verdict() is not None
