@@ -20,7 +20,8 @@ Every request of an active model goes through that model's scheduler:
 - with ``auto`` (the default), the probe also measures whether merging pays for the model
   (agent.runtime.batch_gain: a run of one row against a run of several); when it does not
   (gain under 1.2x: most convolutional and sequence models on a CPU), batching is off for
-  it, and ``status()`` (GET /v1/models) says why, with the figures;
+  it, and ``status()`` (GET /v1/models) says why, with the figures. Where it merges, the
+  run times in service (``live``) may still turn it off (batch_gain.LiveGain);
 - a request that finds the queue empty and a run slot free (fewer than ``workers`` runs in
   progress) runs inline, in its caller's thread: no queue, no thread hand-off (~75 us of
   every request on an idle device). Not when it could wait for companions
