@@ -21,7 +21,15 @@ from sqlmodel import Session, col, select
 from fleet.api.auth import bundle_reader_guard, operator_guard
 from fleet.api.context import AppContext
 from fleet.api.errors import error_response
-from fleet.api.schemas import CONFLICT, DEVICE_RESPONSES, ERROR_RESPONSES, ErrorBody
+from fleet.api.response_schemas import (
+    BUNDLE_CONFLICT,
+    BUNDLE_READ,
+    READ,
+    BundleView,
+    HighestRelease,
+    ok,
+)
+from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES, ErrorBody
 from fleet.db.engine import session_scope
 from fleet.db.models import Bundle
 from fleet.errors import NotFoundError
@@ -80,9 +88,12 @@ class BundleController(Controller):
         "number is taken by another digest; 413 when larger than max_bundle_bytes.",
         operation_class=UploadOperation,
         responses={
-            **ERROR_RESPONSES,
-            **CONFLICT,
-            200: ResponseSpec(dict[str, Any], description="The identical bundle was already stored"),
+            **BAD_REQUEST,
+            **READ,
+            **BUNDLE_CONFLICT,
+            201: ResponseSpec(BundleView, description="Stored", generate_examples=False),
+            200: ResponseSpec(BundleView, description="The identical bundle was already stored",
+                              generate_examples=False),
             413: ResponseSpec(ErrorBody, description="Larger than max_bundle_bytes"),
         },
     )
@@ -113,7 +124,7 @@ class BundleController(Controller):
 
     @get(
         "/bundles", guards=[operator_guard], sync_to_thread=True, summary="All bundles",
-        responses=ERROR_RESPONSES,
+        responses={**ok(list[BundleView], "Bundles by model and release"), **READ},
     )
     def list_bundles(self, state: State, name: FromQuery[str | None] = None) -> list[dict[str, Any]]:
         with Session(state.ctx.engine) as session:
@@ -129,7 +140,7 @@ class BundleController(Controller):
         summary="The highest release of a model stored here (0 when none)",
         description="The builder asks this before numbering a build (edgefleet bundle build --fleet), "
         "so a new release is above every release the fleet holds, re-issues included.",
-        responses=ERROR_RESPONSES,
+        responses={**ok(HighestRelease, "The highest release (0 when none)"), **BAD_REQUEST, **READ},
     )
     def highest(self, state: State, name: FromQuery[str]) -> dict[str, Any]:
         if not NAME_RE.match(name):
@@ -147,7 +158,7 @@ class BundleController(Controller):
 
     @get(
         "/bundles/{bundle_id:int}", guards=[operator_guard], sync_to_thread=True, summary="One bundle",
-        responses=ERROR_RESPONSES,
+        responses={**ok(BundleView, "The bundle"), **BUNDLE_READ},
     )
     def get_bundle(self, bundle_id: FromPath[int], state: State) -> dict[str, Any]:
         with Session(state.ctx.engine) as session:

@@ -30,7 +30,8 @@ from sqlmodel import Session, col, select
 
 from fleet.api.auth import device_guard, operator_guard
 from fleet.api.context import AppContext
-from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES, ERROR_RESPONSES
+from fleet.api.response_schemas import DEVICE_READ, CertificatesRevoked, CertificateView, ok
+from fleet.api.schemas import BAD_REQUEST, DEVICE_RESPONSES
 from fleet.db.engine import session_scope
 from fleet.db.models import Device, DeviceCertificate, as_utc, now_utc
 from fleet.errors import NotFoundError
@@ -119,7 +120,7 @@ class CertificateController(Controller):
         guards=[operator_guard],
         sync_to_thread=True,
         summary="The certificates issued to a device, newest first",
-        responses=ERROR_RESPONSES,
+        responses={**ok(list[CertificateView], "Its certificates, newest first"), **DEVICE_READ},
     )
     def list_certificates(self, device_id: FromPath[str], state: State) -> list[dict[str, Any]]:
         ctx: AppContext = state.ctx
@@ -140,7 +141,7 @@ class CertificateController(Controller):
         sync_to_thread=True,
         status_code=200,
         summary="Revoke every live certificate of a device; the broker refuses it from now on",
-        responses=ERROR_RESPONSES,
+        responses={**ok(CertificatesRevoked, "The serials revoked, the CRL written"), **DEVICE_READ},
     )
     def revoke(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx

@@ -32,7 +32,15 @@ from fleet.api.context import AppContext
 from fleet.api.device_credentials import cut_off
 from fleet.api.devices import _get_device, device_json
 from fleet.api.enrollment import check_labels
-from fleet.api.schemas import ERROR_RESPONSES
+from fleet.api.response_schemas import (
+    BAD_LABEL,
+    DEVICE_CHANGE,
+    DEVICE_READ,
+    READ,
+    DeviceView,
+    RotationRequested,
+    ok,
+)
 from fleet.db.engine import session_scope
 from fleet.db.models import Device, now_utc
 from shared.errors import MalformedDocumentError
@@ -66,7 +74,7 @@ class DeviceAdminController(Controller):
     guards = [operator_guard]
 
     @put("/{device_id:str}/labels", sync_to_thread=True, summary="Replace a device's labels",
-         responses=ERROR_RESPONSES)
+         responses={**ok(DeviceView, "The device, relabelled"), **DEVICE_CHANGE, **BAD_LABEL})
     def relabel(self, device_id: FromPath[str], data: JSONBody[LabelsRequest],
                 state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx
@@ -80,7 +88,7 @@ class DeviceAdminController(Controller):
 
     @post("/{device_id:str}/revoke", sync_to_thread=True, status_code=200, opt={"scope": "admin"},
           summary="Revoke a device: its API and broker credentials stop working at once",
-          responses=ERROR_RESPONSES)
+          responses={**ok(DeviceView, "The device, revoked"), **DEVICE_READ})
     def revoke(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx
         with session_scope(ctx.engine) as session:
@@ -96,7 +104,7 @@ class DeviceAdminController(Controller):
 
     @post("/{device_id:str}/rotate", sync_to_thread=True, status_code=200, opt={"scope": "admin"},
           summary="Ask a device to rotate its credentials (it does on its next desired-state pull)",
-          responses=ERROR_RESPONSES)
+          responses={**ok(DeviceView, "The device, asked to rotate"), **DEVICE_CHANGE})
     def rotate(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx
         with session_scope(ctx.engine) as session:
@@ -115,7 +123,7 @@ class DeviceAdminController(Controller):
 
     @post("/rotate", sync_to_thread=True, status_code=200, opt={"scope": "admin"},
           summary="Ask every (not revoked) device to rotate its credentials",
-          responses=ERROR_RESPONSES)
+          responses={**ok(RotationRequested, "How many devices were asked"), **READ})
     def rotate_all(self, state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx
         now = now_utc()
@@ -131,7 +139,8 @@ class DeviceAdminController(Controller):
 
     @post("/{device_id:str}/approve", sync_to_thread=True, status_code=200, opt={"scope": "admin"},
           summary="Allow one re-enrollment of this id with an enrollment token only",
-          responses=ERROR_RESPONSES)
+          responses={**ok(DeviceView, "The device, its re-enrollment allowed until reenroll_approved_until"),
+                     **DEVICE_CHANGE})
     def approve(self, device_id: FromPath[str], data: JSONBody[ApproveRequest],
                 state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx

@@ -32,6 +32,7 @@ from fleet.api.enrollment import (
     check_new_device_id,
 )
 from fleet.api.enrollment_tokens import accept_enrollment_token
+from fleet.api.response_schemas import DEVICE_READ, DeviceDeleted, DeviceView, ok
 from fleet.api.schemas import (
     BAD_REQUEST,
     DEVICE_RESPONSES,
@@ -365,7 +366,8 @@ class DeviceController(Controller):
         guards=[operator_guard],
         sync_to_thread=True,
         summary="One device, with its health per release (hourly rollups)",
-        responses=ERROR_RESPONSES,
+        responses={**ok(DeviceView, "The device, with health_by_release and telemetry_refused"),
+                   **DEVICE_READ},
     )
     def get_device(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx
@@ -378,7 +380,7 @@ class DeviceController(Controller):
 
     @delete("/{device_id:str}", guards=[operator_guard], opt={"scope": "admin"}, sync_to_thread=True,
             status_code=200, summary="Delete a device (cut off as by a revoke); it may enroll anew",
-            responses=ERROR_RESPONSES)
+            responses={**ok(DeviceDeleted, "The device is gone"), **DEVICE_READ})
     def delete_device(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx
         with session_scope(ctx.engine) as session:

@@ -13,7 +13,8 @@ from sqlmodel import Session
 from fleet import metrics
 from fleet.api.auth import operator_guard
 from fleet.api.context import AppContext
-from fleet.api.schemas import ERROR_RESPONSES, TOO_MANY
+from fleet.api.response_schemas import READ, IngestStats, Liveness, ReleaseHealth, ok
+from fleet.api.schemas import TOO_MANY
 from fleet.ingest import rollup
 
 
@@ -22,7 +23,8 @@ class OpsController(Controller):
 
     tags = ["operations"]
 
-    @get("/healthz", summary="Liveness", responses=TOO_MANY, security=[{}])
+    @get("/healthz", summary="Liveness", responses={**ok(Liveness, "The process runs"), **TOO_MANY},
+         security=[{}])
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
@@ -45,7 +47,8 @@ class HealthController(Controller):
     tags = ["health"]
     guards = [operator_guard]
 
-    @get("/stats", summary="Ingestion counters of this process", responses=ERROR_RESPONSES)
+    @get("/stats", summary="Ingestion counters of this process",
+         responses={**ok(IngestStats, "This process's ingester counters"), **READ})
     async def stats(self, state: State) -> dict[str, Any]:
         ingester = state.ctx.ingester
         return {"ingest": ingester.stats.snapshot() if ingester else None}
@@ -53,7 +56,7 @@ class HealthController(Controller):
     @get(
         "/health/releases",
         sync_to_thread=True,
-        responses=ERROR_RESPONSES,
+        responses={**ok(list[ReleaseHealth], "Per model and release, its totals"), **READ},
         summary="Health per model and release, from the hourly rollups",
         description="Reports, inferences, errors, error rate, worst p95 latency and the number of "
         "devices, summed over every device that reported the release (kept for "

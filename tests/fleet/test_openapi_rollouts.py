@@ -16,14 +16,7 @@ Client = TestClient[Any]
 # Routes outside the rollouts' area that still answer {"type": "object"}: typing them is their
 # owners' work. A new untyped route fails the test; a route typed since must leave the list.
 UNTYPED_ELSEWHERE = {
-    ("get", "/api/v1/devices/{device_id}"), ("delete", "/api/v1/devices/{device_id}"),
-    ("get", "/api/v1/devices"), ("get", "/api/v1/devices/{device_id}/certificates"),
-    ("post", "/api/v1/devices/{device_id}/certificates/revoke"), ("get", "/api/v1/bundles/{bundle_id}"),
-    ("get", "/api/v1/bundles/highest"), ("get", "/api/v1/bundles"), ("post", "/api/v1/bundles"),
-    ("get", "/api/v1/health/releases"), ("get", "/api/v1/stats"), ("get", "/healthz"),
-    ("post", "/api/v1/devices/{device_id}/approve"),
-    ("put", "/api/v1/devices/{device_id}/labels"), ("post", "/api/v1/devices/{device_id}/revoke"),
-    ("post", "/api/v1/devices/{device_id}/rotate"), ("post", "/api/v1/devices/rotate"),
+    ("get", "/api/v1/devices"),  # the device listing: being reworked for scale
     ("get", "/api/v1/rollouts/{rollout_id}/health"),  # the dashboard's chart data
 }
 ROLLOUT_OPERATIONS = {
