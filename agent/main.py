@@ -182,7 +182,10 @@ class Agent:
         """GET /v1/status: the document of `edgefleet-agent status --json`, live."""
         import msgspec
 
+        batching = {name: scheduler.status(wait=False) for name in sorted(self.host.snapshot())
+                    if (scheduler := self.host.scheduler(name)) is not None}
         return {"models": msgspec.to_builtins(list(self.store.load_all().values())),
+                "batching": batching,  # per active model: agent.runtime.batching.ModelScheduler.status
                 **status_document(self.config.state_dir, self.connection)}
 
     # -- desired state ----------------------------------------------------------------

@@ -227,8 +227,12 @@ class ModelScheduler:
         self._probed.wait()
         return self._reason
 
-    def status(self) -> dict[str, object]:
-        """Batching as GET /v1/models shows it; waits for the probe's answer."""
+    def status(self, *, wait: bool = True) -> dict[str, object]:
+        """Batching as GET /v1/models shows it; waits for the probe's answer (``wait=False``:
+        ``"reason": "the probe is running"`` until it has answered)."""
+        if not wait and not self._probed.is_set():
+            return {"mode": "auto" if self.policy.auto else "on", "enabled": False,
+                    "reason": "the probe is running (requests run one by one meanwhile)", "calibration": None}
         reason = self.unbatched_reason
         mode = "off" if self.policy.max_batch_size <= 1 else "auto" if self.policy.auto else "on"
         return {"mode": mode, "enabled": reason is None, "reason": reason,

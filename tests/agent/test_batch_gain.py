@@ -16,12 +16,14 @@ import pytest
 from agent.api.server import ApiServer
 from agent.config import AgentConfig
 from agent.errors import ConfigError
+from agent.main import Agent
 from agent.runtime.batch_gain import LIVE_MIN_RUNS, Calibration, LiveGain, Run, decide, measure_gain
 from agent.runtime.batching import BatchPolicy
 from agent.runtime.host import ModelHost
 from agent.runtime.onnx_backend import OnnxBackend
 from shared.bundle.keyring import Keyring
 
+from ..waiting import wait_for
 from .conftest import Bundles, make_rig, verified
 from .test_runtime_batching import onnx_bundle
 
@@ -172,3 +174,29 @@ def test_live_figures_turn_batching_off_only_when_merging_does_not_pay() -> None
     few.note(0.001, 1, merged=False)
     few.note(1.0, 2, merged=True)
     assert few.verdict() is not None
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_the_agent_status_names_the_batching_decision(make_config: Callable[..., AgentConfig],
+                                                      bundles: Bundles, mode: str) -> None:
+    agent = Agent(make_config(runtime={"batching": mode, "max_batch_size": 8}))
+    agent.start()
+    try:
+        agent.installer.install_file(bundles.build(1))
+        host, port = agent.api.tcp_address  # type: ignore[union-attr, misc]
+
+        def batching() -> dict[str, object]:
+            doc = httpx.get(f"http://{host}:{port}/v1/status", timeout=10).json()["batching"]["clf"]
+            return doc if "probe is running" not in str(doc["reason"]) else {}  # type: ignore[no-any-return]
+
+        doc = wait_for(batching, 30, "the batching probe's answer")
+        assert doc["mode"] == mode
+        # auto: a real measurement, so either decision; both come with the figures
+        if mode == "auto":
+            calibration = doc["calibration"]
+            assert isinstance(calibration, dict) and calibration["rows"] == 4 and calibration["gain"] > 0
+            assert doc["enabled"] is (doc["reason"] is None)
+        else:
+            assert doc == {"mode": "on", "enabled": True, "reason": None, "calibration": None}
+    finally:
+        agent.stop()
