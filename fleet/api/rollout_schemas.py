@@ -30,7 +30,7 @@ class StageStatus(msgspec.Struct):
     index: int
     # pending, active, awaiting_approval, passed, paused, rolled_back, aborted
     state: str
-    devices: list[str]  # the devices that joined at this stage (stages are cumulative)
+    devices: list[str]  # the devices that joined at this stage (stages are cumulative), by id
     percent: float | None
     selector: dict[str, str] | None
     min_devices: int
@@ -39,13 +39,14 @@ class StageStatus(msgspec.Struct):
     mode: str
     committed: int
     gate_results: list[dict[str, Any]]  # the latest result of each gate (fleet.rollout.gates)
+    device_count: int = 0  # all the devices that joined at this stage (``devices`` lists 1,000)
 
 
 class MemberStatus(msgspec.Struct):
     device_id: str
     stage: int
     status: str  # pending, assigned, shadow, rolled_back, removed
-    progress: str  # fleet.rollout.gates.Progress
+    progress: str  # fleet.rollout.progress.Progress
     reason: str | None
     detail: str
     assigned_at: str | None
@@ -90,6 +91,7 @@ class RolloutStatus(msgspec.Struct):
     spec: dict[str, Any]  # the spec as created (RolloutCreate without reissue)
     created: str | None
     updated: str | None
+    devices_total: int = 0  # all the members (``devices`` lists the first 1,000 by stage and id)
     events: list[RolloutEventRow] | msgspec.UnsetType = msgspec.UNSET
     gate_history: list[dict[str, Any]] | msgspec.UnsetType = msgspec.UNSET
     # POST /api/v1/rollouts only: what its shadow stages cannot catch (fleet.rollout.capacity)

@@ -67,7 +67,8 @@ def _capacity_warnings(ctx: AppContext, rollout_id: int) -> list[str]:
         per_device: dict[str, list[int]] = {}
         for row in session.exec(select(HealthRollup).where(
                 HealthRollup.model == rollout.model, col(HealthRollup.hour) >= since,
-                col(HealthRollup.device_id).in_(list(stage_of)))):
+                col(HealthRollup.device_id).in_(
+                    select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout_id)))):
             per_device.setdefault(row.device_id, []).append(row.inferences)
     rates = {d: sum(v) / (len(v) * 3600.0) for d, v in per_device.items()}
     devices: list[int] = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from fleet.db.device_models import read_model
 from fleet.db.models import Bundle, Device, GateEvaluation, Rollout, RolloutDevice, RolloutEvent
@@ -16,6 +16,8 @@ from shared.timeutil import format_time as format_time  # re-exported: the contr
 from shared.timeutil import parse_time as parse_time  # re-exported: the controller
 
 GATE_HISTORY_LIMIT = 500
+# Members listed in the document (and per stage); the counts cover them all.
+MEMBERS_LISTED = 1000
 
 
 def _stage_state(rollout: Rollout, index: int) -> str:
@@ -56,7 +58,17 @@ def _gate_row(g: GateEvaluation) -> dict[str, Any]:
 def rollout_status(session: Session, rollout: Rollout, *, events: bool = True) -> dict[str, Any]:
     spec = load_spec(rollout)
     bundle = session.get(Bundle, rollout.bundle_id)
-    members = session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)).all()
+    of_rollout = RolloutDevice.rollout_id == rollout.id
+    # counts by the database; members listed up to MEMBERS_LISTED (a rollout to 100,000 devices
+    # would be a 20 MB document): the first stages' first, by id
+    counts = session.exec(
+        select(RolloutDevice.stage, RolloutDevice.progress, func.count())
+        .where(of_rollout).group_by(col(RolloutDevice.stage), col(RolloutDevice.progress))
+    ).all()
+    members = session.exec(
+        select(RolloutDevice).where(of_rollout)
+        .order_by(col(RolloutDevice.stage), col(RolloutDevice.device_id)).limit(MEMBERS_LISTED)
+    ).all()
     current_gates = [g for g in (rollout.gate_results or []) if isinstance(g, dict)]
     history: list[dict[str, Any]] = []
     if events:
@@ -72,20 +84,26 @@ def rollout_status(session: Session, rollout: Rollout, *, events: bool = True) -
         latest_by_stage.setdefault(int(g.get("stage", -1)), {})[str(g.get("gate"))] = g
     stages = []
     for i, st in enumerate(spec.stages):
-        stage_members = [m for m in members if m.stage <= i]
+        committed = sum(n for stage, progress, n in counts
+                        if stage <= i and progress == eng.Progress.COMMITTED.value)
+        joined = session.exec(
+            select(RolloutDevice.device_id).where(of_rollout, RolloutDevice.stage == i)
+            .order_by(col(RolloutDevice.device_id)).limit(MEMBERS_LISTED)
+        ).all()
         stages.append(
             {
                 "name": st.name,
                 "index": i,
                 "state": _stage_state(rollout, i),
-                "devices": sorted(m.device_id for m in members if m.stage == i),
+                "devices": list(joined),
+                "device_count": sum(n for stage, _, n in counts if stage == i),
                 "percent": st.percent,
                 "selector": st.selector,
                 "min_devices": st.min_devices,
                 "bake_seconds": st.bake_seconds,
                 "approval": st.approval,
                 "mode": st.mode,
-                "committed": sum(1 for m in stage_members if m.progress == eng.Progress.COMMITTED.value),
+                "committed": committed,
                 "gate_results": list(latest_by_stage.get(i, {}).values()),
             }
         )
@@ -98,8 +116,8 @@ def rollout_status(session: Session, rollout: Rollout, *, events: bool = True) -
         else {}
     )
     progress_counts: dict[str, int] = {}
-    for m in members:
-        progress_counts[m.progress] = progress_counts.get(m.progress, 0) + 1
+    for _, progress, n in counts:
+        progress_counts[progress] = progress_counts.get(progress, 0) + n
     out: dict[str, Any] = {
         "id": rollout.id,
         "name": rollout.name,
@@ -141,8 +159,9 @@ def rollout_status(session: Session, rollout: Rollout, *, events: bool = True) -
                 if m.device_id in device_rows
                 else None,
             }
-            for m in sorted(members, key=lambda m: (m.stage, m.device_id))
+            for m in members
         ],
+        "devices_total": sum(n for _, _, n in counts),
         "spec": rollout.spec,
         "created": format_time(rollout.created),
         "updated": format_time(rollout.updated),
