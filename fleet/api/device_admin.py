@@ -18,6 +18,7 @@ re-enrollment (docs/install.md "Devices: enroll, rotate, revoke").
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -68,6 +69,17 @@ def _json(ctx: AppContext, session: Session, device: Device) -> dict[str, Any]:
     return device_json(session, device, ctx.settings.silence_after_s)
 
 
+def _change(ctx: AppContext, device_id: str, change: Callable[[Device], None]) -> dict[str, Any]:
+    """Apply ``change`` to the device (404 when it is not enrolled) in one transaction; its
+    JSON as stored after the change."""
+    with session_scope(ctx.engine) as session:
+        device = _get_device(session, device_id)
+        change(device)
+        session.add(device)
+        session.flush()
+        return _json(ctx, session, device)
+
+
 class DeviceAdminController(Controller):
     path = "/api/v1/devices"
     tags = ["devices"]
@@ -77,48 +89,44 @@ class DeviceAdminController(Controller):
          responses={**ok(DeviceView, "The device, relabelled"), **DEVICE_CHANGE, **BAD_LABEL})
     def relabel(self, device_id: FromPath[str], data: JSONBody[LabelsRequest],
                 state: State) -> dict[str, Any]:
-        ctx: AppContext = state.ctx
         labels = check_labels(data.labels)
-        with session_scope(ctx.engine) as session:
-            device = _get_device(session, device_id)
+
+        def relabel(device: Device) -> None:
             device.labels = labels
-            session.add(device)
-            session.flush()
-            return _json(ctx, session, device)
+
+        return _change(state.ctx, device_id, relabel)
 
     @post("/{device_id:str}/revoke", sync_to_thread=True, status_code=200, opt={"scope": "admin"},
           summary="Revoke a device: its API and broker credentials stop working at once",
           responses={**ok(DeviceView, "The device, revoked"), **DEVICE_READ})
     def revoke(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx
-        with session_scope(ctx.engine) as session:
-            device = _get_device(session, device_id)
+
+        def revoke(device: Device) -> None:
             cut_off(ctx, device)
             device.revoked_at = device.revoked_at or now_utc()
             device.online = False
             device.reenroll_approved_until = None
-            session.add(device)
-            session.flush()
-            log.warning("device %s revoked", device_id)
-            return _json(ctx, session, device)
+
+        body = _change(ctx, device_id, revoke)
+        log.warning("device %s revoked", device_id)
+        return body
 
     @post("/{device_id:str}/rotate", sync_to_thread=True, status_code=200, opt={"scope": "admin"},
           summary="Ask a device to rotate its credentials (it does on its next desired-state pull)",
           responses={**ok(DeviceView, "The device, asked to rotate"), **DEVICE_CHANGE})
     def rotate(self, device_id: FromPath[str], state: State) -> dict[str, Any]:
         ctx: AppContext = state.ctx
-        with session_scope(ctx.engine) as session:
-            device = _get_device(session, device_id)
+
+        def rotate(device: Device) -> None:
             if device.revoked_at is not None:
                 raise MalformedDocumentError(
                     f"device {device_id!r} is revoked; it has no credential to rotate")
             device.rotation_requested_at = now_utc()
             device.generation += 1
-            session.add(device)
-            session.flush()
-            body = _json(ctx, session, device)
-            notice = (device.id, device.generation)
-        _notify(ctx, [notice])
+
+        body = _change(ctx, device_id, rotate)
+        _notify(ctx, [(device_id, body["generation"])])
         return body
 
     @post("/rotate", sync_to_thread=True, status_code=200, opt={"scope": "admin"},
@@ -143,12 +151,10 @@ class DeviceAdminController(Controller):
                      **DEVICE_CHANGE})
     def approve(self, device_id: FromPath[str], data: JSONBody[ApproveRequest],
                 state: State) -> dict[str, Any]:
-        ctx: AppContext = state.ctx
         if not 0 < data.valid_s <= MAX_APPROVAL_S:
             raise MalformedDocumentError(f"valid_s {data.valid_s} must be in (0, {MAX_APPROVAL_S}]")
-        with session_scope(ctx.engine) as session:
-            device = _get_device(session, device_id)
+
+        def approve(device: Device) -> None:
             device.reenroll_approved_until = now_utc() + timedelta(seconds=data.valid_s)
-            session.add(device)
-            session.flush()
-            return _json(ctx, session, device)
+
+        return _change(state.ctx, device_id, approve)

@@ -22,10 +22,10 @@ from sqlmodel import Session, col, select
 from fleet.api.auth import constant_time_equal, credential_hash, operator_guard
 from fleet.api.context import AppContext
 from fleet.api.enrollment import EnrollmentTokenRefused, check_enrollment_token, check_token_name
+from fleet.api.revocation import revoke_by_id
 from fleet.api.schemas import ERROR_RESPONSES
 from fleet.db.engine import session_scope
 from fleet.db.models import EnrollmentToken, as_utc, now_utc
-from fleet.errors import NotFoundError
 from shared.errors import MalformedDocumentError
 from shared.randomtoken import random_token
 from shared.timeutil import format_ts
@@ -125,12 +125,4 @@ class EnrollmentTokenController(Controller):
     @delete("/{token_id:int}", sync_to_thread=True, status_code=200, responses=ERROR_RESPONSES,
             summary="Revoke an enrollment token at once (enrolled devices are not touched)")
     def revoke(self, token_id: FromPath[int], state: State) -> EnrollmentTokenInfo:
-        with session_scope(state.ctx.engine) as session:
-            row = session.get(EnrollmentToken, token_id)
-            if row is None:
-                raise NotFoundError(f"enrollment token {token_id} does not exist", token_id=token_id)
-            if row.revoked_at is None:
-                row.revoked_at = now_utc()
-                session.add(row)
-            session.flush()
-            return _info(row)
+        return revoke_by_id(state.ctx.engine, EnrollmentToken, token_id, "enrollment token", _info)

@@ -10,10 +10,10 @@ from sqlmodel import Session, col, select
 
 from fleet.api.auth import credential_hash, new_operator_token, operator_guard, parse_scopes
 from fleet.api.context import AppContext
+from fleet.api.revocation import revoke_by_id
 from fleet.api.schemas import ERROR_RESPONSES
 from fleet.db.engine import session_scope
 from fleet.db.models import ApiToken, as_utc, now_utc
-from fleet.errors import NotFoundError
 from shared.errors import MalformedDocumentError
 from shared.timeutil import format_ts
 
@@ -84,12 +84,4 @@ class TokenController(Controller):
     @delete("/{token_id:int}", sync_to_thread=True, status_code=200, summary="Revoke a token at once",
             responses=ERROR_RESPONSES)
     def revoke(self, token_id: FromPath[int], state: State) -> TokenInfo:
-        with session_scope(state.ctx.engine) as session:
-            row = session.get(ApiToken, token_id)
-            if row is None:
-                raise NotFoundError(f"token {token_id} does not exist", token_id=token_id)
-            if row.revoked_at is None:
-                row.revoked_at = now_utc()
-                session.add(row)
-            session.flush()
-            return _info(row)
+        return revoke_by_id(state.ctx.engine, ApiToken, token_id, "token", _info)

@@ -8,6 +8,7 @@ import argparse
 from typing import Any
 from urllib.parse import quote
 
+from fleet.cli.listing import show_list
 from fleet.cli.operator import _client
 from fleet.cli.output import CliError, console, print_json
 
@@ -130,18 +131,15 @@ def token_create(args: argparse.Namespace) -> int:
 def token_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         tokens: list[dict[str, Any]] = client.request("GET", "/api/v1/enrollment-tokens")
-    if args.json:
-        print_json(tokens)
-        return 0
-    out = console()
-    if not tokens:
-        out.print("no enrollment tokens (the one of the fleet's settings is not listed)")
-    for t in tokens:
-        state = f"revoked {t['revoked_at']}" if t.get("revoked_at") else (
-            f"expires {t['expires_at']}" if t.get("expires_at") else "active")
-        uses = f"{t['uses']}/{t['max_uses']}" if t.get("max_uses") else f"{t['uses']}/-"
-        out.print(f"{t['id']:>4}  uses {uses:<10} {state:<34} {t.get('name') or ''}")
-    return 0
+    return show_list(args, tokens, _enrollment_token_row,
+                     "no enrollment tokens (the one of the fleet's settings is not listed)")
+
+
+def _enrollment_token_row(t: dict[str, Any]) -> str:
+    state = f"revoked {t['revoked_at']}" if t.get("revoked_at") else (
+        f"expires {t['expires_at']}" if t.get("expires_at") else "active")
+    uses = f"{t['uses']}/{t['max_uses']}" if t.get("max_uses") else f"{t['uses']}/-"
+    return f"{t['id']:>4}  uses {uses:<10} {state:<34} {t.get('name') or ''}"
 
 
 def token_revoke(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fleet.cli.listing import show_list
 from fleet.cli.operator import _client
 from fleet.cli.output import CliError, console, print_json
 
@@ -36,16 +37,12 @@ def create(args: argparse.Namespace) -> int:
 def list_tokens(args: argparse.Namespace) -> int:
     with _client(args) as client:
         tokens: list[dict[str, Any]] = client.request("GET", "/api/v1/tokens")
-    if args.json:
-        print_json(tokens)
-        return 0
-    out = console()
-    if not tokens:
-        out.print("no tokens (the bootstrap admin token is not listed)")
-    for t in tokens:
-        state = f"revoked {t['revoked_at']}" if t.get("revoked_at") else "active"
-        out.print(f"{t['id']:>4}  {','.join(t['scopes']):<18} {state:<30} {t.get('name') or ''}")
-    return 0
+    return show_list(args, tokens, _token_row, "no tokens (the bootstrap admin token is not listed)")
+
+
+def _token_row(t: dict[str, Any]) -> str:
+    state = f"revoked {t['revoked_at']}" if t.get("revoked_at") else "active"
+    return f"{t['id']:>4}  {','.join(t['scopes']):<18} {state:<30} {t.get('name') or ''}"
 
 
 def revoke(args: argparse.Namespace) -> int:
