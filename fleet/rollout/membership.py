@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, update
+from sqlalchemy import Select, delete, func, insert, text, update
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
@@ -23,6 +23,8 @@ from fleet.rollout.assignments import Notice, assign_set, bump_set, record, roll
 
 # Devices named in a rollout event's data (the count is always there).
 LISTED_DEVICES = 100
+# Members inserted at once past which PostgreSQL's statistics of the table are refreshed.
+ANALYZE_AFTER = 1000
 
 
 def member_ids(rollout: Rollout, *, max_stage: int | None = None, statuses: list[str] | None = None,
@@ -62,6 +64,10 @@ def assign_members(session: Session, rollout: Rollout, spec: eng.RolloutSpec, *,
     ]
     if rows:
         session.execute(insert(rd), rows)
+        if session.get_bind().dialect.name == "postgresql" and len(rows) >= ANALYZE_AFTER:
+            # PostgreSQL plans the ticks' joins on the members from its statistics: right after
+            # a bulk insert they say the table is small (a nested loop over 100,000 members)
+            session.execute(text("ANALYZE rolloutdevice"))
     expire_members(session)
     return stages
 
