@@ -54,24 +54,11 @@ from typing import Any, Literal
 import msgspec
 
 from fleet.rollout.evidence import device_evidence
-from fleet.rollout.gates import (
-    SETTLED_BAD,
-    DeviceProgress,
-    DeviceState,
-    GateInput,
-    GateResult,
-    Gates,
-    GateStatus,
-    HealthWindow,
-    InstallEvent,
-    Progress,
-    ShadowFigures,
-    SpecError,
-    device_progress,
-    evaluate_gates,
-    shadow_progress,
-    validate_gates,
-)
+from fleet.rollout.gate_results import GateResult, GateStatus
+from fleet.rollout.gate_spec import Gates, SpecError, validate_gates
+from fleet.rollout.gates import evaluate_gates
+from fleet.rollout.progress import SETTLED_BAD, DeviceProgress, Progress, device_progress, shadow_progress
+from fleet.rollout.reports import DeviceState, GateInput, HealthWindow, InstallEvent, ShadowFigures
 from shared.errors import EdgefleetError
 
 __all__ = [

@@ -24,7 +24,7 @@ Then the gates weigh *devices*, not reports (``capped_weights``, ``trimmed_mean`
   healthy or failing, cannot decide a stage of three or more devices;
 - with one or two devices nothing is set aside: a device's errors count for its own share
   (a half with two devices), so a real problem on a real device still fails a small stage;
-- a gate decides only once enough devices reported (``fleet.rollout.gates.devices_needed``):
+- a gate decides only once enough devices reported (``fleet.rollout.gate_results.devices_needed``):
   the device that reports first — a fake one needs no download — cannot decide alone.
 """
 
@@ -37,7 +37,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fleet.rollout.gates import DeviceState, HealthWindow, ShadowFigures
+    from fleet.rollout.reports import DeviceState, HealthWindow, ShadowFigures
 
 # A window received just after a device was assigned may cover up to one health interval
 # before it (agents report every 60 s by default): the ceiling allows this much more time.

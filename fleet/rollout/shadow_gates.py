@@ -17,19 +17,10 @@ import statistics
 from typing import Any
 
 from fleet.rollout.bounds import CONFIDENCE, samples_to_decide, share_evidence
+from fleet.rollout.count_gates import install_failures_gate, offline_gate, silent_gate
 from fleet.rollout.evidence import capped_weights, shadow_refusal, trim_count, trimmed_mean
-from fleet.rollout.gates import (
-    GateInput,
-    GateResult,
-    GateStatus,
-    ShadowFigures,
-    _plural,
-    _short_of,
-    devices_needed,
-    install_failures_gate,
-    offline_gate,
-    silent_gate,
-)
+from fleet.rollout.gate_results import GateResult, GateStatus, devices_needed, plural, short_of
+from fleet.rollout.reports import GateInput, ShadowFigures
 
 
 def _accepted(inp: GateInput) -> tuple[list[ShadowFigures], dict[str, dict[str, int]]]:
@@ -73,24 +64,24 @@ def _shadow_wait(inp: GateInput, gate: str, what: str, samples: int, devices: in
     """WAIT when the shadow sample is short (samples, then devices); else None."""
     need = max(inp.gates.min_shadow_samples, 1)
     if samples < need:
-        return GateResult(gate, GateStatus.WAIT, f"{what} {_short_of(samples, need, 'samples')}",
+        return GateResult(gate, GateStatus.WAIT, f"{what} {short_of(samples, need, 'samples')}",
                           sample=samples, min_sample=need, unit="samples", **common)
     reports, refused = _accepted(inp)
     reported = len({f.device_id for f in reports})
     needed = devices_needed(inp, set(refused))
     if reported < needed:
-        short = _short_of(reported, needed, "devices")
+        short = short_of(reported, needed, "devices")
         return GateResult(gate, GateStatus.WAIT, f"{what} {short} reporting in shadow",
                           sample=reported, min_sample=needed, **common)
     if devices < inp.gates.min_devices:
-        short = _short_of(devices, inp.gates.min_devices, "devices")
+        short = short_of(devices, inp.gates.min_devices, "devices")
         return GateResult(gate, GateStatus.WAIT, f"{what} {short} reporting shadow samples",
                           sample=devices, min_sample=inp.gates.min_devices, **common)
     return None
 
 
 def _over(samples: int, devices: int) -> str:
-    return f"over {_plural(samples, 'sample')} on {_plural(devices, 'device')}"
+    return f"over {plural(samples, 'sample')} on {plural(devices, 'device')}"
 
 
 def agreement_gate(inp: GateInput) -> GateResult | None:
@@ -218,7 +209,7 @@ def candidate_latency_gate(inp: GateInput) -> GateResult | None:
         "max_candidate_p95_ratio", status,
         f"candidate p95 ratio {ratio:.2f} {op} {g.max_candidate_p95_ratio} (p95 {cand:.2f} ms vs "
         f"{cur:.2f} ms for the serving release on the same requests, median of "
-        f"{_plural(len(ratios), 'device')})",
+        f"{plural(len(ratios), 'device')})",
         sample=len(ratios), min_sample=g.min_devices, **common,
     )
 

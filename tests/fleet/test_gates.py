@@ -17,7 +17,7 @@ from fleet.rollout.engine import (
     evaluate_stage,
     parse_spec,
 )
-from fleet.rollout.gates import device_progress
+from fleet.rollout.progress import device_progress
 
 T0 = 1_000_000.0
 TARGET = 12

@@ -17,7 +17,7 @@ from test_fleet_controller import ctrl, rollout, setup_fleet, status
 
 from fleet.db.models import Device
 from fleet.rollout import engine as eng
-from fleet.rollout.gates import SpecError
+from fleet.rollout.gate_spec import SpecError
 from fleet.rollout.stalls import DEADLINE_GATE, judge_stall
 from shared.bundle.keyring import Keyring
 

@@ -18,7 +18,8 @@ from fleet.broker.client import parse_mqtt_url
 from fleet.db.models import Device
 from fleet.ingest.ingester import Ingester
 from fleet.rollout import engine as eng
-from fleet.rollout.gates import DeviceState, Progress, device_progress
+from fleet.rollout.progress import Progress, device_progress
+from fleet.rollout.reports import DeviceState
 from shared.bundle.keyring import Keyring
 from shared.telemetry import messages
 
