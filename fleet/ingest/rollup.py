@@ -46,25 +46,66 @@ def hour_of(ts: datetime) -> datetime:
     return ts.replace(minute=0, second=0, microsecond=0)
 
 
-def add_windows(session: Session, windows: Iterable[Window]) -> None:
-    """Upsert the windows into their hourly rows (sorted, so concurrent writers never deadlock)."""
-    rows: dict[tuple[str, str, int, datetime], dict[str, Any]] = {}
-    for w in windows:
-        key = (w.device_id, w.model, w.release, hour_of(w.received_at))
-        row = rows.setdefault(
-            key,
-            {"device_id": key[0], "model": key[1], "release": key[2], "hour": key[3],
-             "reports": 0, "inferences": 0, "errors": 0, "p95_ms_max": None, "last_ts": 0.0},
-        )
+class HourlyRollup:
+    """A batch's windows summed per (device, model, release, hour), as the upsert's rows."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, int, datetime], dict[str, Any]] = {}
+        # the hour of each received_at seen: a batch's messages share few instants
+        self._hours: dict[datetime, datetime] = {}
+
+    def add(
+        self,
+        device_id: str,
+        model: str,
+        release: int,
+        received_at: datetime,
+        ts: float,
+        inferences: int,
+        errors: int,
+        p95_ms: float | None,
+    ) -> None:
+        hour = self._hours.get(received_at)
+        if hour is None:
+            hour = self._hours[received_at] = hour_of(received_at)
+        key = (device_id, model, release, hour)
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = {
+                "device_id": device_id,
+                "model": model,
+                "release": release,
+                "hour": hour,
+                "reports": 0,
+                "inferences": 0,
+                "errors": 0,
+                "p95_ms_max": None,
+                "last_ts": 0.0,
+            }
         row["reports"] += 1
-        row["inferences"] += max(0, w.inferences)
-        row["errors"] += max(0, w.errors)
-        if w.p95_ms is not None:
-            row["p95_ms_max"] = max(row["p95_ms_max"] or 0.0, w.p95_ms)
-        row["last_ts"] = max(row["last_ts"], w.ts)
-    if not rows:
-        return
-    session.execute(_upsert(session.get_bind().dialect.name), [rows[key] for key in sorted(rows)])
+        if inferences > 0:
+            row["inferences"] += inferences
+        if errors > 0:
+            row["errors"] += errors
+        if p95_ms is not None:
+            row["p95_ms_max"] = max(row["p95_ms_max"] or 0.0, p95_ms)
+        if ts > row["last_ts"]:
+            row["last_ts"] = ts
+
+    def upsert(self, session: Session) -> None:
+        """Add the rows to the table (sorted, so concurrent writers never deadlock)."""
+        if self.rows:
+            session.execute(
+                _upsert(session.get_bind().dialect.name), [self.rows[k] for k in sorted(self.rows)]
+            )
+
+
+def add_windows(session: Session, windows: Iterable[Window]) -> None:
+    """Upsert the windows into their hourly rows."""
+    rollup = HourlyRollup()
+    for w in windows:
+        rollup.add(w.device_id, w.model, w.release, w.received_at, w.ts, w.inferences, w.errors, w.p95_ms)
+    rollup.upsert(session)
 
 
 _UPSERTS: dict[str, Any] = {}
@@ -92,8 +133,9 @@ def _upsert(dialect: str) -> Any:
             "reports": table.c.reports + ex.reports,
             "inferences": table.c.inferences + ex.inferences,
             "errors": table.c.errors + ex.errors,
-            "p95_ms_max": func.coalesce(greatest(table.c.p95_ms_max, ex.p95_ms_max), ex.p95_ms_max,
-                                        table.c.p95_ms_max),
+            "p95_ms_max": func.coalesce(
+                greatest(table.c.p95_ms_max, ex.p95_ms_max), ex.p95_ms_max, table.c.p95_ms_max
+            ),
             "last_ts": greatest(table.c.last_ts, ex.last_ts),
         },
     )
@@ -169,8 +211,9 @@ def per_device(session: Session, device_id: str) -> list[dict[str, Any]]:
     return _totals(session.execute(stmt).all())
 
 
-def trim(engine: Engine, retention_days: float, rollup_retention_days: float,
-         now: datetime | None = None) -> dict[str, int]:
+def trim(
+    engine: Engine, retention_days: float, rollup_retention_days: float, now: datetime | None = None
+) -> dict[str, int]:
     """Delete raw health reports and rollups past their retention, in chunks; counts by table."""
     now = now or datetime.now(UTC)
     deleted = {"healthreport": 0, "healthrollup": 0}

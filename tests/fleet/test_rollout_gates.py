@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from fleet_support import admin, bearer, enroll, make_bundle, upload
 from litestar.testing import TestClient
@@ -16,11 +17,12 @@ from sqlmodel import Session, select
 
 from fleet.app import create_app
 from fleet.db.models import Device, DeviceEvent, GateEvaluation, HealthReport
-from fleet.ingest.ingester import _drift
+from fleet.ingest.apply import drift
 from fleet.rollout.controller import RolloutController
 from fleet.rollout.health_buckets import add_health
 from fleet.settings import Settings
 from shared.bundle.keyring import Keyring
+from shared.telemetry.messages import ModelHealth
 
 Client = TestClient[Any]
 MODEL = "detector"
@@ -411,11 +413,11 @@ def test_drift_gate_and_ingested_drift(fleet: Fleet) -> None:
     s = fleet.status(rid)
     assert s["state"] == "rolled_back" and "drift 0.50 > 0.2 over 1 window on 1 device" in s["reason"]
 
-    class WithDrift:
-        drift = 0.25
-
-    assert _drift(WithDrift()) == 0.25  # type: ignore[arg-type]
-    assert _drift(object()) is None  # type: ignore[arg-type]  # agents without the field
+    # an agent that sends no drift (older agents) decodes to None
+    base = {"name": "m", "release": 1, "version": "1", "state": "committed"}
+    base |= {"inferences": 1, "errors": 0, "total_inferences": 1, "total_errors": 0}
+    assert drift(msgspec.convert({**base, "drift": 0.25}, ModelHealth)) == 0.25
+    assert drift(msgspec.convert(base, ModelHealth)) is None
 
 
 def test_device_enrolled_mid_rollout_joins_its_stage(fleet: Fleet) -> None:
