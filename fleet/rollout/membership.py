@@ -12,17 +12,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, text, update
+from sqlalchemy import Select, delete, func, text, update
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
 from fleet.db.models import Assignment, Device, Rollout, RolloutDevice, table_of
 from fleet.errors import ConflictError
+from fleet.ingest.store import insert_rows
 from fleet.rollout import engine as eng
 from fleet.rollout.assignments import Notice, assign_set, bump_set, record, rollout_release
 
 # Devices named in a rollout event's data (the count is always there).
 LISTED_DEVICES = 100
+# A member row as inserted (fleet.ingest.store.insert_rows: COPY on PostgreSQL)
+MEMBER_COLUMNS = ("rollout_id", "device_id", "stage", "previous_bundle_id", "status", "assigned_at",
+                  "progress", "reason", "detail")
 # Members inserted at once past which PostgreSQL's statistics of the table are refreshed.
 ANALYZE_AFTER = 1000
 
@@ -57,13 +61,12 @@ def assign_members(session: Session, rollout: Rollout, spec: eng.RolloutSpec, *,
         current = {r.device_id: r.bundle_id for r in session.execute(
             core_select(a.c.device_id, a.c.bundle_id).where(a.c.model == rollout.model))}
     rows = [
-        {"rollout_id": rollout.id, "device_id": device_id, "stage": stage,
-         "previous_bundle_id": current.get(device_id), "status": "pending", "assigned_at": None,
-         "progress": "pending", "reason": None, "detail": ""}
+        (rollout.id, device_id, stage, current.get(device_id), "pending", None, "pending", None, "")
         for device_id, stage in stages.items()
     ]
     if rows:
-        session.execute(insert(rd), rows)
+        # one COPY on PostgreSQL: an INSERT executemany of 100,000 members took 1.5 s of a start
+        insert_rows(session, rd, MEMBER_COLUMNS, rows)
         if session.get_bind().dialect.name == "postgresql" and len(rows) >= ANALYZE_AFTER:
             # PostgreSQL plans the ticks' joins on the members from its statistics: right after
             # a bulk insert they say the table is small (a nested loop over 100,000 members)
@@ -124,9 +127,8 @@ def join_new_devices(session: Session, rollout: Rollout, spec: eng.RolloutSpec) 
     ).all())
     rd = table_of(RolloutDevice)
     session.flush()
-    session.execute(insert(rd), [
-        {"rollout_id": rollout.id, "device_id": d, "stage": st, "previous_bundle_id": current.get(d),
-         "status": "pending", "assigned_at": None, "progress": "pending", "reason": None, "detail": ""}
+    insert_rows(session, rd, MEMBER_COLUMNS, [
+        (rollout.id, d, st, current.get(d), "pending", None, "pending", None, "")
         for d, st in sorted(joined.items())
     ])
     expire_members(session)
