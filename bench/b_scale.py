@@ -345,8 +345,10 @@ def explain_hot_paths(db: str, rollout_id: int, n: int, window_s: float) -> str:
     event.remove(engine, "before_cursor_execute", capture)
     with engine.connect() as c:
         page = select(Device).where(Device.id > ident(n // 2)).order_by(Device.id).limit(PAGE)
-        ids = [ident(n // 2 + 1 + i) for i in range(PAGE)]
-        assigned = select(Assignment).where(Assignment.device_id.in_(ids))  # type: ignore[attr-defined]
+        # the page's assignments by its id range (fleet/api/devices.py), not an IN of its ids
+        first, last = ident(n // 2 + 1), ident(n // 2 + PAGE)
+        assigned = select(Assignment).where(Assignment.device_id >= first,  # type: ignore[operator]
+                                            Assignment.device_id <= last)  # type: ignore[operator]
         for stmt in (page, assigned):
             seen.append((str(stmt.compile(c, compile_kwargs={"literal_binds": True})), None))
         out = []
