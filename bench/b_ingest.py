@@ -238,7 +238,7 @@ def main() -> None:
             print(f"{encoding}: bare {bare_rates} ours {our_rates} stats {stats}", file=sys.stderr)
             rows.append(row(
                 f"telemetry ingestion, 1 ingester, {N} health msgs, {encoding} (msgs/s)", o, b, "msgs/s",
-                ">= 0.5x",
+                ">= 0.8x",  # issue 19; where the time goes: docs/performance.md
                 note=f"bare paho subscriber {b:.0f} msgs/s; ingester {o:.0f} msgs/s stored in PostgreSQL "
                      f"(batches {stats.get('batches')}, rejected {stats.get('rejected')}); best of "
                      f"{len(our_rates)}"))
