@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleet.bundles.quantize import (
     MODES,
+    AccuracyBoundError,
     QuantizationError,
     Sample,
     check_bound,
@@ -215,16 +216,32 @@ def build_bundle(
         runner = float_runner
         if quantization != "none":
             int8_path = tmpdir / "model.int8.onnx"
-            quantize(model_path, int8_path, quantization, calibration)
+            rewrites = quantize(model_path, int8_path, quantization, calibration)
             agreement = compare(
                 source_path, int8_path, validation or calibration or [feeds],
                 class_scores=layout,
             )
-            check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement)
+            try:
+                check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement)
+            except AccuracyBoundError as exc:
+                if not rewrites:
+                    raise
+                # exact in float, yet they can move where the quantizer puts its ranges (PP-OCRv4
+                # det: 0.03 -> 0.57 relative error with both): quantize the graph as it was
+                log.warning("int8 after float rewrites %s is past the bound (%s); quantizing without",
+                            rewrites, exc)
+                rewrites = quantize(model_path, int8_path, quantization, calibration, fold=False)
+                agreement = compare(
+                    source_path, int8_path, validation or calibration or [feeds],
+                    class_scores=layout,
+                )
+                check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement)
             figures = agreement.as_manifest()
             for out_name, per in agreement.per_output.items():
                 figures.update({f"output.{out_name}.{k}": v for k, v in per.as_manifest().items()})
             figures["size_ratio"] = int8_path.stat().st_size / source_path.stat().st_size
+            # exact float rewrites made before quantizing (fleet.bundles.fold), as counts
+            figures.update({f"rewrite.{k}": float(v) for k, v in rewrites.items()})
             quant = Quantization(mode=quantization, weight_dtype="int8", agreement=figures)
             model_path = int8_path
             runner = open_model(model_path)

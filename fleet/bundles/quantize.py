@@ -234,8 +234,10 @@ class _Reader:
         pass
 
 
-def quantize(src: Path, dst: Path, mode: str, calibration: list[Sample] | None = None) -> None:
-    """Write an int8 model of ``src`` to ``dst``."""
+def quantize(src: Path, dst: Path, mode: str, calibration: list[Sample] | None = None, *,
+             fold: bool = True) -> dict[str, int]:
+    """Write an int8 model of ``src`` to ``dst``; return the exact float rewrites made before
+    static quantization (fleet.bundles.fold, with ``fold``: name -> count; empty when none)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -258,6 +260,14 @@ def quantize(src: Path, dst: Path, mode: str, calibration: list[Sample] | None =
     with tempfile.TemporaryDirectory(prefix="edgefleet-quant-") as tmp:
         workdir = Path(tmp)
         pre = prepare(Path(src), workdir)
+        rewrites: dict[str, int] = {}
+        if mode == "static" and fold:
+            from fleet.bundles.fold import rewrite
+
+            folded = workdir / "folded.onnx"
+            rewrites = rewrite(pre, folded, (calibration or [])[:2])
+            if rewrites:
+                pre = folded
         with _in_directory(workdir):
             try:
                 if mode == "dynamic":
@@ -285,6 +295,7 @@ def quantize(src: Path, dst: Path, mode: str, calibration: list[Sample] | None =
             "(--fix-input NAME=VALUE, e.g. sr=16000); otherwise bundle it unquantized "
             "(--quantize none) or export a graph without control flow"
         )
+    return rewrites
 
 
 def _int8_weights(path: Path) -> int:

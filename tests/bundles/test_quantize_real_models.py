@@ -44,6 +44,8 @@ def test_static_qdq_on_cnn_text_detector(rapidocr_models: Path, keyring: Keyring
     assert q.mode == "static" and q.weight_dtype == "int8"
     assert q.agreement["size_ratio"] <= 0.35
     assert q.agreement["rel_l2_error"] <= 0.2
+    # with the float rewrites det's int8 was past the bound (0.57): built without them
+    assert not [k for k in q.agreement if k.startswith("rewrite.")]
     assert vm.manifest.inputs[0].shape[1] == 3 and isinstance(vm.manifest.inputs[0].shape[2], str)
 
 
@@ -58,6 +60,8 @@ def test_static_qdq_on_ocr_recogniser_and_bound(
     )
     agreement = vm.manifest.quantization.agreement
     assert agreement["argmax_agreement"] >= 0.8
+    # the exact float rewrites made before int8 (fleet.bundles.fold) are recorded
+    assert agreement["rewrite.conv_affine_folded"] == 28 and agreement["rewrite.hardswish_fused"] == 28
     assert agreement["size_ratio"] <= 0.35
     # A bound the int8 model cannot meet is refused, saying by how much; nothing is written.
     with pytest.raises(AccuracyBoundError, match=r"exceeds the bound 0\.0000.* by "):
