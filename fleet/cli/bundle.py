@@ -18,19 +18,6 @@ if TYPE_CHECKING:
     from shared.bundle.trust import TrustRoot
 
 
-class _NullSink:
-    """A writable that keeps nothing: verify streams every blob through the hash check."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def __enter__(self) -> _NullSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _existing_file(path: str, what: str) -> Path:
     p = Path(path)
     if not p.exists():
@@ -254,7 +241,8 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    from shared.bundle.archive import BLOB_PREFIX, check_members, copy_verified, read_envelope
+    from shared.bundle.archive import BLOB_PREFIX, check_members, read_envelope
+    from shared.bundle.parallel_verify import verify_in_place
 
     path = _existing_file(args.file, "bundle")
     trust = _load_trust(args.trust)
@@ -263,13 +251,8 @@ def verify(args: argparse.Namespace) -> int:
         verified = trust.verify_manifest(raw)
         with tarfile.open(path, "r:") as tar:
             members = check_members(tar, verified.manifest)
-            total = 0
-            for member in members:
-                src = tar.extractfile(member)
-                if src is None:  # check_members admits regular files only
-                    raise CliError(f"member {member.name} cannot be read")
-                copy_verified(src, _NullSink(), size=member.size, sha256=member.name[len(BLOB_PREFIX):])
-                total += member.size
+        offsets = {member.name[len(BLOB_PREFIX):]: member.offset_data for member in members}
+        total = verify_in_place(path, verified.manifest, offsets)
     except tarfile.TarError as exc:
         raise CliError(f"bundle {path} does not verify (malformed): the archive is damaged: {exc}") from None
     except EdgefleetError as exc:
