@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from bench.common import BENCH, ROOT, agent_python
 
-MODULES = ["memory", "inference", "api", "batching", "download", "quant", "coldstart",
+MODULES = ["memory", "inference", "api", "batching", "download", "verify", "quant", "coldstart",
            "ingest", "scale", "wire", "shadow", "soak", "enroll"]
 
 
