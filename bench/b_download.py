@@ -52,14 +52,23 @@ def plain(i):
             fh.write(chunk)
     return time.perf_counter() - t
 
+from agent.update.blobs import BlobWriter, _writeback_starter
+start_writeback = _writeback_starter()
+
 def checked(i):
+    # the same work as ours, done the same way: sha256, writes, sync_file_range every
+    # BlobWriter.WRITEBACK bytes so the disk writes overlap the transfer, one final fsync
     t = time.perf_counter()
     h = hashlib.sha256()
-    with client.stream("GET", url) as r, open(work / f"checked{i}", "wb") as fh:
+    with client.stream("GET", url) as r, open(work / f"checked{i}", "wb", buffering=0) as fh:
+        done = started = 0
         for chunk in r.iter_raw():
             fh.write(chunk)
             h.update(chunk)
-        fh.flush()
+            done += len(chunk)
+            if start_writeback and done - started >= BlobWriter.WRITEBACK:
+                start_writeback(fh.fileno(), started, done - started)
+                started = done
         os.fsync(fh.fileno())
     dt = time.perf_counter() - t
     (work / f"checked{i}").unlink()
@@ -126,8 +135,9 @@ def main() -> None:
     rows = [
         row(f"bundle download + verify ({SIZE_MB} MB)", ours, plain, "MB/s", ">= 0.8x",
             note=f"agent Fetcher (hash + length cap + staging + fsync + rename) vs plain httpx stream to "
-            f"disk; best of 2; plain + sha256 + fsync alone: {mb / min(res['checked']):.0f} MB/s "
-            f"(what the checks cost); RSS growth {res['rss_growth_mb']:.1f} MB"),
+            f"disk; best of 2; plain + sha256 + writeback as it goes + final fsync, inline in one thread "
+            f"(the same work as ours, same technique): {mb / min(res['checked']):.0f} MB/s; "
+            f"RSS growth {res['rss_growth_mb']:.1f} MB"),
         row(f"bundle download RSS growth ({SIZE_MB} MB)", res["rss_growth_mb"], 20.0, "MB", "<= 1.0x",
             note="peak RSS of the downloading process minus RSS before (5 ms sampling), vs the 20 MB bound"),
         row(f"blob verify-only ({SIZE_MB} MB)", mb / min(res["verify"]), mb / min(res["sha"]), "MB/s",
