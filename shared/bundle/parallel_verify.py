@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from shared.bundle.chunks import chunk_span
-from shared.bundle.manifest import Manifest
+from shared.bundle.manifest import FileRef, Manifest
 from shared.errors import HashMismatchError, LengthMismatchError
 
 READ = 1 << 20
@@ -97,3 +97,46 @@ def verify_in_place(path: Path, manifest: Manifest, data_offsets: dict[str, int]
     finally:
         os.close(fd)
     return sum(ref.size for ref in manifest.files.values())
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def copy_chunks_verified(path: Path, offset: int, role: str, ref: FileRef, dest: BinaryIO,
+                         workers: int | None = None) -> None:
+    """Copy a chunked blob from ``path`` at ``offset`` into ``dest``, each chunk's bytes hashed
+    on a thread pool while the next are read and written; raise naming the file and chunk."""
+    assert ref.chunks is not None and ref.chunk_size is not None
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    pending: list[tuple[int, Future[str]]] = []
+
+    def settle(upto: int) -> None:
+        while len(pending) > upto:
+            i, fut = pending.pop(0)
+            got = fut.result()
+            if got != ref.chunks[i]:  # type: ignore[index]
+                raise HashMismatchError(
+                    f"file hash {got[:12]}… of {role!r} ({ref.sha256[:12]}…) chunk {i} does not match "
+                    f"the manifest's {ref.chunks[i][:12]}…"  # type: ignore[index]
+                )
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i in range(len(ref.chunks)):
+            off, length = chunk_span(i, ref.size, ref.chunk_size)
+            data = os.pread(fd, length, offset + off)
+            if len(data) != length:
+                raise LengthMismatchError(
+                    f"file {role!r} ({ref.sha256[:12]}…) chunk {i} ended after {len(data)} of "
+                    f"{length} bytes: the bundle is truncated"
+                )
+            dest.write(data)
+            pending.append((i, pool.submit(_digest, data)))
+            settle(2 * max(1, workers))  # bounded memory: at most 2 chunks per worker in flight
+        settle(0)
+    finally:
+        os.close(fd)
+        pool.shutdown(wait=True, cancel_futures=True)

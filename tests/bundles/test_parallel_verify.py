@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from shared.bundle.chunks import hash_chunks
-from shared.bundle.parallel_verify import verify_in_place
+from shared.bundle.parallel_verify import copy_chunks_verified, verify_in_place
 from shared.errors import HashMismatchError, LengthMismatchError
 
 CHUNK = 64 * 1024
@@ -67,3 +67,34 @@ def test_truncated_bundle_is_refused(tmp_path: Path, workers: int) -> None:
         fh.truncate(HEADER + CHUNK * 6 + 5)
     with pytest.raises(LengthMismatchError, match=r"'model' .* chunk 6 ended after 5 of 65536 bytes"):
         verify_in_place(path, manifest, offsets, workers=workers)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_copy_chunks_verified_copies_the_blob(tmp_path: Path, workers: int) -> None:
+    path, manifest, offsets = _bundle(tmp_path)
+    ref = manifest.files["model"]
+    out = tmp_path / "out"
+    with open(out, "wb") as dest:
+        copy_chunks_verified(path, offsets[ref.sha256], "model", ref, dest, workers=workers)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == ref.sha256
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_copy_chunks_verified_refuses_a_corrupted_middle_chunk(tmp_path: Path, workers: int) -> None:
+    path, manifest, offsets = _bundle(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER + CHUNK * 5 + 1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    ref = manifest.files["model"]
+    with open(tmp_path / "out", "wb") as dest, pytest.raises(HashMismatchError, match=r"'model' .* chunk 5"):
+        copy_chunks_verified(path, offsets[ref.sha256], "model", ref, dest, workers=workers)
+
+
+def test_copy_chunks_verified_refuses_a_truncated_bundle(tmp_path: Path) -> None:
+    path, manifest, offsets = _bundle(tmp_path)
+    with open(path, "r+b") as fh:
+        fh.truncate(HEADER + CHUNK * 3)
+    ref = manifest.files["model"]
+    with open(tmp_path / "out", "wb") as dest, \
+            pytest.raises(LengthMismatchError, match=r"chunk 3 ended after 0"):
+        copy_chunks_verified(path, offsets[ref.sha256], "model", ref, dest, workers=2)
