@@ -103,6 +103,45 @@ class ReleaseHealth(msgspec.Struct):
     devices: int | msgspec.UnsetType = msgspec.UNSET
 
 
+class ChartPoint(msgspec.Struct):
+    """One time bucket of a rollout's health chart (t: the bucket's start, UNIX seconds)."""
+
+    t: float
+    inferences: int
+    errors: int
+    error_rate: float | None
+    p95_ms: float | None  # the worst device's p95 in the bucket
+    reports: int
+    devices: int
+
+
+class ChartSeries(msgspec.Struct):
+    release: int
+    points: list[ChartPoint]
+
+
+class ChartMarker(msgspec.Struct):
+    t: float | None
+    kind: str
+    message: str | None
+
+
+class RolloutHealthChart(msgspec.Struct):
+    """GET /api/v1/rollouts/{id}/health: the dashboard's chart data."""
+
+    bucket_s: int
+    from_: float = msgspec.field(name="from")
+    to: float
+    buckets: list[ChartPoint]
+    series: list[ChartSeries]
+    rollout_id: int
+    model: str
+    release: int | None
+    state: str
+    devices: int
+    markers: list[ChartMarker]
+
+
 class Liveness(msgspec.Struct):
     status: str
 

@@ -29,7 +29,9 @@ from litestar.params import FromPath, FromQuery
 from sqlmodel import Session, col, select
 
 from fleet.api.auth import operator_guard
-from fleet.api.schemas import ERROR_RESPONSES
+from fleet.api.response_schemas import RolloutHealthChart, ok
+from fleet.api.rollout_schemas import READ_RESPONSES
+from fleet.api.schemas import BAD_REQUEST
 from fleet.db.models import Bundle, HealthReport, Rollout, RolloutDevice, RolloutEvent, as_utc
 from fleet.errors import NotFoundError
 
@@ -168,7 +170,8 @@ class RolloutHealthController(Controller):
         "inferences, errors, error rate and the worst device's p95, for all releases together "
         "('buckets') and per release ('series'); 'markers' are the rollout's stage and gate events. "
         "Times are UNIX seconds.",
-        responses=ERROR_RESPONSES,
+        responses={**ok(RolloutHealthChart, "The chart's buckets, series per release and markers"),
+                   **BAD_REQUEST, **READ_RESPONSES},
     )
     def health(
         self, rollout_id: FromPath[int], state: State, bucket_s: FromQuery[int] = 10

@@ -22,7 +22,7 @@ OPERATIONS = {
     ("get", "/api/v1/health/releases"), ("get", "/api/v1/stats"),
     ("post", "/api/v1/devices/{device_id}/approve"), ("put", "/api/v1/devices/{device_id}/labels"),
     ("post", "/api/v1/devices/{device_id}/revoke"), ("post", "/api/v1/devices/{device_id}/rotate"),
-    ("post", "/api/v1/devices/rotate"),
+    ("post", "/api/v1/devices/rotate"), ("get", "/api/v1/rollouts/{rollout_id}/health"),
 }
 
 
@@ -54,6 +54,7 @@ def test_answers_hold_to_their_documented_schemas(client: Client, keyring: Any, 
         ("get", "/api/v1/health/releases", "/api/v1/health/releases", None),
         ("get", "/api/v1/stats", "/api/v1/stats", None),
         ("get", "/healthz", "/healthz", None),
+        ("get", "/api/v1/rollouts/{rollout_id}/health", f"/api/v1/rollouts/{rid}/health?bucket_s=1", None),
         ("get", "/api/v1/devices/{device_id}/certificates", "/api/v1/devices/d1/certificates", None),
         ("put", "/api/v1/devices/{device_id}/labels", "/api/v1/devices/d1/labels", {"labels": {"site": "x"}}),
         ("post", "/api/v1/devices/{device_id}/rotate", "/api/v1/devices/d1/rotate", None),
