@@ -1,29 +1,17 @@
-"""The installer: the runner of the update machine (agent.update.machine), with real I/O.
+"""The installer: where an update starts and ends. Its entry points run the update machine
+(agent.update.machine) through the effects runner (agent.update.runner):
 
-The machine decides (``step(record, event) -> (record, effects)``); this module performs
-the effects in order: persist a record (agent.update.store), emit a telemetry event, swap
-the serving session, raise the anti-rollback floor, pause at a test checkpoint, and do the
-I/O work of a state, which ends with the next event:
+- ``apply_target``: the fleet desires a release (skipped when failed here before, or while a
+  retryable failure waits its pause, which doubles with each consecutive failure);
+- ``install_file``: an operator installs a bundle file (offline: committed at once);
+- ``stage_shadow``: a shadow candidate, a second record run up to TRIAL beside the active one;
+- ``recover`` after a start (finish the floor write, count a restart on trial, load the
+  active release, else the previous) and ``resume`` of an update a restart interrupted
+  (``machine.WORK_OF_STATE``: every step is idempotent);
+- ``check_trials`` (commit or roll back trials whose time is up) and ``resume_staged``
+  (activate staged releases once their window opens and no update lock is held).
 
-    FETCH             fetch the envelope (or read it from a bundle file), verify signatures,
-                      scope, expiry, agent version and anti-rollback BEFORE any model byte;
-                      store it                                          -> EnvelopeVerified
-    FETCH_BLOBS       check free space for the missing blobs; fetch (resuming kept
-                      partials) or extract each blob the store lacks    -> BlobsPlaced
-    RECHECK           re-verify the stored envelope, re-hash every blob -> Rechecked | Damaged
-    AWAIT_ACTIVATION  the activation window and update locks (fleet releases only)
-                                                                        -> ActivationAllowed | Waiting
-    SMOKE             load in a NEW session (old one keeps serving), golden vectors
-                                                                        -> SmokePassed
-    RELOAD_TRIAL      load the release on trial again after a restart   -> nothing | TrialFailed
-    LOAD_PREVIOUS     load the previous release to roll back to         -> PreviousLoaded | PreviousUnloadable
-
-A failure of the work (a named EdgefleetError, an I/O error) becomes the machine's
-``Failed`` event with its reason code; the active model is untouched. Retryable reasons
-(download, disk_full) are retried after a pause that doubles with each consecutive failure
-of the same target. A restart re-enters the persisted state and does its work again
-(``machine.WORK_OF_STATE``). docs/agent-lifecycle.md holds the diagram, what each state
-persists and the crash matrix.
+docs/agent-lifecycle.md holds the diagram, what each state persists and the crash matrix.
 
 Events go to ``emit(model, kind, release, from_release, reason, message)``: for
 ``activated`` release is the new one and from_release the one it replaced; for
@@ -33,77 +21,43 @@ otherwise release is the target and from_release the active release.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import __version__
 from agent.errors import (
-    DiskFullError,
     DownloadError,
-    LoadError,
     StateError,
 )
 from agent.runtime.base import Backend
 from agent.runtime.host import LoadedModel, ModelHost
 from agent.update import lifecycle as lc
 from agent.update import machine as m
-from agent.update.blobs import BlobStore, disk_full
+from agent.update.blobs import BlobStore
 from agent.update.fetch import Cancelled, Fetcher, WaitingForWindow
 from agent.update.gating import ActivationGate, TrialFigures, TrialLimits, judge_trial
 from agent.update.lifecycle import ModelRecord, ReleaseRef, Target, UpdateState
-from agent.update.smoke import run_golden
-from agent.update.sources import BundleSource, FileSource, FleetSource
+from agent.update.runner import EffectRunner, EventSink, _Drive, _reason
+from agent.update.sources import FileSource, FleetSource
 from agent.update.store import StateStore
-from agent.update.testhooks import pause_point
-from shared.bundle.envelope import Envelope
-from shared.bundle.manifest import FileRef, Manifest, parse_manifest, payload_digest
-from shared.bundle.trust import TrustRoot, VerifiedManifest, check_release_policy
-from shared.errors import EdgefleetError, ExpiredError, HashMismatchError, MalformedDocumentError
-from shared.telemetry.vocabulary import RETRYABLE_REASONS, EventKind, ReasonCode
+from shared.bundle.trust import TrustRoot
+from shared.errors import EdgefleetError
+from shared.telemetry.vocabulary import RETRYABLE_REASONS
 
 log = logging.getLogger(__name__)
 
-EventSink = Callable[[str, str, int, int | None, str | None, str], None]
 S = UpdateState
 # Failures worth retrying with the same digest (the bundle itself is not at fault).
 RETRYABLE = RETRYABLE_REASONS
-MAX_FAILED_DIGESTS = m.MAX_FAILED_DIGESTS
+
 MIB = 1 << 20
 
 
-def _reason(exc: EdgefleetError) -> ReasonCode:
-    try:
-        return ReasonCode(exc.code)
-    except ValueError:
-        return ReasonCode.MALFORMED
-
-
-@dataclass
-class _Drive:
-    """What one run of the machine needs besides the record: where the bundle comes from,
-    whether it activates on trial (fleet) or commits at once (offline), and what the work
-    of one step hands to the next (the verified envelope, the sessions loaded to swap in)."""
-
-    source: BundleSource | None = None
-    trial: bool = True
-    verified: VerifiedManifest | None = None
-    redownloads: int = 0
-    loaded: dict[str, LoadedModel] = field(default_factory=dict)
-    record: ModelRecord | None = None
-    # A shadow candidate's record (agent.update.shadow_stage): kept in memory, never gated,
-    # never swapped in nor raising the floor; ``shadow`` serves the loaded candidate beside
-    # the active release, and only the events the fleet counts for a shadow are published.
-    shadow: Callable[[LoadedModel], None] | None = None
-    shadow_note: str = ""
-
-
-class Installer:
+class Installer(EffectRunner):
     def __init__(
         self,
         *,
@@ -156,334 +110,6 @@ class Installer:
         # Candidates staged for shadow evaluation (agent.update.shadow_stage), by model: the
         # garbage collection keeps their files like those of a record.
         self.shadow_refs: dict[str, Target] = {}
-
-    # -- telemetry events (decided by the machine) and retries ------------------------
-
-    def emit(
-        self, model: str, kind: str, release: int, from_release: int | None,
-        reason: str | None = None, message: str = "",
-    ) -> None:
-        log.info(
-            "model=%s event=%s release=%s from=%s reason=%s %s",
-            model, kind, release, from_release, reason, message,
-        )
-        if self._emit is not None:
-            try:
-                self._emit(model, kind, release, from_release, reason, message)
-            except Exception:
-                log.exception("event sink failed")
-
-    def retry_pause(self, rec: ModelRecord) -> float:
-        """Seconds a retryable failure waits before the same target is tried again."""
-        if rec.attempts <= 0:
-            return 0.0
-        return float(min(self.retry_failed_max_s, self.retry_failed_s * 2 ** min(rec.attempts - 1, 30)))
-
-    # -- verification and loading -------------------------------------------------
-
-    def verify_signed(self, envelope: bytes, *, offline: bool = False) -> VerifiedManifest:
-        """Signatures, scope and expiry against the best time the agent has.
-
-        For a bundle file (``offline``) whose only fault is an expiry within
-        ``offline_expiry_grace_s`` of that time, accept it and log that the grace was used.
-        Signatures are verified either way; anti-rollback is checked after, unchanged.
-        """
-        now = self.expiry_now()
-        try:
-            return self.trust.verify_manifest(envelope, now=now)
-        except ExpiredError as exc:
-            grace = self.offline_expiry_grace_s
-            if not offline or grace <= 0:
-                raise
-            try:
-                vm = self.trust.verify_manifest(envelope, now=now - timedelta(seconds=grace))
-            except ExpiredError as again:
-                raise ExpiredError(f"{again}; older than the offline grace of {grace:g} s "
-                                   "(update.offline_expiry_grace_s)", **again.details) from None
-            log.warning("model=%s r%s: OFFLINE EXPIRY GRACE used: %s (best time %s); accepted "
-                        "because update.offline_expiry_grace_s = %g s", vm.manifest.name,
-                        vm.manifest.release, exc, now.isoformat(timespec="seconds"), grace)
-            return vm
-
-
-    def _verify(self, name: str | None, target_digest: str | None, envelope: bytes, *,
-                offline: bool = False) -> VerifiedManifest:
-        return self._check_verified(name, target_digest, self.verify_signed(envelope, offline=offline))
-
-    def _check_verified(self, name: str | None, target_digest: str | None,
-                        vm: VerifiedManifest) -> VerifiedManifest:
-        """The checks after the signatures: model name, desired digest, release policy."""
-        if name is not None and vm.manifest.name != name:
-            raise MalformedDocumentError(
-                f"the envelope is for model {vm.manifest.name!r}, expected {name!r}"
-            )
-        if target_digest is not None and vm.digest != target_digest:
-            raise HashMismatchError(
-                f"the envelope's digest {vm.digest[:12]}… differs from the desired {target_digest[:12]}…"
-            )
-        check_release_policy(
-            vm.manifest, vm.digest, agent_version=self.agent_version,
-            highest=self._consistent_highest(vm.manifest.name),
-        )
-        return vm
-
-    def _consistent_highest(self, name: str) -> tuple[int, str] | None:
-        """The anti-rollback floor, refusing (fail closed) when it is below what the device holds.
-
-        Activation writes the record, then raises the floor; ``recover`` closes that crash
-        window at startup, before anything is verified. A floor below the active or previous
-        release found later means the file was rolled back or damaged under a running agent.
-        """
-        highest = self.store.highest(name)
-        rec = self.store.load(name)
-        held = [r for r in (rec.active, rec.previous) if r is not None] if rec else []
-        top = max((r.release for r in held), default=None)
-        if top is not None and (highest is None or highest[0] < top):
-            raise StateError(
-                f"anti-rollback state for {name} says r{highest[0] if highest else 'none'} but this "
-                f"device holds r{top}: the state file was rolled back or damaged; refusing every "
-                "bundle for this model until an operator repairs it (restore antirollback.json)"
-            )
-        return highest
-
-    def _stored_manifest(self, name: str, ref: ReleaseRef | Target) -> Manifest:
-        """The manifest of a release verified earlier, from its stored envelope."""
-        data = self.blobs.load_envelope(name, ref.release, ref.digest)
-        if data is None:
-            raise StateError(f"{name} r{ref.release}: its envelope is missing from state_dir")
-        env = Envelope.from_json(data)
-        if payload_digest(env.payload) != ref.digest:
-            raise StateError(f"{name} r{ref.release}: the stored envelope does not match its digest")
-        return parse_manifest(env.payload)
-
-    def _load(self, manifest: Manifest, digest: str) -> LoadedModel:
-        # The backend refuses a runtime it does not run (LoadError, reason "load").
-        model_ref = manifest.files["model"]
-        if not self.blobs.has(model_ref):
-            raise LoadError(f"{manifest.name} r{manifest.release}: model blob is missing")
-        session = self.backend.load(self.blobs.path(model_ref.sha256), manifest)
-        return LoadedModel(manifest=manifest, release=manifest.release, digest=digest, session=session)
-
-    def load_release(self, name: str, ref: ReleaseRef) -> LoadedModel:
-        return self._load(self._stored_manifest(name, ref), ref.digest)
-
-    def smoke_test(self, loaded: LoadedModel) -> None:
-        """Run the golden inputs and compare with the golden outputs; raise SmokeTestError."""
-        run_golden(loaded, self.blobs.path(loaded.manifest.files["golden"].sha256))
-
-    # -- the runner: perform the machine's effects ---------------------------------------
-
-    def _run(self, rec: ModelRecord, event: m.Event, ctx: _Drive | None = None) -> ModelRecord:
-        """Feed ``event`` to the machine, perform its effects in order, then the events the
-        work effects end with, until the machine asks for nothing more."""
-        ctx = ctx or _Drive()
-        queue: list[m.Event] = [event]
-        while queue:
-            rec, effects = m.step(rec, queue.pop(0), self.clock())
-            ctx.record = rec
-            for effect in effects:
-                follow = self._perform(rec, effect, ctx)
-                if follow is not None:
-                    queue.append(follow)
-        return rec
-
-    def _perform(self, rec: ModelRecord, effect: m.Effect, ctx: _Drive) -> m.Event | None:
-        if ctx.shadow is not None and not isinstance(effect, m.Do):
-            self._perform_shadow(rec, effect, ctx)
-            return None
-        if isinstance(effect, m.Persist):
-            self.store.save(effect.record)
-        elif isinstance(effect, m.Emit):
-            self.emit(rec.name, str(effect.kind), effect.release, effect.from_release,
-                      None if effect.reason is None else str(effect.reason), effect.message)
-        elif isinstance(effect, m.Checkpoint):
-            pause_point(effect.name)
-        elif isinstance(effect, m.RaiseFloor):
-            self.store.raise_highest(rec.name, effect.release, effect.digest)
-        elif isinstance(effect, m.Swap):
-            loaded = ctx.loaded.pop(effect.release.digest, None)
-            old = self.host.swap(loaded or self.load_release(rec.name, effect.release))
-            self._replaced_latencies[rec.name] = old.metrics.recent_latencies() if old is not None else []
-        else:
-            assert isinstance(effect, m.Do)
-            return self._work(rec, effect, ctx)
-        return None
-
-    def _perform_shadow(self, rec: ModelRecord, effect: m.Effect, ctx: _Drive) -> None:
-        """A shadow candidate's effects: its record stays in memory (ctx.record), it serves
-        beside the active release instead of being swapped in, the floor never moves, and of
-        its events the fleet sees verified, failed and, once it runs, staged."""
-        if isinstance(effect, m.Swap):
-            loaded = ctx.loaded.pop(effect.release.digest)
-            assert ctx.shadow is not None
-            ctx.shadow(loaded)
-        elif isinstance(effect, m.Emit):
-            message = {
-                EventKind.VERIFIED: f"shadow candidate, {effect.message}",
-                EventKind.FAILED: f"shadow: {effect.message}",
-                EventKind.ACTIVATED: ctx.shadow_note,
-            }.get(effect.kind)
-            if message is not None:
-                kind = EventKind.STAGED if effect.kind == EventKind.ACTIVATED else effect.kind
-                self.emit(rec.name, str(kind), effect.release, effect.from_release,
-                          None if effect.reason is None else str(effect.reason), message)
-
-    def _work(self, rec: ModelRecord, do: m.Do, ctx: _Drive) -> m.Event | None:
-        work = do.work
-        if work == m.Work.FETCH:
-            return self._fetch_envelope(rec, ctx)
-        if work == m.Work.FETCH_BLOBS:
-            return self._fetch_blobs(ctx)
-        if work == m.Work.RECHECK:
-            return self._recheck(rec, ctx)
-        if work == m.Work.AWAIT_ACTIVATION:
-            return self._await_activation(rec, ctx)
-        if work == m.Work.SMOKE:
-            return self._smoke(rec, ctx)
-        if work == m.Work.RELOAD_TRIAL:
-            return self._reload_trial(rec)
-        assert work == m.Work.LOAD_PREVIOUS and do.reason is not None
-        return self._load_previous(rec, do.reason, do.message, ctx)
-
-    def _drive(self, rec: ModelRecord, event: m.Event | None, ctx: _Drive) -> ModelRecord:
-        """Run an update from ``event`` (None: redo the work of the persisted state) until it
-        waits, ends or fails; a failure is recorded (FAILED, reason code) and raised."""
-        ctx.record = rec
-        try:
-            if event is None:
-                event = self._work(rec, m.Do(m.WORK_OF_STATE[rec.state]), ctx)
-            return rec if event is None else self._run(rec, event, ctx)
-        except Cancelled:
-            log.info("model=%s stopping in %s; the next start resumes it", rec.name, ctx.record.state)
-            raise
-        except StateError as exc:
-            self._record_failure(ctx, MalformedDocumentError(str(exc)))
-            raise
-        except EdgefleetError as exc:
-            self._record_failure(ctx, exc)
-            raise
-        except OSError as exc:
-            err: EdgefleetError = (
-                disk_full(exc, "the bundle") if exc.errno == errno.ENOSPC
-                else DownloadError(f"I/O error while installing: {exc}")
-            )
-            self._record_failure(ctx, err)
-            raise err from None
-
-    def _record_failure(self, ctx: _Drive, exc: EdgefleetError) -> None:
-        rec = ctx.record
-        assert rec is not None
-        if rec.state in lc.IN_PROGRESS:
-            self._run(rec, m.Failed(_reason(exc), str(exc)), ctx)
-        else:  # past activation (the record names the new release): nothing to undo
-            log.error("model=%s in %s: %s", rec.name, rec.state, exc)
-
-    # -- the work of each state -------------------------------------------------------
-
-    def _fetch_envelope(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
-        """FETCH: verify the envelope before any big byte and store it."""
-        assert rec.target is not None and ctx.source is not None
-        target = rec.target
-        offline = isinstance(ctx.source, FileSource)
-        if ctx.verified is not None:  # signatures verified by the caller: not a second time
-            vm = self._check_verified(rec.name, target.digest, ctx.verified)
-        else:
-            vm = self._verify(rec.name, target.digest, ctx.source.envelope(), offline=offline)
-        ctx.verified = vm
-        self.blobs.save_envelope(rec.name, vm.manifest.release, vm.digest, vm.envelope)
-        return m.EnvelopeVerified(vm.delegation)
-
-    def _fetch_blobs(self, ctx: _Drive) -> m.Event:
-        """FETCH_BLOBS: free space first, then every missing blob (resuming kept partials)."""
-        vm, source = ctx.verified, ctx.source
-        assert vm is not None and source is not None
-        ctx.verified = None
-        self.blobs.ensure_dirs()
-        files = list(vm.manifest.files.values())
-        try:
-            self.check_space(files)
-            source.fetch_blobs(vm, self.blobs)
-        except DiskFullError:
-            for ref in files:
-                self.blobs.discard(ref.sha256)
-            raise
-        return m.BlobsPlaced()
-
-    def check_space(self, files: list[FileRef]) -> None:
-        """Refuse (DiskFullError) unless state_dir has room for the missing blobs plus the margin."""
-        missing = self.blobs.missing(files)
-        need = sum(max(0, ref.size - self.blobs.partial_size(ref.sha256)) for ref in missing)
-        if not missing:
-            return
-        free = self.blobs.free_bytes()
-        if need + self.disk_margin_bytes > free:
-            raise DiskFullError(
-                f"state_dir {self.blobs.state_dir} has {free} bytes free; the {len(missing)} missing "
-                f"file(s) need {need} bytes plus a margin of {self.disk_margin_bytes}"
-            )
-
-    def _recheck(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
-        """RECHECK: re-verify the stored envelope and re-hash every blob (once back to
-        DOWNLOADING per run; a second damage is a download failure)."""
-        assert rec.target is not None
-        target = rec.target
-        data = self.blobs.load_envelope(rec.name, target.release, target.digest)
-        vm = (self._verify(rec.name, target.digest, data, offline=target.bundle_path is not None)
-              if data is not None else None)
-        damaged = [] if vm is None else [
-            ref for ref in vm.manifest.files.values() if not self.blobs.verify_placed(ref)
-        ]
-        if vm is None or damaged:
-            what = "its envelope is missing" if vm is None else f"{len(damaged)} file(s) missing or damaged"
-            if ctx.shadow is not None:  # a candidate is staged again at the next pull
-                raise HashMismatchError(f"{rec.name} r{target.release}: {what} right after download")
-            if ctx.redownloads > 0:
-                raise DownloadError(f"{rec.name} r{target.release}: {what} right after download")
-            ctx.redownloads += 1
-            log.warning("model=%s r%s: %s; downloading again", rec.name, target.release, what)
-            return m.Damaged(what)
-        return m.Rechecked()
-
-    def _await_activation(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
-        """AWAIT_ACTIVATION: a fleet release waits for its window and for update locks."""
-        if ctx.trial and ctx.shadow is None and (message := self._activation_wait_message(rec)) is not None:
-            return m.Waiting(message)  # staged; activated at the first allowed moment
-        return m.ActivationAllowed()
-
-    def _smoke(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
-        """SMOKE: a new session on the verified blobs (the old one keeps serving), golden vectors."""
-        assert rec.target is not None
-        manifest = self._stored_manifest(rec.name, rec.target)
-        loaded = self._load(manifest, rec.target.digest)
-        self.smoke_test(loaded)
-        ctx.loaded[loaded.digest] = loaded
-        return m.SmokePassed(ReleaseRef(loaded.release, loaded.digest, manifest.version),
-                             self.clock() + self.trial_seconds if ctx.trial else None)
-
-    def _reload_trial(self, rec: ModelRecord) -> m.Event | None:
-        """RELOAD_TRIAL: after a restart in TRIAL (already counted and persisted)."""
-        assert rec.active is not None
-        try:
-            self.host.swap(self.load_release(rec.name, rec.active))
-        except (EdgefleetError, StateError) as exc:
-            return m.TrialFailed(ReasonCode.LOAD, f"r{rec.active.release} cannot be loaded again: {exc}")
-        log.warning("model=%s r%s: %s", rec.name, rec.active.release, rec.message)
-        return None
-
-    def _load_previous(self, rec: ModelRecord, reason: ReasonCode, message: str,
-                       ctx: _Drive) -> m.Event:
-        """LOAD_PREVIOUS: leaving a failed trial; without a previous release keep serving."""
-        assert rec.active is not None
-        if rec.previous is not None:
-            try:
-                ctx.loaded[rec.previous.digest] = self.load_release(rec.name, rec.previous)
-            except (EdgefleetError, StateError) as exc:
-                log.error("model=%s cannot reload previous r%s: %s", rec.name, rec.previous.release, exc)
-            else:
-                return m.PreviousLoaded(reason, message)
-        if self.host.get(rec.name) is None:
-            self.host.swap(self.load_release(rec.name, rec.active))
-        return m.PreviousUnloadable(reason, message)
 
     # -- public operations ----------------------------------------------------------
 
@@ -684,18 +310,6 @@ class Installer:
             log.info("gc removed %d blob(s)", len(removed))
 
     # -- activation windows and update locks ----------------------------------------------
-
-    def _activation_wait_message(self, rec: ModelRecord) -> str | None:
-        """Why a staged fleet release may not be activated now (window, update lock), or None."""
-        if self.gate is None or rec.target is None:
-            return None
-        reason = self.gate.waiting_for(rec.target.activation_window)
-        if reason is None:
-            return None
-        message = f"r{rec.target.release} staged, {reason}"
-        if rec.message != message:
-            log.info("model=%s: %s", rec.name, message)
-        return message
 
     def resume_staged(self) -> float | None:
         """Activate the staged releases now allowed; return seconds to the next moment one may be."""
