@@ -32,11 +32,10 @@ from fleet.api.enrollment import (
     check_new_device_id,
 )
 from fleet.api.enrollment_tokens import accept_enrollment_token
-from fleet.api.response_schemas import DEVICE_READ, DeviceDeleted, DeviceView, ok
+from fleet.api.response_schemas import DEVICE_READ, READ, DeviceDeleted, DeviceView, ok
 from fleet.api.schemas import (
     BAD_REQUEST,
     DEVICE_RESPONSES,
-    ERROR_RESPONSES,
     FORBIDDEN,
     TOO_MANY,
     UNAUTHORIZED,
@@ -350,7 +349,8 @@ class DeviceController(Controller):
         sync_to_thread=True,
         summary="Devices by id; all of them, or a page with `limit` (and `after`, the last id seen)",
         description="With `limit`, a full page carries `Link: <...?after=LAST&limit=N>; rel=\"next\"`.",
-        responses=ERROR_RESPONSES,
+        responses={**ok(list[DeviceView], "The devices in id order (a page of them with `limit`)"),
+                   **BAD_REQUEST, **READ},
     )
     def list_devices(
         self, state: State, limit: FromQuery[int | None] = None, after: FromQuery[str | None] = None

@@ -23,6 +23,7 @@ OPERATIONS = {
     ("post", "/api/v1/devices/{device_id}/approve"), ("put", "/api/v1/devices/{device_id}/labels"),
     ("post", "/api/v1/devices/{device_id}/revoke"), ("post", "/api/v1/devices/{device_id}/rotate"),
     ("post", "/api/v1/devices/rotate"), ("get", "/api/v1/rollouts/{rollout_id}/health"),
+    ("get", "/api/v1/devices"),
 }
 
 
@@ -48,6 +49,8 @@ def test_answers_hold_to_their_documented_schemas(client: Client, keyring: Any, 
     assert client.post(f"/api/v1/rollouts/{rid}/start", headers=admin()).status_code == 200
     answers = [
         ("get", "/api/v1/devices/{device_id}", "/api/v1/devices/d1", None),
+        ("get", "/api/v1/devices", "/api/v1/devices", None),
+        ("get", "/api/v1/devices", "/api/v1/devices?limit=1", None),
         ("get", "/api/v1/bundles/{bundle_id}", f"/api/v1/bundles/{bid}", None),
         ("get", "/api/v1/bundles/highest", "/api/v1/bundles/highest?name=detector", None),
         ("get", "/api/v1/bundles", "/api/v1/bundles", None),
