@@ -1,13 +1,15 @@
-"""MQTT reporter: birth and last will, periodic health, update events, desired notices.
+"""MQTT reporter, the device's session with the broker: birth and last will, periodic
+health, update events, desired notices. What a health message says is assembled in
+agent.telemetry.health_report; message numbers and the session id are
+agent.telemetry.sequence's.
 
 - client id = device id; the last will is a retained ``Status(online=False)`` on the
   status topic, the birth a retained ``Status(online=True)`` sent on every connect;
 - health every ``health_interval_s`` (QoS 1), events QoS 1; each model's health carries
   the latest lifecycle event published for it (``last_event``, kept in memory), so the
   fleet recovers an event that reached the broker but not the fleet;
-- ``seq`` increases by one per message across kinds; blocks of numbers are reserved
-  on disk so a restart continues above every number already used (a clean stop gives the
-  unused ones back, so only a crash leaves a jump);
+- ``seq`` increases by one per message across kinds and survives restarts
+  (agent.telemetry.sequence);
 - a message on the device's desired topic calls ``on_desired`` (pull now);
 - store-and-forward: every health and event message is first appended to the on-disk
   spool (agent.telemetry.spool), in seq order; a sender thread hands the spool's records
@@ -34,15 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import msgspec
 
 from agent import __version__
 from agent.runtime.host import ModelHost
@@ -53,9 +52,10 @@ from agent.telemetry.connection import (
     describe_connect_error,
     parse_mqtt_url,
 )
+from agent.telemetry.health_report import HealthAssembler
+from agent.telemetry.sequence import SEQ_FILE, SeqCounter
 from agent.telemetry.spool import DEFAULT_MAX_BYTES, SPOOL_DIR, Spool
 from shared.errors import EdgefleetError
-from shared.fsutil import atomic_write
 from shared.telemetry import messages, topics
 from shared.telemetry.content import content_type
 
@@ -64,9 +64,6 @@ if TYPE_CHECKING:  # paho and psutil load with the first Reporter (~30 ms, ~2.4 
 
 log = logging.getLogger(__name__)
 
-SEQ_FILE = "telemetry_seq.json"
-SEQ_BLOCK = 1000
-SESSION_CHARS = 8  # hex: 32 random bits, per device
 WINDOW = 16  # spooled messages handed to paho and not yet acknowledged
 SYNC_EVERY_S = 1.0  # the sender's idle wake-up: fsync batched health, write the spool cursor
 # auto: an MQTT 5 CONNECT not answered by then counts as refused (amqtt, given a will,
@@ -74,71 +71,6 @@ SYNC_EVERY_S = 1.0  # the sender's idle wake-up: fsync batched health, write the
 CONNACK_TIMEOUT_S = 10.0
 # CONNACK reasons of a refused login (paho maps 3.1.1's return codes 4 and 5 to them).
 LOGIN_REFUSED = (0x86, 0x87)  # bad user name or password, not authorised
-
-
-class SeqCounter:
-    """Message sequence numbers that survive restarts without a write per message, and the
-    session they belong to: a new random one whenever the numbers do not continue from the
-    file (first start, wiped or unreadable state), so (session, seq) never repeats."""
-
-    def __init__(self, path: Path, block: int = SEQ_BLOCK) -> None:
-        self.path = Path(path)
-        self.block = block
-        self._lock = threading.Lock()
-        reserved, session = 0, ""
-        if self.path.exists():
-            try:
-                saved = msgspec.json.decode(self.path.read_bytes())
-                reserved = int(saved["reserved"])
-                session = str(saved.get("session", ""))
-            except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
-                # Not a security boundary: continue above the current time, still monotonic.
-                log.warning("%s unreadable (%s); continuing sequence from the clock", self.path, exc)
-                reserved = int(time.time())
-        self.session = session if len(session) == SESSION_CHARS else os.urandom(SESSION_CHARS // 2).hex()
-        self._next = reserved
-        self._reserved = reserved
-        self._reserve()
-
-    def _reserve(self) -> None:
-        self._reserved = self._next + self.block
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, msgspec.json.encode({"reserved": self._reserved, "session": self.session}))
-
-    def next(self) -> int:
-        with self._lock:
-            if self._next >= self._reserved:
-                self._reserve()
-            value = self._next
-            self._next += 1
-            return value
-
-    def close(self) -> None:
-        """On a clean stop, give back the unused numbers: the next start continues without a gap."""
-        with self._lock:
-            try:
-                saved = {"reserved": self._next, "session": self.session}
-                atomic_write(self.path, msgspec.json.encode(saved))
-            except OSError as exc:
-                log.warning("cannot write %s (%s); the next start skips ahead", self.path, exc)
-                return
-            self._reserved = self._next
-
-
-def _temperature() -> float | None:
-    """The hottest sensor psutil reports (°C); None where there is none (containers, macOS)."""
-    import psutil
-
-    sensors = getattr(psutil, "sensors_temperatures", None)
-    if sensors is None:
-        return None
-    try:
-        readings = sensors()
-    except (OSError, RuntimeError, AttributeError):
-        return None
-    values = [float(e.current) for entries in readings.values() for e in entries
-              if e.current is not None and -40.0 < e.current < 200.0]
-    return round(max(values), 1) if values else None
 
 
 class Reporter:
@@ -186,10 +118,6 @@ class Reporter:
         self.connack_timeout_s = connack_timeout_s
         self._refused_publish: set[int] = set()
         self.state_dir = Path(state_dir)
-        self.host = host
-        self.states = states
-        # Extra per-model health fields (update ``waiting``, ``held`` releases), by model name.
-        self.model_details = model_details
         self.on_desired = on_desired
         # Called (network thread; keep it short) when the broker refuses the login itself
         # (bad user name or password, not authorised): the agent may fetch new credentials.
@@ -200,28 +128,21 @@ class Reporter:
         self.spool = Spool(self.state_dir / SPOOL_DIR, max_bytes=spool_max_bytes)
         self.window = window
         self.encoding = encoding  # health and events; status stays JSON (retained, read by anyone)
-        self.started = time.monotonic()
+        # What each health message says; ``model_details``: extra per-model health fields
+        # (update ``waiting``, ``held`` releases), by model name.
+        self.report = HealthAssembler(
+            device_id=self.device_id, host=host, state_dir=self.state_dir, seq=self.seq,
+            spool=self.spool, interval_s=health_interval_s, states=states, model_details=model_details)
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sender: threading.Thread | None = None
         self._emit_lock = threading.Lock()  # seq order == spool order
-        # Per model, the latest lifecycle event published (in memory): every health message
-        # repeats it, so the fleet recovers an event lost between the broker and itself.
-        self._last_events: dict[str, messages.LastEvent] = {}
-        self._last_events_lock = threading.Lock()
         self._cond = threading.Condition()
         self._acked: list[int] = []  # mids paho reported as acknowledged
         self._kick = False
         self._sending = False
         self._mids: dict[int, int] = {}  # mid -> spool token (the sender thread's own)
-        import psutil
-
-        self._process = psutil.Process()
-        with contextlib.suppress(psutil.Error):
-            self._process.cpu_percent(None)  # the first call only starts the measurement
-        psutil.cpu_percent(None)
-
         self.will_seq = self.seq.next()
         # Birth/death pairing (shared.telemetry.messages.Status.bd_seq): each connection's
         # number and the time its CONNECT was made; the birth carries both, the will both
@@ -441,56 +362,18 @@ class Reporter:
                 model=model, kind=kind, release=release, from_release=from_release, reason=reason,
                 message=message[:2000], session=self.seq.session)
             # Under the emit lock: a health numbered after this event carries it (or a later one).
-            with self._last_events_lock:
-                self._last_events[model] = messages.LastEvent(
-                    seq=seq, ts=ev.ts, kind=kind, release=release, from_release=from_release,
-                    reason=reason)
+            self.report.remember(ev)
             return ev
 
         self._spool("event", build)
 
     def last_events(self) -> dict[str, messages.LastEvent]:
         """Per model, the latest lifecycle event published since the agent started."""
-        with self._last_events_lock:
-            return dict(self._last_events)
+        return self.report.last_events()
 
     def health(self, *, reset_window: bool = True, seq: int | None = None) -> messages.Health:
-        last_events = self.last_events()  # before the states: a state is never older than its event
-        states = self.states()
-        details = self.model_details() if self.model_details is not None else {}
-        models = []
-        for name, loaded in sorted(self.host.snapshot().items()):
-            snap = loaded.metrics.snapshot(reset_window=reset_window)
-            models.append(messages.ModelHealth(
-                name=name, release=loaded.release, version=loaded.manifest.version,
-                state=states.get(name, "idle"), inferences=snap.inferences, errors=snap.errors,
-                total_inferences=snap.total_inferences, total_errors=snap.total_errors,
-                latency_p50_ms=snap.latency_p50_ms, latency_p95_ms=snap.latency_p95_ms,
-                drift=snap.drift, drift_inputs=snap.drift_inputs,
-                shadow=self.host.shadow_health(name), last_event=last_events.get(name),
-                **details.get(name, {})))
-        import psutil
-
-        try:
-            disk_free = psutil.disk_usage(str(self.state_dir)).free / 1e6
-        except OSError:
-            disk_free = 0.0
-        try:
-            with self._process.oneshot():
-                cpu = self._process.cpu_percent(None)
-                rss = self._process.memory_info().rss / 1e6
-        except psutil.Error:
-            cpu = rss = 0.0
-        spool = self.spool.stats()
-        return messages.Health(
-            v=messages.VERSION, device_id=self.device_id, seq=self.seq.next() if seq is None else seq,
-            ts=time.time(), interval_s=self.health_interval_s, models=models,
-            cpu_percent=round(cpu, 1), mem_rss_mb=round(rss, 2),
-            mem_percent=psutil.virtual_memory().percent,
-            disk_free_mb=round(disk_free, 1), temperature_c=_temperature(),
-            uptime_s=round(time.monotonic() - self.started, 1), dropped=sum(spool.dropped.values()),
-            dropped_health=spool.dropped["health"], dropped_events=spool.dropped["event"],
-            spooled=spool.pending, device_cpu_percent=psutil.cpu_percent(None), session=self.seq.session)
+        """One health message (agent.telemetry.health_report), numbered here unless ``seq``."""
+        return self.report.build(reset_window=reset_window, seq=seq)
 
     def publish_health(self) -> None:
         self._spool("health", lambda seq: self.health(seq=seq))

@@ -20,7 +20,8 @@ import pytest
 from agent.cli import main as cli_main
 from agent.runtime.host import ModelHost
 from agent.runtime.onnx_backend import OnnxBackend
-from agent.telemetry.reporter import Reporter, SeqCounter
+from agent.telemetry.reporter import Reporter
+from agent.telemetry.sequence import SeqCounter
 from agent.update.blobs import BlobStore
 from agent.update.installer import Installer
 from agent.update.store import StateStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.telemetry.reporter import SESSION_CHARS, SeqCounter
+from agent.telemetry.sequence import SESSION_CHARS, SeqCounter
 
 
 def test_session_survives_a_restart_and_changes_when_the_counter_starts_over(tmp_path: Path) -> None:

@@ -180,7 +180,7 @@ def test_kill_9_while_appending(tmp_path: Path) -> None:
 
 
 def test_seq_continues_without_gap_after_a_clean_stop(tmp_path: Path) -> None:
-    from agent.telemetry.reporter import SeqCounter
+    from agent.telemetry.sequence import SeqCounter
 
     a = SeqCounter(tmp_path / "seq.json", block=100)
     used = [a.next() for _ in range(7)]
