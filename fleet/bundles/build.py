@@ -18,13 +18,16 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleet.bundles.quantize import (
+    DEFAULT_MIN_DETECTIONS_KEPT,
     MODES,
     AccuracyBoundError,
+    ClassScores,
     QuantizationError,
     Sample,
     check_bound,
     compare,
     parse_class_scores,
+    parse_detections,
     quantize,
 )
 from fleet.bundles.runners import open_model, tflite_quantization
@@ -119,6 +122,8 @@ def build_bundle(
     max_error: float = 0.05,
     min_argmax_agreement: float | None = None,
     class_scores: str | None = None,
+    detections: list[str] | None = None,
+    min_detections_kept: float = DEFAULT_MIN_DETECTIONS_KEPT,
     fixed_inputs: dict[str, str] | None = None,
     signing_keys: list[Ed25519PrivateKey] | None = None,
     atol: float = 1e-4,
@@ -136,8 +141,11 @@ def build_bundle(
     against the float model on ``validation`` (else ``calibration``, else the golden inputs);
     past ``max_error`` (relative L2 error, worst channel of any output) or below
     ``min_argmax_agreement`` (top-1 agreement over the class axis: ``class_scores``
-    "OUTPUT[:AXIS[:FIRST]]", else the last axis of the first output with a fixed one)
-    the build refuses with AccuracyBoundError.
+    "OUTPUT[:AXIS[:FIRST]]", else the first ``detections`` layout, else the last axis of the
+    first output with a fixed one) or below ``min_detections_kept`` (in each output that
+    ``detections`` "OUTPUT[:AXIS[:FIRST[:THRESHOLD]]]" names: the share of the float model's
+    detections, anchors whose best class score is at least THRESHOLD, that the int8 model
+    keeps with the same top class) the build refuses with AccuracyBoundError.
     ``fixed_inputs`` (name -> value of a scalar input, ``--fix-input sr=16000``) specialises
     an ONNX graph on those values (fleet.bundles.specialise) before quantizing; the manifest
     records them and the device refuses other values.
@@ -167,7 +175,19 @@ def build_bundle(
     validation = [cast(x, "validation samples") for x in validation or []]
     if quantization == "static" and not calibration:
         raise QuantizationError("static quantization needs a calibration set (--calibration FILE.npz)")
-    layout = parse_class_scores(class_scores, outputs) if class_scores else _class_score_output(outputs)
+    detection_layouts = [parse_detections(text, outputs) for text in detections or []]
+    repeated = {outputs[d.output].name for d in detection_layouts
+                if [e.output for e in detection_layouts].count(d.output) > 1}
+    if repeated:
+        raise MalformedDocumentError(f"--detections names output(s) {sorted(repeated)} more than once")
+    layout: ClassScores | int | None
+    if class_scores:
+        layout = parse_class_scores(class_scores, outputs)
+    elif detection_layouts:
+        first = detection_layouts[0]
+        layout = ClassScores(first.output, first.axis, first.first)
+    else:
+        layout = _class_score_output(outputs)
     fixed = fixed_arrays(fixed_inputs, inputs) if fixed_inputs else {}
     if fixed and float_runner.runtime == "litert":
         raise MalformedDocumentError(
@@ -219,10 +239,11 @@ def build_bundle(
             rewrites = quantize(model_path, int8_path, quantization, calibration)
             agreement = compare(
                 source_path, int8_path, validation or calibration or [feeds],
-                class_scores=layout,
+                class_scores=layout, detections=detection_layouts,
             )
             try:
-                check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement)
+                check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement,
+                            min_detections_kept=min_detections_kept)
             except AccuracyBoundError as exc:
                 if not rewrites:
                     raise
@@ -233,9 +254,10 @@ def build_bundle(
                 rewrites = quantize(model_path, int8_path, quantization, calibration, fold=False)
                 agreement = compare(
                     source_path, int8_path, validation or calibration or [feeds],
-                    class_scores=layout,
+                    class_scores=layout, detections=detection_layouts,
                 )
-                check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement)
+                check_bound(agreement, max_error=max_error, min_argmax=min_argmax_agreement,
+                            min_detections_kept=min_detections_kept)
             figures = agreement.as_manifest()
             for out_name, per in agreement.per_output.items():
                 figures.update({f"output.{out_name}.{k}": v for k, v in per.as_manifest().items()})

@@ -144,6 +144,8 @@ def build(args: argparse.Namespace) -> int:
         fixed_inputs=parse_fixed_inputs(args.fix_input) if args.fix_input else None,
         class_scores=args.class_scores,
         min_argmax_agreement=args.min_argmax_agreement,
+        detections=args.detections or None,
+        min_detections_kept=args.min_detections_kept,
         atol=args.atol,
         rtol=args.rtol,
         expires_days=args.expires_days,
@@ -163,6 +165,9 @@ def build(args: argparse.Namespace) -> int:
             print(f"  accuracy worst relative error {figures['rel_l2_error']:.4f} "
                   f"(bound {args.max_error:g}), "
                   f"size {figures.get('size_ratio', 1.0):.0%} of the float model")
+        if "detections_kept" in figures:
+            print(f"  detections kept {figures['detections_kept']:.1%} (worst output; bound "
+                  f"{args.min_detections_kept:g})")
     if m.fixed_inputs:
         print("  fixed    " + ", ".join(f"{k}={v}" for k, v in m.fixed_inputs.items()))
     print(f"  expires  {m.expires}")

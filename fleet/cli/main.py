@@ -268,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "      --golden golden.npz --atol 1e-3 --quantize dynamic --keys ./keys -o d13.bundle\n"
                     "  edgefleet bundle build silero_vad.onnx --name vad --version 6.2.3 \\\n"
                     "      --validation vad.npz --quantize dynamic --fix-input sr=16000 \\\n"
-                    "      --keys ./keys -o vad.bundle\n\n"
+                    "      --keys ./keys -o vad.bundle\n"
+                    "  edgefleet bundle build yolo.onnx --name det --version 2.0.0 --quantize static \\\n"
+                    "      --calibration cal.npz --validation val.npz --detections output0:1:4:0.25 \\\n"
+                    "      --keys ./keys -o det.bundle\n\n"
                     "samples files (--golden, --calibration, --validation) are .npz keyed by input name:\n"
                     "  every array at its input's own rank is ONE feed, exactly as the model takes it\n"
                     "  (a stateful model: input [1, 512], state [2, 1, 128], sr as a 0-d array); when\n"
@@ -296,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=_non_negative_float, default=1e-4, help="golden absolute tolerance (1e-4)")
     p.add_argument("--rtol", type=_non_negative_float, default=1e-3, help="golden relative tolerance (1e-3)")
     p.add_argument("--quantize", choices=("none", "dynamic", "static"), default="none",
-                   help="int8 quantization; the build refuses past --max-error (default none)")
+                   help="int8 quantization; the build refuses past the accuracy bounds, and says\n"
+                        "which operators it found when int8 does not apply to the model (default none)")
     p.add_argument("--calibration", metavar="FILE.npz",
                    help="calibration inputs keyed by input name (samples files: see below)")
     p.add_argument("--max-error", type=_non_negative_float, default=0.05, metavar="E",
@@ -312,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "4 for a detector row of 4 box coordinates then the classes)")
     p.add_argument("--min-argmax-agreement", type=_non_negative_float, metavar="F",
                    help="refuse a quantized model whose top-1 agreement over the class axis is below F")
+    p.add_argument("--detections", action="append", default=[], metavar="OUTPUT[:AXIS[:FIRST[:THRESHOLD]]]",
+                   help="an output holding detections, for the share the quantized model keeps:\n"
+                        "its class axis (default -1), first class channel (default 0; the channels\n"
+                        "before are box coordinates) and score threshold (default 0.25). An anchor\n"
+                        "whose best class score is >= THRESHOLD in the float model is kept when it is\n"
+                        "so in the quantized one too, with the same top class (repeatable: one per\n"
+                        "output; the first also sets the top-1 layout when --class-scores is not given)")
+    p.add_argument("--min-detections-kept", type=_non_negative_float, default=0.9, metavar="F",
+                   help="refuse a quantized model that keeps less than this share of the float\n"
+                        "model's detections in any --detections output (default 0.9)")
     p.add_argument("--expires-days", type=_positive_float, default=90.0, metavar="D",
                    help="days until the manifest expires (default 90)")
     p.add_argument("--min-agent-version", default="0.1.0", metavar="X.Y.Z",

@@ -1,5 +1,6 @@
 """What the build takes and refuses: samples files, inputs it cannot invent, already-int8
-models, and an accuracy bound that catches a collapse hidden by large values."""
+models and models int8 does not apply to, and an accuracy bound that catches a collapse
+hidden by large values (per channel, top-1 agreement, detections kept)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fleet.bundles.build import build_bundle
-from fleet.bundles.quantize import AccuracyBoundError, QuantizationError, split_samples
+from fleet.bundles.quantize import (
+    AccuracyBoundError,
+    ClassScores,
+    Detections,
+    QuantizationError,
+    check_bound,
+    compare,
+    split_samples,
+)
 from shared.bundle.keyring import Keyring, init_keyring
 from shared.bundle.manifest import TensorSpec
 from shared.errors import MalformedDocumentError
@@ -98,11 +107,20 @@ def test_dynamic_on_an_already_int8_model_says_so(keyring: Keyring, tmp_path: Pa
     assert vm.manifest.quantization.mode == "none"
 
 
-def write_detector(path: Path) -> None:
+def write_detector(path: Path, *, score_gain: float = 1.0, weight_noise: float = 0.0) -> None:
     """A detector head: [batch, 64 anchors, 22] = 4 box coordinates in pixels (0..640) and
-    18 class scores (0..1) on the same axis, the layout of issue 21's YOLO-style model."""
+    18 class scores (0..1) on the same axis, the layout of issue 21's YOLO-style model.
+    A candidate standing in for a quantized model: ``score_gain`` scales the class scores
+    (0: the collapse issue 21 saw), ``weight_noise`` perturbs the weights (int8 rounding)."""
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((16, 22)) * 0.5).astype(np.float32)
+    w += (np.random.default_rng(9).standard_normal(w.shape) * weight_noise).astype(np.float32)
+    scores = [helper.make_node("Sigmoid", ["cls_raw"], ["cls"])]
+    gain: list[onnx.TensorProto] = []
+    if score_gain != 1.0:
+        scores = [helper.make_node("Sigmoid", ["cls_raw"], ["cls_unit"]),
+                  helper.make_node("Mul", ["cls_unit", "gain"], ["cls"])]
+        gain = [numpy_helper.from_array(np.array([score_gain], np.float32), "gain")]
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "W"], ["h"]),
@@ -110,13 +128,14 @@ def write_detector(path: Path) -> None:
             helper.make_node("Slice", ["h", "s4", "s22", "ax"], ["cls_raw"]),
             helper.make_node("Sigmoid", ["box_raw"], ["box_unit"]),
             helper.make_node("Mul", ["box_unit", "scale"], ["box"]),
-            helper.make_node("Sigmoid", ["cls_raw"], ["cls"]),
+            *scores,
             helper.make_node("Concat", ["box", "cls"], ["det"], axis=2),
         ],
         "detector",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 16])],
         [helper.make_tensor_value_info("det", TensorProto.FLOAT, ["batch", 64, 22])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([640.0], np.float32), "scale"),
+         *gain,
          numpy_helper.from_array(np.array([0], np.int64), "s0"),
          numpy_helper.from_array(np.array([4], np.int64), "s4"),
          numpy_helper.from_array(np.array([22], np.int64), "s22"),
@@ -162,6 +181,173 @@ def test_top1_agreement_over_the_class_channels_the_build_is_told(keyring: Keyri
                      class_scores="scores:2")
 
 
+DETECTIONS = Detections(output=0, axis=2, first=4, threshold=0.25)
+
+
+def detector_samples(n: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(2)
+    return [{"x": rng.standard_normal((1, 64, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def test_a_candidate_whose_scores_collapse_keeps_no_detection_and_is_refused(tmp_path: Path) -> None:
+    """Issue 21's detector: every class score of the int8 model exactly 0 while the boxes
+    hold, so the whole tensor's error is small; none of the float model's detections is
+    kept, and that alone refuses it, with the figures."""
+    write_detector(tmp_path / "float.onnx")
+    write_detector(tmp_path / "collapsed.onnx", score_gain=0.0)
+    samples = detector_samples()
+    agreement = compare(tmp_path / "float.onnx", tmp_path / "collapsed.onnx", samples,
+                        class_scores=ClassScores(0, 2, 4), detections=[DETECTIONS])
+    det = agreement.per_output["det"]
+    assert det.tensor_rel_l2_error < 0.05  # the old whole-tensor bound let it through
+    assert det.detections == 512 and det.detections_kept == 0.0 and det.detections_extra == 0
+    assert det.detection_threshold == 0.25 and agreement.detections_kept == 0.0
+    with pytest.raises(AccuracyBoundError) as err:
+        check_bound(agreement, max_error=10.0)  # the per-channel bound out of the way: 0.9 by default
+    message = str(err.value)
+    assert message.startswith(
+        "quantized model keeps 0.00% of the float model's detections in output 'det', below the "
+        "bound 90.00% by 90.00% (0 of 512 anchors whose best class score is >= 0.25 in the float "
+        "model stay so with the same top class; 0 new ones; that output's worst-channel error 1.0000, "
+        "whole-tensor error 0.00"), message
+    assert message.endswith("8 samples); add calibration data, use another quantization mode, or "
+                            "loosen the bound (lower --min-detections-kept)")
+    assert err.value.details["detections_kept"] == 0.0
+    per_output = err.value.details["per_output"]["det"]  # type: ignore[index]
+    assert per_output["detections"] == 512.0 and per_output["detections_kept"] == 0.0
+    # with the default bounds both the worst channel and the detections say it, in one message
+    with pytest.raises(AccuracyBoundError) as both:
+        check_bound(agreement, max_error=0.05)
+    assert "relative error 1.0000 exceeds the bound 0.0500" in str(both.value)
+    assert "keeps 0.00% of the float model's detections" in str(both.value)
+    assert str(both.value).endswith("(raise --max-error, lower --min-detections-kept)")
+
+
+def test_a_candidate_that_keeps_its_detections_passes_with_the_figures_recorded(tmp_path: Path) -> None:
+    write_detector(tmp_path / "float.onnx")
+    write_detector(tmp_path / "close.onnx", weight_noise=0.01)
+    agreement = compare(tmp_path / "float.onnx", tmp_path / "close.onnx", detector_samples(),
+                        detections=[DETECTIONS])
+    det = agreement.per_output["det"]
+    assert det.detections == 512 and 0.9 <= det.detections_kept < 1.0  # type: ignore[operator]
+    check_bound(agreement, max_error=0.05)  # passes
+    assert {"detection_threshold", "detections", "detections_kept", "detections_extra"} <= set(
+        det.as_manifest())
+    with pytest.raises(AccuracyBoundError, match=r"keeps 9\d\.\d\d% of the float model's detections"):
+        check_bound(agreement, max_error=0.05, min_detections_kept=1.0)
+    # outputs without a detection layout record no detection figures
+    plain = compare(tmp_path / "float.onnx", tmp_path / "close.onnx", detector_samples(2))
+    assert "detections" not in plain.per_output["det"].as_manifest() and plain.detections_kept is None
+
+
+def test_the_build_measures_detections_kept_and_refuses_static_int8_that_drops_them(
+    keyring: Keyring, tmp_path: Path
+) -> None:
+    write_detector(tmp_path / "det.onnx")
+    samples = detector_samples()
+    common = dict(name="det", version="1", release=1, keyring=keyring, out=tmp_path / "det.bundle",
+                  calibration=samples, validation=samples)
+    # static int8 sets every class score to 0 here: refused on detections alone
+    with pytest.raises(AccuracyBoundError, match=r"keeps 0\.00% of the float model's detections in "
+                       r"output 'det', below the bound 90\.00%"):
+        build_bundle(tmp_path / "det.onnx", quantization="static", max_error=10.0,
+                     detections=["det:2:4:0.5"], **common)  # type: ignore[arg-type]
+    assert not (tmp_path / "det.bundle").exists()
+    # dynamic int8 keeps them; the manifest records the figures per output and the worst
+    vm = build_bundle(tmp_path / "det.onnx", quantization="dynamic", detections=["det:2:4:0.5"],
+                      **common)  # type: ignore[arg-type]
+    figures = vm.manifest.quantization.agreement
+    assert figures["output.det.detections"] == 512 and figures["output.det.detection_threshold"] == 0.5
+    assert figures["output.det.detections_kept"] >= 0.99 and figures["detections_kept"] >= 0.99
+    # the detection layout is the top-1 layout too: the class channels, not the coordinates
+    assert figures["argmax_agreement"] >= 0.99
+    # a threshold the float model never reaches measures nothing: said, not passed
+    with pytest.raises(QuantizationError, match=r"makes no detection in output 'det' over the 8 "
+                       r"validation samples \(no best class score >= 2\)"):
+        build_bundle(tmp_path / "det.onnx", quantization="dynamic", detections=["det:2:4:2"],
+                     **common)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("flag", "match"), [
+    ("boxes:2:4", r"must read OUTPUT\[:AXIS\[:FIRST\[:THRESHOLD\]\]\] with OUTPUT one of \['det'\]"),
+    ("det:2:22", r"output 'det' has rank 3 \(shape \['batch', 64, 22\]\); axis 2 / first class 22 do not "
+                 "fit"),
+    ("det:3", r"axis 3 / first class 0 do not fit"),
+    ("det:2:4:high", r"THRESHOLD is a number"),
+    ("det:2:4:0.5:1", r"must read OUTPUT\[:AXIS\[:FIRST\[:THRESHOLD\]\]\]"),
+])
+def test_a_detection_layout_that_does_not_fit_is_refused(
+    flag: str, match: str, keyring: Keyring, tmp_path: Path
+) -> None:
+    write_detector(tmp_path / "det.onnx")
+    with pytest.raises(MalformedDocumentError, match=match):
+        build_bundle(tmp_path / "det.onnx", name="det", version="1", release=1, keyring=keyring,
+                     out=tmp_path / "det.bundle", quantization="dynamic", detections=[flag])
+
+
+def test_one_detection_layout_per_output(keyring: Keyring, tmp_path: Path) -> None:
+    write_detector(tmp_path / "det.onnx")
+    with pytest.raises(MalformedDocumentError, match=r"names output\(s\) \['det'\] more than once"):
+        build_bundle(tmp_path / "det.onnx", name="det", version="1", release=1, keyring=keyring,
+                     out=tmp_path / "det.bundle", quantization="dynamic",
+                     detections=["det:2:4", "det:2:4:0.5"])
+
+
+def scikit_learn_logreg(path: Path) -> None:
+    """onnxruntime's wheel's scikit-learn logistic regression (skl2onnx: ai.onnx.ml operators
+    only, no ai.onnx opset) with its ZipMap cut off, as the real-model tests use it."""
+    import onnxruntime
+
+    model = onnx.load(str(Path(onnxruntime.__file__).parent / "datasets" / "logreg_iris.onnx"))
+    (zipmap,) = [n for n in model.graph.node if n.op_type == "ZipMap"]
+    model.graph.node.remove(zipmap)
+    (probabilities,) = [o for o in model.graph.output if o.name == zipmap.output[0]]
+    model.graph.output.remove(probabilities)
+    model.graph.output.append(helper.make_tensor_value_info(zipmap.input[0], TensorProto.FLOAT, [3, 3]))
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_int8_on_a_scikit_learn_model_says_it_does_not_apply_and_why(
+    mode: str, keyring: Keyring, tmp_path: Path
+) -> None:
+    # before: "the model uses opset 0; converting it to 13 failed: ... invalid version"
+    scikit_learn_logreg(tmp_path / "logreg.onnx")
+    rows = [{"float_input": np.random.default_rng(i).random((3, 2), np.float32)} for i in range(3)]
+    with pytest.raises(QuantizationError) as err:
+        build_bundle(tmp_path / "logreg.onnx", name="iris", version="1", release=1, keyring=keyring,
+                     out=tmp_path / "iris.bundle", quantization=mode, calibration=rows, validation=rows)
+    message = str(err.value)
+    assert message.startswith(f"int8 does not apply to this model: {mode} int8 quantizes the weights of "
+                              "the standard ONNX operators "), message
+    assert "its operators are ai.onnx.ml: LinearClassifier, Normalizer (traditional machine" in message
+    assert "coefficients are attributes" in message and message.endswith("with --quantize none")
+    assert "opset 0" not in message and "\n" not in message
+    assert err.value.details["operators"] == {"ai.onnx.ml": {"LinearClassifier": 1, "Normalizer": 1}}
+    assert not (tmp_path / "iris.bundle").exists()
+    vm = build_bundle(tmp_path / "logreg.onnx", name="iris", version="1", release=1, keyring=keyring,
+                      out=tmp_path / "iris.bundle", validation=rows)
+    assert vm.manifest.quantization.mode == "none"
+
+
+def test_dynamic_int8_on_a_convolution_only_model_names_static(keyring: Keyring, tmp_path: Path) -> None:
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"])],
+        "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "cnn.onnx"))
+    with pytest.raises(QuantizationError, match=r"its operators are ai\.onnx: Conv, Relu\. Static int8 "
+                       r"reaches its Conv: build it with --quantize static --calibration FILE\.npz, or "
+                       r"unquantized with --quantize none$"):
+        build_bundle(tmp_path / "cnn.onnx", name="cnn", version="1", release=1, keyring=keyring,
+                     out=tmp_path / "cnn.bundle", quantization="dynamic")
+
+
 def test_cli_flags_reach_the_build(tmp_path: Path) -> None:
     import os
     import subprocess
@@ -185,3 +371,14 @@ def test_cli_flags_reach_the_build(tmp_path: Path) -> None:
                "--keys", str(tmp_path / "keys"), "-o", str(tmp_path / "det.bundle"))
     assert done.returncode != 0 and "agrees on the top class" in done.stderr, done.stderr
     assert "\n" not in done.stderr.strip()  # one line
+    done = cli("bundle", "build", str(tmp_path / "det.onnx"), "--name", "det", "--version", "1", "--offline",
+               "--quantize", "static", "--calibration", str(tmp_path / "cal.npz"), "--max-error", "10",
+               "--detections", "det:2:4:0.5", "--keys", str(tmp_path / "keys"),
+               "-o", str(tmp_path / "det.bundle"))
+    assert done.returncode != 0 and "keeps 0.00% of the float model's detections" in done.stderr, done.stderr
+    done = cli("bundle", "build", str(tmp_path / "det.onnx"), "--name", "det", "--version", "1", "--offline",
+               "--quantize", "dynamic", "--calibration", str(tmp_path / "cal.npz"),
+               "--detections", "det:2:4:0.5", "--min-detections-kept", "0.95",
+               "--keys", str(tmp_path / "keys"), "-o", str(tmp_path / "det.bundle"))
+    assert done.returncode == 0, done.stderr
+    assert "detections kept 99.2% (worst output; bound 0.95)" in done.stdout, done.stdout
