@@ -133,10 +133,12 @@ def main() -> None:
     ours = mb / min(res["ours"])
     plain = mb / min(res["plain"])
     rows = [
-        row(f"bundle download + verify ({SIZE_MB} MB)", ours, plain, "MB/s", ">= 0.8x",
+        row(f"bundle download + verify ({SIZE_MB} MB)", ours, plain, "MB/s", ">= 0.9x",
             note=f"agent Fetcher (hash + length cap + staging + fsync + rename) vs plain httpx stream to "
-            f"disk; best of 2; plain + sha256 + writeback as it goes + final fsync, inline in one thread "
-            f"(the same work as ours, same technique): {mb / min(res['checked']):.0f} MB/s; "
+            f"disk (no hash, no fsync: what is short of 0.9x is the durability plain skips); best of 2; "
+            f"plain + sha256 + writeback as it goes + final fsync, inline in one thread "
+            f"(the same work as ours, same technique): {mb / min(res['checked']):.0f} MB/s, ours "
+            f"{ours / (mb / min(res['checked'])):.2f}x of it; "
             f"RSS growth {res['rss_growth_mb']:.1f} MB"),
         row(f"bundle download RSS growth ({SIZE_MB} MB)", res["rss_growth_mb"], 20.0, "MB", "<= 1.0x",
             note="peak RSS of the downloading process minus RSS before (5 ms sampling), vs the 20 MB bound"),
