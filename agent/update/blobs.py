@@ -58,7 +58,7 @@ def _writeback_starter() -> Callable[[int, int, int], object] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)  # type: ignore[no-any-return]
+    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)
 
 
 class BlobWriter:

@@ -101,7 +101,7 @@ def default_timeout() -> httpx.Timeout:
 
 def backoff_delay(attempt: int, policy: DownloadPolicy, rand: Callable[[], float] = random.random) -> float:
     """Full jitter: a delay uniform in [0, min(backoff_max_s, backoff_base_s * 2**attempt))."""
-    return rand() * min(policy.backoff_max_s, policy.backoff_base_s * (2 ** min(attempt, 30)))
+    return rand() * min(policy.backoff_max_s, policy.backoff_base_s * (2.0 ** min(attempt, 30)))
 
 
 class Retryable(DownloadError):

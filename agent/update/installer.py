@@ -40,13 +40,13 @@ from agent.update import machine as m
 from agent.update.blobs import BlobStore
 from agent.update.fetch import Cancelled, Fetcher, WaitingForWindow
 from agent.update.gating import ActivationGate, TrialFigures, TrialLimits, judge_trial
-from agent.update.lifecycle import ModelRecord, ReleaseRef, Target, UpdateState
+from agent.update.lifecycle import ModelRecord, ReleaseRef, Target
 from agent.update.runner import EffectRunner, EventSink, _Drive, _reason
 from agent.update.sources import FileSource, FleetSource
 from agent.update.store import StateStore
 from shared.bundle.trust import TrustRoot
 from shared.errors import EdgefleetError
-from shared.telemetry.vocabulary import RETRYABLE_REASONS
+from shared.telemetry.vocabulary import RETRYABLE_REASONS, UpdateState
 
 log = logging.getLogger(__name__)
 

@@ -149,5 +149,5 @@ def transition(
         reason=reason,
         message=message,
         updated=time.time() if now is None else now,
-        **changes,  # type: ignore[arg-type]
+        **changes,
     )

@@ -2,10 +2,11 @@
 
 An event says what happened to a model's update (the fleet desires a target, the blobs are
 placed, the smoke test passed, the trial is due, ...); ``step`` answers the record that
-follows and the effects to perform, in order. The installer (agent.update.installer) is the
-runner: it performs each effect (persist the record, emit a telemetry event, swap the
-serving session, raise the anti-rollback floor, do a piece of I/O work) and feeds the
-event a piece of work ends with back into ``step``. Telemetry events come only from here.
+follows and the effects to perform, in order. The runner (agent.update.runner) performs each
+effect (persist the record, emit a telemetry event, swap the serving session, raise the
+anti-rollback floor, do a piece of I/O work) and feeds the event a piece of work ends with
+back into ``step``; the installer (agent.update.installer) holds the entry points that start
+a run. Telemetry events come only from here.
 
     NewTarget ──> DOWNLOADING ──EnvelopeVerified──> (emit verified) ──BlobsPlaced──> VERIFYING
                       ^                                                                 │
@@ -262,10 +263,11 @@ def _active_release(rec: ModelRecord) -> int | None:
     return rec.active.release if rec.active else None
 
 
-def _to(rec: ModelRecord, to: UpdateState, now: float, **kw: object) -> ModelRecord:
+def _to(rec: ModelRecord, to: UpdateState, now: float, *, reason: str | None = None,
+        message: str = "", **kw: object) -> ModelRecord:
     if to == S.COMMITTED and "committed" not in kw:
         kw["committed"] = kw.get("active", rec.active)
-    return lc.transition(rec, to, now=now, **kw)  # type: ignore[arg-type]
+    return lc.transition(rec, to, now=now, reason=reason, message=message, **kw)
 
 
 def step(rec: ModelRecord, event: Event, now: float) -> tuple[ModelRecord, Effects]:
@@ -366,10 +368,9 @@ def _activate(rec: ModelRecord, ev: SmokePassed, now: float) -> tuple[ModelRecor
     ref = ev.release
     previous = rec.active if rec.active and rec.active.digest != ref.digest else rec.previous
     from_release = _active_release(rec)
-    changes = {"active": ref, "previous": previous, "attempts": 0, "trial_restarts": 0,
-               "trial_until": ev.trial_until}
     trial = ev.trial_until is not None
-    new = _to(rec, S.TRIAL if trial else S.COMMITTED, now, **changes)
+    new = _to(rec, S.TRIAL if trial else S.COMMITTED, now, active=ref, previous=previous, attempts=0,
+              trial_restarts=0, trial_until=ev.trial_until)
     effects: Effects = [
         Emit(EventKind.SMOKE_PASSED, ref.release, from_release),
         Swap(ref), Checkpoint("activating.swapped"),

@@ -35,8 +35,9 @@ from agent.runtime.host import LoadedModel
 from agent.runtime.shadow import ShadowPolicy, ShadowRunner
 from agent.update import lifecycle as lc
 from agent.update.fetch import Cancelled
-from agent.update.installer import RETRYABLE, Installer, _reason
+from agent.update.installer import RETRYABLE, Installer
 from agent.update.lifecycle import ModelRecord, ReleaseRef, Target
+from agent.update.runner import _reason
 from shared.errors import EdgefleetError
 
 log = logging.getLogger(__name__)

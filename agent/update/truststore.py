@@ -104,15 +104,15 @@ class TrustStore:
                 candidates[version] = data
         accepted: list[int] = []
         while candidates:
-            data = candidates.pop(current.version + 1, None)
-            if data is None:
+            link = candidates.pop(current.version + 1, None)
+            if link is None:
                 raise MalformedDocumentError(
                     f"cannot reach trust root v{max(candidates)} from v{current.version}: "
                     f"v{current.version + 1} is missing (give every root from v{current.version + 1} on)"
                 )
-            current = current.rotate(data)
+            current = current.rotate(link)
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write(self._link(current.version), data)
+            atomic_write(self._link(current.version), link)
             accepted.append(current.version)
         return current, accepted
 
