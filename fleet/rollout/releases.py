@@ -25,9 +25,11 @@ from fleet.db.device_models import read_model
 from fleet.db.models import Assignment, Bundle, Device, DeviceEvent
 from fleet.errors import ConflictError
 from fleet.rollout.stalls import Refusal
+from shared.telemetry.vocabulary import EventKind
 
 # Update events after which a device's floor is at least the event's release.
-ACCEPTING_EVENTS = ("activated", "committed")
+# (Plain strings, the enum values: the query binds them to DeviceEvent.kind.)
+ACCEPTING_EVENTS = (EventKind.ACTIVATED.value, EventKind.COMMITTED.value)
 NAMED_DEVICES = 10
 
 
