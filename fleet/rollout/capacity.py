@@ -33,11 +33,12 @@ from fleet.rollout.evidence import trim_count
 CATCH_FACTOR = 2.0
 
 
-def samples_to_pass_clean(min_agreement: float, confidence: float = CONFIDENCE) -> int:
+def samples_to_pass_clean(min_agreement: float, confidence: float = CONFIDENCE) -> int | float:
     """Samples a candidate agreeing on every one needs before its lower bound reaches the
-    threshold (Wilson at 1.0: n / (n + z^2) >= t)."""
+    threshold (Wilson at 1.0: n / (n + z^2) >= t); ``math.inf`` at a threshold of 1, which
+    no sample reaches."""
     if min_agreement >= 1.0:
-        return math.inf  # type: ignore[return-value]
+        return math.inf
     z2 = z_of(confidence) ** 2
     return math.ceil(z2 * min_agreement / (1.0 - min_agreement) - 1e-9)
 
@@ -70,7 +71,7 @@ class StageCapacity:
     min_agreement: float
     samples: float
     caught: float | None  # smallest disagreement share failed, None: none
-    clean_pass: int  # samples a candidate that agrees everywhere needs to pass
+    clean_pass: int | float  # samples a candidate that agrees everywhere needs to pass (inf: never)
 
     @property
     def implied(self) -> float:

@@ -108,6 +108,7 @@ def copy_chunks_verified(path: Path, offset: int, role: str, ref: FileRef, dest:
     """Copy a chunked blob from ``path`` at ``offset`` into ``dest``, each chunk's bytes hashed
     on a thread pool while the next are read and written; raise naming the file and chunk."""
     assert ref.chunks is not None and ref.chunk_size is not None
+    chunks = ref.chunks
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
@@ -117,10 +118,10 @@ def copy_chunks_verified(path: Path, offset: int, role: str, ref: FileRef, dest:
         while len(pending) > upto:
             i, fut = pending.pop(0)
             got = fut.result()
-            if got != ref.chunks[i]:  # type: ignore[index]
+            if got != chunks[i]:
                 raise HashMismatchError(
                     f"file hash {got[:12]}… of {role!r} ({ref.sha256[:12]}…) chunk {i} does not match "
-                    f"the manifest's {ref.chunks[i][:12]}…"  # type: ignore[index]
+                    f"the manifest's {chunks[i][:12]}…"
                 )
 
     fd = os.open(path, os.O_RDONLY)
