@@ -69,11 +69,15 @@ def describe_connect_error(exc: BaseException | None, address: BrokerAddress,
     return f"cannot connect to {address.url}: {exc}"
 
 
-class _TlsSettings(Protocol):
-    ca_file: Path | None
-    cert_file: Path | None
-    key_file: Path | None
-    tls_insecure: bool
+class _TlsSettings(Protocol):  # read-only: an [mqtt] config section is a frozen Struct
+    @property
+    def ca_file(self) -> Path | None: ...
+    @property
+    def cert_file(self) -> Path | None: ...
+    @property
+    def key_file(self) -> Path | None: ...
+    @property
+    def tls_insecure(self) -> bool: ...
 
 
 def mqtt_tls(config: _TlsSettings) -> TlsOptions:

@@ -61,6 +61,7 @@ from shared.telemetry.content import content_type
 
 if TYPE_CHECKING:  # paho and psutil load with the first Reporter (~30 ms, ~2.4 MB): an agent
     import paho.mqtt.client as mqtt  # without telemetry never imports them
+    from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Reporter:
         password: str | None = None,
         spool_max_bytes: int = DEFAULT_MAX_BYTES,
         window: int = WINDOW,
-        encoding: messages.Encoding = "msgpack",
+        encoding: str = "msgpack",
         protocol: str = "auto",
         tls: TlsOptions | None = None,
         connack_timeout_s: float = CONNACK_TIMEOUT_S,
@@ -98,6 +99,8 @@ class Reporter:
         self.device_id = topics.check_device_id(device_id)
         if protocol not in PROTOCOLS:
             raise ValueError(f"MQTT protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+        if encoding not in messages.ENCODINGS:  # agent.config refuses it first
+            raise ValueError(f"encoding {encoding!r} must be one of {', '.join(messages.ENCODINGS)}")
         self.address = parse_mqtt_url(mqtt_url)
         self.broker = (self.address.host, self.address.port)
         if tls is not None and tls != TlsOptions() and not self.address.tls:
@@ -127,7 +130,8 @@ class Reporter:
         self.seq = SeqCounter(self.state_dir / SEQ_FILE)
         self.spool = Spool(self.state_dir / SPOOL_DIR, max_bytes=spool_max_bytes)
         self.window = window
-        self.encoding = encoding  # health and events; status stays JSON (retained, read by anyone)
+        # health and events; status stays JSON (retained, read by anyone)
+        self.encoding: messages.Encoding = "json" if encoding == "json" else "msgpack"
         # What each health message says; ``model_details``: extra per-model health fields
         # (update ``waiting``, ``held`` releases), by model name.
         self.report = HealthAssembler(
@@ -170,12 +174,13 @@ class Reporter:
     def _new_client(self) -> mqtt.Client:
         """A paho client for the current protocol version; the same settings on both."""
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion  # loaded by paho.mqtt.client already
 
         if self.mqtt5:
-            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                  client_id=self.device_id, protocol=mqtt.MQTTv5)
         else:
-            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                  client_id=self.device_id, clean_session=True, protocol=mqtt.MQTTv311)
         if self.username is not None:
             client.username_pw_set(self.username, self.password)
@@ -243,7 +248,7 @@ class Reporter:
     # -- paho callbacks (network thread) --------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
-                    reason_code: mqtt.ReasonCode, properties: object) -> None:
+                    reason_code: ReasonCode, properties: object) -> None:
         self._connack = True
         if reason_code.is_failure:
             if reason_code.value == UNSUPPORTED_PROTOCOL_VERSION and self._may_fall_back():
@@ -296,7 +301,7 @@ class Reporter:
         self.last_error = message
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
-                       reason_code: mqtt.ReasonCode, properties: object) -> None:
+                       reason_code: ReasonCode, properties: object) -> None:
         self.connected.clear()
         connack, self._connack = self._connack, False
         if not connack and self._may_fall_back() and not self._stop.is_set():
@@ -308,7 +313,7 @@ class Reporter:
             log.warning("mqtt disconnected (%s); reconnecting", reason_code)
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
-                    reason_code: mqtt.ReasonCode, properties: object) -> None:
+                    reason_code: ReasonCode, properties: object) -> None:
         # Called under paho's message lock: only note the mid; the sender does the rest.
         if reason_code.is_failure and reason_code.value not in self._refused_publish:
             # MQTT 5 only (a 3.1.1 broker drops a refused message and acknowledges it).
@@ -323,7 +328,7 @@ class Reporter:
         if msg.topic != self.topic("desired"):
             return
         try:
-            notice = messages.decode("desired", msg.payload)
+            notice = messages.decode("desired", bytes(msg.payload))
         except EdgefleetError as exc:
             log.warning("ignoring bad desired notice: %s", exc)
             return
