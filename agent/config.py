@@ -362,7 +362,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
         mqtt_enabled = True
         url = t.get("url", str)
 
-        def tls_file(key: str) -> Path | None:
+        def tls_file(key: str, t: _Table = t) -> Path | None:  # this section's t, not a later one
             value = t.get(key, str, "")
             if not value:
                 return None

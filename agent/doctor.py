@@ -17,9 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import AgentConfig
 from shared.errors import EdgefleetError
+
+if TYPE_CHECKING:
+    import ssl
+
+    from paho.mqtt.reasoncodes import ReasonCode
 
 # The fleet's clock and the device's may differ this much before expiry checks suffer
 MAX_CLOCK_SKEW_S = 60.0
@@ -152,7 +158,7 @@ def check_broker(config: AgentConfig, url: str | None, username: str | None,
         yield Check("login", True, "not tried: the running agent holds the device's connection "
                     "(edgefleet-agent status shows its state)")
         return
-    code = mqtt_login(address.host, address.port, address.tls and mqtt_tls(config.mqtt).context(),
+    code = mqtt_login(address.host, address.port, mqtt_tls(config.mqtt).context() if address.tls else None,
                       username or config.device_id or "doctor", password)
     yield Check("login", code == 0, f"{where} answered CONNACK {code} to user {username}",
                 "the broker refused the device's password: the agent fetches a new one on start "
@@ -172,21 +178,22 @@ def agent_running(config: AgentConfig) -> bool:
     return False
 
 
-def mqtt_login(host: str, port: int, tls: object, username: str, password: str | None) -> int:
+def mqtt_login(host: str, port: int, tls: ssl.SSLContext | None, username: str, password: str | None) -> int:
     """The CONNACK return code of an MQTT 3.1.1 login (-1: no answer)."""
     import threading
 
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion  # loaded by paho.mqtt.client already
 
     answer: list[int] = []
     done = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv311)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv311)
     client.username_pw_set(username, password)
     if tls:
-        client.tls_set_context(tls)  # type: ignore[arg-type]
+        client.tls_set_context(tls)
 
-    def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
-        answer.append(int(getattr(rc, "value", rc)))  # type: ignore[call-overload]
+    def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object = None) -> None:
+        answer.append(rc.value)  # CallbackAPIVersion.VERSION2: always a ReasonCode
         done.set()
 
     client.on_connect = on_connect

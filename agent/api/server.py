@@ -176,7 +176,7 @@ class _Handler(RequestHandler):
                            f"handled, at most {self.budget.limit} (api.max_inflight_bytes); retry later")
         self._cost = cost
         self.send_continue()
-        data = self.rfile.read(n)
+        data: bytes | bytearray = self.rfile.read(n)
         self._consumed = True
         if len(data) != n:
             raise ApiError(400, "bad_request", f"the body ended after {len(data)} of {n} bytes")
@@ -215,7 +215,7 @@ class _Handler(RequestHandler):
             raise ApiError(404, "not_found", "update locks are not enabled on this agent")
         body = b""
         if method == "POST" and self.body_length:
-            body = self._body(lock_routes.MAX_LOCK_BODY)
+            body = bytes(self._body(lock_routes.MAX_LOCK_BODY))  # 4 KiB at most
         self._consumed = True
         try:
             status, doc = lock_routes.handle(self.locks, method, path, body, self.update_waiting)

@@ -68,10 +68,10 @@ def interpreter_class() -> tuple[Any, str]:
     if refusal is not None:
         raise LoadError(refusal)
     try:
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        from tflite_runtime.interpreter import Interpreter as TfliteInterpreter
     except ImportError as exc:
         raise LoadError(f"tflite_runtime {version} cannot be imported: {exc}") from None
-    return Interpreter, f"tflite_runtime {version}"
+    return TfliteInterpreter, f"tflite_runtime {version}"
 
 
 class _Slot:
