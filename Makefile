@@ -37,7 +37,8 @@ test-long: $(STAMP) deps-system
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# mypy, strict, on the files listed in pyproject.toml [tool.mypy] (shared/ and the pure cores).
+# mypy, strict, on the files listed in pyproject.toml [tool.mypy] (shared/, the agent but
+# agent/runtime/, the fleet's pure cores).
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
