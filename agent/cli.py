@@ -210,7 +210,7 @@ def cmd_predict(config: AgentConfig, name: str, src: Path, dest: Path) -> int:
     except (InputError, InferenceError, UnknownModelError) as exc:
         raise CliError(str(exc)) from None
     with open(dest, "wb") as fh:
-        np.savez(fh, **outputs)  # type: ignore[arg-type]
+        np.savez(fh, **outputs)  # type: ignore[arg-type]  # numpy's stub reads **arrays as allow_pickle
     print(f"wrote {dest} ({', '.join(sorted(outputs))}) from {name} release {loaded.release}")
     return 0
 

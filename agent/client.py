@@ -298,6 +298,7 @@ class AgentClient:
             response = self._request("POST", path, body, {"Content-Type": NPY})
         elif media == NPZ:
             buf = io.BytesIO()
+            # numpy's stub reads **arrays as its allow_pickle: bool
             np.savez(buf, **{k: np.asarray(v) for k, v in inputs.items()})  # type: ignore[arg-type]
             response = self._request("POST", path, [buf.getvalue()], {"Content-Type": NPZ, "Accept": NPZ})
         else:

@@ -275,6 +275,7 @@ class ConnectionServer:
             while not self._stopping:
                 for key, _ in sel.select(timeout=0.25):
                     if key.data is None:
+                        # registered with data None: a listening socket (the selector types it a file-like)
                         self._accept(key.fileobj, sel, parked)  # type: ignore[arg-type]
                     elif key.data == "wake":
                         try:

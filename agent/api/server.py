@@ -413,6 +413,8 @@ class ApiServer:
         def serve(conn: Connection) -> bool:
             if conn.state is None:
                 conn.state = handler(conn)
+            # Connection.state is opaque to the connection layer (object); here it is always this
+            # server's handler, and a cast would cost a call per request.
             return conn.state.serve()  # type: ignore[attr-defined, no-any-return]
 
         self.connections = ConnectionServer(listeners, serve, self.limits)

@@ -122,6 +122,7 @@ def _take_golden(session: Session) -> dict[str, np.ndarray] | None:
     golden image is megabytes the device need not keep once merging is decided."""
     golden = getattr(session, "golden", None)
     if golden is not None:
+        # both backends' sessions carry it; the Session protocol does not declare it (optional)
         session.golden = None  # type: ignore[attr-defined]
     return golden
 
