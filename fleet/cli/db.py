@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleet.cli.output import CliError, console
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -19,7 +23,7 @@ def _url(args: argparse.Namespace) -> str:
     return settings.resolved_database_url()
 
 
-def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _engine(args: argparse.Namespace) -> tuple[Engine, str]:
     from sqlalchemy.exc import SQLAlchemyError
 
     from fleet.db.engine import describe, make_engine

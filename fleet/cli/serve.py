@@ -6,8 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleet.cli.output import CliError
+
+if TYPE_CHECKING:
+    from fleet.settings import Settings
 
 ROLE_CHOICES = ("all", "api", "ingester", "controller")
 
@@ -110,7 +114,7 @@ def parse_roles(text: str) -> tuple[bool, bool, bool]:
     return "api" in names, "ingester" in names, "controller" in names
 
 
-def settings_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def settings_from_args(args: argparse.Namespace) -> Settings:
     from fleet.settings import Settings, SettingsError
 
     mqtt_port = args.mqtt_port
