@@ -4,7 +4,9 @@ A batch locks its devices' rows (``SELECT ... FOR UPDATE`` on PostgreSQL, sorted
 sharing the stream never deadlock and never both accept one seq); a row missing is inserted
 first with ``ON CONFLICT DO NOTHING``, so two ingesters creating it at once both go on.
 Refusals made before a message reaches the database (malformed, out of bounds, over budget)
-are tallied in memory per device (``Tally``) and added to the rows by the next batch.
+are tallied in memory per device (``Tally``) and added to the rows by the next batch. On
+PostgreSQL the rows are created and written back by one statement each over all of them
+(``fleet.db.bulk.Unnest``); elsewhere by an executemany.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
+from fleet.db.bulk import Unnest
 from fleet.db.models import DeviceClaim, as_utc, table_of
 from fleet.ingest.claims import SeqWindow
 
@@ -29,6 +32,8 @@ _UPDATE_WINDOW = (
     .where(CLAIM.c.device_id == bindparam("b_device_id"))
     .values({f: bindparam(f"b_{f}", type_=CLAIM.c[f].type) for f in _WINDOW})
 )
+_WINDOW_PARAMS = ("b_device_id", *(f"b_{f}" for f in _WINDOW))
+_REFUSED = ("device_id", *CAUSES, "last_refusal", "last_refused_at", "over_budget_at")
 # Counters are added to in SQL: a batch reads only the windows.
 _UPDATE_REFUSED = (
     update(CLAIM)
@@ -40,6 +45,29 @@ _UPDATE_REFUSED = (
         "over_budget_at": func.coalesce(bindparam("b_over_budget_at", type_=CLAIM.c.over_budget_at.type),
                                         CLAIM.c.over_budget_at),
     })
+)
+
+# The three statements above as one statement over a batch's rows each on PostgreSQL
+# (fleet.db.bulk); the rows are locked already (lock_rows), so their order does not matter.
+_PG_CREATE = Unnest(
+    CLAIM, ("device_id",),
+    "INSERT INTO {table} (device_id, session, seq_missing, "
+    + ", ".join(CAUSES)
+    + ") SELECT v.device_id, '', ''::bytea, "
+    + ", ".join("0" for _ in CAUSES)
+    + " FROM {rows} ON CONFLICT (device_id) DO NOTHING",
+)
+_PG_UPDATE_WINDOW = Unnest(
+    CLAIM, ("device_id", *_WINDOW),
+    "UPDATE {table} AS c SET " + ", ".join(f"{f} = v.{f}" for f in _WINDOW)
+    + " FROM {rows} WHERE c.device_id = v.device_id",
+)
+_PG_UPDATE_REFUSED = Unnest(
+    CLAIM, _REFUSED,
+    "UPDATE {table} AS c SET " + ", ".join(f"{c} = c.{c} + v.{c}" for c in CAUSES)
+    + ", last_refusal = v.last_refusal, last_refused_at = v.last_refused_at, "
+    "over_budget_at = coalesce(v.over_budget_at, c.over_budget_at) "
+    "FROM {rows} WHERE c.device_id = v.device_id",
 )
 
 
@@ -66,10 +94,13 @@ class Tally:
         if other.over_budget_at is not None:
             self.over_budget_at = max(filter(None, (self.over_budget_at, other.over_budget_at)))
 
+    def values(self, device_id: str) -> tuple[Any, ...]:
+        """The row's increments, in ``_REFUSED`` order."""
+        return (device_id, *(self.counts.get(c, 0) for c in CAUSES), self.reason[:REASON_MAX], self.at,
+                self.over_budget_at)
+
     def params(self, device_id: str) -> dict[str, Any]:
-        return {"b_device_id": device_id, **{f"b_{c}": self.counts.get(c, 0) for c in CAUSES},
-                "b_last_refusal": self.reason[:REASON_MAX], "b_last_refused_at": self.at,
-                "b_over_budget_at": self.over_budget_at}
+        return dict(zip((f"b_{c}" for c in _REFUSED), self.values(device_id), strict=True))
 
 
 @dataclass
@@ -108,25 +139,34 @@ def lock_rows(session: Session, device_ids: set[str]) -> dict[str, ClaimRow]:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         defaults = {"session": "", "seq_high": None, "seq_missing": b"", "last_ts": None,
                     **{c: 0 for c in CAUSES}}
-        session.execute(insert(CLAIM).on_conflict_do_nothing(index_elements=["device_id"]),
-                        [{"device_id": d, **defaults} for d in missing])
+        if dialect == "postgresql":
+            _PG_CREATE.execute(session, [(d,) for d in missing])
+        else:
+            session.execute(insert(CLAIM).on_conflict_do_nothing(index_elements=["device_id"]),
+                            [{"device_id": d, **defaults} for d in missing])
         rows.update(read(missing))
     return rows
 
 
 def write_rows(session: Session, rows: dict[str, ClaimRow]) -> None:
-    """The changed windows, and the refusals added to the counters (two executemany at most)."""
-    windows, refused = [], []
+    """The changed windows, and the refusals added to the counters: two statements at most (on
+    PostgreSQL over arrays of the rows, ``fleet.db.bulk``; executemany elsewhere)."""
+    pg = session.get_bind().dialect.name == "postgresql"
+    windows: list[Any] = []
+    refused: list[Any] = []
     for d in sorted(rows):
         row = rows[d]
         if row.changed:
             w = row.window
-            windows.append({"b_device_id": d, "b_session": w.session, "b_seq_high": w.high,
-                            "b_seq_missing": w.missing_bytes(), "b_last_ts": w.last_ts})
+            windows.append((d, w.session, w.high, w.missing_bytes(), w.last_ts))
         if row.refused is not None:
-            refused.append(row.refused.params(d))
+            refused.append(row.refused.values(d) if pg else row.refused.params(d))
+    if pg:
+        _PG_UPDATE_WINDOW.execute(session, windows)
+        _PG_UPDATE_REFUSED.execute(session, refused)
+        return
     if windows:
-        session.execute(_UPDATE_WINDOW, windows)
+        session.execute(_UPDATE_WINDOW, [dict(zip(_WINDOW_PARAMS, w, strict=True)) for w in windows])
     if refused:
         session.execute(_UPDATE_REFUSED, refused)
 

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, Engine, Result
 from sqlmodel import Session, col
 
+from fleet.db.bulk import Unnest
 from fleet.db.engine import session_scope
 from fleet.db.models import HealthReport, HealthRollup, table_of
 from shared.timeutil import format_ts
@@ -93,11 +94,16 @@ class HourlyRollup:
             row["last_ts"] = ts
 
     def upsert(self, session: Session) -> None:
-        """Add the rows to the table (sorted, so concurrent writers never deadlock)."""
-        if self.rows:
-            session.execute(
-                _upsert(session.get_bind().dialect.name), [self.rows[k] for k in sorted(self.rows)]
-            )
+        """Add the rows to the table (sorted, so concurrent writers never deadlock): one statement
+        over all of them on PostgreSQL (``fleet.db.bulk``), an executemany elsewhere."""
+        if not self.rows:
+            return
+        rows = [self.rows[k] for k in sorted(self.rows)]
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
+            _PG_UPSERT.execute_dicts(session, rows)
+        else:
+            session.execute(_upsert(dialect), rows)
 
 
 def add_windows(session: Session, windows: Iterable[Window]) -> None:
@@ -112,13 +118,8 @@ _UPSERTS: dict[str, Any] = {}
 
 
 def _upsert(dialect: str) -> Any:
-    """The single-row upsert of a rollup row, executed as one executemany per batch.
-
-    A multi-row ``VALUES`` upsert was tried first: SQLAlchemy compiled it anew for every
-    batch (its row count varies) and psycopg re-parsed the long statement, which cost more
-    than the round trips it saved. One small statement, compiled once and pipelined by
-    psycopg (sorted keys, so concurrent writers never deadlock), is cheaper.
-    """
+    """The single-row upsert of a rollup row, executed as one executemany per batch (SQLite;
+    PostgreSQL runs ``_PG_UPSERT``, the same upsert over arrays of the rows)."""
     stmt = _UPSERTS.get(dialect)
     if stmt is not None:
         return stmt
@@ -141,6 +142,20 @@ def _upsert(dialect: str) -> Any:
     )
     _UPSERTS[dialect] = stmt
     return stmt
+
+
+# The upsert above as one statement over a batch's rows (fleet.db.bulk), in their order.
+_PG_UPSERT = Unnest(
+    table_of(HealthRollup),
+    ("device_id", "model", "release", "hour", "reports", "inferences", "errors", "p95_ms_max", "last_ts"),
+    "INSERT INTO {table} AS t ({columns}) SELECT * FROM {rows} "
+    "ON CONFLICT (device_id, model, release, hour) DO UPDATE SET "
+    "reports = t.reports + excluded.reports, "
+    "inferences = t.inferences + excluded.inferences, "
+    "errors = t.errors + excluded.errors, "
+    "p95_ms_max = coalesce(greatest(t.p95_ms_max, excluded.p95_ms_max), excluded.p95_ms_max, t.p95_ms_max), "
+    "last_ts = greatest(t.last_ts, excluded.last_ts)",
+)
 
 
 def _totals(rows: Iterable[Any]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -29,12 +30,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, Engine
 from sqlmodel import Session
 
+from fleet.db.bulk import Unnest
 from fleet.db.engine import session_scope
 from fleet.db.models import HealthBucket, as_utc, table_of
 
 BUCKET_S = 60
 
 BucketKey = tuple[str, str, int, datetime]
+# A bucket's columns an upsert adds to.
+_SUMS = ("reports", "inferences", "errors", "p95_sum", "p95_count", "drift_sum", "drift_count", "suspect")
 
 
 def minute_of(ts: datetime) -> datetime:
@@ -53,11 +57,28 @@ def suspect(inferences: int, errors: int, p95_ms: float | None, drift: float | N
 def bucket_rows(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The ``HealthBucket`` increments of ``reports`` (``HealthReport`` column dicts), one per
     bucket key, sorted by key."""
+    return _bucket_rows(
+        (r["device_id"], r["model"], r["release"], r["received_at"], r["inferences"], r["errors"],
+         r.get("p95_ms"), r.get("drift"))
+        for r in reports
+    )
+
+
+# The report's figures ``_bucket_rows`` reads, in its tuples' order.
+_FIGURES = ("device_id", "model", "release", "received_at", "inferences", "errors", "p95_ms", "drift")
+
+
+def _bucket_rows(reports: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """``bucket_rows`` of reports as tuples in ``_FIGURES`` order."""
     rows: dict[BucketKey, dict[str, Any]] = {}
-    for r in reports:
-        received = r["received_at"]
-        received = received.replace(tzinfo=UTC) if received.tzinfo is None else received
-        key = (r["device_id"], r["model"], int(r["release"]), minute_of(received))
+    minutes: dict[datetime, tuple[datetime, datetime]] = {}  # a batch's reports share few instants
+    for device_id, model, release, received_at, n_inferences, n_errors, p95, drift in reports:
+        known = minutes.get(received_at)
+        if known is None:
+            aware = received_at.replace(tzinfo=UTC) if received_at.tzinfo is None else received_at
+            known = minutes[received_at] = (aware, minute_of(aware))
+        received, minute = known
+        key = (device_id, model, int(release), minute)
         row = rows.get(key)
         if row is None:
             row = rows[key] = {
@@ -68,8 +89,7 @@ def bucket_rows(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             }
         row["first_received"] = min(row["first_received"], received)
         row["last_received"] = max(row["last_received"], received)
-        inferences, errors = int(r["inferences"]), int(r["errors"])
-        p95, drift = r.get("p95_ms"), r.get("drift")
+        inferences, errors = int(n_inferences), int(n_errors)
         if suspect(inferences, errors, p95, drift):
             row["suspect"] += 1
             continue
@@ -86,15 +106,25 @@ def bucket_rows(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add_health(session: Session, reports: Iterable[Mapping[str, Any]]) -> None:
-    """Add a batch's health reports to their buckets, in the session's transaction."""
-    rows = bucket_rows(reports)
-    if rows:
-        session.execute(_upsert(session.get_bind().dialect.name), rows)
+    """Add a batch's health reports to their buckets, in the session's transaction: one
+    statement over all the buckets on PostgreSQL (``fleet.db.bulk``), an executemany elsewhere."""
+    _upsert_rows(session, bucket_rows(reports))
 
 
 def add_health_rows(session: Session, columns: Sequence[str], reports: Iterable[Sequence[Any]]) -> None:
     """``add_health`` for reports as tuples in the order of ``columns`` (HealthReport's names)."""
-    add_health(session, (dict(zip(columns, r, strict=True)) for r in reports))
+    figures = itemgetter(*(columns.index(name) for name in _FIGURES))
+    _upsert_rows(session, _bucket_rows(map(figures, reports)))
+
+
+def _upsert_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        _PG_UPSERT.execute_dicts(session, rows)
+    else:
+        session.execute(_upsert(dialect), rows)
 
 
 def trim(engine: Engine, retention_days: float, now: datetime | None = None) -> int:
@@ -119,8 +149,8 @@ _UPSERTS: dict[str, Any] = {}
 
 
 def _upsert(dialect: str) -> Any:
-    """One single-row upsert, compiled once and run as an executemany (see
-    fleet.ingest.rollup._upsert for why not one multi-row statement)."""
+    """One single-row upsert, compiled once and run as an executemany (SQLite; PostgreSQL
+    runs ``_PG_UPSERT``, the same upsert over arrays of the rows)."""
     stmt = _UPSERTS.get(dialect)
     if stmt is not None:
         return stmt
@@ -134,12 +164,22 @@ def _upsert(dialect: str) -> Any:
     stmt = base.on_conflict_do_update(
         index_elements=["device_id", "model", "release", "minute"],
         set_={
-            **{name: c[name] + ex[name] for name in (
-                "reports", "inferences", "errors", "p95_sum", "p95_count", "drift_sum", "drift_count",
-                "suspect")},
+            **{name: c[name] + ex[name] for name in _SUMS},
             "first_received": least(c.first_received, ex.first_received),
             "last_received": greatest(c.last_received, ex.last_received),
         },
     )
     _UPSERTS[dialect] = stmt
     return stmt
+
+
+# The upsert above as one statement over a batch's buckets (fleet.db.bulk), in their order.
+_PG_UPSERT = Unnest(
+    table_of(HealthBucket),
+    ("device_id", "model", "release", "minute", *_SUMS, "first_received", "last_received"),
+    "INSERT INTO {table} AS t ({columns}) SELECT * FROM {rows} "
+    "ON CONFLICT (device_id, model, release, minute) DO UPDATE SET "
+    + ", ".join(f"{c} = t.{c} + excluded.{c}" for c in _SUMS)
+    + ", first_received = least(t.first_received, excluded.first_received), "
+    "last_received = greatest(t.last_received, excluded.last_received)",
+)
