@@ -17,10 +17,13 @@ Why fixed-size rather than content-defined: docs/bundles.md ("Chunks") has the f
 from __future__ import annotations
 
 import hashlib
-import re
-from pathlib import Path
+import os
 
 from shared.errors import MalformedDocumentError
+
+TYPE_CHECKING = False  # not typing's: shared.bundle.speculative imports this module first thing
+if TYPE_CHECKING:
+    import re
 
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
@@ -33,7 +36,7 @@ TARGET_MAX_CHUNKS = 1024
 # Files smaller than this are not chunked by default: the whole file is a few requests'
 # worth, and reuse would save little.
 DEFAULT_MIN_CHUNKED_FILE = 8 * 1024 * 1024
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_SHA256_RE: re.Pattern[str] | None = None  # compiled on first use (re costs ~3 ms to import)
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -65,6 +68,11 @@ def validate_chunks(role: str, size: int, chunk_size: int | None, chunks: list[s
         )
     if want > MAX_CHUNKS:
         raise MalformedDocumentError(f"file {role!r}: {want} chunks, at most {MAX_CHUNKS}")
+    global _SHA256_RE
+    if _SHA256_RE is None:
+        import re
+
+        _SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
     for i, h in enumerate(chunks):
         if not isinstance(h, str) or not _SHA256_RE.match(h):
             raise MalformedDocumentError(f"file {role!r}: chunk {i} hash is not 64 lowercase hex")
@@ -78,7 +86,7 @@ def choose_chunk_size(size: int, preferred: int = DEFAULT_CHUNK_SIZE) -> int:
     return chunk_size
 
 
-def hash_chunks(path: Path, chunk_size: int) -> tuple[str, list[str]]:
+def hash_chunks(path: str | os.PathLike[str], chunk_size: int) -> tuple[str, list[str]]:
     """The whole-file SHA-256 and the SHA-256 of each chunk, in one read of the file."""
     whole = hashlib.sha256()
     chunks = []

@@ -10,20 +10,26 @@ data offset and checks them:
   (hashlib releases the GIL for large buffers);
 - a blob without chunks is hashed whole, as one task of the pool;
 - a short read (truncated bundle) is a LengthMismatchError, a differing hash a
-  HashMismatchError, both naming the file (role and sha256) and the chunk.
+  HashMismatchError, both naming the file (role and sha256) and the chunk;
+- ``known`` digests (``shared.bundle.speculative``: hashed while the envelope was being
+  verified) stand for reading a task's bytes only when their range is exactly the task's
+  (its vetted offset and length); they are compared with the manifest here, like any other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from shared.bundle.chunks import chunk_span
 from shared.bundle.manifest import FileRef, Manifest
 from shared.errors import HashMismatchError, LengthMismatchError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 READ = 1 << 20
 
@@ -50,7 +56,15 @@ def _tasks(manifest: Manifest, data_offsets: dict[str, int]) -> list[_Task]:
     return tasks
 
 
-def _check(fd: int, task: _Task) -> None:
+def ranges(manifest: Manifest, data_offsets: dict[str, int]) -> list[tuple[int, int]]:
+    """(offset in the bundle, length) of every range ``verify_in_place`` hashes."""
+    return [(t.offset, t.length) for t in _tasks(manifest, data_offsets)]
+
+
+def _check(fd: int, task: _Task, known: str | None = None) -> None:
+    if known is not None:
+        _compare(task, known)
+        return
     digest = hashlib.sha256()
     pos, end = task.offset, task.offset + task.length
     while pos < end:
@@ -63,7 +77,10 @@ def _check(fd: int, task: _Task) -> None:
             )
         digest.update(block)
         pos += len(block)
-    got = digest.hexdigest()
+    _compare(task, digest.hexdigest())
+
+
+def _compare(task: _Task, got: str) -> None:
     if got != task.expected:
         where = "" if task.chunk is None else f" chunk {task.chunk}"
         raise HashMismatchError(
@@ -73,25 +90,36 @@ def _check(fd: int, task: _Task) -> None:
 
 
 def verify_in_place(path: Path, manifest: Manifest, data_offsets: dict[str, int],
-                    workers: int | None = None) -> int:
+                    workers: int | None = None,
+                    known: Mapping[tuple[int, int], str] | None = None) -> int:
     """Check every blob of ``manifest`` at ``data_offsets[sha256]`` in ``path``; return bytes checked.
 
     ``workers``: threads (default: the CPUs this process may use). Raises on the first failure
-    in manifest order, so the error is the same whatever the number of workers.
+    in manifest order, so the error is the same whatever the number of workers. ``known``:
+    sha256 hex of byte ranges ``(offset, length)`` of ``path`` already read; a task whose range
+    is there is compared without reading it again.
     """
     tasks = _tasks(manifest, data_offsets)
+    known = known or {}
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     fd = os.open(path, os.O_RDONLY)
     try:
-        if workers <= 1 or len(tasks) <= 1:
+        to_read = [t for t in tasks if (t.offset, t.length) not in known]
+        if workers <= 1 or len(to_read) <= 1:
             for task in tasks:
-                _check(fd, task)
+                _check(fd, task, known.get((task.offset, task.length)))
         else:
+            from concurrent.futures import ThreadPoolExecutor  # not needed when all is known
+
             pool = ThreadPoolExecutor(max_workers=workers)
             try:
-                for fut in [pool.submit(_check, fd, t) for t in tasks]:
-                    fut.result()
+                futures = {t: pool.submit(_check, fd, t) for t in to_read}
+                for task in tasks:  # in manifest order, known or read
+                    if task in futures:
+                        futures[task].result()
+                    else:
+                        _compare(task, known[(task.offset, task.length)])
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
@@ -108,6 +136,8 @@ def copy_chunks_verified(path: Path, offset: int, role: str, ref: FileRef, dest:
     """Copy a chunked blob from ``path`` at ``offset`` into ``dest``, each chunk's bytes hashed
     on a thread pool while the next are read and written; raise naming the file and chunk."""
     assert ref.chunks is not None and ref.chunk_size is not None
+    from concurrent.futures import ThreadPoolExecutor
+
     chunks = ref.chunks
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

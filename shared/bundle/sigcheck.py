@@ -15,13 +15,10 @@ however many signatures an envelope carries). On stdout: one byte per check, ``1
 
 from __future__ import annotations
 
-import logging
 import struct
 import sys
 from collections.abc import Sequence
 from typing import BinaryIO
-
-log = logging.getLogger(__name__)
 
 Check = tuple[bytes, bytes]  # (raw Ed25519 public key, signature)
 
@@ -75,15 +72,21 @@ def _check_in_child(message: bytes, items: Sequence[Check]) -> list[bool] | None
             check=False,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("signature check child could not run (%s); checking in this process", exc)
+        _warn("signature check child could not run (%s); checking in this process", exc)
         return None
     if done.returncode != 0 or len(done.stdout) != len(items) or set(done.stdout) - {0x30, 0x31}:
-        log.warning(
+        _warn(
             "signature check child failed (exit %s, %d of %d answers: %s); checking in this process",
             done.returncode, len(done.stdout), len(items), done.stderr.decode(errors="replace")[-300:],
         )
         return None
     return [b == 0x31 for b in done.stdout]
+
+
+def _warn(message: str, *args: object) -> None:
+    import logging  # only on this fallback: `edgefleet bundle verify` never needs it
+
+    logging.getLogger(__name__).warning(message, *args)
 
 
 def _read_request(stream: BinaryIO) -> tuple[bytes, list[Check]]:
