@@ -152,3 +152,17 @@ def test_truncated_bundle_is_refused_as_without_head_start(chunked: tuple[Path, 
     r = run_cli("bundle", "verify", str(bad), "--trust", str(trust))
     r.assert_clean_error("does not verify")
     assert r.err.strip().splitlines()[-1] == _plain_error(bad, trust)
+
+
+def test_in_process_main_leaves_the_collector_alone(chunked: tuple[Path, Path],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Only the program (argv from sys.argv) freezes the collector before it exits."""
+    import gc
+
+    from fleet.cli.main import main
+
+    bundle, trust = chunked
+    before = gc.get_freeze_count()
+    assert main(["bundle", "verify", str(bundle), "--trust", str(trust)]) == 0
+    assert capsys.readouterr().out.startswith("OK ")
+    assert gc.get_freeze_count() == before
