@@ -30,6 +30,7 @@ from hil.scenario import UNDO, Fault, Scenario, ScenarioError, resolve_devices
 from shared.bundle.keyring import load_keyring
 
 CUT_POLL_S = 0.002  # how often a power cut waiting for a state reads the device's state file
+SPOOL_DRAIN_S = 30.0  # how long the run waits for the spools to drain what an outage left in them
 
 
 @dataclass
@@ -313,11 +314,23 @@ class HilRun:
                 figures["spooled"] = self._records_since(dev, figures["start"])
                 figures["end"] = self._spool_end(dev)
 
-    def _spools_after_outage(self) -> None:
+    def _spools_after_outage(self, timeout: float = SPOOL_DRAIN_S) -> None:
+        """Each device's spool cursor once it acknowledged what it spooled during the outage, or
+        as it is at ``timeout``: the agents reconnect with back-off (and through any loss still in
+        effect), so converging on releases can come before the spool has drained."""
         if self.outage is None:
             return
-        for device, dev in self.devices.items():
-            self.outage["spools"][device]["cursor_after"] = self._spool_cursor(dev)
+        spools = self.outage["spools"]
+        deadline = time.monotonic() + timeout
+        while True:
+            for device, dev in self.devices.items():
+                spools[device]["cursor_after"] = self._spool_cursor(dev)
+            drained = all(s.get("end") is None or (s["cursor_after"] is not None
+                                                   and tuple(s["cursor_after"]) >= tuple(s["end"]))
+                          for s in spools.values())
+            if drained or time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
 
     # the spool on the device's disk (hil.evidence); SshRun has no local disk to read
     def _spool_end(self, dev: DeviceRun) -> SpoolPosition | None:
