@@ -17,6 +17,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from fleet.rollout.engine import RolloutState
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 HTTP_REQUESTS = Counter(
@@ -88,7 +90,7 @@ DEVICE_REFUSED = Gauge(
     ["device", "cause"], registry=REGISTRY,
 )
 
-ROLLOUT_STATES = ("created", "running", "paused", "succeeded", "rolled_back", "aborted")
+ROLLOUT_STATES = tuple(state.value for state in RolloutState)
 
 
 def record_gate(gate: str, result: str) -> None:

@@ -19,7 +19,9 @@ from shared.errors import EdgefleetError
 DEFAULT_URL = "http://127.0.0.1:8080"
 UPLOAD_CHUNK = 1 << 20
 ROLLOUT_ACTIONS = ("start", "pause", "resume", "approve", "abort", "rollback")
-TERMINAL_STATES = frozenset({"succeeded", "rolled_back", "aborted", "failed"})
+# fleet.rollout.engine.FINISHED_STATES as the API spells them (the CLI does not import the
+# engine; tests/fleet/test_rollout_machine.py checks the two agree)
+TERMINAL_STATES = frozenset({"succeeded", "rolled_back", "aborted"})
 
 
 class FleetError(EdgefleetError):

@@ -276,6 +276,8 @@ class RolloutState(StrEnum):
 
 
 ACTIVE_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED})
+# Where a rollout has stopped for good (only an operator's rollback moves a succeeded one on)
+FINISHED_STATES = frozenset({RolloutState.SUCCEEDED, RolloutState.ROLLED_BACK, RolloutState.ABORTED})
 
 Operation = Literal["start", "pause", "resume", "abort", "rollback", "succeed", "gate_pause", "approve"]
 

@@ -80,6 +80,17 @@ def test_no_rollout_state_is_set_outside_the_table() -> None:
     assert "rollout.state = eng.transition(rollout.state, op).value" in setter
 
 
+def test_state_lists_elsewhere_are_the_engines() -> None:
+    """The CLI's watch stops at the engine's finished states; the metrics label every state."""
+    from fleet.cli.client import TERMINAL_STATES
+    from fleet.metrics import ROLLOUT_STATES
+
+    assert {s.value for s in eng.FINISHED_STATES} == TERMINAL_STATES
+    assert set(ROLLOUT_STATES) == {s.value for s in eng.RolloutState}
+    # finished: nothing but an operator's rollback (of a succeeded rollout) leaves it
+    assert {s for (s, op) in eng.TRANSITIONS if s in eng.FINISHED_STATES and op != "rollback"} == set()
+
+
 @pytest.mark.parametrize("state", list(eng.RolloutState))
 @pytest.mark.parametrize("op", sorted({op for _s, op in eng.TRANSITIONS}))
 def test_transition_allows_the_table_and_refuses_the_rest(state: eng.RolloutState, op: str) -> None:
