@@ -91,6 +91,17 @@ def test_state_lists_elsewhere_are_the_engines() -> None:
     assert {s for (s, op) in eng.TRANSITIONS if s in eng.FINISHED_STATES and op != "rollback"} == set()
 
 
+def test_progress_names_every_update_state_as_the_device_does() -> None:
+    """A device's progress on the fleet adds its own (pending, assigned, silent, shadow) to the
+    device's update states, spelt as shared.telemetry.vocabulary spells them."""
+    from fleet.rollout.progress import Progress
+    from shared.telemetry.vocabulary import UpdateState
+
+    device_side = {s.value for s in UpdateState} - {UpdateState.IDLE.value}
+    assert device_side <= {p.value for p in Progress}
+    assert {p.value for p in Progress} - device_side == {"pending", "assigned", "silent", "shadow"}
+
+
 @pytest.mark.parametrize("state", list(eng.RolloutState))
 @pytest.mark.parametrize("op", sorted({op for _s, op in eng.TRANSITIONS}))
 def test_transition_allows_the_table_and_refuses_the_rest(state: eng.RolloutState, op: str) -> None:
