@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 import threading
 from collections.abc import Iterable
@@ -78,6 +79,8 @@ def guess_members(fd: int, file_size: int) -> list[Range]:
                     size, pax_size = pax_size, None
                 if kind in (b"0", b"\0") and index > 0:
                     out.append((data, size))
+                if data + size > file_size:  # past the end: truncated, or lying; nothing after it
+                    break
                 index += 1
             pos = data + -(-size // _BLOCK) * _BLOCK
     except (ValueError, OSError):
@@ -85,13 +88,15 @@ def guess_members(fd: int, file_size: int) -> list[Range]:
     return out
 
 
-def plan(members: Iterable[Range]) -> list[Range]:
-    """The ranges to hash: a blob's guessed chunks, or the whole blob when it is small."""
+def plan(members: Iterable[Range], file_size: int) -> list[Range]:
+    """The ranges to hash: a blob's guessed chunks, or the whole blob when it is small; only
+    ranges that start inside the file (a header may claim any size)."""
     ranges: list[Range] = []
     for offset, size in members:
         if size >= DEFAULT_MIN_CHUNKED_FILE:
             step = choose_chunk_size(size)
-            for i in range(chunk_count(size, step)):
+            inside = chunk_count(max(0, file_size - offset), step)
+            for i in range(min(chunk_count(size, step), inside)):
                 off, length = chunk_span(i, size, step)
                 ranges.append((offset + off, length))
         elif size > 0:
@@ -194,13 +199,14 @@ class Speculation:
 
 def start(path: str | os.PathLike[str], workers: int | None = None) -> Speculation | None:
     """Start hashing the blobs of the bundle at ``path``; None when there is nothing to guess
-    (unreadable file, no blob found)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    (unreadable or not a regular file, no blob found)."""
+    try:  # O_NONBLOCK: a FIFO given as FILE must not hang here (argparse has not run yet)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return None
     try:
-        ranges = plan(guess_members(fd, os.fstat(fd).st_size))
+        st = os.fstat(fd)
+        ranges = plan(guess_members(fd, st.st_size), st.st_size) if stat.S_ISREG(st.st_mode) else []
         if not ranges:
             os.close(fd)
             return None

@@ -157,3 +157,39 @@ def test_cancel_stops_and_restores_the_switch_interval(tmp_path: Path) -> None:
     spec.cancel()
     spec.cancel()  # twice is harmless
     assert sys.getswitchinterval() == before
+
+
+def test_a_fifo_or_a_device_starts_nothing_and_does_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert speculative.start(fifo) is None  # opened without blocking, then refused
+    assert speculative.start("/dev/zero") is None
+
+
+def test_sizes_beyond_the_end_are_not_planned(tmp_path: Path) -> None:
+    """A header may claim any size (pax ``size=``): nothing past the file is planned."""
+    import io
+
+    path = tmp_path / "lying.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("manifest.dsse.json", b"{}"), ("blobs/sha256/aa", b"x" * 1000)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = bytearray(path.read_bytes())
+    pax = b"30 size=99999999999999999999\n"  # a pax header claiming ~10^20 bytes for the blob
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(pax)
+    at = 1024  # after the envelope's header and data block
+    raw[at:at] = header.tobuf(tarfile.USTAR_FORMAT) + pax.ljust(512, b"\0")
+    path.write_bytes(bytes(raw))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        members = speculative.guess_members(fd, path.stat().st_size)
+    finally:
+        os.close(fd)
+    assert [size for _, size in members] == [10**20 - 1]
+    assert len(speculative.plan(members, path.stat().st_size)) == 1  # one 16 MiB chunk, not 6e12
+    spec = speculative.start(path)
+    assert spec is not None
+    assert spec.digests(path, spec.ranges) == {}  # a short read records nothing
