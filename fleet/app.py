@@ -178,6 +178,8 @@ def create_app(settings: Settings) -> Litestar:
     app.state.ctx = ctx
     # Outermost first: every request is counted, then rate limited, then its JSON body bounded
     # (size, nesting), then routed.
+    # (Litestar's ASGIApp and our middlewares' callables differ only in how they spell scope,
+    # receive and send: the ignores are that, not a behaviour)
     app.asgi_handler = MetricsMiddleware(RateLimitMiddleware(  # type: ignore[arg-type]
         BodyLimitMiddleware(app.asgi_handler, settings), settings))  # type: ignore[arg-type]
     return app

@@ -52,7 +52,7 @@ def _broker_class() -> type:
     client subscribes, and only those its new filter matches."""
     from amqtt.broker import Broker
 
-    class FilteredRetainBroker(Broker):  # type: ignore[misc]
+    class FilteredRetainBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         async def _handle_subscription(self, *args: Any, **kwargs: Any) -> None:
             token = _SUBSCRIBING.set(True)
             try:

@@ -294,7 +294,7 @@ def build_bundle(
             version=version,
             created=format_ts(utcnow()),
             expires=in_days(expires_days),
-            runtime=runner.runtime,  # type: ignore[arg-type]
+            runtime=runner.runtime,
             quantization=quant,
             min_agent_version=min_agent_version,
             inputs=inputs,

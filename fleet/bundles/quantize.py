@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -437,7 +438,7 @@ def _int8_weights(path: Path) -> int:
     return walk(onnx.load(str(path)).graph)
 
 
-def _session(path: Path):  # type: ignore[no-untyped-def]
+def _session(path: Path) -> Any:  # an onnxruntime.InferenceSession (ort is imported lazily)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -452,9 +453,9 @@ def feature_axis(shape: list[int | str | None]) -> int:
     with none (a [batch, 1] score, a [batch, 1, H, W] map), measured as one tensor. An axis
     of more than MAX_CHANNELS entries is a vocabulary (6625 characters, 1000 classes): its
     rare entries are judged by top-1 agreement, not one by one."""
-    axes = [a for a in range(1, len(shape))
-            if isinstance(shape[a], int) and 1 < shape[a] <= MAX_CHANNELS]
-    return min(axes, key=lambda a: (shape[a], a)) if axes else -1  # type: ignore[return-value]
+    sizes = {a: size for a, size in enumerate(shape)
+             if a >= 1 and isinstance(size, int) and 1 < size <= MAX_CHANNELS}
+    return min(sizes, key=lambda a: (sizes[a], a)) if sizes else -1
 
 
 class _OutputSums:

@@ -12,14 +12,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from fleet.bundles.signature import tensor_specs
-from shared.bundle.manifest import Quantization, TensorSpec
+from shared.bundle.manifest import Quantization, Runtime, TensorSpec
 from shared.errors import MalformedDocumentError
 
 TFLITE_MAGIC = b"TFL3"
 
 
 class ModelRunner(Protocol):
-    runtime: str
+    runtime: Runtime
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
@@ -33,7 +33,7 @@ def model_format(path: Path) -> str:
 
 
 class OnnxRunner:
-    runtime = "onnxruntime"
+    runtime: Runtime = "onnxruntime"
 
     def __init__(self, path: Path):
         import onnxruntime as ort
@@ -56,7 +56,7 @@ def load_interpreter(**kwargs: Any) -> Any:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]  # the same class, older package
         except ImportError:
             raise MalformedDocumentError(
                 "TFLite models need LiteRT: pip install ai-edge-litert"
@@ -77,7 +77,7 @@ def _tflite_specs(details: list[dict[str, Any]]) -> list[TensorSpec]:
 
 
 class TfliteRunner:
-    runtime = "litert"
+    runtime: Runtime = "litert"
 
     def __init__(self, path: Path):
         try:
