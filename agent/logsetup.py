@@ -31,11 +31,15 @@ class _PriorityPrefix(logging.Formatter):
         return f"<{getattr(record, 'priority', 6)}>" + self.inner.format(record)
 
 
+def _stderr_is_journal() -> bool:
+    from agent.journald import journal_stream_is_stderr
+
+    return journal_stream_is_stderr()
+
+
 def setup_logging(level: str = "INFO", log_format: str = "text", device_id: str | None = None) -> None:
     """One record per line on stderr, text or JSON (``--log-format``), or to the journal with
     fields (``journal``, or text under systemd); see the module's docstring."""
-    from agent.journald import JournalHandler, journal_stream_is_stderr
-
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     under_systemd = bool(os.environ.get("JOURNAL_STREAM"))
     if log_format == "json":
@@ -50,7 +54,10 @@ def setup_logging(level: str = "INFO", log_format: str = "text", device_id: str 
         handler.addFilter(_JournalFilter())
         formatter = _PriorityPrefix(formatter)
     handler.setFormatter(formatter)
-    if log_format == "journal" or (log_format == "text" and journal_stream_is_stderr()):
+    # without JOURNAL_STREAM stderr is not the journal's: agent.journald is not even imported
+    if log_format == "journal" or (log_format == "text" and under_systemd and _stderr_is_journal()):
+        from agent.journald import JournalHandler
+
         journal = JournalHandler(device_id=device_id, fallback=handler)
         journal.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         handler = journal

@@ -32,7 +32,6 @@ from agent.runtime.registry import default_backends
 from agent.runtime.shadow import ShadowPolicy
 from agent.telemetry.drift import BaselineAttacher
 from agent.telemetry.link import TelemetryLink
-from agent.telemetry.reporter import Reporter
 from agent.update.blobs import BlobStore
 from agent.update.clock import TrustedClock
 from agent.update.fetch import DownloadPolicy, Fetcher, default_timeout
@@ -51,6 +50,7 @@ if TYPE_CHECKING:  # imported by a fleet-connected agent only (an offline one ne
 
     from agent.fleet_client import FleetClient
     from agent.identity.certificate import DeviceCertificate
+    from agent.telemetry.reporter import Reporter  # once the MQTT session starts (telemetry.link)
 
 log = logging.getLogger("agent")
 

@@ -28,12 +28,12 @@ from agent.config import AgentConfig
 from agent.errors import StateError
 from agent.runtime.host import ModelHost
 from agent.telemetry.connection import TlsOptions, mqtt_tls
-from agent.telemetry.reporter import Reporter
 from shared.errors import EdgefleetError
 
 if TYPE_CHECKING:  # a fleet-connected agent only
     from agent.fleet_client import Credential, FleetClient
     from agent.identity.certificate import DeviceCertificate
+    from agent.telemetry.reporter import Reporter  # its modules load when the session starts
 
 log = logging.getLogger("agent")
 
@@ -121,6 +121,8 @@ class TelemetryLink:
                 return False
             tls = self._certificate_tls()
         assert self.config.device_id is not None
+        from agent.telemetry.reporter import Reporter
+
         reporter = Reporter(
             device_id=self.config.device_id, mqtt_url=url, state_dir=self.config.state_dir,
             host=self.host, states=self.states, on_desired=self.on_desired,

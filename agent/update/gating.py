@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
+
+import msgspec
 
 from agent.update.locks import LockTable
 from agent.update.window import UpdateWindow
@@ -99,8 +100,7 @@ TRIAL_CONFIDENCE_Z = 2.326  # one-sided 99 %
 TRIAL_QUANTILE = 0.95
 
 
-@dataclass(frozen=True)
-class TrialLimits:
+class TrialLimits(msgspec.Struct, frozen=True):
     max_error_rate: float = 0.5
     min_inferences: int = 0
     max_latency_ratio: float | None = 2.0  # None: latency is not judged
@@ -108,8 +108,7 @@ class TrialLimits:
     min_latency_delta_ms: float = 2.0  # slower by less than this is never judged slower
 
 
-@dataclass(frozen=True)
-class TrialFigures:
+class TrialFigures(msgspec.Struct, frozen=True):
     """What the device measured: the trial's counts and latencies (seconds) and the
     previous release's latencies just before the switch."""
 
@@ -119,8 +118,7 @@ class TrialFigures:
     previous_latencies: Sequence[float] = ()
 
 
-@dataclass(frozen=True)
-class TrialJudgement:
+class TrialJudgement(msgspec.Struct, frozen=True):
     """``reason`` None: commit; else the reason code the trial rolls back with."""
 
     reason: ReasonCode | None

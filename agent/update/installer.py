@@ -42,7 +42,6 @@ from agent.update.fetch import Cancelled, Fetcher, WaitingForWindow
 from agent.update.gating import ActivationGate, TrialFigures, TrialLimits, judge_trial
 from agent.update.lifecycle import ModelRecord, ReleaseRef, Target
 from agent.update.runner import EffectRunner, EventSink, _Drive, _reason
-from agent.update.sources import FileSource, FleetSource
 from agent.update.store import StateStore
 from shared.bundle.trust import TrustRoot
 from shared.errors import EdgefleetError
@@ -55,6 +54,10 @@ S = UpdateState
 RETRYABLE = RETRYABLE_REASONS
 
 MIB = 1 << 20
+
+# The bundle sources (agent.update.sources: tarfile, chunked downloads) are imported by the
+# operations that drive a bundle, not with the installer: a start that only loads the
+# active releases never needs them (agent cold start, docs/performance.md).
 
 
 class Installer(EffectRunner):
@@ -158,6 +161,8 @@ class Installer(EffectRunner):
 
     def resume(self, name: str) -> ModelRecord | None:
         """Continue an update a restart interrupted (steps are idempotent)."""
+        from agent.update.sources import FileSource, FleetSource
+
         with self._lock:
             rec = self.store.load(name)
             if rec is None or rec.state not in lc.IN_PROGRESS or rec.target is None:
@@ -185,6 +190,8 @@ class Installer(EffectRunner):
         The signatures are verified once, here (the model's name comes from the manifest);
         FETCH then checks name, digest and release policy on that verified manifest.
         """
+        from agent.update.sources import FileSource
+
         source = FileSource(path)
         with self._lock:
             vm = self.verify_signed(source.envelope(), offline=True)
@@ -202,6 +209,8 @@ class Installer(EffectRunner):
         refusal (recorded as the candidate's ``failed`` event) like ``install_file``."""
         if self.fetcher is None:
             raise DownloadError("no fleet connection to fetch the shadow candidate")
+        from agent.update.sources import FleetSource
+
         with self._lock:
             ctx = _Drive(FleetSource(self.fetcher, target), shadow=serve, shadow_note=note)
             return self._drive(rec, m.NewTarget(target), ctx)
@@ -223,6 +232,8 @@ class Installer(EffectRunner):
 
     def apply_target(self, name: str, target: Target) -> ModelRecord:
         """Make ``target`` (desired by the fleet) the model's release. Failures are recorded."""
+        from agent.update.sources import FleetSource
+
         with self._lock:
             rec = self.store.load(name) or ModelRecord(name=name)
             if rec.active is not None and rec.active.digest == target.digest:

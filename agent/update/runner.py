@@ -29,7 +29,9 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from agent.errors import (
     DiskFullError,
@@ -44,12 +46,14 @@ from agent.update.fetch import Cancelled, Fetcher
 from agent.update.gating import ActivationGate
 from agent.update.lifecycle import ModelRecord, ReleaseRef
 from agent.update.release_checks import ReleaseChecks
-from agent.update.sources import BundleSource, FileSource
 from agent.update.testhooks import pause_point
 from shared.bundle.manifest import FileRef
 from shared.bundle.trust import VerifiedManifest
 from shared.errors import EdgefleetError, HashMismatchError, MalformedDocumentError
 from shared.telemetry.vocabulary import EventKind, ReasonCode
+
+if TYPE_CHECKING:  # the sources (tarfile, chunked downloads) load with the first bundle driven
+    from agent.update.sources import BundleSource
 
 # The installer's logger: operators grep one name for everything an update did.
 log = logging.getLogger("agent.update.installer")
@@ -64,8 +68,7 @@ def _reason(exc: EdgefleetError) -> ReasonCode:
         return ReasonCode.MALFORMED
 
 
-@dataclass
-class _Drive:
+class _Drive(msgspec.Struct):
     """What one run of the machine needs besides the record: where the bundle comes from,
     whether it activates on trial (fleet) or commits at once (offline), and what the work
     of one step hands to the next (the verified envelope, the sessions loaded to swap in)."""
@@ -74,7 +77,7 @@ class _Drive:
     trial: bool = True
     verified: VerifiedManifest | None = None
     redownloads: int = 0
-    loaded: dict[str, LoadedModel] = field(default_factory=dict)
+    loaded: dict[str, LoadedModel] = msgspec.field(default_factory=dict)
     record: ModelRecord | None = None
     # A shadow candidate's record (agent.update.shadow_stage): kept in memory, never gated,
     # never swapped in nor raising the floor; ``shadow`` serves the loaded candidate beside
@@ -235,6 +238,8 @@ class EffectRunner(ReleaseChecks):
         """FETCH: verify the envelope before any big byte and store it."""
         assert rec.target is not None and ctx.source is not None
         target = rec.target
+        from agent.update.sources import FileSource
+
         offline = isinstance(ctx.source, FileSource)
         if ctx.verified is not None:  # signatures verified by the caller: not a second time
             vm = self._check_verified(rec.name, target.digest, ctx.verified)

@@ -5,6 +5,7 @@ protocol and through AgentClient, and clear 400s for malformed framing."""
 from __future__ import annotations
 
 import io
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from agent.api.codecs import quote_name, tensor_header, tensor_layout
+from agent.api.codecs import _NAME_SAFE, quote_name, tensor_header, tensor_layout
 from agent.api.errors import ApiError
 from agent.api.server import ApiServer
 from agent.client import AgentClient, AgentError
@@ -184,6 +185,14 @@ def test_scalar_and_odd_names_in_the_header() -> None:
         tensor_header({"s": np.array(["a"])})
     with pytest.raises(ApiError):
         tensor_layout("x=float32[1]; x=float32[1]")
+
+
+def test_names_are_quoted_as_the_first_spelling_of_the_safe_set_did() -> None:
+    # agent.api.codecs spells its safe set as ASCII ranges (cheaper to compile at every start)
+    first = re.compile(r"[^\s=;%\x00-\x1f\x7f-\U0010ffff]+")
+    differ = [c for c in map(chr, range(0x110000))
+              if bool(first.fullmatch(c)) != bool(_NAME_SAFE.fullmatch(c))]
+    assert differ == []
 
 
 X4 = np.ones((1, 4), np.float32).tobytes()

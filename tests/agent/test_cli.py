@@ -103,3 +103,15 @@ def test_module_help_and_lean_imports() -> None:
             "if m in sys.modules]; print(bad)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+def test_a_start_imports_no_update_source_nor_mqtt_session() -> None:
+    # loaded when first used, not with the agent (cold start, docs/performance.md): bundle
+    # sources (tarfile, chunked downloads) with the first bundle driven, the MQTT session's
+    # modules (paho, reporter, spool) when it starts, HTTP and crypto only for a fleet
+    code = ("import sys, agent.main, agent.cli; "
+            "print(sorted(m for m in ('agent.update.sources', 'agent.update.chunked', 'tarfile', "
+            "'agent.telemetry.reporter', 'agent.telemetry.spool', 'paho', 'httpx', 'cryptography', "
+            "'agent.fleet_client', 'agent.identity.certificate', 'dataclasses') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
