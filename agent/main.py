@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -386,8 +387,9 @@ class Agent:
         self.store.release()
         log.info("edgefleet-agent stopped")
 
-    def run(self) -> int:
-        """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    def run(self, started: Callable[[], None] | None = None) -> int:
+        """Serve until SIGTERM or SIGINT, then shut down cleanly; ``started`` is called once the
+        agent serves (the CLI turns the cyclic collector back on there)."""
         stop = threading.Event()
 
         def _signal(signum: int, frame: FrameType | None) -> None:
@@ -403,6 +405,8 @@ class Agent:
         signal.signal(signal.SIGINT, _signal)
         signal.signal(signal.SIGHUP, _hangup)
         self.start()
+        if started is not None:
+            started()
         try:
             interval = sdnotify.watchdog_interval()
             while not stop.wait(interval or 3600.0):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.cli import main
+from agent.cli import main, startup_done
 from agent.update.store import StateStore
 from shared.bundle.keyring import Keyring
 
@@ -115,3 +116,32 @@ def test_a_start_imports_no_update_source_nor_mqtt_session() -> None:
             "'agent.fleet_client', 'agent.identity.certificate', 'dataclasses') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+def test_the_collector_is_as_found_after_a_command(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # main turns it off while a command starts (python -m agent before its imports too)
+    assert gc.isenabled()
+    assert main(["--config", str(cfg), "status"]) == 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert main(["--config", str(cfg), "status"]) == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_startup_done_turns_the_collector_on_with_the_start_frozen() -> None:
+    gc.disable()
+    try:
+        startup_done(True)
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    gc.disable()
+    try:
+        startup_done(False)  # it was off before the start: it stays off
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
