@@ -57,7 +57,9 @@ def main() -> None:
             finally:
                 stop(proc)
             bare.append(bare_start(prep.model, sample))
-        rows.append(row(f"agent cold start ({label})", median(ours), median(bare), "s", "<= 1.5x",
+        # the target (19); on a tiny model the modules a serving agent needs beyond
+        # numpy and onnxruntime are ~a third of the bare start (docs/performance.md)
+        rows.append(row(f"agent cold start ({label})", median(ours), median(bare), "s", "<= 1.3x",
                         note=f"exec to /readyz 200 vs bare python import + load + one run; median of {REPS}"))
     emit(rows)
 
