@@ -131,13 +131,17 @@ def test_the_collector_is_as_found_after_a_command(cfg: Path, capsys: pytest.Cap
         gc.enable()
 
 
-def test_startup_done_turns_the_collector_on_with_the_start_frozen() -> None:
+def test_startup_done_turns_the_collector_on_with_the_start_in_the_oldest_generation() -> None:
     gc.disable()
     try:
+        made = [[] for _ in range(5000)]  # containers made while the collector is off: young
+        assert gc.get_count()[0] >= 5000
         startup_done(True)
-        assert gc.isenabled() and gc.get_freeze_count() > 0
+        # on again, nothing left frozen (all of it stays collectable), nothing young to walk
+        assert gc.isenabled() and gc.get_freeze_count() == 0 and gc.get_count()[0] < 100
+        oldest = {id(o) for o in gc.get_objects(generation=2)}
+        assert all(id(x) in oldest for x in made)
     finally:
-        gc.unfreeze()
         gc.enable()
     gc.disable()
     try:
