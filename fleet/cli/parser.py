@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from fleet.cli.main import EXIT_USAGE
 
@@ -35,7 +35,7 @@ http://127.0.0.1:8080) with --token (env EDGEFLEET_TOKEN, else ./fleet-data/admi
 class _Parser(argparse.ArgumentParser):
     """argparse with our one-line error format (exit 2 stays argparse's usage code)."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"edgefleet: error: {message}; see '{self.prog} --help'\n")
 
