@@ -65,7 +65,11 @@ class EnvelopeVerified(Event, frozen=True):
 
 
 class BlobsPlaced(Event, frozen=True):
-    """Every file of the target is placed in the blob store."""
+    """Every file of the target is placed in the blob store. ``proven``: the sha256 of the
+    files this process wrote and hashed whole while placing them (RECHECK skips their second
+    hash); a placed file not in it (kept from before, or any file after a restart) is re-hashed."""
+
+    proven: frozenset[str] = frozenset()
 
 
 class Damaged(Event, frozen=True):
@@ -149,7 +153,7 @@ class Work(StrEnum):
 
     FETCH = "fetch"  # verify the envelope before any big byte, store it -> EnvelopeVerified
     FETCH_BLOBS = "fetch_blobs"  # free space, fetch or extract the missing files -> BlobsPlaced
-    RECHECK = "recheck"  # re-verify the envelope, re-hash every file -> Rechecked | Damaged
+    RECHECK = "recheck"  # re-verify the envelope, re-hash every file not proven -> Rechecked | Damaged
     AWAIT_ACTIVATION = "await_activation"  # window and locks -> ActivationAllowed | Waiting
     SMOKE = "smoke"  # load a new session, golden vectors -> SmokePassed
     RELOAD_TRIAL = "reload_trial"  # load the release on trial again -> nothing | TrialFailed
@@ -186,6 +190,9 @@ class Do(Effect, frozen=True):
     # For LOAD_PREVIOUS: why the trial ends (echoed in the event the work ends with).
     reason: ReasonCode | None = None
     message: str = ""
+    # For RECHECK: the files proven while placed in this run (BlobsPlaced.proven); never
+    # persisted, so the RECHECK a restart does (WORK_OF_STATE) re-hashes every file.
+    proven: frozenset[str] = frozenset()
 
 
 class Swap(Effect, frozen=True):
@@ -329,7 +336,7 @@ def _step(rec: ModelRecord, ev: Event, now: float) -> tuple[ModelRecord, Effects
                      Checkpoint("downloading"), Do(Work.FETCH_BLOBS)]
     if isinstance(ev, BlobsPlaced):
         new = _to(rec, S.VERIFYING, now)
-        return new, [Persist(new), Checkpoint("verifying"), Do(Work.RECHECK)]
+        return new, [Persist(new), Checkpoint("verifying"), Do(Work.RECHECK, proven=ev.proven)]
     if isinstance(ev, Damaged):
         new = _to(rec, S.DOWNLOADING, now, message=ev.what)
         return new, [Persist(new), Emit(EventKind.DOWNLOAD_STARTED, target.release,

@@ -10,7 +10,8 @@ work of a state, which ends with the next event:
                       store it                                          -> EnvelopeVerified
     FETCH_BLOBS       check free space for the missing blobs; fetch (resuming kept
                       partials) or extract each blob the store lacks    -> BlobsPlaced
-    RECHECK           re-verify the stored envelope, re-hash every blob -> Rechecked | Damaged
+    RECHECK           re-verify the stored envelope, re-hash every blob not proven while
+                      placed in this run (BlobsPlaced.proven)           -> Rechecked | Damaged
     AWAIT_ACTIVATION  the activation window and update locks (fleet releases only)
                                                                         -> ActivationAllowed | Waiting
     SMOKE             load in a NEW session (old one keeps serving), golden vectors
@@ -189,7 +190,7 @@ class EffectRunner(ReleaseChecks):
         if work == m.Work.FETCH_BLOBS:
             return self._fetch_blobs(ctx)
         if work == m.Work.RECHECK:
-            return self._recheck(rec, ctx)
+            return self._recheck(rec, ctx, do.proven)
         if work == m.Work.AWAIT_ACTIVATION:
             return self._await_activation(rec, ctx)
         if work == m.Work.SMOKE:
@@ -258,12 +259,12 @@ class EffectRunner(ReleaseChecks):
         files = list(vm.manifest.files.values())
         try:
             self.check_space(files)
-            source.fetch_blobs(vm, self.blobs)
+            proven = source.fetch_blobs(vm, self.blobs)
         except DiskFullError:
             for ref in files:
                 self.blobs.discard(ref.sha256)
             raise
-        return m.BlobsPlaced()
+        return m.BlobsPlaced(proven)
 
     def check_space(self, files: list[FileRef]) -> None:
         """Refuse (DiskFullError) unless state_dir has room for the missing blobs plus the margin."""
@@ -278,16 +279,19 @@ class EffectRunner(ReleaseChecks):
                 f"file(s) need {need} bytes plus a margin of {self.disk_margin_bytes}"
             )
 
-    def _recheck(self, rec: ModelRecord, ctx: _Drive) -> m.Event:
+    def _recheck(self, rec: ModelRecord, ctx: _Drive, proven: frozenset[str] = frozenset()) -> m.Event:
         """RECHECK: re-verify the stored envelope and re-hash every blob (once back to
-        DOWNLOADING per run; a second damage is a download failure)."""
+        DOWNLOADING per run; a second damage is a download failure). A blob in ``proven`` was
+        hashed whole on the bytes written by this run's FETCH_BLOBS, before it was placed: it
+        must still be there at its size, and is not hashed a second time."""
         assert rec.target is not None
         target = rec.target
         data = self.blobs.load_envelope(rec.name, target.release, target.digest)
         vm = (self._verify(rec.name, target.digest, data, offline=target.bundle_path is not None)
               if data is not None else None)
         damaged = [] if vm is None else [
-            ref for ref in vm.manifest.files.values() if not self.blobs.verify_placed(ref)
+            ref for ref in vm.manifest.files.values()
+            if not (self.blobs.has(ref) if ref.sha256 in proven else self.blobs.verify_placed(ref))
         ]
         if vm is None or damaged:
             what = "its envelope is missing" if vm is None else f"{len(damaged)} file(s) missing or damaged"

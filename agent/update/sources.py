@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 class BundleSource(Protocol):
     def envelope(self) -> bytes: ...
 
-    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> None: ...
+    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> frozenset[str]:
+        """Place every missing blob; return the sha256 of those placed by this call, each
+        hashed whole on the bytes written before it was placed (``BlobsPlaced.proven``)."""
+        ...
 
 
 class FleetSource:
@@ -40,9 +43,10 @@ class FleetSource:
         assert self.target.envelope_url
         return self.fetcher.fetch_envelope(self.target.envelope_url)
 
-    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> None:
+    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> frozenset[str]:
         """Each missing blob: by chunks when its entry lists them (reusing the chunks of every
-        release on the device), else whole."""
+        release on the device), else whole; both place a blob only once the whole file's
+        hash matched (Fetcher._place, chunked's _place), so every one fetched is proven."""
         assert self.target.blob_url
         index: ChunkIndex | None = None
         stats = self.fetcher.stats
@@ -62,6 +66,7 @@ class FleetSource:
             log.info("model=%s r%s: %d file(s), %d bytes: %d fetched, %d reused from installed "
                      "releases, %d kept from partials", verified.manifest.name, verified.manifest.release,
                      len(missing), sum(r.size for r in missing), net, reused, resumed)
+        return frozenset(ref.sha256 for ref in missing)
 
 
 class FileSource:
@@ -78,9 +83,11 @@ class FileSource:
         except (OSError, EOFError, tarfile.TarError) as exc:
             raise MalformedDocumentError(f"{self.path} is not a bundle file: {exc}") from None
 
-    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> None:
+    def fetch_blobs(self, verified: VerifiedManifest, blobs: BlobStore) -> frozenset[str]:
+        """Every blob of the bundle, each hashed whole while it is copied, placed only if it
+        matched (shared.bundle.archive.extract_blobs): all of them are proven."""
         try:
-            extract_blobs(self.path, verified, blobs.open_staging, blobs.commit)
+            return frozenset(extract_blobs(self.path, verified, blobs.open_staging, blobs.commit))
         except (tarfile.TarError, EOFError) as exc:
             raise MalformedDocumentError(f"{self.path} is not a valid bundle archive: {exc}") from None
         finally:

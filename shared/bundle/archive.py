@@ -149,17 +149,20 @@ def extract_blobs(
     verified: VerifiedManifest,
     store: Callable[[str, int], BinaryIO],
     commit: Callable[[str], None],
-) -> None:
-    """Stream each vetted blob into ``store(sha, size)``, hash-checked, then ``commit(sha)``.
+) -> list[str]:
+    """Stream each vetted blob into ``store(sha, size)``, hash-checked, then ``commit(sha)``;
+    return the sha256 of the blobs committed, in order.
 
-    A blob whose manifest entry lists chunks is copied chunk by chunk (``os.pread`` at the
-    member's data offset) and each chunk's bytes, the very bytes written, are hashed on a
-    thread pool while the copy goes on (shared/bundle/parallel_verify); others are hashed whole
-    as they stream. ``commit`` runs only after every hash of the blob matched.
+    Every blob is proven by the SHA-256 of the very bytes written, whole, against its name
+    (its manifest sha256): a chunked one is copied chunk by chunk (``os.pread`` at the member's
+    data offset) and hashed on a worker thread while the copy goes on
+    (shared/bundle/parallel_verify.copy_chunks_verified); others are hashed as they stream.
+    ``commit`` runs only after the hash matched, so a returned sha needs no second pass.
     """
     from shared.bundle.parallel_verify import copy_chunks_verified
 
     refs = {ref.sha256: (role, ref) for role, ref in verified.manifest.files.items()}
+    committed: list[str] = []
     try:
         with tarfile.open(path, "r:") as tar:
             members = check_members(tar, verified.manifest)
@@ -174,5 +177,7 @@ def extract_blobs(
                         assert src is not None
                         copy_verified(src, dest, size=member.size, sha256=sha)
                 commit(sha)
+                committed.append(sha)
     except tarfile.TarError as exc:
         raise _not_a_bundle(path, exc) from None
+    return committed

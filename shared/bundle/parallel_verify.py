@@ -22,14 +22,11 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from shared.bundle.chunks import chunk_span
 from shared.bundle.manifest import FileRef, Manifest
 from shared.errors import HashMismatchError, LengthMismatchError
-
-if TYPE_CHECKING:
-    from concurrent.futures import Future
 
 READ = 1 << 20
 
@@ -127,47 +124,61 @@ def verify_in_place(path: Path, manifest: Manifest, data_offsets: dict[str, int]
     return sum(ref.size for ref in manifest.files.values())
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def copy_chunks_verified(path: Path, offset: int, role: str, ref: FileRef, dest: BinaryIO) -> None:
+    """Copy a chunked blob from ``path`` at ``offset`` into ``dest`` and prove its identity:
+    the SHA-256 of the very bytes written, whole, equals ``ref.sha256``; raise naming the file
+    (and, on a mismatch, the first chunk of the bundle that differs from its signed hash).
 
-
-def copy_chunks_verified(path: Path, offset: int, role: str, ref: FileRef, dest: BinaryIO,
-                         workers: int | None = None) -> None:
-    """Copy a chunked blob from ``path`` at ``offset`` into ``dest``, each chunk's bytes hashed
-    on a thread pool while the next are read and written; raise naming the file and chunk."""
+    The main thread reads a chunk (``os.pread``) and writes it; a worker thread hashes it
+    meanwhile (hashlib and the I/O release the GIL): one pass of SHA-256 over the blob, the
+    one that names it in the content-addressed store, so the placed file needs no second
+    (``BlobsPlaced.proven``). A short read (truncated bundle) is refused with the chunk.
+    """
     assert ref.chunks is not None and ref.chunk_size is not None
-    from concurrent.futures import ThreadPoolExecutor
+    import queue
+    import threading
 
-    chunks = ref.chunks
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(max_workers=max(1, workers))
-    pending: list[tuple[int, Future[str]]] = []
+    digest = hashlib.sha256()
+    blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)  # bounded memory
 
-    def settle(upto: int) -> None:
-        while len(pending) > upto:
-            i, fut = pending.pop(0)
-            got = fut.result()
-            if got != chunks[i]:
-                raise HashMismatchError(
-                    f"file hash {got[:12]}… of {role!r} ({ref.sha256[:12]}…) chunk {i} does not match "
-                    f"the manifest's {chunks[i][:12]}…"
-                )
+    def hash_blocks() -> None:
+        while (block := blocks.get()) is not None:
+            digest.update(block)
 
+    worker = threading.Thread(target=hash_blocks, name="blob-hash", daemon=True)
+    worker.start()
     fd = os.open(path, os.O_RDONLY)
     try:
-        for i in range(len(ref.chunks)):
-            off, length = chunk_span(i, ref.size, ref.chunk_size)
-            data = os.pread(fd, length, offset + off)
-            if len(data) != length:
-                raise LengthMismatchError(
-                    f"file {role!r} ({ref.sha256[:12]}…) chunk {i} ended after {len(data)} of "
-                    f"{length} bytes: the bundle is truncated"
-                )
-            dest.write(data)
-            pending.append((i, pool.submit(_digest, data)))
-            settle(2 * max(1, workers))  # bounded memory: at most 2 chunks per worker in flight
-        settle(0)
+        try:
+            for i in range(len(ref.chunks)):
+                off, length = chunk_span(i, ref.size, ref.chunk_size)
+                data = os.pread(fd, length, offset + off)
+                if len(data) != length:
+                    raise LengthMismatchError(
+                        f"file {role!r} ({ref.sha256[:12]}…) chunk {i} ended after {len(data)} of "
+                        f"{length} bytes: the bundle is truncated"
+                    )
+                dest.write(data)
+                blocks.put(data)
+        finally:
+            blocks.put(None)
+            worker.join()
+        got = digest.hexdigest()
+        if got != ref.sha256:
+            raise HashMismatchError(
+                f"file hash {got[:12]}… of {role!r} ({ref.sha256[:12]}…){_first_bad_chunk(fd, offset, ref)} "
+                f"does not match the manifest's {ref.sha256[:12]}…"
+            )
     finally:
         os.close(fd)
-        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _first_bad_chunk(fd: int, offset: int, ref: FileRef) -> str:
+    """For the refusal only: " chunk N" of the first chunk whose bytes in the bundle (read
+    again) differ from the signed chunk hash, or "" when every chunk matches."""
+    assert ref.chunks is not None and ref.chunk_size is not None
+    for i, expected in enumerate(ref.chunks):
+        off, length = chunk_span(i, ref.size, ref.chunk_size)
+        if hashlib.sha256(os.pread(fd, length, offset + off)).hexdigest() != expected:
+            return f" chunk {i}"
+    return ""

@@ -47,6 +47,7 @@ EVENTS: list[m.Event] = [
     m.NewTarget(TARGET),
     m.EnvelopeVerified("models"),
     m.BlobsPlaced(),
+    m.BlobsPlaced(frozenset({"4" * 64})),
     m.Damaged("1 file(s) missing or damaged"),
     m.Rechecked(),
     m.ActivationAllowed(),
@@ -173,6 +174,21 @@ def test_activation_swaps_then_records_then_raises_the_floor() -> None:
     assert offline.state == S.COMMITTED and offline.committed == R2 and offline.trial_until is None
     assert [e.kind for e in effects if isinstance(e, m.Emit)] == [
         EventKind.SMOKE_PASSED, EventKind.ACTIVATED, EventKind.COMMITTED]
+
+
+def test_files_proven_while_placed_go_to_recheck_in_memory_only() -> None:
+    """BlobsPlaced names the files hashed whole while written; the RECHECK it asks for skips
+    their second hash. The set lives in the Do effect, never in a persisted record, so the
+    RECHECK a restart does in VERIFYING (WORK_OF_STATE) re-hashes every file."""
+    proven = frozenset({"4" * 64, "5" * 64})
+    new, effects = m.step(record(S.DOWNLOADING), m.BlobsPlaced(proven), NOW)
+    assert new.state == S.VERIFYING
+    assert effects[-1] == m.Do(m.Work.RECHECK, proven=proven)
+    assert [e.name for e in effects if isinstance(e, m.Checkpoint)] == ["verifying"]
+    saved = [e.record for e in effects if isinstance(e, m.Persist)]
+    assert saved == [new] and "4444" not in msgspec.json.encode(saved[0]).decode()
+    assert m.step(record(S.DOWNLOADING), m.BlobsPlaced(), NOW)[1][-1] == m.Do(m.Work.RECHECK)
+    assert m.Do(m.WORK_OF_STATE[S.VERIFYING]).proven == frozenset()
 
 
 def test_superseding_reports_the_old_target_then_starts_the_new() -> None:

@@ -69,25 +69,23 @@ def test_truncated_bundle_is_refused(tmp_path: Path, workers: int) -> None:
         verify_in_place(path, manifest, offsets, workers=workers)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_copy_chunks_verified_copies_the_blob(tmp_path: Path, workers: int) -> None:
+def test_copy_chunks_verified_copies_the_blob(tmp_path: Path) -> None:
     path, manifest, offsets = _bundle(tmp_path)
     ref = manifest.files["model"]
     out = tmp_path / "out"
     with open(out, "wb") as dest:
-        copy_chunks_verified(path, offsets[ref.sha256], "model", ref, dest, workers=workers)
+        copy_chunks_verified(path, offsets[ref.sha256], "model", ref, dest)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == ref.sha256
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_copy_chunks_verified_refuses_a_corrupted_middle_chunk(tmp_path: Path, workers: int) -> None:
+def test_copy_chunks_verified_refuses_a_corrupted_middle_chunk(tmp_path: Path) -> None:
     path, manifest, offsets = _bundle(tmp_path)
     raw = bytearray(path.read_bytes())
     raw[HEADER + CHUNK * 5 + 1] ^= 0x01
     path.write_bytes(bytes(raw))
     ref = manifest.files["model"]
     with open(tmp_path / "out", "wb") as dest, pytest.raises(HashMismatchError, match=r"'model' .* chunk 5"):
-        copy_chunks_verified(path, offsets[ref.sha256], "model", ref, dest, workers=workers)
+        copy_chunks_verified(path, offsets[ref.sha256], "model", ref, dest)
 
 
 def test_copy_chunks_verified_refuses_a_truncated_bundle(tmp_path: Path) -> None:
@@ -97,4 +95,16 @@ def test_copy_chunks_verified_refuses_a_truncated_bundle(tmp_path: Path) -> None
     ref = manifest.files["model"]
     with open(tmp_path / "out", "wb") as dest, \
             pytest.raises(LengthMismatchError, match=r"chunk 3 ended after 0"):
-        copy_chunks_verified(path, offsets[ref.sha256], "model", ref, dest, workers=2)
+        copy_chunks_verified(path, offsets[ref.sha256], "model", ref, dest)
+
+
+def test_copy_chunks_verified_proves_the_whole_file_not_only_its_chunks(tmp_path: Path) -> None:
+    """The placed blob is named by its whole-file sha256: a manifest whose chunk hashes match
+    bytes that are not the named file (a signer's inconsistent entry) is refused, so the
+    update machine may skip re-hashing what was proven here."""
+    path, manifest, offsets = _bundle(tmp_path)
+    ref = manifest.files["model"]
+    other = SimpleNamespace(sha256="0" * 64, size=ref.size, chunk_size=ref.chunk_size, chunks=ref.chunks)
+    with open(tmp_path / "out", "wb") as dest, \
+            pytest.raises(HashMismatchError, match=r"of 'model' \(000000000000…\) does not match"):
+        copy_chunks_verified(path, offsets[ref.sha256], "model", other, dest)  # type: ignore[arg-type]
