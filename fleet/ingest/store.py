@@ -1,13 +1,15 @@
 """A decoded batch's one transaction (the database half of ingestion).
 
-A batch is a few statements whatever its size: one SELECT of its devices' telemetry columns,
-the claim rows locked (``claims_store``), the pure application of the messages
-(``fleet.ingest.apply``), the health reports and events (``insert_rows``: one ``COPY`` on
-PostgreSQL), then the gates' health buckets, the hourly rollup upsert, one UPDATE of the merged
-device state and the claim rows written back: on PostgreSQL each of these four is one statement
-over all its rows (``fleet.db.bulk.Unnest``), sent together in a pipeline and waited for once;
-elsewhere one executemany each. No ORM objects: building and flushing them was most of the
-writer's time, and then the per-row statements of those executemany were (docs/performance.md).
+A batch is a few statements whatever its size: one SELECT of its devices' telemetry columns
+and their claim rows, locked (on PostgreSQL one statement, ``_PG_READ``; elsewhere two, the
+second ``claims_store.lock_rows``, which also creates the rows a new device lacks), the pure
+application of the messages (``fleet.ingest.apply``), the health reports and events
+(``insert_rows``: one ``COPY`` on PostgreSQL), then the gates' health buckets, the hourly rollup
+upsert, one UPDATE of the merged device state and the claim rows written back: on PostgreSQL each
+of these four is one statement over all its rows (``fleet.db.bulk.Unnest``), sent together in
+a pipeline and waited for once; elsewhere one executemany each. No ORM objects: building and
+flushing them was most of the writer's time, and then the per-row statements of those
+executemany were (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from fleet.db.bulk import Unnest, pipelined
+from fleet.db.bulk import Unnest, pipelined, quote
 from fleet.db.device_models import read_models
 from fleet.db.engine import session_scope
 from fleet.db.models import Device, DeviceEvent, HealthReport, table_of
@@ -34,7 +36,8 @@ from fleet.ingest.apply import (
     Item,
     apply_batch,
 )
-from fleet.ingest.claims_store import Tally
+from fleet.ingest.claims import SeqWindow
+from fleet.ingest.claims_store import CLAIM, ClaimRow, Tally
 from fleet.rollout.health_buckets import add_health_rows
 
 DEVICE = table_of(Device)
@@ -65,6 +68,21 @@ _PG_UPDATE_STATE = Unnest(
     + ", last_health = coalesce(v.last_health, d.last_health) FROM {rows} WHERE d.id = v.id",
 )
 _json = msgspec.json.Encoder().encode
+# On PostgreSQL the batch's known devices' columns and their claim rows, locked, in one statement
+# (it was two, each compiled by SQLAlchemy with an IN of the batch's ids). The claim rows are
+# locked in the sub-select, sorted by device as ``claims_store.lock_rows`` does; only those of
+# known, unrevoked devices. A device without a claim row yet gets one from ``lock_rows`` after.
+_CLAIM_WINDOW = ("session", "seq_high", "seq_missing", "last_ts")
+_PG_READ = (
+    f"SELECT {', '.join('d.' + quote(c.name) for c in _STATE_COLUMNS)}, c.device_id, "
+    f"{', '.join('c.' + quote(f) for f in _CLAIM_WINDOW)} "
+    f"FROM {quote(DEVICE.name)} AS d LEFT JOIN ("
+    f"SELECT device_id, {', '.join(map(quote, _CLAIM_WINDOW))} FROM {quote(CLAIM.name)} "
+    f"WHERE device_id IN (SELECT id FROM {quote(DEVICE.name)} "
+    "WHERE id = ANY(%(ids)b::text[]) AND revoked_at IS NULL) "
+    "ORDER BY device_id FOR UPDATE) AS c ON c.device_id = d.id "
+    "WHERE d.id = ANY(%(ids)b::text[]) AND d.revoked_at IS NULL"
+)
 
 
 def store_batch(engine: Engine, items: list[Item], tallies: dict[str, Tally]) -> AppliedBatch:
@@ -73,23 +91,21 @@ def store_batch(engine: Engine, items: list[Item], tallies: dict[str, Tally]) ->
     ids = {i.device_id for i in items} | set(tallies)
     with session_scope(engine) as session:
         session.autoflush = False
-        devices = {
-            r.id: DeviceRow(
-                r.id,
-                r.last_seen,
-                r.online,
-                r.status_ts,
-                r.status_online,
-                r.agent_version,
-                read_models(r.models),
-            )
-            # A revoked device's claims are no one's: on a broker the fleet does not manage
-            # (the embedded one) it may still publish, so they are refused here too.
-            for r in session.execute(
-                select(*_STATE_COLUMNS).where(DEVICE.c.id.in_(ids), DEVICE.c.revoked_at.is_(None))
-            )
-        }
-        claim_rows = claims_store.lock_rows(session, set(devices))
+        # A revoked device's claims are no one's: on a broker the fleet does not manage (the
+        # embedded one) it may still publish, so they are refused here too.
+        if session.get_bind().dialect.name == "postgresql":
+            devices, claim_rows = _pg_read(session, ids)
+        else:
+            devices = {
+                r.id: DeviceRow(
+                    r.id, r.last_seen, r.online, r.status_ts, r.status_online, r.agent_version,
+                    read_models(r.models),
+                )
+                for r in session.execute(
+                    select(*_STATE_COLUMNS).where(DEVICE.c.id.in_(ids), DEVICE.c.revoked_at.is_(None))
+                )
+            }
+            claim_rows = claims_store.lock_rows(session, set(devices))
         for device_id, tally in tallies.items():
             if device_id in claim_rows:
                 claim_rows[device_id].refuse(tally)
@@ -110,6 +126,28 @@ def store_batch(engine: Engine, items: list[Item], tallies: dict[str, Tally]) ->
                         session.execute(stmt, params)
             claims_store.write_rows(session, claim_rows)
     return applied
+
+
+def _pg_read(session: Session, ids: set[str]) -> tuple[dict[str, DeviceRow], dict[str, ClaimRow]]:
+    """``_PG_READ``: the known devices' rows and their claim rows, locked (missing ones created)."""
+    if not ids:
+        return {}, {}
+    driver = session.connection().connection.driver_connection
+    assert driver is not None  # a checked-out pool connection holds its DB-API connection
+    with driver.cursor() as cur:
+        found = cur.execute(_PG_READ, {"ids": sorted(ids)}).fetchall()
+    devices: dict[str, DeviceRow] = {}
+    claim_rows: dict[str, ClaimRow] = {}
+    load = SeqWindow.load
+    for d_id, last_seen, online, status_ts, status_online, agent, models, c_id, *window in found:
+        devices[d_id] = DeviceRow(d_id, last_seen, online, status_ts, status_online, agent,
+                                  read_models(models))
+        if c_id is not None:
+            claim_rows[c_id] = ClaimRow(c_id, load(*window))
+    missing = {d for d in devices if d not in claim_rows}
+    if missing:  # a device's first batch: its row created (and locked) as lock_rows does
+        claim_rows.update(claims_store.lock_rows(session, missing))
+    return devices, claim_rows
 
 
 def _state_row(d: DeviceRow) -> tuple[Any, ...]:
