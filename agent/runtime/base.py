@@ -60,12 +60,12 @@ def golden_feeds(model_path: Path, manifest: Manifest) -> dict[str, np.ndarray] 
     path = Path(model_path).parent / ref.sha256
     if not path.is_file():
         return None
-    import zipfile  # here, not with the agent: np.load needs it for the golden .npz anyway
+    from agent.runtime.npz import load_npz
 
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {s.name: data[f"in.{s.name}"] for s in manifest.inputs}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        data = load_npz(path)  # as np.load reads it, without zipfile for a plain np.savez
+        return {s.name: data[f"in.{s.name}"] for s in manifest.inputs}
+    except (OSError, ValueError, KeyError) as exc:
         raise LoadError(
             f"{manifest.name} r{manifest.release}: its golden inputs cannot be read for the "
             f"warm-up: {exc}"

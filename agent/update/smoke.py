@@ -9,18 +9,16 @@ import numpy as np
 
 from agent.errors import InputError, SmokeTestError
 from agent.runtime.host import LoadedModel, validate_inputs
+from agent.runtime.npz import load_npz
 
 
 def run_golden(loaded: LoadedModel, golden: Path) -> None:
     """Run the golden inputs and compare with the golden outputs; raise SmokeTestError."""
     m = loaded.manifest
     tol = m.golden_tolerance
-    import zipfile  # here, not with the agent: np.load needs it for the golden .npz anyway
-
     try:
-        with np.load(golden, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        arrays = load_npz(golden)  # as np.load reads it, without zipfile for a plain np.savez
+    except (OSError, ValueError) as exc:
         raise SmokeTestError(f"{m.name} r{m.release}: golden file is not a valid npz: {exc}") from None
     try:
         inputs = validate_inputs(m, {s.name: arrays[f"in.{s.name}"] for s in m.inputs})
