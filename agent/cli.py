@@ -6,11 +6,12 @@ Expected failures (bad config, refused bundle, corrupt state) print one line
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -27,6 +28,9 @@ from agent.update.lifecycle import ReleaseRef
 from agent.update.store import StateStore
 from shared.errors import EdgefleetError
 
+if TYPE_CHECKING:
+    import argparse
+
 PROG = "edgefleet-agent"
 EXIT_ERROR = 1
 EXIT_REFUSED = 3
@@ -39,7 +43,13 @@ class CliError(Exception):
         self.code = code
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json", "journal")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import argparse  # not for `run` in its usual forms (run_args): ~7 ms of a start with gettext
+
     p = argparse.ArgumentParser(
         prog=PROG,
         description="The edgefleet device agent: verified model updates, local inference, telemetry.",
@@ -47,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", "-c", type=Path, default=None,
                    help=f"agent config (TOML); default ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
                    help="log verbosity on stderr (default INFO)")
-    p.add_argument("--log-format", choices=["text", "json", "journal"], default=None,
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                    help="log lines as text (default), one JSON object per line (env EDGEFLEET_LOG_FORMAT), "
                    "or entries with fields to the systemd journal (text under systemd does this too)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,6 +115,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_RUN_OPTIONS = {"--config": "config", "-c": "config", "--log-level": "log_level",
+                "--log-format": "log_format"}
+
+
+def run_args(argv: list[str]) -> SimpleNamespace | None:
+    """``run`` with the global options in their usual spellings (``--config PATH``,
+    ``--config=PATH``, ``-c PATH``, ``--log-level LEVEL``, ``--log-format FORMAT``, each at
+    most once, before ``run``, nothing after it), parsed as argparse parses them; None for
+    anything else, which argparse then parses (help, abbreviations, errors and their
+    messages): the service's start does not load argparse and gettext nor build the parser
+    (~7 ms of a start; docs/performance.md, agent cold start)."""
+    if not argv or argv[-1] != "run":
+        return None
+    found: dict[str, str] = {}
+    i, end = 0, len(argv) - 1
+    while i < end:
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if eq and name.startswith("--"):
+            i += 1
+        elif i + 1 < end:
+            name, value = arg, argv[i + 1]
+            i += 2
+        else:
+            return None
+        dest = _RUN_OPTIONS.get(name)
+        # argparse reads a value that starts with "-" as an option, and refuses a repeat of none
+        if dest is None or dest in found or not value or value.startswith("-"):
+            return None
+        found[dest] = value
+    level, fmt = found.get("log_level", "INFO"), found.get("log_format")
+    if level not in LOG_LEVELS or (fmt is not None and fmt not in LOG_FORMATS):
+        return None
+    config = found.get("config")
+    # the fields parse_args gives for run
+    return SimpleNamespace(config=Path(config) if config is not None else None, log_level=level,
+                           log_format=fmt, command="run")
+
+
 def _config(path: Path | None) -> AgentConfig:
     return load_config(path or default_config_path())
 
@@ -119,7 +168,7 @@ def _installer(config: AgentConfig) -> Installer:
     )
 
 
-def cmd_trust(config: AgentConfig, args: argparse.Namespace) -> int:
+def cmd_trust(config: AgentConfig, args: argparse.Namespace | SimpleNamespace) -> int:
     from agent.update.truststore import TrustStore
 
     store = TrustStore(config.trust_root, config.state_dir)
@@ -317,8 +366,8 @@ def main(argv: list[str] | None = None, *, gc_enabled: bool | None = None) -> in
 
 
 def _main(argv: list[str] | None, gc_enabled: bool) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    fast = run_args(sys.argv[1:] if argv is None else argv)
+    args = fast if fast is not None else build_parser().parse_args(argv)
     if args.command != "run" and gc_enabled:
         gc.enable()  # a long score or install collects as usual
     if args.command == "doctor":
@@ -355,4 +404,4 @@ def _main(argv: list[str] | None, gc_enabled: bool) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
-    parser.error(f"unknown command {args.command}")  # exits (2)
+    build_parser().error(f"unknown command {args.command}")  # exits (2)

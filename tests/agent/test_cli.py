@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.cli import main, startup_done
+from agent.cli import build_parser, main, run_args, startup_done
 from agent.update.store import StateStore
 from shared.bundle.keyring import Keyring
 
@@ -149,3 +150,45 @@ def test_startup_done_turns_the_collector_on_with_the_start_in_the_oldest_genera
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("argv", [
+    ["run"], ["-c", "a.toml", "run"], ["--config", "a.toml", "run"], ["--config=a=b.toml", "run"],
+    ["--log-level", "DEBUG", "run"], ["--log-level=ERROR", "--log-format=json", "run"],
+    ["--log-format", "journal", "-c", "/etc/edgefleet/agent.toml", "--log-level", "WARNING", "run"],
+    ["-c", "run", "run"],
+])
+def test_run_args_parse_run_as_argparse_does(argv: list[str]) -> None:
+    # the service's start skips argparse (~7 ms, docs/performance.md): same fields, same values
+    fast = run_args(argv)
+    assert fast is not None
+    full = vars(build_parser().parse_args(argv))
+    assert vars(fast) == {k: full[k] for k in ("config", "log_level", "log_format", "command")}
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["status"], ["run", "--help"], ["--help", "run"], ["-h"], ["--version"], ["run", "-c", "a"],
+    ["--conf", "a.toml", "run"], ["-ca.toml", "run"], ["-c=a.toml", "run"], ["--config=", "run"],
+    ["--config", "-x", "run"], ["--config=-x", "run"], ["-c", "a", "-c", "b", "run"], ["-c", "run"],
+    ["--log-level", "TRACE", "run"], ["--log-format", "xml", "run"], ["--", "run"], ["x", "run"],
+    ["--log-level"], ["run", "run"],
+])
+def test_run_args_leave_anything_else_to_argparse(argv: list[str]) -> None:
+    assert run_args(argv) is None
+
+
+def test_a_run_start_loads_no_argparse_nor_zipfile(tmp_path: Path, keyring: Keyring,
+                                                   bundles: Bundles) -> None:
+    # a start reads its arguments by hand and the golden .npz without zipfile (agent.runtime.npz)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "state"\ntrust_root = "{keyring.root_path}"\n'
+                   f'[api]\nlisten = ""\nunix_socket = "{tmp_path / "api.sock"}"\n')
+    assert main(["--config", str(cfg), "install", str(bundles.build(1))]) == 0
+    code = ("import sys, agent.cli; from agent.main import Agent; "
+            "Agent.run = lambda self, started=None: (self.start(), print(sorted(self.host.snapshot())), "
+            "self.stop(), 0)[3]; "
+            f"rc = agent.cli.main(['-c', {str(cfg)!r}, '--log-level', 'ERROR', 'run']); "
+            "print(rc, sorted(m for m in ('argparse', 'gettext', 'locale', 'zipfile') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert out.split("\n")[-3:] == ["['clf']", "0 []", ""]
