@@ -207,6 +207,10 @@ class ConnectionServer:
         self._open_lock = threading.Lock()
         self._stopping = False
         self._threads: list[threading.Thread] = []
+        # the worker pool grows on demand up to limits.workers (see _dispatch); under _pool_lock:
+        self._pool_lock = threading.Lock()
+        self._idle = 0  # workers waiting for a connection none is queued for
+        self._unmatched = 0  # queued connections no idle or new worker was counted for
         self.refused = collections.Counter[str]()  # reason -> count, for tests and logs
 
     @property
@@ -219,15 +223,25 @@ class ConnectionServer:
         t = threading.Thread(target=self._select_loop, name="api-accept", daemon=True)
         t.start()
         self._threads.append(t)
-        for i in range(self.limits.workers):
-            w = threading.Thread(target=self._work, name=f"api-{i}", daemon=True)
-            w.start()
-            self._threads.append(w)
+        # One worker now, the others when requests need them (_dispatch): starting all of
+        # limits.workers (16) before the API answers took ~2-30 ms of a cold start, each
+        # start waiting for its thread to be scheduled (docs/performance.md, agent cold start).
+        with self._pool_lock:
+            self._idle = 1
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        """One more worker (_pool_lock held)."""
+        w = threading.Thread(target=self._work, name=f"api-{len(self._threads) - 1}", daemon=True)
+        self._threads.append(w)
+        w.start()
 
     def stop(self) -> None:
-        self._stopping = True
+        with self._pool_lock:
+            self._stopping = True  # no worker starts after this
+            workers = self._threads[1:]
         self._wake()
-        for _ in range(self.limits.workers):
+        for _ in workers:
             try:
                 self._queue.put(None, timeout=1)
             except queue.Full:
@@ -360,12 +374,22 @@ class ConnectionServer:
         self._dispatch(conn)
 
     def _dispatch(self, conn: Connection) -> None:
+        """Queue a connection for a worker: an idle one, else a new one while fewer than
+        ``limits.workers`` run, else the first to finish (the queue holds ``max_queued``)."""
         try:
             self._queue.put_nowait(conn)
         except queue.Full:
             self._refuse(conn, 503, "Service Unavailable", "busy",
                          f"{self.limits.workers} requests are running and {self.limits.max_queued} waiting "
                          "(api.workers, api.max_queued); retry later")
+            return
+        with self._pool_lock:
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) - 1 < self.limits.workers and not self._stopping:
+                self._start_worker()
+            else:
+                self._unmatched += 1
 
     def _sweep(self, now: float, sel: selectors.BaseSelector, parked: dict[Connection, None]) -> None:
         limits = self.limits
@@ -392,6 +416,11 @@ class ConnectionServer:
             except Exception:  # never lose a worker
                 log.exception("api: connection failed")
                 self._closed(conn)
+            with self._pool_lock:  # free again: for a connection queued meanwhile, or idle
+                if self._unmatched:
+                    self._unmatched -= 1
+                else:
+                    self._idle += 1
 
     def _linger(self, conn: Connection) -> bool:
         """Wait up to ``linger_s`` for the next request head on ``conn`` when no other

@@ -1,0 +1,85 @@
+"""The local API's worker pool: one worker at start, more on demand up to api.workers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+from agent.api.connections import Connection, ConnectionLimits, ConnectionServer
+
+
+def _workers() -> list[str]:
+    return sorted(t.name for t in threading.enumerate()
+                  if t.name.startswith("api-") and t.name != "api-accept")
+
+
+def test_the_pool_starts_with_one_worker_and_grows_up_to_the_limit(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "api.sock"))
+    listener.listen(16)
+    release = threading.Event()
+    busy: list[str] = []
+    lock = threading.Lock()
+
+    def serve(conn: Connection) -> bool:
+        with lock:
+            busy.append(threading.current_thread().name)
+        release.wait(10)
+        conn.write(b"ok")
+        return False
+
+    server = ConnectionServer([listener], serve, ConnectionLimits(workers=3, max_queued=8))
+    server.start()
+    clients = []
+    try:
+        assert _workers() == ["api-0"]  # a start waits for one worker thread, not api.workers
+        for _ in range(5):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(tmp_path / "api.sock"))
+            c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            clients.append(c)
+        deadline = time.monotonic() + 10
+        while len(busy) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert len(busy) == 3 and _workers() == ["api-0", "api-1", "api-2"]  # never beyond the limit
+        release.set()
+        for c in clients:  # the two queued ones are served by the first workers to finish
+            c.settimeout(10)
+            assert c.recv(16) == b"ok"
+        assert len(busy) == 5 and len(_workers()) == 3
+    finally:
+        release.set()
+        for c in clients:
+            c.close()
+        server.stop()
+    assert _workers() == []
+
+
+def test_a_worker_that_finished_takes_the_next_request_without_a_new_thread(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "api.sock"))
+    listener.listen(16)
+
+    def serve(conn: Connection) -> bool:
+        conn.write(b"ok")
+        return False
+
+    server = ConnectionServer([listener], serve, ConnectionLimits(workers=4))
+    server.start()
+    try:
+        for _ in range(20):  # one at a time: the one worker serves them all
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(tmp_path / "api.sock"))
+            c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            c.settimeout(10)
+            assert c.recv(16) == b"ok"
+            c.close()
+            deadline = time.monotonic() + 10
+            while server._idle != 1 and time.monotonic() < deadline:  # its bookkeeping follows the reply
+                time.sleep(0.001)
+        assert _workers() == ["api-0"]
+    finally:
+        server.stop()
