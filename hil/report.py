@@ -81,7 +81,9 @@ def build_report(run: HilRun, result: dict[str, Any], error: str | None) -> dict
             verdict &= serving_ok
         bad_views = [d for d, v in devices.items() if not v["views_match"]]
         checks.append({"check": "fleet view matches devices", "ok": not bad_views,
-                       "detail": "all agree" if not bad_views else f"differ on {', '.join(bad_views)}"})
+                       "detail": "all agree" if not bad_views else "differ on " + "; ".join(
+                           f"{d} ({', '.join(f'{k} {v}' for k, v in devices[d]['views'].items())})"
+                           for d in bad_views)})
         bad_serving = [f"{d} r{v['final_release']}" for d, v in devices.items() if not v["serving_ok"]]
         checks.append({"check": f"serving {sc.expect.serving}", "ok": not bad_serving,
                        "detail": f"healthy {sorted(healthy)}, new {sorted(fresh)}"

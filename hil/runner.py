@@ -542,12 +542,27 @@ class HilRun:
                                                                                     "rolled_back", "failed"):
                     return False
             return True
+        def reported() -> bool:
+            """The fleet's record of what each device serves (from its telemetry) caught up."""
+            devices = {d["device_id"]: d for d in fleet.check(fleet.http.get("/api/v1/devices"))}
+            for device, dev in self.devices.items():
+                active = ((dev.read_state() or {}).get("active") or {}).get("release")
+                seen = (devices[device].get("models") or {}).get(MODEL) or {}
+                if (seen.get("release") if isinstance(seen, dict) else seen) != active:
+                    return False
+            return True
+
         try:
             wait_until(agreed, timeout=timeout, interval=0.5, what="devices to converge")
-            time.sleep(2.5)  # one more health report each, so the fleet's view is fresh
-            return True
         except (TimeoutError, RuntimeError):
             return False
+        # The fleet learns what a device serves from its telemetry, which a lossy link or a
+        # broker just back (its spool draining) delays: wait for it instead of a fixed pause.
+        # Not catching up is the report's "fleet view matches devices" check, not this one.
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            wait_until(reported, timeout=timeout, interval=0.5, what="the fleet's view to catch up")
+        time.sleep(2.5)  # one more health report each, so the fleet's view is fresh
+        return True
 
     def _teardown(self) -> None:
         self.stop_watch.set()
