@@ -15,6 +15,7 @@ raise ApiError 400 with a code naming the framing (``bad_tensors``, ``bad_npy``,
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from typing import Any
@@ -45,11 +46,22 @@ TENSOR_DTYPES: dict[str, np.dtype[Any]] = {
                  "float16", "float32", "float64")
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in TENSOR_DTYPES.items()}
-_TENSOR_SPEC = re.compile(r"\s*((?:[^\s=;%]|%[0-9A-Fa-f]{2})+)=([a-z0-9]+)\[([0-9, ]*)\]\s*")
-# Printable ASCII but "%", ";" and "=": what was spelt [^\s=;%\x00-\x1f\x7f-\U0010ffff], the same
-# set of characters (tests/agent/test_api_framings.py checks every code point), whose
-# compilation took ~2.3 ms of every agent start.
-_NAME_SAFE = re.compile(r"[!-$&-:<>-~]+")
+
+
+# The patterns are compiled when first used, not with the agent (~0.5 ms of every start).
+@functools.cache
+def _tensor_spec() -> re.Pattern[str]:
+    return re.compile(r"\s*((?:[^\s=;%]|%[0-9A-Fa-f]{2})+)=([a-z0-9]+)\[([0-9, ]*)\]\s*")
+
+
+@functools.cache
+def _name_safe() -> re.Pattern[str]:
+    # Printable ASCII but "%", ";" and "=": what was spelt [^\s=;%\x00-\x1f\x7f-\U0010ffff], the
+    # same set of characters (tests/agent/test_api_framings.py checks every code point), whose
+    # compilation took ~2.3 ms of every agent start.
+    return re.compile(r"[!-$&-:<>-~]+")
+
+
 MAX_TENSORS = 64
 MAX_NDIM = 32
 
@@ -68,9 +80,10 @@ def _unquote(name: str) -> str:
 def quote_name(name: str) -> str:
     """A tensor name as the header writes it: %XX (UTF-8) for whitespace, ``=;%``, controls
     and anything beyond ASCII; a plain name (``x``, ``input.1``, ``images:0``) as is."""
-    if _NAME_SAFE.fullmatch(name):
+    safe = _name_safe()
+    if safe.fullmatch(name):
         return name
-    return "".join(c if _NAME_SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode())
+    return "".join(c if safe.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode())
                    for c in name)
 
 
@@ -88,8 +101,9 @@ def tensor_layout(header: str | None) -> TensorLayout:
     if len(parts) > MAX_TENSORS:
         raise ApiError(400, "bad_tensors", f"{TENSORS_HEADER} declares {len(parts)} tensors, "
                        f"at most {MAX_TENSORS}")
+    spec = _tensor_spec()
     for part in parts:
-        m = _TENSOR_SPEC.fullmatch(part)
+        m = spec.fullmatch(part)
         if m is None:
             raise ApiError(400, "bad_tensors", f"{TENSORS_HEADER} part {part.strip()[:80]!r} is not "
                            "'name=dtype[d0,d1,...]' (e.g. x=float32[1,3,224,224]; a scalar is x=int64[])")

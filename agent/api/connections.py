@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import queue
 import re
@@ -46,10 +47,12 @@ MIN_BODY_RATE = 64 * 1024  # bytes per second a body must average, beyond io_tim
 _READ_SIZE = 1 << 16
 _LEADING_BLANKS = re.compile(rb"[\r\n]*")
 _HEAD_END = re.compile(rb"\n\r?\n")
-_LINE_END = re.compile(rb"\n")
 # What a request line looks like at all; a first line that does not (a TLS hello, HTTP/0.9)
 # goes to a worker at once to be refused, instead of waiting for a blank line never sent.
-_REQUEST_LINE_SHAPE = re.compile(rb"[^ \r\n]+ [^ \r\n]+ HTTP/[0-9.]+\r?\n")
+# (compiled when a head arrives in pieces, not with the agent)
+@functools.cache
+def _request_line_shape() -> re.Pattern[bytes]:
+    return re.compile(rb"[^ \r\n]+ [^ \r\n]+ HTTP/[0-9.]+\r?\n")
 
 
 class ConnectionLimits(msgspec.Struct, frozen=True):
@@ -73,8 +76,8 @@ def head_complete(buf: bytes | bytearray) -> bool:
     start = m.end() if m else 0
     if _HEAD_END.search(buf, start) is not None:
         return True
-    eol = _LINE_END.search(buf, start)
-    return eol is not None and _REQUEST_LINE_SHAPE.match(buf, start, eol.end()) is None
+    eol = buf.find(b"\n", start)
+    return eol >= 0 and _request_line_shape().match(buf, start, eol + 1) is None
 
 
 def canned_reply(status: int, reason: str, code: str, detail: str) -> bytes:

@@ -21,6 +21,7 @@ Other dtypes (bool, strings) go through msgspec lists, within the same size limi
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from typing import Any
@@ -34,7 +35,11 @@ _SKELETON = np.ones(256, dtype=bool)
 _SKELETON[np.frombuffer(b"0123456789.eE+- \t\r\n", dtype=np.uint8)] = False
 _BRACKET = np.zeros(256, dtype=bool)
 _BRACKET[[0x5B, 0x5D]] = True
-_EMPTY_LIST = re.compile(rb"\[[ \t\r\n]*\]")
+
+
+@functools.cache
+def _empty_list() -> re.Pattern[bytes]:
+    return re.compile(rb"\[[ \t\r\n]*\]")  # compiled when first used, not with the agent
 
 
 class JsonInputError(ValueError):
@@ -152,7 +157,7 @@ def numeric_array(buf: bytearray, start: int, end: int, dtype: np.dtype[Any], na
     own copy of the body, read once more here (for ``np.fromstring``) and then dropped."""
     region = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)
     skeleton = region[_SKELETON[region]].tobytes()
-    empty_row = b"[]" in skeleton and _EMPTY_LIST.search(memoryview(buf)[start:end]) is not None
+    empty_row = b"[]" in skeleton and _empty_list().search(memoryview(buf)[start:end]) is not None
     region[_BRACKET[region]] = 0x20
     values = _numbers(bytes(memoryview(buf)[start:end]), dtype, name)
     del region

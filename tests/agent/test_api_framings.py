@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from agent.api.codecs import _NAME_SAFE, quote_name, tensor_header, tensor_layout
+from agent.api.codecs import _name_safe, quote_name, tensor_header, tensor_layout
 from agent.api.errors import ApiError
 from agent.api.server import ApiServer
 from agent.client import AgentClient, AgentError
@@ -191,7 +191,7 @@ def test_names_are_quoted_as_the_first_spelling_of_the_safe_set_did() -> None:
     # agent.api.codecs spells its safe set as ASCII ranges (cheaper to compile at every start)
     first = re.compile(r"[^\s=;%\x00-\x1f\x7f-\U0010ffff]+")
     differ = [c for c in map(chr, range(0x110000))
-              if bool(first.fullmatch(c)) != bool(_NAME_SAFE.fullmatch(c))]
+              if bool(first.fullmatch(c)) != bool(_name_safe().fullmatch(c))]
     assert differ == []
 
 
