@@ -47,7 +47,7 @@ from fleet.rollout.assignments import (
     load_spec,
     record,
 )
-from fleet.rollout.inputs import Member, gate_inputs
+from fleet.rollout.inputs import Member, collector_paused, gate_inputs
 from fleet.rollout.membership import (
     LISTED_DEVICES,
     assign_members,
@@ -354,22 +354,23 @@ class RolloutController:
         join_new_devices(session, rollout, spec)
         # Assign any member of the current stages still pending (joined late, or a crash mid-stage).
         notices += enter_stage(session, rollout, spec, stage_index, record_start=False, now=now)
-        members, inputs = gate_inputs(session, rollout, spec, bundle, now)
         stage_started = as_utc(rollout.stage_started_at) or now
-        decision = eng.evaluate_stage(
-            spec,
-            stage_index,
-            bundle.release,
-            inputs["devices"],
-            inputs["health"],
-            inputs["events"],
-            baseline=inputs["baseline"],
-            now=now.timestamp(),
-            stage_started_at=stage_started.timestamp(),
-            extensions=rollout.extensions,
-            approved=rollout.approved_stage == stage_index,
-            shadow=inputs["shadow"],
-        )
+        with collector_paused():  # a large stage's objects are freed by reference counting
+            members, inputs = gate_inputs(session, rollout, spec, bundle, now)
+            decision = eng.evaluate_stage(
+                spec,
+                stage_index,
+                bundle.release,
+                inputs["devices"],
+                inputs["health"],
+                inputs["events"],
+                baseline=inputs["baseline"],
+                now=now.timestamp(),
+                stage_started_at=stage_started.timestamp(),
+                extensions=rollout.extensions,
+                approved=rollout.approved_stage == stage_index,
+                shadow=inputs["shadow"],
+            )
         decision = self._judge_stall(session, rollout, spec, bundle, decision, now, stage_started)
         self._store_progress(session, rollout, members, decision)
         self._store_gates(session, rollout, spec, decision, now)

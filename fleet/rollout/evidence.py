@@ -55,7 +55,7 @@ class Refusal(StrEnum):
     IMPLAUSIBLE = "implausible"  # more inferences than the device could have served
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceEvidence:
     """One device's accepted windows of the target release and what was refused."""
 
@@ -139,7 +139,9 @@ def device_evidence(
             continue
         if h.seq is not None:
             key = (h.seq, h.ts if h.ts is not None else 0.0)
-            if key in t.seen:
+            if t.seen is None:
+                t.seen = set()
+            elif key in t.seen:
                 t.refuse(Refusal.REPLAYED)
                 continue
             t.seen.add(key)
@@ -165,7 +167,8 @@ class _Tally:
     inferences: int = 0
     errors: int = 0
     refused: dict[str, int] = field(default_factory=dict)
-    seen: set[tuple[int, float]] = field(default_factory=set)
+    # the (seq, ts) of its raw reports taken (bucket sums have none: no set for those)
+    seen: set[tuple[int, float]] | None = None
 
     def refuse(self, why: Refusal) -> None:
         self.refused[why.value] = self.refused.get(why.value, 0) + 1

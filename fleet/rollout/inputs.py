@@ -4,25 +4,31 @@ gate), install and rollback events, and shadow figures."""
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import or_
+import msgspec
+from sqlalchemy import Text, cast, or_
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, func, select
 
 from fleet.db.device_models import ReportedModel, read_model
 from fleet.db.models import Bundle, Device, DeviceEvent, Rollout, RolloutDevice, as_utc, table_of
 from fleet.rollout import engine as eng
-from fleet.rollout.health_reads import target_windows, windows_between
+from fleet.rollout.health_reads import DeviceFilter, target_windows, windows_between
 
 log = logging.getLogger(__name__)
 
 # The latency gate compares with previous-release windows from this long before a device
 # was told to update.
 LATENCY_BASELINE_S = 3600.0
+_UNSEEN = object()
 
 
 class Member(NamedTuple):
@@ -39,12 +45,76 @@ class Member(NamedTuple):
 
 
 class Heard(NamedTuple):
-    """What the fleet last heard from a device (Device's columns the gates read)."""
+    """What the fleet last heard from a device (Device's columns the gates read): its entry
+    for the rollout's model (``Device.models[model]``)."""
 
     id: str
-    models: dict[str, Any]
+    entry: ReportedModel
     online: bool
     last_seen: datetime | None
+
+
+# ``Device.models`` as stored (JSON text) with each model's entry left undecoded: a tick
+# decodes only the rollout's model, straight into its type (no dict per device first).
+_MODELS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_ENTRY = msgspec.json.Decoder(ReportedModel)
+
+
+def model_entry(stored: str | None, model: str) -> ReportedModel:
+    """``read_model`` of ``Device.models`` read as JSON text: the same entry, the same
+    fallbacks (not a JSON object: no entry; an entry not of the type: empty, logged)."""
+    try:
+        raw = _MODELS.decode(stored) if stored is not None else None
+        entry = raw.get(model) if raw is not None else None
+        return _ENTRY.decode(entry) if entry is not None else ReportedModel()
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        try:
+            loaded = json.loads(stored) if stored is not None else None
+        except ValueError:
+            loaded = None
+        return read_model(loaded, model)
+
+
+def heard_devices(session: Session, model: str, devices: DeviceFilter) -> dict[str, Heard]:
+    """What the fleet last heard from ``devices`` about ``model``, by device id."""
+    d_t = table_of(Device)
+    stmt = core_select(d_t.c.id, cast(d_t.c.models, Text), d_t.c.online, d_t.c.last_seen).where(
+        d_t.c.id.in_(devices))
+    return {
+        device_id: Heard(device_id, model_entry(stored, model), online, last_seen)
+        for device_id, stored, online, last_seen in session.execute(stmt)
+    }
+
+
+_paused = 0  # collector_paused blocks under way (the controller's thread, a bench)
+_pause_lock = threading.Lock()
+_enable_after = False
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a tick reads and decides, on again after (when
+    it was on before the first of nested or concurrent blocks).
+
+    A tick over a stage of 100,000 devices makes about a million objects (rows, states,
+    windows, evidence) that live until its decision and are freed by reference counting; the
+    collections they trigger walk them and the whole heap again and again (~20 full
+    collections a tick, a third of its Python time) and free nothing. The pause is process
+    wide: in a process that also serves the API or ingests, their cyclic garbage waits for
+    the tick's end (a few seconds); a separate controller process has nothing else."""
+    global _paused, _enable_after
+    with _pause_lock:
+        if _paused == 0:
+            _enable_after = gc.isenabled()
+            gc.disable()
+        _paused += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _paused -= 1
+            if _paused == 0 and _enable_after:
+                gc.enable()
 
 
 def gate_inputs(
@@ -72,21 +142,22 @@ def gate_inputs(
         RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage <= stage_index
     )
     staged = members
-    d_t = table_of(Device)
-    devices = (
-        {r.id: Heard(*r) for r in session.execute(
-            core_select(*(d_t.c[f] for f in Heard._fields)).where(d_t.c.id.in_(in_stage)))}
-        if staged else {}
-    )
+    devices = heard_devices(session, rollout.model, in_stage) if staged else {}
+    # UNIX seconds of each time read (a stage's devices share their assignment time)
+    seconds: dict[datetime | None, float | None] = {None: None}
 
     def ts(value: datetime | None) -> float | None:
-        value = as_utc(value)
-        return value.timestamp() if value else None
+        known = seconds.get(value, _UNSEEN)
+        if known is _UNSEEN:
+            aware = as_utc(value)
+            known = seconds[value] = aware.timestamp() if aware else None
+        return known  # type: ignore[return-value]
 
+    nothing = ReportedModel()
     states = []
     for m in members:
         d = devices.get(m.device_id)
-        entry = read_model(d.models, rollout.model) if d else ReportedModel()
+        entry = d.entry if d else nothing
         states.append(
             eng.DeviceState(
                 m.device_id,
@@ -177,10 +248,10 @@ def shadow_figures(
     devices: Iterable[Heard], model: str, release: int, since: float
 ) -> list[eng.ShadowFigures]:
     """Each device's latest shadow report of ``release`` (the ingester keeps it in
-    ``Device.models[model].shadow``) received since ``since``."""
+    ``Device.models[model].shadow``; ``devices`` hold that entry) received since ``since``."""
     out = []
     for d in devices:
-        sh = read_model(d.models, model).shadow  # typed: an unreadable entry reads as none
+        sh = d.entry.shadow  # typed: an unreadable entry reads as none
         if sh is None or sh.release != release or sh.received_at < since:
             continue
         out.append(

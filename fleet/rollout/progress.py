@@ -54,7 +54,7 @@ _IN_PROGRESS_STATES: dict[str, Progress] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceProgress:
     device_id: str
     stage: int

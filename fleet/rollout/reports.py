@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from fleet.rollout.progress import DeviceProgress
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceState:
     """A device of the rollout as the fleet last heard from it (times: UNIX seconds)."""
 
@@ -30,7 +30,7 @@ class DeviceState:
     waiting: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HealthWindow:
     """One health report's window for the rollout's model (``seq``, ``ts``: the device's
     own; ``received_at``: the fleet's clock, UNIX seconds)."""
@@ -46,7 +46,7 @@ class HealthWindow:
     received_at: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShadowFigures:
     """A device's latest shadow report for the candidate (cumulative since it was loaded)."""
 
@@ -63,7 +63,7 @@ class ShadowFigures:
     metric: str = "argmax"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstallEvent:
     """An update event of a device, in the order received."""
 
