@@ -1,8 +1,10 @@
 """A fleet at scale: N simulated devices against a real fleet process on PostgreSQL and Mosquitto.
 
 For each size of ``BENCH_SCALE_SIZES`` (default 10,000 and 100,000; quick: 2,000 and 10,000):
-``python -m fleet.cli.main serve`` (a fresh PostgreSQL schema, a private Mosquitto with
-anonymous access, controller interval 1 s, rate limits off) and:
+the fleet as docs/deployment.md runs it at 100,000 devices: one ``python -m fleet.cli.main serve
+--role R`` process per role of ``BENCH_SCALE_ROLES`` (default ``api,ingester,controller``: three
+processes; ``all``: one process with every role), on a fresh PostgreSQL schema and a private
+Mosquitto with anonymous access, controller interval 1 s, rate limits off; and:
 
 - enrolment: N device rows inserted in bulk into the database (what enrolment leaves; the HTTP
   enrolment path is measured by bench/b_enroll.py), each already assigned release 1 of the
@@ -15,12 +17,13 @@ anonymous access, controller interval 1 s, rate limits off) and:
 - a staged rollout of release 2 (canary: ring=canary, then all): ``POST /start`` timed;
 - one page of the device list (``GET /api/v1/devices?limit=100``, the first page and one deep
   in the keyset) sampled under the health load: p95 against the 100 ms target;
-- a controller tick's reads and decision (``gate_inputs`` + ``evaluate_stage``, in this process
-  against the same database, read-only) for a stage holding ALL N devices with health of its
-  target over a window of an hour at 10,000 devices (HISTORY_ROWS past reports written first,
-  one per device a minute, as the ingester would, then the live ones), from the per-minute
-  buckets; baseline: the same tick reading the window's raw reports, as the gates did before
-  (measured in the same run);
+- a controller tick's reads and decision (``gate_inputs`` + ``evaluate_stage`` with the collector
+  paused, as the controller runs them; in a child process of the bench, away from the
+  simulator's thread, against the same database, read-only) for a stage holding ALL N devices
+  with health of its target over a window of an hour at 10,000 devices (HISTORY_ROWS past
+  reports written first, one per device a minute, as the ingester would, then the live ones),
+  from the per-minute buckets; baseline: the same tick reading the window's raw reports, as
+  the gates did before (measured in the same run);
 - database size per day: the schema's growth over the steady health interval(s), per report,
   times N reports a minute for a day;
 - a bad canary: the canary devices commit release 2 and report 50 % errors; ours: seconds from
@@ -70,6 +73,10 @@ TICK_SAMPLES = 5
 # Past health written before the tick measurement (one report per device a minute): an hour for
 # 10,000 devices (the 600,000 rows of issue 19), at most HISTORY_ROWS rows for larger fleets
 HISTORY_ROWS = int(os.environ.get("BENCH_SCALE_HISTORY_ROWS", "1000000"))
+# The fleet's processes: one per role (docs/deployment.md "Sizing": separate API, ingester and
+# controller processes at 100,000 devices), or "all" for one process with every role.
+_ROLES = os.environ.get("BENCH_SCALE_ROLES", "api,ingester,controller")
+ROLES: tuple[str, ...] | None = None if _ROLES == "all" else tuple(_ROLES.split(","))
 ROLLBACK_WAIT_S = 6 * INTERVAL
 MODEL = "clf"
 
@@ -246,6 +253,21 @@ def health_rows(db: str) -> int:
 
 
 def tick_costs(db: str, rollout_id: int, window_s: float) -> tuple[float, float, int, int]:
+    """``tick_costs_in_process`` in a child process (``python -m bench.b_scale tick``): the
+    controller runs in a process of its own, not beside the simulator's publishing thread."""
+    import json
+    import subprocess
+
+    from bench.common import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "bench.b_scale", "tick", db, str(rollout_id), repr(window_s)],
+                         check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    fast, slow, devices, windows = json.loads(out.strip().splitlines()[-1])
+    return float(fast), float(slow), int(devices), int(windows)
+
+
+def tick_costs_in_process(db: str, rollout_id: int, window_s: float) -> tuple[float, float, int, int]:
     from fleet.db.engine import make_engine
 
     engine = make_engine(db, create=False)
@@ -272,7 +294,7 @@ def tick_costs_on(engine: Any, rollout_id: int, window_s: float, *, samples: int
     from fleet.rollout import engine as eng
     from fleet.rollout.assignments import load_spec
     from fleet.rollout.health_reads import raw_windows
-    from fleet.rollout.inputs import gate_inputs
+    from fleet.rollout.inputs import collector_paused, gate_inputs
 
     fast: list[float] = []
     slow: list[float] = []
@@ -298,8 +320,9 @@ def tick_costs_on(engine: Any, rollout_id: int, window_s: float, *, samples: int
 
         for _ in range(samples):
             t0 = time.perf_counter()
-            members, inputs = gate_inputs(session, rollout, spec, target, now)
-            decide(inputs)
+            with collector_paused():  # as the controller's _step
+                members, inputs = gate_inputs(session, rollout, spec, target, now)
+                decide(inputs)
             fast.append(time.perf_counter() - t0)
             devices = len(members)
             session.rollback()
@@ -314,8 +337,9 @@ def tick_costs_on(engine: Any, rollout_id: int, window_s: float, *, samples: int
             inputs_module.target_windows = raw_read  # type: ignore[assignment]
             try:
                 t0 = time.perf_counter()
-                _members, old = gate_inputs(session, rollout, spec, target, now)
-                decide(old)
+                with collector_paused():
+                    _members, old = gate_inputs(session, rollout, spec, target, now)
+                    decide(old)
                 slow.append(time.perf_counter() - t0)
             finally:
                 inputs_module.target_windows = bucketed
@@ -354,6 +378,10 @@ def explain_hot_paths(db: str, rollout_id: int, n: int, window_s: float) -> str:
         out = []
         raw = c.connection.driver_connection
         for statement, params in seen:
+            if "set_config(" in statement:  # health_reads.read_all's work_mem: run, not shown
+                with raw.cursor() as cur:
+                    cur.execute(statement, params)
+                continue
             with raw.cursor() as cur:
                 cur.execute("EXPLAIN (ANALYZE, COSTS OFF) " + statement, params)
                 plan = "\n".join(r[0] for r in cur.fetchall())
@@ -400,8 +428,12 @@ def run_size(n: int) -> dict[str, Any]:
         tmp = Path(tmp_s)
         env = {"EDGEFLEET_ENROLL_RATE_PER_S": "0", "EDGEFLEET_CONTROLLER_INTERVAL_S": "1.0",
                "EDGEFLEET_DEVICE_RATE_PER_S": "0", "EDGEFLEET_DEVICE_HEALTH_INTERVAL_S": f"{INTERVAL:g}"}
-        with fleet_process(tmp, mqtt_url, db, env=env) as (url, admin, _enroll, keys_dir):
+        urls: dict[str, str] = {}
+        with fleet_process(tmp, mqtt_url, db, env=env, roles=ROLES, urls=urls) as (
+                url, admin, _enroll, keys_dir):
             http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=300)
+            # the ingest queue on the ingester's /metrics (the one process's with every role)
+            ingest = httpx.Client(base_url=urls.get("ingester", url), headers=http.headers, timeout=60)
             model = tmp / "clf.onnx"
             write_classifier(model)
             keys = keyring(keys_dir)
@@ -429,7 +461,7 @@ def run_size(n: int) -> dict[str, Any]:
             out["bytes_per_report"] = sum(size1[t] - size0[t] for t in GROWING) / reports
             out["bytes_by_table"] = {t: round((size1[t] - size0[t]) / reports) for t in GROWING}
             out["db_bytes"] = size1["total"]
-            out["queue_steady"] = queue_depth(http)
+            out["queue_steady"] = queue_depth(ingest)
             spec = {"name": "bench-scale", "bundle_id": ids[1], "on_gate_failure": "rollback",
                     "gates": {"max_error_rate": 0.05, "min_devices": 1},
                     "stages": [{"name": "canary", "selector": {"ring": "canary"}, "bake_seconds": 3600},
@@ -472,7 +504,7 @@ def run_size(n: int) -> dict[str, Any]:
             # polled in the database (cheap at any size); the time is the controller's own record
             state, ordered = wait_rolled_back(db, rid, ROLLBACK_WAIT_S)
             detected = ordered or time.time()
-            out["queue_end"] = queue_depth(http)
+            out["queue_end"] = queue_depth(ingest)
             sim.stop.set()
             worker.join(INTERVAL + 5)
             out["rollback_s"] = detected - (sim.first_bad or detected)
@@ -483,7 +515,19 @@ def run_size(n: int) -> dict[str, Any]:
     return out
 
 
+WHERE = (
+    "one fleet process with every role" if ROLES is None
+    else f"the fleet as {len(ROLES)} processes, serve --role {' / '.join(ROLES)}"
+) + " (same PostgreSQL and Mosquitto, same host)"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["tick"]:  # tick_costs' child process
+        import json
+
+        db, rollout_id, window_s = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+        print(json.dumps(tick_costs_in_process(db, rollout_id, window_s)))
+        return
     runs = [run_size(n) for n in SIZES]
     rows = []
     for r in runs:
@@ -496,21 +540,23 @@ def main() -> None:
                 "errors; "
                 f"one paho client publishing for all {n} device ids (QoS 1, msgpack; no agent processes); "
                 f"publisher at most {r['late_s']:.1f} s behind; ingest queue {r['queue_steady']:.0f} steady, "
-                f"{r['queue_end']:.0f} at the end; reason: {r['reason']}"),
+                f"{r['queue_end']:.0f} at the end; reason: {r['reason']}; {WHERE}"),
             row(f"scale {n} devices: GET /api/v1/devices?limit={PAGE} p95 (ms)", pct(r["page_ms"], 95), 100.0,
                 "ms", "<= 1x", met=pct(r["page_ms"], 95) <= 100.0,
                 note=f"baseline: the 100 ms target; p50 {pct(r['page_ms'], 50):.1f} ms; {len(r['page_ms'])} "
-                "samples, half deep in the keyset (after=), under the health load"),
+                "samples, half deep in the keyset (after=), under the health load; "
+                f"{WHERE}; the sampler and the simulated devices in the bench process"),
             row(f"scale {n} devices: controller tick reads + decision, a stage of all devices (s)",
                 r["tick_s"], r["raw_tick_s"], "s", "<= 1x",
                 met=r["tick_s"] <= r["raw_tick_s"],
                 note=f"baseline: the same window ({r['window_s']:.0f} s, {r['raw_windows']} reports) read "
                 f"as raw reports as the gates did before, same run; {r['tick_devices']} devices in the "
-                f"stage; median of {TICK_SAMPLES}; gate_inputs + evaluate_stage in the bench process, "
-                "read-only"),
+                f"stage; median of {TICK_SAMPLES}; gate_inputs + evaluate_stage with the collector paused "
+                "(as the controller), in a child process of the bench, read-only, beside "
+                f"{WHERE}"),
             row(f"scale {n} devices: POST /rollouts/{{id}}/start (s)", r["start_s"], r["create_s"], "s", "",
                 met=None, note=f"baseline column: POST /rollouts (create) of the same spec; {n} members, "
-                f"staged (canary {CANARY}, then all)"),
+                f"staged (canary {CANARY}, then all); {WHERE}"),
             row(f"scale {n} devices: database growth per day at one health report a minute (GB)",
                 per_day / 1e9, r["db_bytes"] / 1e9, "GB", "", met=None,
                 note=f"baseline column: the whole schema's size after the steady interval (GB; devices, "

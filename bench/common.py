@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -475,39 +475,55 @@ def write_mlp_model(path: Path, *, width: int = 2048, layers: int = 3, features:
 
 @contextlib.contextmanager
 def fleet_process(workdir: Path, mqtt_url: str, database_url: str, *,
-                  env: dict[str, str] | None = None) -> Iterator[tuple[str, str, str, Path]]:
+                  env: dict[str, str] | None = None, roles: Sequence[str] | None = None,
+                  urls: dict[str, str] | None = None) -> Iterator[tuple[str, str, str, Path]]:
     """A real ``python -m fleet.cli.main serve`` on PostgreSQL and the given broker.
 
-    Yields (http URL, admin token, enrollment token, keys dir); its log is workdir/fleet.log."""
+    Yields (http URL, admin token, enrollment token, keys dir); its log is workdir/fleet.log.
+    ``roles`` (e.g. ``("api", "ingester", "controller")``): one process per role instead
+    (``serve --role ROLE``, the same database, broker, keys, data dir and tokens), started in
+    that order, each answering /healthz and /metrics on its own port; the URL yielded is the
+    api's, ``urls`` (when given) receives each role's, and the logs are workdir/fleet-ROLE.log."""
     import httpx
 
     keys_dir = workdir / "keys"
     keyring(keys_dir)
-    port = free_port()
     admin, enroll = "bench-admin-token-0123456789", "bench-enroll-token-0123456789"
-    argv = [sys.executable, "-m", "fleet.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--data-dir", str(workdir / "fleet-data"), "--keys", str(keys_dir),
-            "--database-url", database_url, "--mqtt-url", mqtt_url,
-            "--admin-token", admin, "--enrollment-token", enroll]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    log = open(workdir / "fleet.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
-    url = f"http://127.0.0.1:{port}"
+    started: list[tuple[subprocess.Popen[bytes], Any]] = []
+    role_urls: dict[str, str] = {}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the fleet exited: {(workdir / 'fleet.log').read_text()[-1500:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the fleet did not answer /healthz within 60 s")
-            time.sleep(0.2)
-        yield url, admin, enroll, keys_dir
+        for role in roles or (None,):
+            port = free_port()
+            argv = [sys.executable, "-m", "fleet.cli.main", "serve", "--host", "127.0.0.1",
+                    "--port", str(port), "--data-dir", str(workdir / "fleet-data"), "--keys", str(keys_dir),
+                    "--database-url", database_url, "--mqtt-url", mqtt_url,
+                    "--admin-token", admin, "--enrollment-token", enroll]
+            name = "fleet.log" if role is None else f"fleet-{role}.log"
+            if role is not None:
+                argv += ["--role", role]
+            log = open(workdir / name, "ab")  # noqa: SIM115 - closed below
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
+            started.append((proc, log))
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the fleet exited: {(workdir / name).read_text()[-1500:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the fleet ({name}) did not answer /healthz within 60 s")
+                time.sleep(0.2)
+            role_urls[role or "all"] = url
+        if urls is not None:
+            urls.update(role_urls)
+        yield role_urls.get("api") or next(iter(role_urls.values())), admin, enroll, keys_dir
     finally:
-        stop(proc)  # type: ignore[arg-type]
-        log.close()
+        for proc, log in reversed(started):
+            stop(proc)  # type: ignore[arg-type]
+            log.close()
 
 
 class CountingProxy:
