@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import queue
@@ -24,11 +23,14 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent.errors import DiskFullError
 from shared.bundle.manifest import NAME_RE, SHA256_RE, FileRef
 from shared.fsutil import atomic_write
+
+if TYPE_CHECKING:  # imported where files are hashed: not with the agent (shared.digest)
+    import hashlib
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,8 @@ class BlobStore:
         Nothing about a partial is trusted but its bytes: after a power cut its tail may
         be missing, so the hash is always taken from what the file holds now.
         """
+        import hashlib
+
         digest = hashlib.sha256()
         try:
             with open(self.staging_path(sha256), "rb") as fh:
@@ -224,6 +228,8 @@ class BlobStore:
 
     def verify_placed(self, ref: FileRef) -> bool:
         """Re-hash a placed blob; a damaged one is removed so that it is fetched again."""
+        import hashlib
+
         path = self.path(ref.sha256)
         digest = hashlib.sha256()
         try:

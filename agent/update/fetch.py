@@ -32,7 +32,6 @@ A file whose manifest entry lists chunks is fetched chunk by chunk (agent.update
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import random
 import re
@@ -53,6 +52,8 @@ from shared.bundle.manifest import FileRef
 from shared.errors import HashMismatchError, LengthMismatchError
 
 if TYPE_CHECKING:  # httpx is imported when a download starts: an offline agent never needs it
+    import hashlib  # with the first blob too (shared.digest)
+
     import httpx
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,8 @@ class Fetcher:
             raise
 
     def _blob_once(self, url: str, ref: FileRef, blobs: BlobStore) -> None:
+        import hashlib
+
         sha = ref.sha256[:12]
         self.check_window(f"blob {sha}…")
         offset, digest = blobs.resume_partial(ref.sha256)

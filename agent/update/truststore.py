@@ -16,13 +16,13 @@ the digest and the whole chain is checked again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from agent.errors import StateError
 from shared.bundle.trust import TrustRoot
+from shared.digest import sha256_small
 from shared.errors import EdgefleetError, MalformedDocumentError
 from shared.fsutil import atomic_write
 
@@ -55,9 +55,9 @@ class TrustStore:
 
     @staticmethod
     def _digest(chain: list[bytes]) -> str:
-        h = hashlib.sha256(b"edgefleet trust chain v1\n")
+        h = sha256_small(b"edgefleet trust chain v1\n")  # small roots: without OpenSSL
         for data in chain:
-            h.update(hashlib.sha256(data).digest())
+            h.update(sha256_small(data).digest())
         return h.hexdigest()
 
     def _verified_digest(self) -> str:

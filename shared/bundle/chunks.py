@@ -16,7 +16,6 @@ Why fixed-size rather than content-defined: docs/bundles.md ("Chunks") has the f
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from shared.errors import MalformedDocumentError
@@ -88,6 +87,8 @@ def choose_chunk_size(size: int, preferred: int = DEFAULT_CHUNK_SIZE) -> int:
 
 def hash_chunks(path: str | os.PathLike[str], chunk_size: int) -> tuple[str, list[str]]:
     """The whole-file SHA-256 and the SHA-256 of each chunk, in one read of the file."""
+    import hashlib  # OpenSSL's, for files; not loaded with the agent (shared.digest)
+
     whole = hashlib.sha256()
     chunks = []
     with open(path, "rb") as fh:

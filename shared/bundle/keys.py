@@ -7,11 +7,11 @@ shared.bundle.sigcheck).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.digest import sha256_hex
 from shared.errors import MalformedDocumentError
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ def key_id(key: Ed25519PublicKey) -> str:
 
 
 def key_id_of_raw(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
+    return sha256_hex(raw)  # small: without OpenSSL (shared.digest)
 
 
 def raw_from_hex(value: str) -> bytes:

@@ -9,7 +9,6 @@ does not already hold; the whole-file hash stays the identity.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Literal
 
@@ -17,6 +16,7 @@ import msgspec
 
 from shared import strictjson
 from shared.bundle.chunks import validate_chunks
+from shared.digest import sha256_hex
 from shared.errors import MalformedDocumentError
 from shared.release import validate_release
 from shared.timeutil import parse_ts
@@ -159,4 +159,4 @@ def encode_manifest(manifest: Manifest) -> bytes:
 
 def payload_digest(payload: bytes) -> str:
     """The identity of a release: SHA-256 of the exact signed manifest bytes."""
-    return hashlib.sha256(payload).hexdigest()
+    return sha256_hex(payload)  # small: without OpenSSL (shared.digest)
