@@ -14,6 +14,7 @@ executemany were (docs/performance.md).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -23,7 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from fleet.db.bulk import Unnest, pipelined, quote
-from fleet.db.device_models import read_models
+from fleet.db.device_models import ReportedModel, read_models
 from fleet.db.engine import session_scope
 from fleet.db.models import Device, DeviceEvent, HealthReport, table_of
 from fleet.ingest import claims_store
@@ -76,11 +77,12 @@ _json = msgspec.json.Encoder().encode
 # chose a nested loop that ran the locking sub-select once per device (40 ms for 200 devices).
 # A device without a claim row yet gets one from ``lock_rows`` after.
 _CLAIM_WINDOW = ("session", "seq_high", "seq_missing", "last_ts")
+assert STATE_FIELDS[-1] == "models"  # read as its JSON text (_read_models)
 _PG_READ = (
     f"WITH c AS MATERIALIZED (SELECT device_id, {', '.join(map(quote, _CLAIM_WINDOW))} "
     f"FROM {quote(CLAIM.name)} WHERE device_id IN (SELECT id FROM {quote(DEVICE.name)} "
     "WHERE id = ANY(%(ids)b::text[]) AND revoked_at IS NULL) ORDER BY device_id FOR UPDATE) "
-    f"SELECT true AS is_device, {', '.join(quote(c.name) for c in _STATE_COLUMNS)}, "
+    f"SELECT true AS is_device, {', '.join(quote(c.name) for c in _STATE_COLUMNS[:-1])}, models::text, "
     f"{', '.join('NULL' for _ in _CLAIM_WINDOW)} FROM {quote(DEVICE.name)} "
     "WHERE id = ANY(%(ids)b::text[]) AND revoked_at IS NULL "
     f"UNION ALL SELECT false, device_id, {', '.join('NULL' for _ in STATE_FIELDS)}, "
@@ -131,6 +133,21 @@ def store_batch(engine: Engine, items: list[Item], tallies: dict[str, Tally]) ->
     return applied
 
 
+_MODELS = msgspec.json.Decoder(dict[str, ReportedModel])
+
+
+def _read_models(text: str | None) -> dict[str, ReportedModel]:
+    """``Device.models`` from its JSON text: decoded straight into the types when it matches
+    them (what ``stored_models`` writes), else as ``read_models`` reads it (an entry that does
+    not match is read as empty, with a warning)."""
+    if text is None:
+        return {}
+    try:
+        return _MODELS.decode(text)
+    except msgspec.DecodeError:  # a ValidationError too
+        return read_models(json.loads(text))
+
+
 def _pg_read(session: Session, ids: set[str]) -> tuple[dict[str, DeviceRow], dict[str, ClaimRow]]:
     """``_PG_READ``: the known devices' rows and their claim rows, locked (missing ones created)."""
     if not ids:
@@ -145,7 +162,7 @@ def _pg_read(session: Session, ids: set[str]) -> tuple[dict[str, DeviceRow], dic
     for is_device, d_id, last_seen, online, status_ts, status_online, agent, models, *window in found:
         if is_device:
             devices[d_id] = DeviceRow(d_id, last_seen, online, status_ts, status_online, agent,
-                                      read_models(models))
+                                      _read_models(models))
         else:
             claim_rows[d_id] = ClaimRow(d_id, load(*window))
     missing = {d for d in devices if d not in claim_rows}
