@@ -165,7 +165,8 @@ def publisher_start(proc: subprocess.Popen[str], cpu: list[float] | None = None)
     return float(next(line.split()[1] for line in lines if line.startswith("START")))
 
 
-def bare(url: str, encoding: str) -> float:
+def bare(url: str, encoding: str) -> tuple[float, float]:
+    """(msgs/s received, this process's CPU µs per message: paho's thread and the waiting)."""
     import paho.mqtt.client as mqtt
 
     from fleet.broker.client import parse_mqtt_url
@@ -188,13 +189,15 @@ def bare(url: str, encoding: str) -> float:
     client.loop_start()
     ready.wait(10)
     time.sleep(0.3)
+    cpu = time.process_time()
     pub = run_publisher(url, encoding)
     if not done.wait(300):
         raise RuntimeError(f"bare subscriber got {got[0]} of {N}")
+    cpu = time.process_time() - cpu
     start = publisher_start(pub)
     client.disconnect()
     client.loop_stop()
-    return N / (end[0] - start)
+    return N / (end[0] - start), cpu / N * 1e6
 
 
 def timed_writer(ingester: object) -> dict[str, float]:
@@ -237,6 +240,7 @@ def ours(url: str, db: str, encoding: str) -> tuple[float, dict[str, object]]:
     with psycopg.connect(db, autocommit=True) as conn:
         before = conn.execute(query).fetchone()[0]  # type: ignore[index]
         written0 = ingester.stats.written
+        cpu = time.process_time()
         pub = run_publisher(url, encoding)
         deadline = time.monotonic() + 600
         while ingester.stats.written - written0 < N:
@@ -245,12 +249,13 @@ def ours(url: str, db: str, encoding: str) -> tuple[float, dict[str, object]]:
                                    f"{ingester.stats.snapshot()}")
             time.sleep(0.005)
         end = time.time()
+        cpu = time.process_time() - cpu
         count = conn.execute(query).fetchone()[0] - before  # type: ignore[index]
         if count != N:
             raise RuntimeError(f"ingester counted {N} written, the table holds {count} more rows")
     start = publisher_start(pub)
     stats = {**ingester.stats.snapshot(), "writer": {k: round(v, 3) for k, v in spent.items()},
-             "elapsed": round(end - start, 3)}
+             "elapsed": round(end - start, 3), "cpu_us_per_msg": round(cpu / N * 1e6, 1)}
     ingester.stop()
     engine.dispose()
     return N / (end - start), stats
@@ -433,9 +438,11 @@ def main() -> None:
         if os.environ.get("BENCH_INGEST_SCALEOUT", "1") != "0":
             rows.append(scale_out(url, _pids(str(Path(tmp) / "mosquitto.conf")), db))
         for encoding in ENCODINGS:
-            bare_rates, our_rates, all_stats = [], [], []
+            bare_rates, our_rates, all_stats, bare_cpu = [], [], [], []
             for _ in range(1 if QUICK else 2):  # alternate, so noise hits both
-                bare_rates.append(bare(url, encoding))
+                rate, cpu = bare(url, encoding)
+                bare_rates.append(rate)
+                bare_cpu.append(cpu)
                 rate, stats = ours(url, db, encoding)
                 our_rates.append(rate)
                 all_stats.append(stats)
@@ -447,7 +454,11 @@ def main() -> None:
                 ">= 0.8x",  # issue 19; where the time goes: docs/performance.md
                 note=f"bare paho subscriber {b:.0f} msgs/s; ingester {o:.0f} msgs/s stored in PostgreSQL "
                      f"(batches {stats.get('batches')}, rejected {stats.get('rejected')}); best of "
-                     f"{len(our_rates)}")
+                     f"{len(our_rates)}; CPU per message: ingester process "
+                     f"{', '.join(str(s['cpu_us_per_msg']) for s in all_stats)} us (writer validating "
+                     f"{stats['writer']['validate_cpu'] / N * 1e6:.1f}, storing "
+                     f"{stats['writer']['store_cpu'] / N * 1e6:.1f} in the best run), bare subscriber "
+                     f"{', '.join(f'{c:.1f}' for c in bare_cpu)} us")
             if not r.met:
                 r.note += f"; {where_the_time_goes(stats)}"
             rows.append(r)
