@@ -11,9 +11,9 @@ unchanged, which then reads it or names what is wrong, as before.
 
 from __future__ import annotations
 
+import binascii
 import io
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +90,15 @@ def _read(fh: io.BufferedReader) -> dict[str, np.ndarray] | None:
             if len(data) != csize:
                 return None
             if method == _DEFLATED:
-                data = zlib.decompress(data, -15, usize)
-            if len(data) != usize or zlib.crc32(data) != crc:
+                import zlib  # np.savez_compressed's members only
+
+                try:
+                    data = zlib.decompress(data, -15, usize)
+                except zlib.error:
+                    return None
+            if len(data) != usize or binascii.crc32(data) != crc:  # zlib's CRC-32, as zipfile checks
                 return None
             arrays[name[:-4]] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
         return arrays
-    except (ValueError, OSError, EOFError, struct.error, zlib.error, UnicodeDecodeError):
+    except (ValueError, OSError, EOFError, struct.error, UnicodeDecodeError):
         return None
