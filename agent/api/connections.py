@@ -209,9 +209,10 @@ class ConnectionServer:
         self._open = 0
         self._open_lock = threading.Lock()
         self._stopping = False
-        self._threads: list[threading.Thread] = []
+        self._acceptor: threading.Thread | None = None
         # the worker pool grows on demand up to limits.workers (see _dispatch); under _pool_lock:
         self._pool_lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
         self._idle = 0  # workers waiting for a connection none is queued for
         self._unmatched = 0  # queued connections no idle or new worker was counted for
         self.refused = collections.Counter[str]()  # reason -> count, for tests and logs
@@ -223,34 +224,35 @@ class ConnectionServer:
     def start(self) -> None:
         for listener in self.listeners:
             listener.setblocking(False)
-        t = threading.Thread(target=self._select_loop, name="api-accept", daemon=True)
-        t.start()
-        self._threads.append(t)
         # One worker now, the others when requests need them (_dispatch): starting all of
         # limits.workers (16) before the API answers took ~2-30 ms of a cold start, each
         # start waiting for its thread to be scheduled (docs/performance.md, agent cold start).
+        # It is idle before the first connection can be accepted.
         with self._pool_lock:
             self._idle = 1
             self._start_worker()
+        self._acceptor = threading.Thread(target=self._select_loop, name="api-accept", daemon=True)
+        self._acceptor.start()
 
     def _start_worker(self) -> None:
         """One more worker (_pool_lock held)."""
-        w = threading.Thread(target=self._work, name=f"api-{len(self._threads) - 1}", daemon=True)
-        self._threads.append(w)
+        w = threading.Thread(target=self._work, name=f"api-{len(self._workers)}", daemon=True)
+        self._workers.append(w)
         w.start()
 
     def stop(self) -> None:
         with self._pool_lock:
             self._stopping = True  # no worker starts after this
-            workers = self._threads[1:]
+            workers = list(self._workers)
         self._wake()
         for _ in workers:
             try:
                 self._queue.put(None, timeout=1)
             except queue.Full:
                 break
-        for t in self._threads:
-            t.join(timeout=5)
+        for t in [self._acceptor, *workers]:
+            if t is not None:
+                t.join(timeout=5)
         for listener in self.listeners:
             listener.close()
         self._wake_r.close()
@@ -389,7 +391,7 @@ class ConnectionServer:
         with self._pool_lock:
             if self._idle:
                 self._idle -= 1
-            elif len(self._threads) - 1 < self.limits.workers and not self._stopping:
+            elif len(self._workers) < self.limits.workers and not self._stopping:
                 self._start_worker()
             else:
                 self._unmatched += 1
