@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import random
 import threading
 import time
 from collections import deque
@@ -81,6 +80,8 @@ class Sampler:
     """
 
     def __init__(self, rate: float, *, seed: int | None = None) -> None:
+        import random  # with the first shadow run, not with the agent
+
         self.rate = rate
         span = 1.0 / rate
         self._short = max(1, math.floor(span + 1e-9))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import random
 import re
 import threading
 import time
@@ -100,7 +99,14 @@ def default_timeout() -> httpx.Timeout:
     return httpx.Timeout(connect=10.0, read=30.0, write=30.0, pool=10.0)
 
 
-def backoff_delay(attempt: int, policy: DownloadPolicy, rand: Callable[[], float] = random.random) -> float:
+def _uniform() -> float:
+    """random.random(), random imported at the first backoff, not with the agent."""
+    import random
+
+    return random.random()
+
+
+def backoff_delay(attempt: int, policy: DownloadPolicy, rand: Callable[[], float] = _uniform) -> float:
     """Full jitter: a delay uniform in [0, min(backoff_max_s, backoff_base_s * 2**attempt))."""
     return rand() * min(policy.backoff_max_s, policy.backoff_base_s * (2.0 ** min(attempt, 30)))
 
@@ -201,7 +207,7 @@ class Fetcher:
         *,
         policy: DownloadPolicy | None = None,
         cancel: threading.Event | None = None,
-        rand: Callable[[], float] = random.random,
+        rand: Callable[[], float] = _uniform,
         clock: Callable[[], float] = time.monotonic,
         local_now: Callable[[], datetime] = datetime.now,
     ) -> None:
