@@ -79,8 +79,8 @@ from agent.errors import ConfigError
 from agent.telemetry.connection import PROTOCOLS as MQTT_PROTOCOLS
 from agent.update.window import UpdateWindow
 from shared.mqtturl import BadMqttUrl, parse_mqtt_url
-from shared.telemetry.messages import ENCODINGS
 from shared.telemetry.topics import DEVICE_ID_RE
+from shared.telemetry.vocabulary import ENCODINGS
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
 CONFIG_ENV = "EDGEFLEET_AGENT_CONFIG"

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -25,7 +26,9 @@ from agent.runtime.batching import BatchPolicy, ModelScheduler
 from agent.runtime.metrics import Metrics
 from agent.runtime.shadow import ShadowRunner
 from shared.bundle.manifest import Manifest
-from shared.telemetry.messages import ShadowHealth
+
+if TYPE_CHECKING:  # the message Structs are not imported with the agent
+    from shared.telemetry.messages import ShadowHealth
 
 log = logging.getLogger(__name__)
 

@@ -31,14 +31,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import numpy as np
 
 from agent.runtime.base import Session
 from shared.bundle.manifest import Manifest
-from shared.telemetry.messages import ShadowHealth
+
+if TYPE_CHECKING:  # the message Structs are imported with the first report, not the agent
+    from shared.telemetry.messages import ShadowHealth
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +229,8 @@ class ShadowStats:
             self._cur.append(current_s)
 
     def health(self, manifest: Manifest, metric: str) -> ShadowHealth:
+        from shared.telemetry.messages import ShadowHealth
+
         with self._lock:
             cand, cur = list(self._cand), list(self._cur)
             wall = max(time.monotonic() - self.started, 1e-6)

@@ -44,8 +44,7 @@ import time
 
 import msgspec
 
-from shared.telemetry.messages import REASON_CODES
-from shared.telemetry.vocabulary import EventKind, UpdateState
+from shared.telemetry.vocabulary import REASON_CODES, EventKind, UpdateState
 
 S = UpdateState
 

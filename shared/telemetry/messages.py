@@ -35,7 +35,7 @@ MAX_MESSAGE_BYTES = 64 * 1024
 # Update lifecycle event kinds and the device-side reason codes they may carry: the texts
 # of the enums in shared.telemetry.vocabulary (one list, used by the agent and the fleet).
 EVENT_KINDS = tuple(k.value for k in vocabulary.EventKind)
-REASON_CODES = tuple(r.value for r in vocabulary.ReasonCode)
+REASON_CODES = vocabulary.REASON_CODES
 
 
 class ShadowHealth(msgspec.Struct):
@@ -178,7 +178,7 @@ _BY_KIND: dict[str, type] = {
 }
 
 
-ENCODINGS = ("json", "msgpack")
+ENCODINGS = vocabulary.ENCODINGS
 Encoding = Literal["json", "msgpack"]
 _JSON_START = b"{ \t\r\n"
 

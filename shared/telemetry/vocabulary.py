@@ -67,3 +67,8 @@ REFUSAL_REASONS = frozenset({
 })
 # Failures the agent retries with the same digest (the bundle itself is not at fault).
 RETRYABLE_REASONS = frozenset({ReasonCode.DOWNLOAD, ReasonCode.DISK_FULL, ReasonCode.SUPERSEDED})
+# The reason codes as texts (shared.telemetry.messages.REASON_CODES), and the telemetry
+# encodings (messages.ENCODINGS): here, so that the agent's start, which checks a record's
+# reason and the config's encoding, does not import the message Structs.
+REASON_CODES = tuple(r.value for r in ReasonCode)
+ENCODINGS = ("json", "msgpack")
