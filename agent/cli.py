@@ -13,6 +13,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from shared.leanimport import import_msgspec_without_typing_extensions
+
+# First, as every module below imports msgspec: without typing_extensions, ~1.5 ms of a start
+# (shared/leanimport.py says why it is the same msgspec). The imports below follow a call:
+# ruff: noqa: E402
+import_msgspec_without_typing_extensions()
+
 import msgspec
 import numpy as np
 

@@ -177,9 +177,11 @@ def test_run_args_leave_anything_else_to_argparse(argv: list[str]) -> None:
     assert run_args(argv) is None
 
 
-def test_a_run_start_loads_no_argparse_nor_zipfile(tmp_path: Path, keyring: Keyring,
+def test_a_run_start_loads_no_argparse_nor_zipfile_nor_typing_extensions(tmp_path: Path, keyring: Keyring,
                                                    bundles: Bundles) -> None:
-    # a start reads its arguments by hand and the golden .npz without zipfile (agent.runtime.npz)
+    # a start reads its arguments by hand, the golden .npz without zipfile (agent.runtime.npz),
+    # imports msgspec without typing_extensions (shared.leanimport), hashes the small stored
+    # envelope without OpenSSL (shared.digest); cold start, docs/performance.md
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'state_dir = "state"\ntrust_root = "{keyring.root_path}"\n'
                    f'[api]\nlisten = ""\nunix_socket = "{tmp_path / "api.sock"}"\n')
@@ -188,7 +190,34 @@ def test_a_run_start_loads_no_argparse_nor_zipfile(tmp_path: Path, keyring: Keyr
             "Agent.run = lambda self, started=None: (self.start(), print(sorted(self.host.snapshot())), "
             "self.stop(), 0)[3]; "
             f"rc = agent.cli.main(['-c', {str(cfg)!r}, '--log-level', 'ERROR', 'run']); "
-            "print(rc, sorted(m for m in ('argparse', 'gettext', 'locale', 'zipfile') if m in sys.modules))")
+            "print(rc, sorted(m for m in ('argparse', 'gettext', 'locale', 'zipfile', 'typing_extensions', "
+            "'hashlib', 'shutil', 'shared.telemetry.messages') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
     assert out.split("\n")[-3:] == ["['clf']", "0 []", ""]
+
+
+def test_what_msgspec_takes_from_typing_extensions_is_typings_own() -> None:
+    """A start imports msgspec without typing_extensions (shared.leanimport): msgspec then
+    takes get_type_hints (always with include_extras=True), Required and NotRequired from
+    typing. The same on the structs a start decodes."""
+    import typing
+
+    import msgspec
+    import typing_extensions
+
+    from agent import config, connection_state
+    from agent.update import lifecycle
+    from shared.bundle import envelope, manifest, trust
+
+    assert sys.version_info >= (3, 11)
+    assert typing_extensions.Required is typing.Required
+    assert typing_extensions.NotRequired is typing.NotRequired
+    structs = [obj for mod in (config, connection_state, lifecycle, manifest, envelope, trust)
+               for obj in vars(mod).values()
+               if isinstance(obj, type) and issubclass(obj, msgspec.Struct)
+               and obj.__module__ == mod.__name__]
+    assert len(structs) >= 12
+    for struct in structs:
+        assert typing_extensions.get_type_hints(struct, include_extras=True) == typing.get_type_hints(
+            struct, include_extras=True), struct
