@@ -60,8 +60,9 @@ def imports_beyond_bare(config: Path, sock: Path, model: Path, sample: Path, wor
     """(self import time in s, count) of the modules a start imports that the bare does not."""
     trace = work / "importtime.txt"
     with open(trace, "w") as fh:
-        proc = subprocess.Popen([str(agent_python()), "-X", "importtime", "-m", "agent", "-c", str(config),
-                                 "--log-level", "WARNING", "run"], env=agent_env(), stdout=fh, stderr=fh)
+        env = {**agent_env(), "PYTHONPROFILEIMPORTTIME": "1"}  # -X importtime through the command
+        proc = subprocess.Popen([str(agent_python().parent / "edgefleet-agent"), "-c", str(config),
+                                 "--log-level", "WARNING", "run"], env=env, stdout=fh, stderr=fh)
         try:
             wait_ready(sock, proc=proc)
         finally:

@@ -251,10 +251,11 @@ def agent_install(config: Path, bundle: Path) -> None:
 
 
 def start_agent(config: Path, log: Path, python: Path | None = None) -> subprocess.Popen[bytes]:
+    """The installed ``edgefleet-agent`` command of the venv (what the systemd unit starts)."""
     py = python or agent_python()
     with open(log, "ab") as fh:
-        return subprocess.Popen([str(py), "-m", "agent", "-c", str(config), "--log-level", "WARNING", "run"],
-                                env=agent_env(), stdout=fh, stderr=subprocess.STDOUT)
+        return subprocess.Popen([str(py.parent / "edgefleet-agent"), "-c", str(config), "--log-level",
+                                 "WARNING", "run"], env=agent_env(), stdout=fh, stderr=subprocess.STDOUT)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

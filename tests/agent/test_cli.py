@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,28 @@ def test_the_collector_is_as_found_after_a_command(cfg: Path, capsys: pytest.Cap
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_the_command_imports_the_cli_with_the_collector_off() -> None:
+    # the service starts the console script: its entry point, like python -m agent, is the
+    # launcher that turns the collector off before the CLI's imports, and on again after
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["edgefleet-agent"] == "agent.launch:main"
+    code = ("import gc, sys\n"
+            "seen = []\n"
+            "class Watch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'agent.cli': seen.append(gc.isenabled())\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            "sys.argv = ['edgefleet-agent', '--version']\n"
+            "from agent.launch import main\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(seen, gc.isenabled())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[False] True", out.stdout + out.stderr
 
 
 def test_startup_done_turns_the_collector_on_with_the_start_in_the_oldest_generation() -> None:
