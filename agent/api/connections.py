@@ -235,10 +235,12 @@ class ConnectionServer:
         self._acceptor.start()
 
     def _start_worker(self) -> None:
-        """One more worker (_pool_lock held)."""
+        """One more worker (_pool_lock held). Listed only once started, so that ``stop`` joins
+        no thread that never ran; a failed start (RuntimeError: the device's thread or memory
+        limit) raises to the caller."""
         w = threading.Thread(target=self._work, name=f"api-{len(self._workers)}", daemon=True)
-        self._workers.append(w)
         w.start()
+        self._workers.append(w)
 
     def stop(self) -> None:
         with self._pool_lock:
@@ -391,10 +393,15 @@ class ConnectionServer:
         with self._pool_lock:
             if self._idle:
                 self._idle -= 1
-            elif len(self._workers) < self.limits.workers and not self._stopping:
-                self._start_worker()
-            else:
-                self._unmatched += 1
+                return
+            if len(self._workers) < self.limits.workers and not self._stopping:
+                try:
+                    self._start_worker()
+                    return
+                except RuntimeError as exc:  # the acceptor must live on: the running workers serve it
+                    log.warning("local API: could not start worker %d of %d (%s); the request waits "
+                                "for a running one", len(self._workers) + 1, self.limits.workers, exc)
+            self._unmatched += 1
 
     def _sweep(self, now: float, sel: selectors.BaseSelector, parked: dict[Connection, None]) -> None:
         limits = self.limits

@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.api.connections import Connection, ConnectionLimits, ConnectionServer
 
 
@@ -83,3 +85,55 @@ def test_a_worker_that_finished_takes_the_next_request_without_a_new_thread(tmp_
         assert _workers() == ["api-0"]
     finally:
         server.stop()
+
+
+def test_a_worker_that_cannot_start_leaves_the_api_serving(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # a device at its thread limit: starting api-1 and later fails; the acceptor must not die
+    # with it, the request waits for the running worker, and stop still ends cleanly
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("api-") and self.name not in ("api-0", "api-accept"):
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "api.sock"))
+    listener.listen(16)
+    release = threading.Event()
+
+    def serve(conn: Connection) -> bool:
+        release.wait(10)
+        conn.write(b"ok")
+        return False
+
+    server = ConnectionServer([listener], serve, ConnectionLimits(workers=3, max_queued=8))
+    server.start()
+    clients = []
+    try:
+        for _ in range(3):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(tmp_path / "api.sock"))
+            c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            clients.append(c)
+        time.sleep(0.3)
+        assert _workers() == ["api-0"]
+        assert server._acceptor is not None and server._acceptor.is_alive()
+        release.set()
+        for c in clients:  # all served, one after the other, by the one worker
+            c.settimeout(10)
+            assert c.recv(16) == b"ok"
+        late = socket.socket(socket.AF_UNIX)  # and the API still accepts
+        late.connect(str(tmp_path / "api.sock"))
+        late.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        late.settimeout(10)
+        assert late.recv(16) == b"ok"
+        late.close()
+    finally:
+        release.set()
+        for c in clients:
+            c.close()
+        server.stop()
+    assert _workers() == []
