@@ -13,7 +13,8 @@ Rules:
   was assigned, or more inferences than the device could have served since then. Such devices
   are few (broken or hostile); the others cost one bucket a minute, whatever they send;
 - on PostgreSQL the sums and the raw reads run with ``work_mem`` of at least ``WORK_MEM_PER_DEVICE``
-  per device of the stage (``WORK_MEM_FLOOR`` at least; the operator's setting when larger), for
+  per device of the stage (``WORK_MEM_FLOOR`` at least, ``WORK_MEM_CEILING`` at most; the
+  operator's setting when larger), for
   that statement only: the sums stay one hash aggregate in memory, not a sort of every bucket
   of the window spilled to disk (``external merge`` at 100,000 devices with the default 4 MB).
 """
@@ -42,6 +43,9 @@ DeviceFilter = Select[Any]  # a SELECT of device ids (a subquery: no list of 100
 # hash_mem_multiplier (2 by default) times it.
 WORK_MEM_PER_DEVICE = 1024
 WORK_MEM_FLOOR = 64 * 1024 * 1024
+# PostgreSQL may use work_mem per hash or sort node, times hash_mem_multiplier (2) and per
+# parallel worker: a stage of millions of devices must not ask for gigabytes of it.
+WORK_MEM_CEILING = 256 * 1024 * 1024
 _RAISE_WORK_MEM = text(
     "SELECT current_setting('work_mem'), set_config('work_mem', CASE WHEN "
     "pg_size_bytes(current_setting('work_mem')) < :want THEN :wanted ELSE current_setting('work_mem') END, "
@@ -51,8 +55,10 @@ _SET_WORK_MEM = text("SELECT set_config('work_mem', :value, true)")
 
 
 def work_mem_for(devices: int) -> int:
-    """The ``work_mem`` (bytes) a read over ``devices`` devices asks for."""
-    return max(WORK_MEM_FLOOR, devices * WORK_MEM_PER_DEVICE)
+    """The ``work_mem`` (bytes) a read over ``devices`` devices asks for (at most
+    ``WORK_MEM_CEILING``: beyond 262,144 devices the sums may spill to disk again, as with an
+    operator's smaller setting, rather than the server run out of memory)."""
+    return min(WORK_MEM_CEILING, max(WORK_MEM_FLOOR, devices * WORK_MEM_PER_DEVICE))
 
 
 def read_all(session: Session, stmt: Select[Any], devices: int = 0) -> Sequence[Any]:

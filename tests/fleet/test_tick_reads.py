@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from fleet.db.device_models import ReportedModel, read_model
 from fleet.db.engine import make_engine
-from fleet.rollout.health_reads import WORK_MEM_FLOOR, read_all, work_mem_for
+from fleet.rollout.health_reads import WORK_MEM_CEILING, WORK_MEM_FLOOR, read_all, work_mem_for
 from fleet.rollout.inputs import collector_paused, model_entry
 
 
@@ -49,7 +49,9 @@ def test_work_mem_is_raised_for_the_statement_only(db_url: str) -> None:
 
 def test_work_mem_for_grows_with_the_stage() -> None:
     assert work_mem_for(0) == WORK_MEM_FLOOR
-    assert work_mem_for(1_000_000) == 1_000_000 * 1024
+    assert work_mem_for(200_000) == 200_000 * 1024
+    # bounded: PostgreSQL multiplies it per node, hash_mem_multiplier and parallel worker
+    assert work_mem_for(1_000_000) == WORK_MEM_CEILING == 256 * 1024 * 1024
 
 
 @pytest.mark.parametrize("stored", [
