@@ -201,26 +201,23 @@ def insert_rows(
             write_row(row)
 
 
-# (connection's DSN, table, columns) -> the columns' type OIDs, read from the catalog once
-_COPY_TYPES: dict[tuple[str, str, tuple[str, ...]], list[int]] = {}
-
-
 def _column_types(driver: Any, table: str, columns: tuple[str, ...]) -> list[int]:
     """The type of each column as the database has it, for a binary ``COPY``: each value is sent
     in its column's own binary format, so the server checks it as it would the text (a string
     too long for its ``varchar(n)`` is refused, an integer out of an ``int4`` column's range
     too) without parsing text (the text ``COPY`` cost the writer ~5 us a row in psycopg,
-    the binary one ~1 us: docs/performance.md)."""
-    key = (driver.info.dsn, table, columns)
-    types = _COPY_TYPES.get(key)
-    if types is None:
-        with driver.cursor() as cur:
-            found = dict(cur.execute(
-                "SELECT attname, atttypid::int FROM pg_attribute "
-                "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped", [quote(table)]
-            ).fetchall())
-        types = _COPY_TYPES[key] = [found[c] for c in columns]
-    return types
+    the binary one ~1 us: docs/performance.md).
+
+    Read for every batch, not cached for the process: binary values are not checked against
+    the column's type, only decoded as it, so types gone stale under a migration (an ``int8``
+    column made ``numeric``) would store wrong numbers without an error. One catalog read per
+    batch of up to ``batch_size`` messages."""
+    with driver.cursor() as cur:
+        found = dict(cur.execute(
+            "SELECT attname, atttypid::int FROM pg_attribute "
+            "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped", [quote(table)]
+        ).fetchall())
+    return [found[c] for c in columns]
 
 
 _TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
