@@ -8,6 +8,8 @@ typing's. On Python 3.11+ they are the same: msgspec always asks for
 start decodes). Its import is ~1.5 ms of a start; ``edgefleet bundle verify`` does the same
 (fleet.cli.bundle). The block holds only while msgspec loads, and only when neither module is
 loaded yet: whatever imports typing_extensions later (httpx for a fleet-connected agent) gets it.
+While it holds, an import of typing_extensions fails in every thread: call it before the process
+starts threads that import (the agent's start; the verify command, whose hasher imports nothing).
 """
 
 from __future__ import annotations

@@ -246,32 +246,12 @@ def inspect(args: argparse.Namespace) -> int:
 # -- verify ---------------------------------------------------------------------------
 
 
-def _import_msgspec_lean() -> None:
-    """Import msgspec without typing_extensions (and the inspect, ast, dis, tokenize it pulls
-    in: ~9 ms of the verify command's CPU, docs/performance.md) when nothing imported either yet.
-
-    msgspec takes only ``get_type_hints``, ``Required`` and ``NotRequired`` from it and falls
-    back to typing's when the import fails. On Python 3.11+ they are the same: msgspec always
-    asks for ``include_extras=True``, for which typing_extensions returns typing's result as
-    is, and its Required/NotRequired are typing's (tests/cli/test_cli_verify_lean_import.py
-    checks both on the structs this command decodes). The block is lifted at once: whatever
-    imports typing_extensions later gets it.
-    """
-    import sys
-
-    if sys.version_info < (3, 11) or "msgspec" in sys.modules or "typing_extensions" in sys.modules:
-        return
-    sys.modules["typing_extensions"] = None  # type: ignore[assignment]  # import raises ImportError
-    try:
-        import msgspec  # noqa: F401
-    except ImportError:
-        pass  # a msgspec that needs it: imported as usual below
-    finally:
-        del sys.modules["typing_extensions"]
-
-
 def verify(args: argparse.Namespace) -> int:
-    _import_msgspec_lean()
+    # msgspec without typing_extensions and the inspect, ast, dis, tokenize it pulls in: ~9 ms
+    # of this command's CPU (docs/performance.md); the head-start hasher thread imports nothing
+    from shared.leanimport import import_msgspec_without_typing_extensions
+
+    import_msgspec_without_typing_extensions()
     from shared.bundle.archive import BLOB_PREFIX, check_members, read_envelope
     from shared.bundle.parallel_verify import ranges, verify_in_place
 

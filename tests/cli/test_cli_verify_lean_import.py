@@ -1,5 +1,5 @@
 """``edgefleet bundle verify`` imports msgspec without typing_extensions (fleet.cli.bundle's
-``_import_msgspec_lean``): the same answers, and what msgspec would have taken from
+``shared.leanimport``): the same answers, and what msgspec would have taken from
 typing_extensions is typing's own on this Python."""
 
 from __future__ import annotations
