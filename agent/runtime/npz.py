@@ -27,9 +27,10 @@ _FLAGS_KNOWN = 0x0008 | 0x0800  # sizes in a data descriptor after the data; UTF
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """The arrays of the .npz at ``path`` by name, as ``{k: f[k] for k in np.load(path).files}``
-    gives them, with the errors ``np.load`` raises (OSError, ValueError; its
-    zipfile.BadZipFile as a ValueError of the same message, so that a caller need not import
-    zipfile to catch it)."""
+    gives them, with the errors ``np.load`` raises as OSError or ValueError (its
+    zipfile.BadZipFile, EOFError of a truncated member and NotImplementedError of an unknown
+    compression as a ValueError of the same message, so that a caller catching those two, as
+    the warm-up and the smoke test do, sees every damaged file)."""
     with open(path, "rb") as fh:
         arrays = _read(fh)
     if arrays is not None:
@@ -42,8 +43,8 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path} holds a single array, not an .npz archive")
         with data:
             return {k: data[k] for k in data.files}
-    except zipfile.BadZipFile as exc:
-        raise ValueError(str(exc)) from None
+    except (zipfile.BadZipFile, EOFError, NotImplementedError) as exc:  # a damaged or odd archive
+        raise ValueError(str(exc) or f"{path} is not a readable .npz archive") from None
 
 
 def _read(fh: io.BufferedReader) -> dict[str, np.ndarray] | None:

@@ -50,3 +50,19 @@ def test_what_it_does_not_know_goes_to_np_load(tmp_path: Path) -> None:
         load_npz(tmp_path / "g.npz")
     with pytest.raises(FileNotFoundError):
         load_npz(tmp_path / "missing.npz")
+
+
+def test_an_archive_np_load_cannot_read_is_a_value_error(tmp_path: Path) -> None:
+    # np.load's NotImplementedError (an unknown compression) and EOFError get past callers
+    # that catch OSError and ValueError (the warm-up, the smoke test): both come as ValueError
+    path = tmp_path / "m.npz"
+    np.savez(path, **ARRAYS)
+    raw = bytearray(path.read_bytes())
+    for sig, at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # each header's method field
+        pos = raw.find(sig)
+        while pos != -1:
+            raw[pos + at:pos + at + 2] = (97).to_bytes(2, "little")  # WavPack: zipfile cannot
+            pos = raw.find(sig, pos + 4)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="compression method is not supported"):
+        load_npz(path)
