@@ -17,10 +17,23 @@ def _workers() -> list[str]:
                   if t.name.startswith("api-") and t.name != "api-accept")
 
 
-def test_the_pool_starts_with_one_worker_and_grows_up_to_the_limit(tmp_path: Path) -> None:
+def _listener(tmp_path: Path) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(tmp_path / "api.sock"))
     listener.listen(16)
+    return listener
+
+
+def _request(tmp_path: Path) -> socket.socket:
+    """A client that sent one request head (the server answers b"ok")."""
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(str(tmp_path / "api.sock"))
+    c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    return c
+
+
+def test_the_pool_starts_with_one_worker_and_grows_up_to_the_limit(tmp_path: Path) -> None:
+    listener = _listener(tmp_path)
     release = threading.Event()
     busy: list[str] = []
     lock = threading.Lock()
@@ -38,10 +51,7 @@ def test_the_pool_starts_with_one_worker_and_grows_up_to_the_limit(tmp_path: Pat
     try:
         assert _workers() == ["api-0"]  # a start waits for one worker thread, not api.workers
         for _ in range(5):
-            c = socket.socket(socket.AF_UNIX)
-            c.connect(str(tmp_path / "api.sock"))
-            c.sendall(b"GET / HTTP/1.1\r\n\r\n")
-            clients.append(c)
+            clients.append(_request(tmp_path))
         deadline = time.monotonic() + 10
         while len(busy) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -61,9 +71,7 @@ def test_the_pool_starts_with_one_worker_and_grows_up_to_the_limit(tmp_path: Pat
 
 
 def test_a_worker_that_finished_takes_the_next_request_without_a_new_thread(tmp_path: Path) -> None:
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(tmp_path / "api.sock"))
-    listener.listen(16)
+    listener = _listener(tmp_path)
 
     def serve(conn: Connection) -> bool:
         conn.write(b"ok")
@@ -73,9 +81,7 @@ def test_a_worker_that_finished_takes_the_next_request_without_a_new_thread(tmp_
     server.start()
     try:
         for _ in range(20):  # one at a time: the one worker serves them all
-            c = socket.socket(socket.AF_UNIX)
-            c.connect(str(tmp_path / "api.sock"))
-            c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            c = _request(tmp_path)
             c.settimeout(10)
             assert c.recv(16) == b"ok"
             c.close()
@@ -99,9 +105,7 @@ def test_a_worker_that_cannot_start_leaves_the_api_serving(tmp_path: Path,
         real_start(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(tmp_path / "api.sock"))
-    listener.listen(16)
+    listener = _listener(tmp_path)
     release = threading.Event()
 
     def serve(conn: Connection) -> bool:
@@ -114,10 +118,7 @@ def test_a_worker_that_cannot_start_leaves_the_api_serving(tmp_path: Path,
     clients = []
     try:
         for _ in range(3):
-            c = socket.socket(socket.AF_UNIX)
-            c.connect(str(tmp_path / "api.sock"))
-            c.sendall(b"GET / HTTP/1.1\r\n\r\n")
-            clients.append(c)
+            clients.append(_request(tmp_path))
         time.sleep(0.3)
         assert _workers() == ["api-0"]
         assert server._acceptor is not None and server._acceptor.is_alive()
@@ -125,9 +126,7 @@ def test_a_worker_that_cannot_start_leaves_the_api_serving(tmp_path: Path,
         for c in clients:  # all served, one after the other, by the one worker
             c.settimeout(10)
             assert c.recv(16) == b"ok"
-        late = socket.socket(socket.AF_UNIX)  # and the API still accepts
-        late.connect(str(tmp_path / "api.sock"))
-        late.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        late = _request(tmp_path)  # and the API still accepts
         late.settimeout(10)
         assert late.recv(16) == b"ok"
         late.close()
