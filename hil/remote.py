@@ -265,6 +265,7 @@ class SshRun(HilRun):
         if action == "loss":
             out = run(c.loss(float(fault.value or 0), (self.fleet.fleet_port, self.broker.port)), "loss")
             self.loss_entries[device] = evidence
+            self.loss_asked[device] = float(fault.value or 0)
             return out
         if action == "delay":
             return run(c.delay(float(fault.value or 0)), f"netem delay {fault.value} ms")
